@@ -1,0 +1,28 @@
+"""nio_jax: learned neural-network initialisation in JAX (NIO/GradCosine and its baselines).
+
+Where things are:
+  * GradCosine is computed in `nio_jax.cosine` (`gradcosine`, `gc_from_grads`);
+  * per-example / sub-batch gradients in `nio_jax.per_example`;
+  * scales meet params in `nio_jax.scales` (`init_scales`, `apply_scales`);
+  * the scale optimiser (clip → split-moment Adam → bound) in `nio_jax.rescale_adam`;
+  * the NIO search in `nio_jax.nio`; the shared host loop in `nio_jax.search`;
+  * Flax adapters (linen / NNX loss functions) in `nio_jax.flax_utils`.
+"""
+from nio_jax.errors import NonFiniteError, ZeroGradientError
+from nio_jax.cosine import GCStats, gc_brute_force, gc_from_grads, gradcosine
+from nio_jax.nio import NIOConfig, make_nio_step, measure, nio, nio_objective
+from nio_jax.per_example import per_example_grads, subbatch_bounds, subbatch_weights
+from nio_jax.rescale_adam import (freeze, project_min_scale, rescale_adam,
+                                  scale_by_split_adam)
+from nio_jax.results import InitResult
+from nio_jax.scales import ScaleSpec, apply_scales, default_grad_filter, init_scales
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "GCStats", "InitResult", "NIOConfig", "NonFiniteError", "ScaleSpec", "ZeroGradientError",
+    "apply_scales", "default_grad_filter", "freeze", "gc_brute_force", "gc_from_grads",
+    "gradcosine", "init_scales", "make_nio_step", "measure", "nio", "nio_objective",
+    "per_example_grads", "project_min_scale", "rescale_adam", "scale_by_split_adam",
+    "subbatch_bounds", "subbatch_weights",
+]

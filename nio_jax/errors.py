@@ -1,0 +1,123 @@
+"""Errors raised by nio_jax, and the input checks shared by every public entry point.
+
+Every check raises `ValueError` or `TypeError` whose message names the offending argument
+and says how to fix it, so that bad input fails at the call site instead of deep inside JAX.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class NonFiniteError(ValueError):
+  """A loss, GradCosine or gradient norm became NaN/inf during a search or training.
+
+  Attributes:
+    step: the 0-based step at which the non-finite value appeared.
+    last_good: the last result whose values were all finite (for a search, an
+      `InitResult` holding the params/scales from *before* the failing step), or None.
+  """
+
+  def __init__(self, message: str, step: int, last_good: Any = None):
+    super().__init__(message)
+    self.step = step
+    self.last_good = last_good
+
+
+class ZeroGradientError(ValueError):
+  """An example (or sub-batch) has an all-zero gradient, so its cosine is undefined."""
+
+  def __init__(self, message: str, indices):
+    super().__init__(message)
+    self.indices = list(indices)
+
+
+def batch_size(batch) -> int:
+  """Leading-axis size shared by every leaf of `batch`; raises if they disagree."""
+  leaves = jax.tree_util.tree_leaves(batch)
+  if not leaves:
+    raise ValueError("batch is empty: expected a pytree of arrays with a leading batch axis.")
+  sizes = set()
+  for leaf in leaves:
+    shape = np.shape(leaf)
+    if len(shape) == 0:
+      raise ValueError(
+          "batch has a scalar leaf; every leaf needs a leading batch axis "
+          "(e.g. {'image': [B,H,W,C], 'label': [B]}).")
+    sizes.add(shape[0])
+  if len(sizes) != 1:
+    raise ValueError(f"batch leaves disagree on the batch size: {sorted(sizes)}.")
+  return sizes.pop()
+
+
+def check_batch(batch, *, minimum: int = 2, what: str = "batch") -> int:
+  b = batch_size(batch)
+  if b < minimum:
+    raise ValueError(
+        f"{what} has {b} example(s); GradCosine compares gradients of different examples "
+        f"and needs at least {minimum}.")
+  for leaf in jax.tree_util.tree_leaves(batch):
+    dt = np.asarray(leaf).dtype if not isinstance(leaf, jax.Array) else leaf.dtype
+    if jnp.issubdtype(dt, jnp.floating) and not isinstance(leaf, jax.core.Tracer):
+      if not bool(jnp.all(jnp.isfinite(leaf))):
+        raise ValueError(f"{what} contains NaN or inf values in a float input.")
+  return b
+
+
+def check_chunks(b: int, num_chunks, overlap: float) -> None:
+  if num_chunks is not None:
+    if not isinstance(num_chunks, (int, np.integer)) or isinstance(num_chunks, bool):
+      raise TypeError(f"num_chunks must be an int or None, got {type(num_chunks).__name__}.")
+    if num_chunks < 2:
+      raise ValueError(f"num_chunks={num_chunks}: the batch setting needs at least 2 sub-batches.")
+    if num_chunks > b:
+      raise ValueError(
+          f"num_chunks={num_chunks} is larger than the batch size {b}; use at most {b} "
+          "sub-batches (num_chunks=None is the sample-wise setting).")
+  if not isinstance(overlap, (float, int)) or isinstance(overlap, bool) or math.isnan(overlap):
+    raise TypeError(f"overlap must be a float in [0, 1), got {overlap!r}.")
+  if not 0.0 <= overlap < 1.0:
+    raise ValueError(f"overlap={overlap} is outside [0, 1).")
+  if num_chunks is None and overlap != 0.0:
+    raise ValueError("overlap only applies to the batch setting; set num_chunks as well.")
+
+
+def check_params(params, what: str = "params") -> None:
+  leaves = jax.tree_util.tree_leaves(params)
+  if not leaves:
+    raise ValueError(f"{what} has no array leaves.")
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    dt = jnp.result_type(leaf)
+    if not jnp.issubdtype(dt, jnp.floating):
+      raise TypeError(
+          f"{what} leaf {jax.tree_util.keystr(path)} has dtype {dt}; parameters must be floating "
+          "point (integer leaves cannot be scaled or differentiated).")
+
+
+def check_same_structure(a, b, name_a: str, name_b: str) -> None:
+  sa, sb = jax.tree_util.tree_structure(a), jax.tree_util.tree_structure(b)
+  if sa != sb:
+    pa = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(a)}
+    pb = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(b)}
+    only_a, only_b = sorted(pa - pb)[:5], sorted(pb - pa)[:5]
+    raise ValueError(
+        f"{name_b} does not have the tree structure of {name_a}: "
+        f"only in {name_a}: {only_a or '-'}; only in {name_b}: {only_b or '-'}. "
+        f"Build {name_b} from {name_a} (e.g. nio_jax.init_scales(params)).")
+
+
+def check_positive(name: str, value, *, allow_zero: bool = False) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+    raise TypeError(f"{name} must be a number, got {value!r}.")
+  if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+    bound = ">= 0" if allow_zero else "> 0"
+    raise ValueError(f"{name}={value} must be finite and {bound}.")
+
+
+def check_choice(name: str, value, choices) -> None:
+  if value not in choices:
+    raise ValueError(f"unknown {name} {value!r}; known: {', '.join(map(str, choices))}.")

@@ -1,0 +1,241 @@
+"""NIO: Neural Initialisation Optimisation by maximising GradCosine (Yang et al., 2022).
+
+Each step, on a fresh batch, with `θ = apply_scales(θ0, s)`:
+  * compute the D gradients (sub-batches, or examples when `num_chunks=None`) and
+    `gn = mean_i ‖g_i‖`;
+  * if `gn > γ`: constraint step, minimise `gn`;
+  * else objective step, minimise `gc`: −GC, `gc_gn`: −GC − μ·Σ‖g_i‖²,
+    `gc_gn_sqrt` (released default): −GC − μ·Σ‖g_i‖;
+  * update `s` with `rescale_adam` (clip ±1, Adam with split first moments, lower bound).
+Everything per-step is one jitted function (`make_nio_step`).
+
+`nio(loss_fn, params, batches)` with no config runs the released ImageNet settings:
+D = 4, r = 0.2, γ = 10, lr = 3e-3, 100 steps, objective `gc_gn_sqrt`, μ = 1.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nio_jax import errors
+from nio_jax import cosine as gcmod
+from nio_jax import per_example
+from nio_jax import scales as scmod
+from nio_jax.rescale_adam import rescale_adam
+from nio_jax.results import InitResult
+from nio_jax.search import iterate_batches, peek, progress_bar, run_scale_search
+
+PyTree = Any
+OBJECTIVES = ("gc", "gc_gn", "gc_gn_sqrt")
+
+
+@dataclasses.dataclass(frozen=True)
+class NIOConfig:
+  """NIO hyper-parameters. Defaults are the released ImageNet ResNet-50 run.
+
+  Attributes:
+    num_steps: search iterations (one fresh batch each).
+    num_chunks: D sub-batches of the batch setting; None = sample-wise GradCosine.
+    overlap: sub-batch overlap ratio r ∈ [0, 1).
+    gamma: bound γ on the mean gradient norm (constraint step above it).
+    lr: learning rate of the scales.
+    objective: "gc", "gc_gn" or "gc_gn_sqrt".
+    gn_mul: μ, weight of the gradient-norm term.
+    min_scale / min_scale_bias: lower bounds of weight / bias scales.
+    grad_clip: clip of each scale's gradient (0 disables).
+    b1, b2, eps: Adam constants.
+    impl: gradient formulation (see `per_example`); None = the measured default.
+    chunk_size: sample-wise only: examples processed at a time (memory bound).
+    grad_filter: predicate `(path, leaf) -> bool` for the leaves whose gradients enter GC;
+      "default" = every leaf but batch-norm ones (released code), None = every leaf.
+    select: predicate for the leaves whose scales are tuned; None = all non-zero leaves.
+  """
+  num_steps: int = 100
+  num_chunks: int | None = 4
+  overlap: float = 0.2
+  gamma: float = 10.0
+  lr: float = 3e-3
+  objective: str = "gc_gn_sqrt"
+  gn_mul: float = 1.0
+  min_scale: float = 0.01
+  min_scale_bias: float = 0.0
+  grad_clip: float = 1.0
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  impl: str | None = None
+  chunk_size: int | None = None
+  grad_filter: Any = "default"
+  select: Callable | None = None
+
+  @classmethod
+  def create(cls, config=None, **overrides) -> "NIOConfig":
+    """From None (defaults), a NIOConfig, a dict or an ml_collections ConfigDict."""
+    if config is None:
+      values = {}
+    elif isinstance(config, cls):
+      values = dataclasses.asdict(config)
+    elif hasattr(config, "to_dict"):
+      values = dict(config.to_dict())
+    elif isinstance(config, dict):
+      values = dict(config)
+    else:
+      raise TypeError(f"config must be None, NIOConfig, dict or ConfigDict; got "
+                      f"{type(config).__name__}.")
+    values.update(overrides)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"unknown NIO config key(s) {unknown}; known: {sorted(known)}.")
+    cfg = cls(**values)
+    cfg.validate()
+    return cfg
+
+  def validate(self) -> None:
+    if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, (int, np.integer)):
+      raise TypeError(f"num_steps must be an int, got {self.num_steps!r}.")
+    if self.num_steps < 1:
+      raise ValueError(f"num_steps={self.num_steps} must be >= 1.")
+    errors.check_positive("gamma", self.gamma)
+    errors.check_positive("lr", self.lr)
+    errors.check_positive("gn_mul", self.gn_mul, allow_zero=True)
+    errors.check_positive("grad_clip", self.grad_clip, allow_zero=True)
+    errors.check_positive("min_scale", self.min_scale, allow_zero=True)
+    errors.check_positive("min_scale_bias", self.min_scale_bias, allow_zero=True)
+    errors.check_choice("objective", self.objective, OBJECTIVES)
+    if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
+      raise ValueError(f"Adam betas ({self.b1}, {self.b2}) must lie in [0, 1).")
+    errors.check_positive("eps", self.eps, allow_zero=True)
+    errors.check_chunks(max(self.num_chunks or 2, 2), self.num_chunks, self.overlap)
+    if self.impl is not None:
+      errors.check_choice("impl", self.impl, per_example.SAMPLE_IMPLS
+                          if self.num_chunks is None else per_example.SUBBATCH_IMPLS)
+
+  @property
+  def wrt(self):
+    return scmod.default_grad_filter if self.grad_filter == "default" else self.grad_filter
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    for k in ("grad_filter", "select"):
+      if callable(d[k]):
+        d[k] = getattr(d[k], "__name__", repr(d[k]))
+    return d
+
+
+def nio_objective(stats: gcmod.GCStats, objective: str, gn_mul: float) -> jax.Array:
+  """The quantity an objective step minimises (the negated GradCosine plus norm terms)."""
+  if objective == "gc":
+    return -stats.gc
+  if objective == "gc_gn":
+    return -stats.gc - gn_mul * jnp.sum(stats.grad_norms ** 2)
+  if objective == "gc_gn_sqrt":
+    return -stats.gc - gn_mul * jnp.sum(stats.grad_norms)
+  raise ValueError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}.")
+
+
+def make_nio_step(loss_fn: Callable, spec: scmod.ScaleSpec, config: NIOConfig | None = None):
+  """`(step, tx)`: the jitted NIO step and the scale optimiser it uses.
+
+  `step(params0, scales, opt_state, batch) -> (scales, opt_state, metrics)` where metrics
+  has `gc`, `grad_norm` (mean), `grad_norms` [D], `objective`, `constraint` (bool: the
+  constraint branch ran), `loss` (mean per-example loss). Initialise the optimiser state
+  with `tx.init(scales)`.
+  """
+  cfg = NIOConfig.create(config)
+  tx = rescale_adam(cfg.lr, spec, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, grad_clip=cfg.grad_clip)
+
+  def search_loss(scales, params0, batch):
+    params = scmod.apply_scales(params0, scales)
+    stats = gcmod.gradcosine_stats(loss_fn, params, batch, num_chunks=cfg.num_chunks,
+                                   overlap=cfg.overlap, wrt=cfg.wrt, impl=cfg.impl,
+                                   chunk_size=cfg.chunk_size)
+    gn = stats.grad_norm
+    obj = nio_objective(stats, cfg.objective, cfg.gn_mul)
+    constraint = jax.lax.stop_gradient(gn > cfg.gamma)
+    return jnp.where(constraint, gn, obj), (stats, obj, constraint)
+
+  @jax.jit
+  def step(params0, scales, opt_state, batch):
+    grads, (stats, obj, constraint) = jax.grad(search_loss, has_aux=True)(
+        scales, params0, batch)
+    updates, opt_state = tx.update(grads, opt_state, scales, is_constraint=constraint)
+    new_scales = jax.tree_util.tree_map(lambda s, u: s + u, scales, updates)
+    metrics = dict(gc=stats.gc, grad_norm=stats.grad_norm, grad_norms=stats.grad_norms,
+                   objective=obj, constraint=constraint, loss=stats.loss)
+    return new_scales, opt_state, metrics
+
+  return step, tx
+
+
+def nio(loss_fn: Callable, params: PyTree, batches: Iterable, config=None, *,
+        progress: bool = False) -> InitResult:
+  """Runs the NIO search and returns the initialised params.
+
+  Args:
+    loss_fn: `loss_fn(params, batch) -> [B]` per-example losses. For linen batch-norm
+      models close over `batch_stats` and apply in training mode with
+      `mutable=["batch_stats"]`, discarding the update (see `nio_jax.flax_utils`), so the
+      search uses batch statistics and never changes the running statistics.
+    params: initial parameters θ0 (e.g. `model.init(...)["params"]`).
+    batches: iterable of batches (a list is cycled; an iterator must last `num_steps`).
+    config: None (released defaults), `NIOConfig`, dict or ConfigDict.
+    progress: show a tqdm progress bar with GC and gradient norm.
+
+  Returns:
+    `InitResult(params=apply_scales(θ0, scales), scales, history)`; history has, per step,
+    `gc`, `grad_norm`, `grad_norms`, `objective`, `constraint`, `loss`.
+
+  Raises:
+    ValueError / TypeError on bad input (named in the message); `NonFiniteError` (with
+    `.step` and `.last_good`) when a value becomes NaN/inf; `ZeroGradientError` when a
+    gradient is exactly zero. Params are never returned with NaNs.
+  """
+  cfg = NIOConfig.create(config)
+  errors.check_params(params)
+  first, batches = peek(batches)
+  b = errors.check_batch(first)
+  errors.check_chunks(b, cfg.num_chunks, cfg.overlap)
+  per_example.check_loss_fn(loss_fn, params, first)
+  scales, spec = scmod.init_scales(params, select=cfg.select, min_scale=cfg.min_scale,
+                                   min_scale_bias=cfg.min_scale_bias)
+  step, tx = make_nio_step(loss_fn, spec, cfg)
+  return run_scale_search(step, params, scales, tx.init(scales), batches,
+                          num_steps=cfg.num_steps, method="nio", config=cfg.to_dict(),
+                          show_progress=progress, num_chunks=cfg.num_chunks)
+
+
+def measure(loss_fn: Callable, params: PyTree, batches: Iterable, *, num_batches: int = 10,
+            num_chunks: int | None = 4, overlap: float = 0.2, wrt: Any = "default",
+            impl: str | None = None, chunk_size: int | None = None,
+            show_progress: bool = False) -> dict[str, float]:
+  """GradCosine and gradient norm averaged over `num_batches` batches (before/after report).
+
+  Returns a dict with `gc`, `gc_std`, `grad_norm`, `grad_norm_std`, `loss`, `num_batches`.
+  """
+  if isinstance(num_batches, bool) or not isinstance(num_batches, (int, np.integer)) \
+      or num_batches < 1:
+    raise ValueError(f"num_batches={num_batches!r} must be an int >= 1.")
+  errors.check_params(params)
+  wrt_fn = scmod.default_grad_filter if wrt == "default" else wrt
+  impl = impl or gcmod.default_impl(num_chunks)
+  first, batches = peek(batches)
+  b = errors.check_batch(first)
+  errors.check_chunks(b, num_chunks, overlap)
+  per_example.check_loss_fn(loss_fn, params, first)
+  rows = []
+  for (batch,) in progress_bar(iterate_batches(batches, num_batches), num_batches, "measure",
+                           show_progress):
+    errors.check_batch(batch)
+    st = gcmod._stats_jit(loss_fn, params, batch, num_chunks, overlap, wrt_fn, impl,
+                          chunk_size)
+    gcmod.check_stats(st, num_chunks, step=len(rows))
+    rows.append((float(st.gc), float(st.grad_norm), float(st.loss)))
+  arr = np.asarray(rows)
+  return {"gc": float(arr[:, 0].mean()), "gc_std": float(arr[:, 0].std()),
+          "grad_norm": float(arr[:, 1].mean()), "grad_norm_std": float(arr[:, 1].std()),
+          "loss": float(arr[:, 2].mean()), "num_batches": int(num_batches)}

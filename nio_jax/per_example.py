@@ -1,0 +1,212 @@
+"""Per-example and sub-batch gradients: the machinery GradCosine is built on.
+
+Contract with user models: `loss_fn(params, batch) -> losses` of shape `[B]`, one loss per
+example; `batch` is a pytree whose leaves all have the leading batch axis `B`.
+
+Two settings (see `../shared/ALGORITHMS.md`):
+
+* sample-wise: `g_i = ∇θ ℓ_i(θ)` for each example, computed with `vmap(grad)` over
+  single-example batches (optionally in chunks, `lax.map` over `vmap`, to bound memory);
+* batch setting: `D` overlapping contiguous sub-batches (`subbatch_bounds`), each gradient
+  `g_i = ∇θ mean(ℓ[a_i:b_i])` taken through ONE forward over the whole batch (so batch-norm
+  statistics are those of the full batch), by pulling `D` cotangents back through one VJP.
+
+Guarantees: results are exact gradients (no sampling, no approximation); for a model without
+cross-example coupling, the sample-wise gradients equal a Python loop of `jax.grad` calls.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nio_jax import errors
+
+PyTree = Any
+LossFn = Callable[[PyTree, PyTree], jax.Array]
+
+# How the D gradients are pulled back through the shared forward in the batch setting.
+#   "vmap": vmap of the VJP over the D cotangent rows (one batched backward).
+#   "loop": D separate backward passes unrolled in the trace (no batched convolutions;
+#           the fastest on XLA:CPU for small D, see benchmarks/).
+#   "map":  lax.map over the D cotangents (compiles one backward; for large D).
+SUBBATCH_IMPLS = ("vmap", "loop", "map")
+# How per-example gradients are computed in the sample-wise setting.
+#   "vmap":  jax.vmap(jax.grad) over single-example batches (the textbook form);
+#   "map":   lax.map over examples of jax.grad (no grouped convolutions, less memory);
+#   "vjp":   the batch-setting machinery with D = B, r = 0 (one forward over the batch; the
+#            right choice for models with cross-example coupling such as batch-norm).
+SAMPLE_IMPLS = ("vmap", "map", "vjp")
+
+
+def subbatch_bounds(batch_size: int, num_chunks: int, overlap: float) -> list[tuple[int, int]]:
+  """Half-open `[start, end)` of each sub-batch, exactly as the released NIO code slices.
+
+  With `L = int(B / D)`, sub-batch `i` covers `[int((1 − r)·L·i), int((1 + r)·L·(i + 1)))`,
+  except that the first starts at 0 and the last ends at `B`. The float expressions are
+  evaluated in the reference's order so that the truncations agree bit-for-bit.
+  For B = 64, D = 4, r = 0.2: [(0, 19), (12, 38), (25, 57), (38, 64)].
+  """
+  errors.check_chunks(batch_size, num_chunks, overlap)
+  length = int(batch_size / num_chunks)
+  r = overlap
+  bounds = []
+  for i in range(num_chunks):
+    if i == 0:
+      start, end = 0, int((1 + r) * length * 1)
+    elif i == num_chunks - 1:
+      start, end = int((1 - r) * length * i), batch_size
+    else:
+      start, end = int((1 - r) * length * i), int((1 + r) * length * (i + 1))
+    bounds.append((start, min(end, batch_size)))
+  return bounds
+
+
+def subbatch_weights(batch_size: int, num_chunks: int, overlap: float) -> np.ndarray:
+  """`[D, B]` matrix whose row `i` averages the losses of sub-batch `i` (the VJP cotangents)."""
+  w = np.zeros((num_chunks, batch_size), np.float32)
+  for i, (a, b) in enumerate(subbatch_bounds(batch_size, num_chunks, overlap)):
+    w[i, a:b] = 1.0 / (b - a)
+  return w
+
+
+# ----------------------------------------------------------------------------------------
+# Leaf selection: which parameter leaves the gradients are taken with respect to.
+
+
+def select_leaves(params: PyTree, wrt: Callable[[tuple, Any], bool] | None):
+  """Splits `params` into (selected leaves, a function rebuilding the full tree from them)."""
+  leaves_with_path, treedef = jax.tree_util.tree_flatten_with_path(params)
+  leaves = [leaf for _, leaf in leaves_with_path]
+  if wrt is None:
+    idx = list(range(len(leaves)))
+  else:
+    idx = [i for i, (p, leaf) in enumerate(leaves_with_path) if wrt(p, leaf)]
+  if not idx:
+    raise ValueError("no parameter leaf is selected for the gradient (the `wrt` predicate "
+                     "rejected every leaf).")
+
+  def rebuild(selected):
+    full = list(leaves)
+    for i, s in zip(idx, selected):
+      full[i] = s
+    return jax.tree_util.tree_unflatten(treedef, full)
+
+  return [leaves[i] for i in idx], rebuild, idx
+
+
+def _example(batch, i):
+  return jax.tree_util.tree_map(lambda x: jax.lax.dynamic_slice_in_dim(x, i, 1, 0), batch)
+
+
+def _single_loss(loss_fn, params, example):
+  """Loss of a one-example batch (leaves with leading axis 1)."""
+  losses = loss_fn(params, example)
+  return jnp.reshape(losses, (-1,))[0]
+
+
+def check_loss_fn(loss_fn: LossFn, params: PyTree, batch: PyTree) -> None:
+  """Checks, without running it, that `loss_fn` returns one finite-dtype loss per example."""
+  if not callable(loss_fn):
+    raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
+  b = errors.batch_size(batch)
+  out = jax.eval_shape(loss_fn, params, batch)
+  shape = getattr(out, "shape", None)
+  if shape != (b,):
+    raise ValueError(
+        f"loss_fn must return per-example losses of shape [B] = ({b},), got shape {shape}. "
+        "Do not average over the batch: return e.g. optax.softmax_cross_entropy_with_integer_"
+        "labels(logits, labels) without .mean().")
+  if not jnp.issubdtype(out.dtype, jnp.floating):
+    raise TypeError(f"loss_fn must return floating-point losses, got {out.dtype}.")
+
+
+def _per_example_selected(loss_fn, params, batch, wrt, impl, chunk_size):
+  sel, rebuild, _ = select_leaves(params, wrt)
+  b = errors.batch_size(batch)
+
+  def loss_sel(sel_leaves, example):
+    return _single_loss(loss_fn, rebuild(sel_leaves), example)
+
+  g1 = jax.value_and_grad(loss_sel)
+
+  if impl == "vjp":
+    w = jnp.eye(b, dtype=jnp.float32)
+    return _pullback_rows(lambda s: loss_fn(rebuild(s), batch), sel, w, "vmap")
+
+  batch1 = jax.tree_util.tree_map(lambda x: x[:, None], batch)  # [B, 1, ...]
+  if impl == "vmap" and (chunk_size is None or chunk_size >= b):
+    return jax.vmap(g1, in_axes=(None, 0))(sel, batch1)
+  # "map", or chunked "vmap": lax.map over chunks of `chunk_size` vmapped examples.
+  return jax.lax.map(lambda ex: g1(sel, ex), batch1, batch_size=chunk_size)
+
+
+def _pullback_rows(f, primal, w, impl):
+  """(losses, grads): each row of `w` [D, B] pulled back through one VJP of `f -> [B]`."""
+  losses, vjp = jax.vjp(f, primal)
+  w = w.astype(losses.dtype)
+  if impl == "vmap":
+    (g,) = jax.vmap(vjp)(w)
+    return losses, g
+  if impl == "map":
+    return losses, jax.lax.map(lambda row: vjp(row)[0], w)
+  rows = [vjp(w[i])[0] for i in range(w.shape[0])]
+  return losses, jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *rows)
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "impl", "chunk_size", "wrt"))
+def _per_example_grads_jit(loss_fn, params, batch, impl, chunk_size, wrt):
+  _, sel_grads = _per_example_selected(loss_fn, params, batch, wrt, impl, chunk_size)
+  return sel_grads
+
+
+def per_example_grads(loss_fn: LossFn, params: PyTree, batch: PyTree, *,
+                      impl: str = "vmap", chunk_size: int | None = None,
+                      wrt: Callable[[tuple, Any], bool] | None = None) -> PyTree:
+  """Per-example gradients `∇θ ℓ_i(θ)`, a pytree like `params` with a leading batch axis.
+
+  Computed with `vmap(grad)` over one-example batches under `jit`.
+
+  Args:
+    loss_fn: `loss_fn(params, batch) -> [B]` per-example losses.
+    params: pytree of float arrays.
+    batch: pytree of arrays with a shared leading batch axis `B`.
+    impl: one of `SAMPLE_IMPLS` ("vmap", "map", "vjp").
+    chunk_size: if set, examples are processed `chunk_size` at a time (`lax.map` over
+      `vmap`), which bounds peak memory by the chunk instead of the batch.
+    wrt: optional predicate `(path, leaf) -> bool`; leaves it rejects get no gradient and
+      are returned as zeros.
+
+  Returns:
+    A pytree with the structure of `params`; every leaf has shape `[B, *leaf.shape]`.
+  """
+  errors.check_choice("impl", impl, SAMPLE_IMPLS)
+  errors.check_params(params)
+  b = errors.check_batch(batch, minimum=1)
+  if chunk_size is not None and (chunk_size < 1 or chunk_size > b):
+    raise ValueError(f"chunk_size={chunk_size} must be in [1, batch size {b}].")
+  check_loss_fn(loss_fn, params, batch)
+  sel_grads = _per_example_grads_jit(loss_fn, params, batch, impl, chunk_size, wrt)
+  _, _, idx = select_leaves(params, wrt)
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  out = [jnp.zeros((b,) + jnp.shape(x), jnp.result_type(x)) for x in leaves]
+  for i, g in zip(idx, sel_grads):
+    out[i] = g
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def subbatch_grads_selected(loss_fn, params, batch, num_chunks, overlap, wrt=None,
+                            impl="loop"):
+  """(losses [B], sub-batch gradients of the selected leaves as `[D, ...]` arrays)."""
+  sel, rebuild, _ = select_leaves(params, wrt)
+  b = errors.batch_size(batch)
+  w = jnp.asarray(subbatch_weights(b, num_chunks, overlap))
+  return _pullback_rows(lambda s: loss_fn(rebuild(s), batch), sel, w, impl)
+
+
+def sample_grads_selected(loss_fn, params, batch, wrt=None, impl="vmap", chunk_size=None):
+  """(losses [B], per-example gradients of the selected leaves as `[B, ...]` arrays)."""
+  return _per_example_selected(loss_fn, params, batch, wrt, impl, chunk_size)
