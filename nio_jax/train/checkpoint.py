@@ -1,0 +1,67 @@
+"""Orbax checkpoints of the full training state.
+
+Each checkpoint is one step directory with two items: ``state`` (params, batch_stats,
+opt_state, rng, step: a pytree, via ``StandardSave``) and ``meta`` (JSON: epoch, position of
+the data loader, Acc_1 / Acc_best so far, eval history).
+
+Atomicity: orbax writes a step into a temporary directory
+(``<step>.orbax-checkpoint-tmp-*``) and renames it into place only once every item is
+complete (the rename is the commit). ``latest_step()`` lists finalised steps only, so a kill
+in the middle of a write leaves the previous checkpoint as the latest; leftover temporary
+directories are removed when the next manager opens (``cleanup_tmp_directories``).
+``max_to_keep >= 2`` is enforced so the last good checkpoint is never the one being replaced.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+PyTree = Any
+
+
+class Checkpointer:
+    """A thin wrapper over ``ocp.CheckpointManager`` (``state`` + ``meta`` items)."""
+
+    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3,
+                 async_save: bool = True):
+        if max_to_keep < 2:
+            raise ValueError("max_to_keep must be >= 2")
+        self.directory = pathlib.Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
+            enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                             item_names=("state", "meta"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def save(self, step: int, state: PyTree, meta: dict) -> None:
+        # One save in flight at a time: wait for the previous one before starting the next.
+        self.manager.wait_until_finished()
+        self.manager.save(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+
+    def restore(self, step: int | None, target: PyTree) -> tuple[PyTree, dict]:
+        """Restore ``step`` (default: latest) into the structure / dtypes / shardings of
+        ``target``."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        out = self.manager.restore(int(step), args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+        return out["state"], dict(out["meta"])
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
