@@ -1,0 +1,44 @@
+"""The plain baseline: the model's own He (Kaiming) initialisation, unchanged.
+
+Which He variant each model uses (fan-in or fan-out, normal or uniform, the PyTorch-default
+layers) is documented per model in docs/models.md. The GradInit paper's "+1 epoch constant
+LR" and "+1 epoch warmup" baselines also start from these params; their extra epoch lives
+in the training schedule (`nio_jax.train`), not here.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from nio_jax import errors
+from nio_jax.methods._config import config_values
+from nio_jax.methods.registry import register
+from nio_jax.results import InitResult
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class KaimingConfig:
+  """No hyper-parameters: the params are taken as the model initialised them."""
+
+  @classmethod
+  def create(cls, config=None, **overrides) -> "KaimingConfig":
+    return cls(**config_values(cls, config, overrides, "Kaiming"))
+
+  def to_dict(self) -> dict:
+    return {}
+
+
+@register("kaiming", config_cls=KaimingConfig)
+def kaiming(loss_fn: Callable | None, params: PyTree, data: Any = None, config=None, *,
+            progress: bool = False) -> InitResult:
+  """Returns `params` unchanged (the model's He init), with no scales and an empty history.
+
+  `loss_fn` and `data` are accepted for the common interface and ignored.
+  """
+  del loss_fn, data, progress
+  cfg = KaimingConfig.create(config)
+  errors.check_params(params)
+  return InitResult(params=params, scales=None, history={}, method="kaiming",
+                    config=cfg.to_dict())
