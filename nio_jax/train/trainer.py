@@ -254,6 +254,9 @@ def _train(model, variables, train_loader, test_data, config, workdir, init_fn, 
         compute_model = model.clone(dtype=jnp.bfloat16)
 
     def make_state(v):
+        # Fresh copies: the train step donates its state on accelerators, and the caller's
+        # arrays must stay valid.
+        v = jax.tree.map(lambda x: jnp.array(x, copy=True), v)
         params = v["params"]
         st = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
               "rng": jax.random.key_data(jax.random.key(int(config.seed))),
@@ -389,7 +392,9 @@ def _train(model, variables, train_loader, test_data, config, workdir, init_fn, 
                         finished = False
                         break
             finally:
-                it.close()
+                close = getattr(it, "close", None)
+                if close is not None:
+                    close()
             if not finished:
                 break
             # ---- end of epoch: check, evaluate, log, checkpoint
