@@ -197,10 +197,11 @@ def _prefetch(make: Callable[[int], Any], steps: range, depth: int) -> Iterator[
             return
         put((True, _DONE))
 
-    t = threading.Thread(target=work, name="nio_jax-prefetch", daemon=True)
-    t.start()
-
     def gen():
+        # The worker starts on the first ``next()``: an iterator that is never consumed
+        # leaves no thread behind.
+        t = threading.Thread(target=work, name="nio_jax-prefetch", daemon=True)
+        t.start()
         try:
             while True:
                 ok, item = q.get()
