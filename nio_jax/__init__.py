@@ -5,12 +5,12 @@ Where things are:
   * per-example / sub-batch gradients in `nio_jax.per_example`;
   * scales meet params in `nio_jax.scales` (`init_scales`, `apply_scales`);
   * the scale optimiser (clip → split-moment Adam → bound) in `nio_jax.rescale_adam`;
-  * the NIO search in `nio_jax.nio`; the shared host loop in `nio_jax.search`;
+  * the NIO search in `nio_jax.nio_search`; the shared host loop in `nio_jax.search`;
   * Flax adapters (linen / NNX loss functions) in `nio_jax.flax_utils`.
 """
 from nio_jax.errors import NonFiniteError, ZeroGradientError
 from nio_jax.cosine import GCStats, gc_brute_force, gc_from_grads, gradcosine
-from nio_jax.nio import NIOConfig, make_nio_step, measure, nio, nio_objective
+from nio_jax.nio_search import NIOConfig, make_nio_step, measure, nio, nio_objective
 from nio_jax.per_example import per_example_grads, subbatch_bounds, subbatch_weights
 from nio_jax.rescale_adam import (freeze, project_min_scale, rescale_adam,
                                   scale_by_split_adam)

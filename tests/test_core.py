@@ -13,6 +13,7 @@ import pytest
 import nio_jax
 from nio_jax import per_example
 from nio_jax.cosine import gc_from_grads
+from nio_jax.nio_search import OBJECTIVES
 from tests import tiny_models as tm
 
 KEY = jax.random.PRNGKey(0)
@@ -255,10 +256,8 @@ def test_rescale_adam_projects_and_freezes():
   assert float(s["b"]) == 0.0 and float(s["w"]) > 0.5
 
 
-@pytest.mark.parametrize("objective", nio_jax.nio.OBJECTIVES if hasattr(nio_jax.nio, "OBJECTIVES")
-                         else ["gc", "gc_gn", "gc_gn_sqrt"])
+@pytest.mark.parametrize("objective", OBJECTIVES)
 def test_one_nio_step_equals_hand_computation(objective):
-  from nio_jax.nio import OBJECTIVES  # noqa: F401
   params, batch = tm.mlp_params(KEY), tm.mlp_batch(jax.random.PRNGKey(5), b=8)
   cfg = nio_jax.NIOConfig(num_steps=1, num_chunks=4, overlap=0.2, gamma=100.0, lr=0.05,
                           objective=objective)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from nio_jax.methods.registry import register
-from nio_jax.nio import NIOConfig, nio as _nio
+from nio_jax.nio_search import NIOConfig, nio as _nio
 from nio_jax.results import InitResult
 
 PyTree = Any
