@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Sets up (scripts/setup.sh) and runs the default test suite on the CPU.
+# Slow tests run too when NIO_JAX_SLOW=1 (or pass --runslow).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+# shellcheck disable=SC1091
+. .venv/bin/activate
+export JAX_PLATFORMS=cpu
+exec python -m pytest -n "${NIO_JAX_TEST_WORKERS:-2}" --timeout 1200 -q "$@"
