@@ -208,9 +208,8 @@ def random_batches(spec: Mapping, seed: int, num_steps: int):
   """Generator of `num_steps` batches; batch t uses `fold_in(PRNGKey(seed), t)`."""
   _parse_spec(spec)
   base = jax.random.PRNGKey(seed)
-  make = jax.jit(lambda k: random_batch(spec, k))
   for t in range(num_steps):
-    yield make(jax.random.fold_in(base, t))
+    yield random_batch(spec, jax.random.fold_in(base, t))
 
 
 # ------------------------------------------------------------------ steps
