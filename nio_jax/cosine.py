@@ -88,8 +88,14 @@ def _stats(loss_fn, params, batch, num_chunks, overlap, wrt, impl, chunk_size):
   return GCStats(gc=gc, grad_norms=norms, loss=loss)
 
 
-def default_impl(num_chunks) -> str:
-  """The formulation chosen when the caller does not pick one (measured in benchmarks/)."""
+def default_impl(num_chunks, backend: str | None = None) -> str:
+  """The formulation chosen when the caller does not pick one (measured in benchmarks/).
+
+  Args:
+    num_chunks: None for the sample-wise setting, else the number of sub-batches D.
+    backend: "cpu", "gpu", "tpu", ...; None = `jax.default_backend()`.
+  """
+  backend = backend or jax.default_backend()
   return "vmap" if num_chunks is None else "loop"
 
 

@@ -17,6 +17,7 @@ cross-example coupling, the sample-wise gradients equal a Python loop of `jax.gr
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Any, Callable, Sequence
 
 import jax
@@ -33,13 +34,20 @@ LossFn = Callable[[PyTree, PyTree], jax.Array]
 #   "loop": D separate backward passes unrolled in the trace (no batched convolutions;
 #           the fastest on XLA:CPU for small D, see benchmarks/).
 #   "map":  lax.map over the D cotangents (compiles one backward; for large D).
-SUBBATCH_IMPLS = ("vmap", "loop", "map")
+#   "loop_im2col" / "vmap_im2col": the same with every convolution evaluated as im2col @ kernel
+#           (see `rewrite_convs`).
+SUBBATCH_IMPLS = ("vmap", "loop", "map", "loop_im2col", "vmap_im2col")
 # How per-example gradients are computed in the sample-wise setting.
 #   "vmap":  jax.vmap(jax.grad) over single-example batches (the textbook form);
 #   "map":   lax.map over examples of jax.grad (no grouped convolutions, less memory);
 #   "vjp":   the batch-setting machinery with D = B, r = 0 (one forward over the batch; the
 #            right choice for models with cross-example coupling such as batch-norm).
-SAMPLE_IMPLS = ("vmap", "map", "vjp")
+#   "slices": vmap(grad) of the loss with every convolution rewritten as k×k shifted slices of
+#            the input times the kernel (`rewrite_convs(mode="slices")`): the per-example
+#            weight gradients become batched matmuls instead of grouped convolutions.
+#   "im2col": the same with one matmul on the concatenated k×k slices (im2col patches).
+SAMPLE_IMPLS = ("vmap", "map", "vjp", "slices", "im2col")
+CONV_MODES = ("slices", "im2col")
 
 
 def subbatch_bounds(batch_size: int, num_chunks: int, overlap: float) -> list[tuple[int, int]]:
@@ -98,6 +106,160 @@ def select_leaves(params: PyTree, wrt: Callable[[tuple, Any], bool] | None):
   return [leaves[i] for i in idx], rebuild, idx
 
 
+# ----------------------------------------------------------------------------------------
+# Convolutions as matmuls: a jaxpr rewrite of the user's loss function.
+#
+# Differentiating `vmap(grad)` of `lax.conv_general_dilated` produces grouped convolutions
+# (feature_group_count = batch), which XLA:CPU runs very slowly. Written as shifted slices of
+# the (padded) input times the kernel, the same convolution differentiates into batched
+# matmuls. The model is not touched: its jaxpr is re-evaluated with every supported
+# convolution replaced, recursing into jit, scan (flax `nn.scan`) and custom_jvp/vjp bodies
+# that contain convolutions (those bodies are inlined: a custom derivative rule around a
+# convolution is replaced by autodiff of the rewritten body, which is the same maths).
+
+
+def conv_as_matmul(lhs, rhs, *, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                   dimension_numbers, feature_group_count=1, batch_group_count=1,
+                   precision=None, preferred_element_type=None, mode="im2col", **unused):
+  """`lax.conv_general_dilated` evaluated as slices/im2col @ kernel (exactly the same sums).
+
+  Falls back to the convolution for grouped or input-dilated convolutions.
+  """
+  del unused
+  nsp = lhs.ndim - 2
+  lhs_dilation = tuple(lhs_dilation or (1,) * nsp)
+  rhs_dilation = tuple(rhs_dilation or (1,) * nsp)
+  if (feature_group_count != 1 or batch_group_count != 1 or any(d != 1 for d in lhs_dilation)
+      or isinstance(padding, str)):
+    return jax.lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+        feature_group_count, batch_group_count, precision, preferred_element_type)
+  ls, rs, os_ = dimension_numbers
+  x = jnp.transpose(lhs, (ls[0], *ls[2:], ls[1]))                 # N, spatial..., C
+  w = jnp.transpose(rhs, (*rs[2:], rs[1], rs[0]))                 # spatial..., I, O
+  zero = jnp.zeros((), x.dtype)
+  x = jax.lax.pad(x, zero, [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in padding] + [(0, 0, 0)])
+  ksz = w.shape[:nsp]
+  out_sz = [(x.shape[1 + d] - (ksz[d] - 1) * rhs_dilation[d] - 1) // window_strides[d] + 1
+            for d in range(nsp)]
+  slices = []
+  for idx in itertools.product(*[range(k) for k in ksz]):
+    start = [0] + [idx[d] * rhs_dilation[d] for d in range(nsp)] + [0]
+    limit = ([x.shape[0]] + [start[1 + d] + (out_sz[d] - 1) * window_strides[d] + 1
+                             for d in range(nsp)] + [x.shape[-1]])
+    slices.append(jax.lax.slice(x, start, limit, [1] + list(window_strides) + [1]))
+  dn = (((x.ndim - 1,), (0,)), ((), ()))
+  if mode == "im2col" and len(slices) > 1:
+    patches = jnp.concatenate(slices, axis=-1)
+    y = jax.lax.dot_general(patches, jnp.reshape(w, (-1, w.shape[-1])), dn,
+                            precision=precision, preferred_element_type=preferred_element_type)
+  else:
+    wk = jnp.reshape(w, (-1,) + w.shape[nsp:])
+    y = None
+    for k, s in enumerate(slices):
+      t = jax.lax.dot_general(s, wk[k], dn, precision=precision,
+                              preferred_element_type=preferred_element_type)
+      y = t if y is None else y + t
+  perm = (os_[0], *os_[2:], os_[1])            # out[perm] == y  =>  out = y.transpose(argsort)
+  return jnp.transpose(y, tuple(int(i) for i in np.argsort(perm)))
+
+
+def _sub_closed_jaxprs(params):
+  for v in params.values():
+    vs = v if isinstance(v, (tuple, list)) else (v,)
+    for x in vs:
+      if hasattr(x, "jaxpr") and hasattr(x, "consts"):
+        yield x.jaxpr
+      elif type(x).__name__ == "Jaxpr":
+        yield x
+
+
+def _has_conv(jaxpr) -> bool:
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "conv_general_dilated":
+      return True
+    if any(_has_conv(j) for j in _sub_closed_jaxprs(eqn.params)):
+      return True
+  return False
+
+
+_INLINE = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr",
+           "core_call": "call_jaxpr", "remat": "jaxpr", "checkpoint": "jaxpr",
+           "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
+           "custom_vjp_call_jaxpr": "fun_jaxpr"}
+
+
+def _bind(eqn, inv):
+  bind_params = eqn.primitive.get_bind_params(eqn.params)
+  if isinstance(bind_params, tuple):  # older jax: (subfuns, params)
+    subfuns, bind_params = bind_params
+    inv = [*subfuns, *inv]
+  with eqn.ctx.manager:
+    outs = eqn.primitive.bind(*inv, **bind_params)
+  return outs if eqn.primitive.multiple_results else [outs]
+
+
+def _eval_rewritten(jaxpr, consts, args, mode):
+  env = {}
+
+  def read(v):
+    return v.val if type(v).__name__ == "Literal" else env[v]
+
+  for v, c in zip(jaxpr.constvars, consts):
+    env[v] = c
+  for v, a in zip(jaxpr.invars, args):
+    env[v] = a
+  for eqn in jaxpr.eqns:
+    inv = [read(v) for v in eqn.invars]
+    name = eqn.primitive.name
+    if name == "conv_general_dilated":
+      outs = [conv_as_matmul(*inv, **eqn.params, mode=mode)]
+    elif not any(_has_conv(j) for j in _sub_closed_jaxprs(eqn.params)):
+      outs = _bind(eqn, inv)
+    elif name in _INLINE and _INLINE[name] in eqn.params:
+      sub = eqn.params[_INLINE[name]]
+      sub_consts = getattr(sub, "consts", ())
+      sub = getattr(sub, "jaxpr", sub)
+      outs = _eval_rewritten(sub, sub_consts, inv[len(inv) - len(sub.invars):], mode)
+    elif name == "scan":
+      p = eqn.params
+      nc, ncar = p["num_consts"], p["num_carry"]
+      sc, carry0, xs = inv[:nc], inv[nc:nc + ncar], inv[nc + ncar:]
+      cj = p["jaxpr"]
+
+      def body(carry, x, cj=cj, sc=sc, ncar=ncar):
+        o = _eval_rewritten(cj.jaxpr, cj.consts, [*sc, *carry, *x], mode)
+        return list(o[:ncar]), list(o[ncar:])
+
+      carry, ys = jax.lax.scan(body, list(carry0), list(xs), length=p["length"],
+                               reverse=p["reverse"], unroll=p["unroll"])
+      outs = [*carry, *ys]
+    else:  # a control-flow primitive we do not rewrite: keep its convolutions
+      outs = _bind(eqn, inv)
+    for v, o in zip(eqn.outvars, outs):
+      if type(v).__name__ != "DropVar":
+        env[v] = o
+  return [read(v) for v in jaxpr.outvars]
+
+
+def rewrite_convs(fn: Callable, mode: str = "im2col") -> Callable:
+  """`fn` with every convolution evaluated as `mode` ("slices" or "im2col") @ kernel.
+
+  Same values (up to float summation order) and same derivatives; use it to choose the
+  matmul form of convolutions where the backend runs it faster (see `default_impl`).
+  """
+  errors.check_choice("mode", mode, CONV_MODES)
+
+  def wrapped(*args):
+    closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
+    if not _has_conv(closed.jaxpr):
+      return fn(*args)
+    outs = _eval_rewritten(closed.jaxpr, closed.consts, jax.tree_util.tree_leaves(args), mode)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+
+  return wrapped
+
+
 def _example(batch, i):
   return jax.tree_util.tree_map(lambda x: jax.lax.dynamic_slice_in_dim(x, i, 1, 0), batch)
 
@@ -125,6 +287,8 @@ def check_loss_fn(loss_fn: LossFn, params: PyTree, batch: PyTree) -> None:
 
 
 def _per_example_selected(loss_fn, params, batch, wrt, impl, chunk_size):
+  if impl in CONV_MODES:
+    loss_fn, impl = rewrite_convs(loss_fn, impl), "vmap"
   sel, rebuild, _ = select_leaves(params, wrt)
   b = errors.batch_size(batch)
 
@@ -201,6 +365,8 @@ def per_example_grads(loss_fn: LossFn, params: PyTree, batch: PyTree, *,
 def subbatch_grads_selected(loss_fn, params, batch, num_chunks, overlap, wrt=None,
                             impl="loop"):
   """(losses [B], sub-batch gradients of the selected leaves as `[D, ...]` arrays)."""
+  if impl.endswith("_im2col"):
+    loss_fn, impl = rewrite_convs(loss_fn, "im2col"), impl[:-len("_im2col")]
   sel, rebuild, _ = select_leaves(params, wrt)
   b = errors.batch_size(batch)
   w = jnp.asarray(subbatch_weights(b, num_chunks, overlap))
