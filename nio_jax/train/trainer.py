@@ -16,6 +16,7 @@ Calling :func:`train` again with the same ``workdir`` resumes from the latest ch
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import pathlib
@@ -246,12 +247,7 @@ def _train(model, variables, train_loader, test_data, config, workdir, init_fn, 
     variables = dict(variables)
     has_bs = bool(jax.tree_util.tree_leaves(variables.get("batch_stats", {})))
     no_norm = resolve_no_norm(config, variables)
-    tx, schedule = make_optimizer(config, variables["params"], spe, no_norm=no_norm)
-    train_kwarg = config.train_kwarg
-    mp = bool(config.mixed_precision)
-    compute_model = model
-    if mp and hasattr(model, "dtype"):
-        compute_model = model.clone(dtype=jnp.bfloat16)
+    p_train_step, p_eval_step, tx, schedule = _build_steps(model, config, spe, has_bs, no_norm)
 
     def make_state(v):
         # Fresh copies: the train step donates its state on accelerators, and the caller's
@@ -283,56 +279,6 @@ def _train(model, variables, train_loader, test_data, config, workdir, init_fn, 
     if not resumed:
         ckpt.save(0, state, _meta(meta, 0, spe))
 
-    def forward(params, batch_stats, x, train, rng):
-        v = {"params": params}
-        if has_bs:
-            v["batch_stats"] = batch_stats
-        if mp:
-            x = x.astype(jnp.bfloat16)
-            if compute_model is model:
-                v = {**v, "params": _cast_floats(params, jnp.bfloat16)}
-        kw = {train_kwarg: train} if train_kwarg else {}
-        if train and has_bs:
-            logits, upd = compute_model.apply(v, x, mutable=["batch_stats"],
-                                              rngs={"dropout": rng}, **kw)
-            return logits.astype(jnp.float32), _cast_floats(upd["batch_stats"], jnp.float32)
-        out = compute_model.apply(v, x, rngs={"dropout": rng} if train else None, **kw)
-        return out.astype(jnp.float32), batch_stats
-
-    smoothing = float(config.label_smoothing)
-
-    def train_step(st, acc, batch):
-        step = st["step"]
-        rng = jax.random.fold_in(jax.random.wrap_key_data(st["rng"]), step)
-        labels = batch["label"]
-
-        def loss_fn(params):
-            logits, new_bs = forward(params, st.get("batch_stats"), batch["image"], True, rng)
-            loss = _cross_entropy(logits, labels, logits.shape[-1], smoothing).mean()
-            return loss, (logits, new_bs)
-
-        (loss, (logits, new_bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(st["params"])
-        updates, opt_state = tx.update(grads, st["opt_state"], st["params"])
-        params = optax.apply_updates(st["params"], updates)
-        bad = jnp.where((st["bad_step"] < 0) & ~jnp.isfinite(loss), step, st["bad_step"])
-        new = {**st, "step": step + 1, "params": params, "opt_state": opt_state, "bad_step": bad}
-        if has_bs:
-            new["batch_stats"] = new_bs
-        n = labels.shape[0]
-        correct = jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-        acc = acc + jnp.stack([loss * n, correct, jnp.float32(n)])[None, :]
-        return new, acc
-
-    def eval_step(params, batch_stats, batch):
-        logits, _ = forward(params, batch_stats, batch["image"], False, None)
-        losses = _cross_entropy(logits, batch["label"], logits.shape[-1], 0.0)
-        correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-        m = batch["mask"]
-        return jnp.stack([jnp.sum(losses * m), jnp.sum(correct * m)])
-
-    donate = () if jax.default_backend() == "cpu" else (0, 1)
-    p_train_step = jax.jit(train_step, donate_argnums=donate)
-    p_eval_step = jax.jit(eval_step)
     eval_data = _as_eval_data(test_data, int(config.eval_batch_size))
 
     def evaluate(st) -> tuple[float, float]:
@@ -365,7 +311,7 @@ def _train(model, variables, train_loader, test_data, config, workdir, init_fn, 
             t_epoch = time.perf_counter()
             it = train_loader.epoch(epoch, s0)
             try:
-                for batch in it:
+                for batch in _device_prefetch(it, 2):
                     state, acc = p_train_step(state, acc, batch)
                     g += 1
                     pbar.update(1)
@@ -440,6 +386,98 @@ def _train(model, variables, train_loader, test_data, config, workdir, init_fn, 
     (workdir / "summary.json").write_text(json.dumps(to_jsonable(summary), indent=1))
     _finish_plots(config, log, workdir)
     return result
+
+
+_STEP_CACHE: "collections.OrderedDict[Any, tuple]" = collections.OrderedDict()
+
+
+def _build_steps(model, config, spe: int, has_bs: bool, no_norm: bool):
+    """``(jitted train_step, jitted eval_step, tx, schedule)``, cached on (model, config,
+    steps per epoch, ...) so that repeated / resumed runs in one process compile once."""
+    try:
+        key = (model, config.to_json_best_effort(sort_keys=True), spe, has_bs, no_norm,
+               jax.default_backend())
+        hash(key)
+    except TypeError:  # an unhashable model attribute: no caching
+        key = None
+    if key is not None and key in _STEP_CACHE:
+        _STEP_CACHE.move_to_end(key)
+        return _STEP_CACHE[key]
+    tx, schedule = make_optimizer(config, None, spe, no_norm=no_norm)
+    train_kwarg = config.train_kwarg
+    mp = bool(config.mixed_precision)
+    compute_model = model
+    if mp and hasattr(model, "dtype"):
+        compute_model = model.clone(dtype=jnp.bfloat16)
+
+    def forward(params, batch_stats, x, train, rng):
+        v = {"params": params}
+        if has_bs:
+            v["batch_stats"] = batch_stats
+        if mp:
+            x = x.astype(jnp.bfloat16)
+            if compute_model is model:
+                v = {**v, "params": _cast_floats(params, jnp.bfloat16)}
+        kw = {train_kwarg: train} if train_kwarg else {}
+        if train and has_bs:
+            logits, upd = compute_model.apply(v, x, mutable=["batch_stats"],
+                                              rngs={"dropout": rng}, **kw)
+            return logits.astype(jnp.float32), _cast_floats(upd["batch_stats"], jnp.float32)
+        out = compute_model.apply(v, x, rngs={"dropout": rng} if train else None, **kw)
+        return out.astype(jnp.float32), batch_stats
+
+    smoothing = float(config.label_smoothing)
+
+    def train_step(st, acc, batch):
+        step = st["step"]
+        rng = jax.random.fold_in(jax.random.wrap_key_data(st["rng"]), step)
+        labels = batch["label"]
+
+        def loss_fn(params):
+            logits, new_bs = forward(params, st.get("batch_stats"), batch["image"], True, rng)
+            loss = _cross_entropy(logits, labels, logits.shape[-1], smoothing).mean()
+            return loss, (logits, new_bs)
+
+        (loss, (logits, new_bs)), grads = jax.value_and_grad(loss_fn, has_aux=True)(st["params"])
+        updates, opt_state = tx.update(grads, st["opt_state"], st["params"])
+        params = optax.apply_updates(st["params"], updates)
+        bad = jnp.where((st["bad_step"] < 0) & ~jnp.isfinite(loss), step, st["bad_step"])
+        new = {**st, "step": step + 1, "params": params, "opt_state": opt_state, "bad_step": bad}
+        if has_bs:
+            new["batch_stats"] = new_bs
+        n = labels.shape[0]
+        correct = jnp.sum(jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+        acc = acc + jnp.stack([loss * n, correct, jnp.float32(n)])[None, :]
+        return new, acc
+
+    def eval_step(params, batch_stats, batch):
+        logits, _ = forward(params, batch_stats, batch["image"], False, None)
+        losses = _cross_entropy(logits, batch["label"], logits.shape[-1], 0.0)
+        correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+        m = batch["mask"]
+        return jnp.stack([jnp.sum(losses * m), jnp.sum(correct * m)])
+
+    donate = () if jax.default_backend() == "cpu" else (0, 1)
+    p_train_step = jax.jit(train_step, donate_argnums=donate)
+    p_eval_step = jax.jit(eval_step)
+    out = (p_train_step, p_eval_step, tx, schedule)
+    if key is not None:
+        _STEP_CACHE[key] = out
+        while len(_STEP_CACHE) > 4:
+            _STEP_CACHE.popitem(last=False)
+    return out
+
+
+def _device_prefetch(it: Iterable[dict], size: int = 2) -> Iterator[dict]:
+    """Start the (asynchronous) host-to-device copy of the next ``size - 1`` batches while
+    the current step runs."""
+    buf: list = []
+    for b in it:
+        buf.append(jax.device_put(b))
+        if len(buf) >= size:
+            yield buf.pop(0)
+    while buf:
+        yield buf.pop(0)
 
 
 def _meta(meta: dict, g: int, spe: int) -> dict:
