@@ -30,7 +30,7 @@ import optax
 
 from nio_jax.train.checkpoint import Checkpointer
 from nio_jax.train.config import total_epochs, validate
-from nio_jax.train.metrics import MetricsLog, plot_curves, read_metrics, to_jsonable
+from nio_jax.train.metrics import MetricsLog, plot_curves, to_jsonable
 from nio_jax.train.optim import make_optimizer, resolve_grad_clip, resolve_no_norm
 
 PyTree = Any
