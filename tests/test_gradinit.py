@@ -274,7 +274,7 @@ def test_layernorm_cap_and_thirds():
   assert float(res.scales["LayerNorm_0"]["bias"]) == 1.0        # zero-norm leaf: untouched
   # The cap, on the optimiser itself: a gradient pushing every scale up by lr.
   scales, spec = init_scales(params)
-  _, tx, _ = make_gradinit_step(loss, spec, cfg, params0=params)
+  _, tx, _ = make_gradinit_step(loss, spec, cfg)
   up = jax.tree_util.tree_map(lambda s: -jnp.ones_like(s), scales)
   upd, _ = tx.update(up, tx.init(scales), scales, is_constraint=False)
   new = jax.tree_util.tree_map(lambda s, u: s + u, scales, upd)

@@ -13,5 +13,5 @@ PyTree = Any
 @register("nio", config_cls=NIOConfig)
 def nio(loss_fn: Callable, params: PyTree, batches, config=None, *,
         progress: bool = False) -> InitResult:
-  """NIO (GradCosine); see `nio_jax.nio.nio`. No config = the released ImageNet settings."""
+  """NIO (GradCosine); see `nio_jax.nio_search.nio`. No config = the released ImageNet settings."""
   return _nio(loss_fn, params, batches, config, progress=progress)

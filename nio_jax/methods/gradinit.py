@@ -29,6 +29,7 @@ gradient is evaluated (`lax.cond`). The look-ahead loss is also recorded on cons
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import warnings
 from typing import Any, Callable, Iterable
@@ -202,75 +203,83 @@ def _project_max(max_scale: PyTree) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
 
-def make_gradinit_step(loss_fn: Callable, spec: scmod.ScaleSpec, config=None,
-                       params0: PyTree | None = None):
-  """`(step, tx, scale_grad)` for GradInit.
-
-  `step(params0, scales, opt_state, batch[, next_batch]) -> (scales, opt_state, metrics)`
-  (jitted; `next_batch` unless `lookahead="thirds"`); metrics: `grad_norm` (gn on S), `loss`
-  (L(S)), `lookahead_loss` (L(S̃; θ − η·dir)), `objective` (lookahead_loss/η), `constraint`.
-  `scale_grad(params0, scales, S, S_tilde) -> (grads, metrics)` is the un-jitted gradient
-  w.r.t. the scales of the branch that runs (what the optimiser receives).
-  `params0` is needed only for `layernorm_max_scale` (to find the layer-norm leaves).
-  """
-  cfg = GradInitConfig.create(config)
+def _make_tx(cfg: GradInitConfig, spec: scmod.ScaleSpec):
   tx = rescale_adam(cfg.lr, spec, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, grad_clip=cfg.grad_clip)
-  if cfg.layernorm_max_scale is not None:
-    if params0 is None:
-      raise ValueError("layernorm_max_scale needs params0 to find the layer-norm leaves.")
-    hi = jax.tree_util.tree_map_with_path(
-        lambda p, m: jnp.full(jnp.shape(m), cfg.layernorm_max_scale if is_layernorm_weight(p)
-                              else jnp.inf, jnp.float32), spec.min_scale)
-    tx = optax.chain(tx, _project_max(hi))
+  if cfg.layernorm_max_scale is None:
+    return tx
+  hi = jax.tree_util.tree_map_with_path(
+      lambda p, m: jnp.full(jnp.shape(m), cfg.layernorm_max_scale if is_layernorm_weight(p)
+                            else jnp.inf, jnp.float32), spec.min_scale)
+  return optax.chain(tx, _project_max(hi))
+
+
+def _scale_grad(loss_fn, cfg: GradInitConfig, params0, scales, s_batch, t_batch):
   eta, gamma = cfg.eta, cfg.gamma
+  mask = _config.static_mask(params0, cfg.grad_filter)
 
   def mean_loss(params, batch):
     return jnp.mean(loss_fn(params, batch))
 
-  def scale_grad(params0, scales, s_batch, t_batch):
-    mask = _config.static_mask(params0, cfg.grad_filter)
+  def gn_fn(sc):
+    params = scmod.apply_scales(params0, sc)
+    loss, g = jax.value_and_grad(mean_loss)(params, s_batch)
+    g = jax.tree_util.tree_map(lambda x, m: x if m else jnp.zeros_like(x), g, mask)
+    gn, direction = gradient_norm_and_direction(g, cfg.variant, cfg.normalize_grad)
+    return gn, (jax.lax.stop_gradient(direction), loss)
 
-    def gn_fn(sc):
-      params = scmod.apply_scales(params0, sc)
-      loss, g = jax.value_and_grad(mean_loss)(params, s_batch)
-      g = jax.tree_util.tree_map(lambda x, m: x if m else jnp.zeros_like(x), g, mask)
-      gn, direction = gradient_norm_and_direction(g, cfg.variant, cfg.normalize_grad)
-      return gn, (jax.lax.stop_gradient(direction), loss)
+  gn, vjp_fn, (direction, loss) = jax.vjp(gn_fn, scales, has_aux=True)
 
-    gn, vjp_fn, (direction, loss) = jax.vjp(gn_fn, scales, has_aux=True)
+  def lookahead(sc):
+    params = scmod.apply_scales(params0, sc)
+    stepped = jax.tree_util.tree_map(
+        lambda p, d: (p - eta * d).astype(jnp.result_type(p)), params, direction)
+    la = mean_loss(stepped, t_batch)
+    return la / eta, la
 
-    def lookahead(sc):
-      params = scmod.apply_scales(params0, sc)
-      stepped = jax.tree_util.tree_map(
-          lambda p, d: (p - eta * d).astype(jnp.result_type(p)), params, direction)
-      la = mean_loss(stepped, t_batch)
-      return la / eta, la
+  def constraint_branch(_):
+    (grads,) = vjp_fn(jnp.ones_like(gn))
+    obj, la = lookahead(scales)
+    return grads, obj, la
 
-    def constraint_branch(_):
-      (grads,) = vjp_fn(jnp.ones_like(gn))
-      obj, la = lookahead(scales)
-      return grads, obj, la
+  def objective_branch(_):
+    (obj, la), grads = jax.value_and_grad(lookahead, has_aux=True)(scales)
+    return grads, obj, la
 
-    def objective_branch(_):
-      (obj, la), grads = jax.value_and_grad(lookahead, has_aux=True)(scales)
-      return grads, obj, la
+  constraint = gn > gamma
+  grads, obj, la = jax.lax.cond(constraint, constraint_branch, objective_branch, None)
+  metrics = dict(grad_norm=gn, loss=loss, lookahead_loss=la, objective=obj,
+                 constraint=constraint)
+  return grads, metrics
 
-    constraint = gn > gamma
-    grads, obj, la = jax.lax.cond(constraint, constraint_branch, objective_branch, None)
-    metrics = dict(grad_norm=gn, loss=loss, lookahead_loss=la, objective=obj,
-                   constraint=constraint)
-    return grads, metrics
 
-  @jax.jit
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _gradinit_step(loss_fn, cfg, spec, params0, scales, opt_state, batch, next_batch):
+  s_batch, t_batch = lookahead_batches(batch, next_batch, cfg.lookahead)
+  grads, metrics = _scale_grad(loss_fn, cfg, params0, scales, s_batch, t_batch)
+  updates, opt_state = _make_tx(cfg, spec).update(grads, opt_state, scales,
+                                                  is_constraint=metrics["constraint"])
+  new_scales = jax.tree_util.tree_map(lambda s, u: s + u, scales, updates)
+  return new_scales, opt_state, metrics
+
+
+def make_gradinit_step(loss_fn: Callable, spec: scmod.ScaleSpec, config=None):
+  """`(step, tx, scale_grad)` for GradInit.
+
+  `step(params0, scales, opt_state, batch[, next_batch]) -> (scales, opt_state, metrics)`
+  (`next_batch` unless `lookahead="thirds"`); metrics: `grad_norm` (gn on S), `loss` (L(S)),
+  `lookahead_loss` (L(S̃; θ − η·dir)), `objective` (lookahead_loss/η), `constraint`.
+  The step is one jitted function, cached on (`loss_fn`, the step-relevant config), so
+  repeated searches with the same loss function and shapes compile once.
+  `scale_grad(params0, scales, S, S_tilde) -> (grads, metrics)` is the (un-jitted) gradient
+  w.r.t. the scales of the branch that runs, i.e. what the optimiser receives.
+  """
+  cfg = GradInitConfig.create(config)
+  key = dataclasses.replace(cfg, num_steps=1, batch_size=None)  # what the step depends on
+
   def step(params0, scales, opt_state, batch, next_batch=None):
-    s_batch, t_batch = lookahead_batches(batch, next_batch, cfg.lookahead)
-    grads, metrics = scale_grad(params0, scales, s_batch, t_batch)
-    updates, opt_state = tx.update(grads, opt_state, scales,
-                                   is_constraint=metrics["constraint"])
-    new_scales = jax.tree_util.tree_map(lambda s, u: s + u, scales, updates)
-    return new_scales, opt_state, metrics
+    return _gradinit_step(loss_fn, key, spec, params0, scales, opt_state, batch, next_batch)
 
-  return step, tx, scale_grad
+  return step, _make_tx(cfg, spec), functools.partial(_scale_grad, loss_fn, cfg)
 
 
 @register("gradinit", config_cls=GradInitConfig)
@@ -312,7 +321,7 @@ def gradinit(loss_fn: Callable, params: PyTree, batches: Iterable, config=None, 
   check_loss_fn(loss_fn, params, first)
   scales, spec = scmod.init_scales(params, select=cfg.select, min_scale=cfg.min_scale,
                                    min_scale_bias=cfg.min_scale_bias)
-  step, tx, _ = make_gradinit_step(loss_fn, spec, cfg, params0=params)
+  step, tx, _ = make_gradinit_step(loss_fn, spec, cfg)
   return run_scale_search(step, params, scales, tx.init(scales), batches,
                           num_steps=cfg.num_steps, method="gradinit", config=cfg.to_dict(),
                           per_step=cfg.batches_per_step, show_progress=progress,

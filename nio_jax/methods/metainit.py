@@ -28,6 +28,7 @@ iterable of real batches (the GradInit authors' baseline ran on CIFAR batches).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import jax
@@ -224,53 +225,56 @@ def metainit_select(path, leaf) -> bool:
   return ndim >= 2
 
 
-def make_metainit_step(loss_fn: Callable, params0: PyTree, spec: scmod.ScaleSpec, config=None):
-  """`(step, init_state)`: `step(params0, scales, state, batch) -> (scales, state, metrics)`,
-  jitted; metrics: `gq`, `loss`, `grad_norm` (‖g‖₂, before the update)."""
-  cfg = MetaInitConfig.create(config)
-  lr = cfg.learning_rate
+def _gq_of_scales(loss_fn, cfg, scales, params0, batch):
+  return gradient_quotient(loss_fn, scmod.apply_scales(params0, scales), batch, eps=cfg.eps,
+                           grad_filter=cfg.grad_filter)
 
-  def gq_of_scales(scales, params0, batch):
-    gq, aux = gradient_quotient(loss_fn, scmod.apply_scales(params0, scales), batch,
-                                eps=cfg.eps, grad_filter=cfg.grad_filter)
-    return gq, aux
+
+def _make_tx(cfg: MetaInitConfig, spec: scmod.ScaleSpec):
+  return rescale_adam(cfg.learning_rate, spec, b1=cfg.b1, b2=cfg.b2, eps=cfg.adam_eps,
+                      grad_clip=cfg.grad_clip)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _metainit_step(loss_fn, cfg, spec, params0, scales, state, batch):
+  (gq, aux), grads = jax.value_and_grad(_gq_of_scales, argnums=2, has_aux=True)(
+      loss_fn, cfg, scales, params0, batch)
+  metrics = dict(gq=gq, **aux)
+  if cfg.variant == "rescale_adam":
+    updates, state = _make_tx(cfg, spec).update(grads, state, scales, is_constraint=False)
+    return jax.tree_util.tree_map(lambda s, u: s + u, scales, updates), state, metrics
+
+  lr, mom = cfg.learning_rate, cfg.momentum
+  norms0 = jax.tree_util.tree_map_with_path(scmod._leaf_norms, params0)
+
+  def one(s, g, m, n0, t):
+    d = jnp.sign(s * g)                         # sign(<θ_l, ∇θ_l GQ> / ‖θ_l‖)
+    m_new = mom * m - lr * d
+    norm = jnp.abs(s) * n0
+    s_new = s * (norm + m_new) / jnp.where(t, norm, 1.0)
+    return jnp.where(t, s_new, s), jnp.where(t, m_new, m)
+
+  out = jax.tree_util.tree_map(one, scales, grads, state.momentum, norms0, spec.trainable)
+  is_pair = lambda x: isinstance(x, tuple)
+  new = jax.tree_util.tree_map(lambda o: o[0], out, is_leaf=is_pair)
+  m = jax.tree_util.tree_map(lambda o: o[1], out, is_leaf=is_pair)
+  return new, MomentumState(m), metrics
+
+
+def make_metainit_step(loss_fn: Callable, spec: scmod.ScaleSpec, config=None):
+  """`(step, init_state)`: `step(params0, scales, state, batch) -> (scales, state, metrics)`,
+  one jitted function (cached on `loss_fn` and the step-relevant config); metrics: `gq`,
+  `loss`, `grad_norm` (‖g‖₂, before the update). `init_state(scales)` is the optimiser state.
+  """
+  cfg = MetaInitConfig.create(config)
+  key = dataclasses.replace(cfg, num_steps=1, seed=0)  # what the step depends on
+
+  def step(params0, scales, state, batch):
+    return _metainit_step(loss_fn, key, spec, params0, scales, state, batch)
 
   if cfg.variant == "rescale_adam":
-    tx = rescale_adam(lr, spec, b1=cfg.b1, b2=cfg.b2, eps=cfg.adam_eps, grad_clip=cfg.grad_clip)
-
-    @jax.jit
-    def step(params0, scales, opt_state, batch):
-      (gq, aux), grads = jax.value_and_grad(gq_of_scales, has_aux=True)(scales, params0, batch)
-      updates, opt_state = tx.update(grads, opt_state, scales, is_constraint=False)
-      new = jax.tree_util.tree_map(lambda s, u: s + u, scales, updates)
-      return new, opt_state, dict(gq=gq, **aux)
-
-    return step, tx.init
-
-  norms0 = jax.tree_util.tree_map_with_path(scmod._leaf_norms, params0)
-  mom = cfg.momentum
-
-  @jax.jit
-  def step(params0, scales, state, batch):
-    (gq, aux), grads = jax.value_and_grad(gq_of_scales, has_aux=True)(scales, params0, batch)
-
-    def one(s, g, m, n0, t):
-      d = jnp.sign(s * g)                       # sign(<θ_l, ∇θ_l GQ> / ‖θ_l‖)
-      m_new = mom * m - lr * d
-      norm = jnp.abs(s) * n0
-      s_new = s * (norm + m_new) / jnp.where(t, norm, 1.0)
-      return jnp.where(t, s_new, s), jnp.where(t, m_new, m)
-
-    out = jax.tree_util.tree_map(one, scales, grads, state.momentum, norms0, spec.trainable)
-    is_pair = lambda x: isinstance(x, tuple)
-    new = jax.tree_util.tree_map(lambda o: o[0], out, is_leaf=is_pair)
-    m = jax.tree_util.tree_map(lambda o: o[1], out, is_leaf=is_pair)
-    return new, MomentumState(m), dict(gq=gq, **aux)
-
-  def init(scales):
-    return MomentumState(jax.tree_util.tree_map(jnp.zeros_like, scales))
-
-  return step, init
+    return step, _make_tx(cfg, spec).init
+  return step, lambda scales: MomentumState(jax.tree_util.tree_map(jnp.zeros_like, scales))
 
 
 @register("metainit", config_cls=MetaInitConfig)
@@ -306,7 +310,7 @@ def metainit(loss_fn: Callable, params: PyTree, batches_or_shape: Any, config=No
     select = metainit_select
   scales, spec = scmod.init_scales(params, select=select, min_scale=cfg.min_scale,
                                    min_scale_bias=cfg.min_scale_bias)
-  step, init = make_metainit_step(loss_fn, params, spec, cfg)
+  step, init = make_metainit_step(loss_fn, spec, cfg)
   return run_scale_search(step, params, scales, init(scales), data, num_steps=cfg.num_steps,
                           method="metainit", config=cfg.to_dict(), show_progress=progress,
                           postfix=("gq", "grad_norm"))
