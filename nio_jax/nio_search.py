@@ -138,22 +138,30 @@ def nio_objective(stats: gcmod.GCStats, objective: str, gn_mul: float) -> jax.Ar
   raise ValueError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}.")
 
 
-def make_nio_step(loss_fn: Callable, spec: scmod.ScaleSpec, config: NIOConfig | None = None):
+def make_nio_step(loss_fn: Callable, spec: scmod.ScaleSpec, config: NIOConfig | None = None,
+                  mesh=None):
   """`(step, tx)`: the jitted NIO step and the scale optimiser it uses.
 
   `step(params0, scales, opt_state, batch) -> (scales, opt_state, metrics)` where metrics
   has `gc`, `grad_norm` (mean), `grad_norms` [D], `objective`, `constraint` (bool: the
   constraint branch ran), `loss` (mean per-example loss). Initialise the optimiser state
-  with `tx.init(scales)`.
+  with `tx.init(scales)`. With a `mesh`, the sample-wise statistics are computed with
+  `shard_map` over its `data` axis (`nio_jax.distributed.samplewise_stats`); the batch setting
+  is partitioned by `jit` from the batch's sharding.
   """
   cfg = NIOConfig.create(config)
   tx = rescale_adam(cfg.lr, spec, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, grad_clip=cfg.grad_clip)
 
   def search_loss(scales, params0, batch):
     params = scmod.apply_scales(params0, scales)
-    stats = gcmod.gradcosine_stats(loss_fn, params, batch, num_chunks=cfg.num_chunks,
-                                   overlap=cfg.overlap, wrt=cfg.wrt, impl=cfg.impl,
-                                   chunk_size=cfg.chunk_size)
+    if mesh is not None and cfg.num_chunks is None:
+      from nio_jax import distributed
+      stats = distributed.samplewise_stats(loss_fn, params, batch, mesh, wrt=cfg.wrt,
+                                           impl=cfg.impl, chunk_size=cfg.chunk_size)
+    else:
+      stats = gcmod.gradcosine_stats(loss_fn, params, batch, num_chunks=cfg.num_chunks,
+                                     overlap=cfg.overlap, wrt=cfg.wrt, impl=cfg.impl,
+                                     chunk_size=cfg.chunk_size)
     gn = stats.grad_norm
     obj = nio_objective(stats, cfg.objective, cfg.gn_mul)
     constraint = jax.lax.stop_gradient(gn > cfg.gamma)
@@ -173,7 +181,7 @@ def make_nio_step(loss_fn: Callable, spec: scmod.ScaleSpec, config: NIOConfig | 
 
 
 def nio(loss_fn: Callable, params: PyTree, batches: Iterable, config=None, *,
-        progress: bool = False) -> InitResult:
+        progress: bool = False, mesh=None) -> InitResult:
   """Runs the NIO search and returns the initialised params.
 
   Args:
@@ -185,6 +193,8 @@ def nio(loss_fn: Callable, params: PyTree, batches: Iterable, config=None, *,
     batches: iterable of batches (a list is cycled; an iterator must last `num_steps`).
     config: None (released defaults), `NIOConfig`, dict or ConfigDict.
     progress: show a tqdm progress bar with GC and gradient norm.
+    mesh: optional `jax.sharding.Mesh` with a `data` axis (`nio_jax.distributed.make_mesh()`):
+      batches are sharded over it and params/scales replicated (data parallel).
 
   Returns:
     `InitResult(params=apply_scales(θ0, scales), scales, history)`; history has, per step,
@@ -203,7 +213,11 @@ def nio(loss_fn: Callable, params: PyTree, batches: Iterable, config=None, *,
   per_example.check_loss_fn(loss_fn, params, first)
   scales, spec = scmod.init_scales(params, select=cfg.select, min_scale=cfg.min_scale,
                                    min_scale_bias=cfg.min_scale_bias)
-  step, tx = make_nio_step(loss_fn, spec, cfg)
+  step, tx = make_nio_step(loss_fn, spec, cfg, mesh=mesh)
+  if mesh is not None:
+    from nio_jax import distributed
+    params, scales = distributed.replicate((params, scales), mesh)
+    batches = distributed.sharded_batches(batches, mesh)
   return run_scale_search(step, params, scales, tx.init(scales), batches,
                           num_steps=cfg.num_steps, method="nio", config=cfg.to_dict(),
                           show_progress=progress, num_chunks=cfg.num_chunks)

@@ -42,7 +42,7 @@ def conv_params(key, cin=2, ch=3, classes=3):
           "conv1": {"kernel": jax.random.normal(k2, (3, 3, ch, ch)) / np.sqrt(9 * ch),
                     "bias": jnp.full((ch,), -0.05)},
           "head": {"kernel": jax.random.normal(k3, (ch, classes)) / np.sqrt(ch),
-                   "bias": jnp.full((classes,), 0.02)}}
+                   "bias": 0.02 * (jnp.arange(classes) - 0.5)}}
 
 
 def _conv(x, k, b):
