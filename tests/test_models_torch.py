@@ -3,7 +3,6 @@ mode for BN models), and equal parameter counts for every registry entry."""
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 
@@ -18,31 +17,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from benchmarks.torch_baseline import models as tm  # noqa: E402
 from nio_jax import models  # noqa: E402
+from tests.test_models import random_variables  # noqa: E402
 
 torch.set_num_threads(1)
-
-
-def random_variables(model, x, seed=0):
-    """Variables with the model's structure filled with random values (no init compile):
-    He-like kernels, perturbed BN/LN affine and running stats, small scalar biases."""
-    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
-    rng = np.random.RandomState(seed)
-
-    def fill(path, s):
-        keys = [getattr(p, "key", str(p)) for p in path]
-        leaf, shape = keys[-1], s.shape
-        if leaf == "kernel":
-            fan_in = shape[-2] if len(shape) in (2, 3) else math.prod(shape[-4:-1])
-            v = rng.randn(*shape) * math.sqrt(2.0 / fan_in)
-        elif leaf == "var":
-            v = 0.5 + rng.rand(*shape)
-        elif leaf == "scale":
-            v = 1.0 + 0.2 * rng.randn(*shape)
-        else:  # bias, mean, scalar Fixup biases, pos_embed, cls_token
-            v = 0.1 * rng.randn(*shape)
-        return jnp.asarray(v, jnp.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def flax_logits(model, variables, x):
