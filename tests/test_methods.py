@@ -122,15 +122,33 @@ def test_kaiming_is_identity(data):
   assert_identical(initialize("kaiming", None, params, None).params, res.params)
 
 
-def test_fixup_entry(data):
-  params, batches = data
+def test_fixup_entry():
+  """The registry entry delegates to nio_jax.methods.fixup (a branch layout of nio_jax.models:
+  L = 2 basic blocks, m = 2 convs each)."""
   try:
-    import nio_jax.methods.fixup  # noqa: F401
+    from nio_jax.methods.fixup import fixup_init
   except ModuleNotFoundError:
     with pytest.raises(NotImplementedError, match='variant="fixup"'):
-      initialize("fixup", tm.mlp_loss, params, batches)
-  else:
-    pytest.skip("nio_jax.methods.fixup exists: covered by its own tests")
+      initialize("fixup", tm.mlp_loss, {"w": jnp.ones(2)}, None)
+    return
+  k = jax.random.split(jax.random.PRNGKey(3), 6)
+  block = lambda a, b: {"conv1": {"kernel": jax.random.normal(a, (3, 3, 2, 2))},
+                        "conv2": {"kernel": jax.random.normal(b, (3, 3, 2, 2))},
+                        "bias1a": jnp.zeros(()), "scale": jnp.ones(())}
+  params = {"conv0": {"kernel": jax.random.normal(k[0], (3, 3, 1, 2))},
+            "stage1_block0": block(k[1], k[2]), "stage1_block1": block(k[3], k[4]),
+            "fc": {"kernel": jax.random.normal(k[5], (2, 3)), "bias": jnp.ones(3)}}
+  res = initialize("fixup", None, params, None)
+  again = initialize("fixup", None, params, None)
+  assert res.method == "fixup" and res.scales is None and res.history == {}
+  assert_identical(res.params, again.params)
+  assert_identical(res.params, fixup_init(params))
+  for b in ("stage1_block0", "stage1_block1"):
+    assert not np.any(np.asarray(res.params[b]["conv2"]["kernel"]))
+    np.testing.assert_allclose(res.params[b]["conv1"]["kernel"],
+                               params[b]["conv1"]["kernel"] * 2 ** -0.5, rtol=1e-6)
+  assert not np.any(np.asarray(res.params["fc"]["kernel"]))
+  assert_identical(res.params["conv0"], params["conv0"])
 
 
 # ------------------------------------------------------------------ searches on real data
