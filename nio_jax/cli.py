@@ -517,6 +517,8 @@ def cmd_train(args) -> int:
   progress = bool(cfg.train.progress)
   loss_fn0, params0 = trainmod.init_loss_fn(run.model, run.variables, cfg.train.train_kwarg)
   resuming = (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir())
+  print(f"[nio-jax] {cfg.name}: {cfg.model.name} on {cfg.data.dataset}, method "
+        f"{cfg.init.method}; workdir {workdir}" + (" (resuming)" if resuming else ""), flush=True)
   before = None if resuming else measure_params(run, loss_fn0, params0, progress=progress)
   holder: dict = {}
   mcfg = method_config(cfg)
@@ -536,8 +538,6 @@ def cmd_train(args) -> int:
                   num_batches=len(data) if not isinstance(data, dict) else 0)
     return res
 
-  print(f"[nio-jax] {cfg.name}: {cfg.model.name} on {cfg.data.dataset}, method "
-        f"{cfg.init.method}; workdir {workdir}" + (" (resuming)" if resuming else ""), flush=True)
   try:
     res = trainmod.train(run.model, run.variables, run.train_loader, run.test_set, cfg.train,
                          workdir, init_fn=init_fn)

@@ -1,0 +1,231 @@
+"""The `nio-jax` command line and the experiment configs (tiny: a 256-image run end to end)."""
+import builtins
+import importlib.util
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from nio_jax import cli
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+CONFIGS = sorted((ROOT / "configs").glob("*.py"))
+
+
+def _module(path):
+  spec = importlib.util.spec_from_file_location("cfgmod_" + path.stem, path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def _config_specs():
+  """Every config (every cell / arm for configs that take an argument)."""
+  out = []
+  for path in CONFIGS:
+    if path.name.startswith("_"):
+      continue
+    mod = _module(path)
+    if hasattr(mod, "cells"):
+      out += [f"{path}:{c}" for c in mod.cells()]
+    elif hasattr(mod, "ARMS"):
+      out += [f"{path}:{a}" for a in mod.ARMS]
+    else:
+      out.append(str(path))
+  return out
+
+
+def test_every_config_loads_and_validates():
+  specs = _config_specs()
+  names = set()
+  for spec in specs:
+    cfg = cli.load_config(spec)
+    names.add(cfg.name)
+    assert cfg.train.batch_size == cfg.data.batch_size
+    assert _module(pathlib.Path(spec.split(":")[0])).__doc__.count("nio-jax ") >= 1
+  assert len(names) == len(specs), "two configs share a name (and so a default workdir)"
+  assert sum(s.count("cifar10_table.py") for s in specs) == 5 * 6
+
+
+def test_cifar_table_cells_and_published_numbers():
+  mod = _module(ROOT / "configs" / "cifar10_table.py")
+  cfg = mod.get_config("resnet110_bn,gradinit")
+  assert (cfg.published.acc_1, cfg.published.acc_best) == (38.2, 95.4)
+  assert cfg.init.recipe == "resnet110_bn" and cfg.model.kwargs.norm == "bn"
+  assert cli.method_config(cfg).lr == 1e-3
+  cfg = mod.get_config("vgg19_bn,warmup")
+  assert cfg.train.baseline == "extra_epoch_warmup" and cfg.init.method == "kaiming"
+  assert (cfg.published.acc_1, cfg.published.acc_best) == (53.5, 94.7)
+  assert mod.get_config("resnet1202_bn,const").train.baseline == "extra_epoch_constant"
+  assert mod.get_config("resnet110,nio").published.acc_1 is None
+  with pytest.raises(cli.CLIError, match="resnet110_bn"):
+    cli.load_config(str(ROOT / "configs" / "cifar10_table.py") + ":resnet9,gradinit")
+
+
+def test_parse_value_literals_only():
+  assert cli.parse_value("3") == 3 and cli.parse_value("1e-3") == 1e-3
+  assert cli.parse_value("(16, 32)") == (16, 32)
+  assert cli.parse_value("true") is True and cli.parse_value("None") is None
+  assert cli.parse_value("'x'") == "x" and cli.parse_value("cnn_small") == "cnn_small"
+  evil = "__import__('os').system('echo pwned')"
+  assert cli.parse_value(evil) == evil  # stays a string
+  assert cli.parse_override("--config.x=1".lstrip("-")) == ("x", 1)
+  with pytest.raises(cli.CLIError):
+    cli.parse_override("no_equals_sign")
+  with pytest.raises(cli.CLIError):
+    cli.parse_override("a.__class__ x=1")
+
+
+def test_overrides_apply_and_check():
+  cfg = cli.base_config()
+  rest, ov = cli.split_overrides(["train", "--config", "c.py", "--config.train.num_epochs=3",
+                                  "--set", "data.batch_size=64", "--config.init.config.gamma",
+                                  "2.5", "--set=model.kwargs.hidden=(8,)"])
+  assert rest == ["train", "--config", "c.py"]
+  for item in ov:
+    cli.apply_override(cfg, *cli.parse_override(item))
+  assert cfg.train.num_epochs == 3
+  assert cfg.data.batch_size == 64 and cfg.train.batch_size == 64  # follows data.batch_size
+  assert cfg.init.config.gamma == 2.5 and cfg.model.kwargs.hidden == (8,)
+  with pytest.raises(cli.CLIError, match="known under train: .*num_epochs"):
+    cli.apply_override(cfg, "train.num_epoch", 3)
+  with pytest.raises(cli.CLIError, match="known under the root: .*model"):
+    cli.apply_override(cfg, "modle.name", "mlp")
+  with pytest.raises(cli.CLIError, match="cannot set train.num_epochs"):
+    cli.apply_override(cfg, "train.num_epochs", "three")
+
+
+@pytest.mark.parametrize("override,known", [
+    ("model.name=resnet9", "cnn_small"),
+    ("init.method=magic", "gradinit"),
+    ("data.dataset=mnist", "fashion_mnist"),
+    ("init.config.no_such_key=1", "num_steps"),
+    ("init.recipe=vgg11", "resnet110_bn"),
+])
+def test_unknown_names_list_the_known_ones(override, known, capsys):
+  cfg_path = str(ROOT / "configs" / "fmnist_gradinit.py")
+  rc = cli.main(["init", "--config", cfg_path, "--workdir", "/nonexistent/never",
+                 f"--set={override}"])
+  err = capsys.readouterr().err
+  assert rc == 2 and "nio-jax: error:" in err and known in err, err
+
+
+def test_malicious_override_is_a_string_never_code(tmp_path, monkeypatch, capsys):
+  marker = tmp_path / "pwned"
+  evil = f"__import__('os').system('touch {marker}')"
+
+  def no_eval(*a, **k):
+    raise AssertionError("eval/exec called on an override value")
+
+  # Parsing and applying overrides must not evaluate anything.
+  cfg = cli.base_config()
+  with monkeypatch.context() as m:
+    m.setattr(builtins, "eval", no_eval)
+    m.setattr(builtins, "exec", no_eval)
+    key, value = cli.parse_override(f"data.dataset={evil}")
+    cli.apply_override(cfg, key, value)
+    assert cfg.data.dataset == evil
+    with pytest.raises(cli.CLIError):  # a string where an int belongs is rejected
+      cli.apply_override(cfg, *cli.parse_override(f"data.batch_size={evil}"))
+  rc = cli.main(["init", "--config", str(ROOT / "configs" / "fmnist_nio.py"), "--workdir",
+                 str(tmp_path / "w"), f"--config.data.dataset={evil}"])
+  err = capsys.readouterr().err
+  assert rc == 2 and "unknown dataset" in err and "fashion_mnist" in err
+  assert not marker.exists()
+
+
+def test_bench_missing_script_exits_2(monkeypatch, capsys):
+  monkeypatch.setitem(sys.modules, "benchmarks.bench", None)  # import -> ImportError
+  assert cli.main(["bench", "--models", "mlp"]) == 2
+  assert "benchmarks/bench.py is not importable" in capsys.readouterr().err
+
+
+def test_console_script_help():
+  exe = shutil.which("nio-jax")
+  if exe is None:
+    pytest.skip("nio-jax console script not installed (pip install -e .)")
+  out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0
+  for sub in ("init", "train", "measure", "report", "bench"):
+    assert sub in out.stdout
+
+
+# ------------------------------------------------------------------ end to end, tiny subset
+
+TINY = ["model.name=mlp", "model.kwargs.hidden=(32,)", "data.train_subset=256",
+        "data.test_subset=256", "data.batch_size=64", "data.prefetch=0", "init.batch_size=32",
+        "init.config.num_steps=3", "init.measure_batches=1", "train.num_epochs=1",
+        "train.eval_batch_size=256", "train.log_every=2"]
+
+
+def _need_fmnist():
+  from nio_jax.data import find_fashion_mnist_dir
+  try:
+    find_fashion_mnist_dir()
+  except FileNotFoundError as e:
+    pytest.skip(str(e))
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+  _need_fmnist()
+  base = tmp_path_factory.mktemp("cli_runs")
+  cfg = str(ROOT / "configs" / "fmnist_nio.py")
+  sets = [f"--set={s}" for s in TINY]
+  rc_train = cli.main(["train", "--config", cfg, "--workdir", str(base / "train"),
+                       "--no-progress", *sets])
+  rc_init = cli.main(["init", "--config", cfg, "--workdir", str(base / "init"), "--no-progress",
+                      *sets])
+  return base, rc_train, rc_init
+
+
+def test_train_end_to_end(tiny_runs):
+  base, rc, _ = tiny_runs
+  assert rc == 0
+  w = base / "train"
+  for f in ("init_params.msgpack", "final_params.msgpack", "metrics.jsonl", "init_history.json",
+            "init_report.json", "scales.json", "summary.json", "curves.png", "report.md",
+            "report_training.png", "report_search.png", "report_scales.png", "run.json"):
+    assert (w / f).is_file(), f
+  hist = json.loads((w / "init_history.json").read_text())
+  assert hist["method"] == "nio" and len(hist["history"]["gc"]) == 3
+  assert hist["num_batches"] == 3 and hist["config"]["num_steps"] == 3
+  evals = [json.loads(l) for l in (w / "metrics.jsonl").read_text().splitlines()
+           if '"eval"' in l]
+  assert len(evals) == 1 and 0 <= evals[0]["test_acc"] <= 1
+  rep = json.loads((w / "init_report.json").read_text())
+  assert set(rep["before"]) >= {"gc", "grad_norm"} and set(rep["after"]) >= {"gc", "grad_norm"}
+  assert "Acc_1 (%)" in (w / "report.md").read_text()
+
+
+def test_init_end_to_end_and_measure(tiny_runs, capsys):
+  base, _, rc = tiny_runs
+  assert rc == 0
+  w = base / "init"
+  for f in ("init_params.msgpack", "init_history.json", "init_report.json", "scales.json"):
+    assert (w / f).is_file(), f
+  assert not (w / "metrics.jsonl").exists()
+  capsys.readouterr()
+  assert cli.main(["measure", str(w), "--batches", "1", "--fresh", "--no-progress",
+                   "--json", str(w / "m.json")]) == 0
+  out = capsys.readouterr().out
+  assert "init_params.msgpack" in out and "fresh" in out
+  m = json.loads((w / "m.json").read_text())
+  after = json.loads((w / "init_report.json").read_text())["after"]
+  saved = m[str(w / "init_params.msgpack")]
+  assert saved["gc"] == pytest.approx(after["gc"], rel=1e-4, abs=1e-5)
+
+
+def test_report_tables_and_plots(tiny_runs, capsys):
+  base, _, _ = tiny_runs
+  out = base / "report"
+  assert cli.main(["report", str(base / "train"), str(base / "init"), "--out", str(out)]) == 0
+  md = (out / "report.md").read_text()
+  assert "| run | model |" in md and "| train | mlp | fashion_mnist | nio |" in md
+  assert "| init | mlp |" in md
+  for f in ("report_training.png", "report_search.png", "report_scales_train.png",
+            "report_scales_init.png"):
+    assert (out / f).stat().st_size > 1000, f
