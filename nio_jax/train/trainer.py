@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from nio_jax.errors import NonFiniteError
 from nio_jax.train.checkpoint import Checkpointer
 from nio_jax.train.config import total_epochs, validate
 from nio_jax.train.metrics import MetricsLog, plot_curves, to_jsonable
@@ -36,21 +37,29 @@ from nio_jax.train.optim import make_optimizer, resolve_grad_clip, resolve_no_no
 PyTree = Any
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(NonFiniteError, FloatingPointError):
     """Training stopped because the loss became NaN/inf.
+
+    A subclass of :class:`nio_jax.errors.NonFiniteError` (one ``except NonFiniteError``
+    catches both search and training faults; still a ``FloatingPointError`` for old callers).
 
     Attributes:
       step: 0-based global iteration whose loss was first non-finite.
       epoch: its 0-based epoch.
-      last_checkpoint: the step of the last good checkpoint (intact in ``workdir``).
+      last_checkpoint: the step of the last good checkpoint (intact in ``workdir``); also
+        available as ``last_good``.
     """
 
     def __init__(self, step: int, epoch: int, last_checkpoint: int | None):
-        self.step, self.epoch, self.last_checkpoint = step, epoch, last_checkpoint
         super().__init__(
             f"non-finite loss at step {step} (epoch {epoch}); training stopped. The last good "
             f"checkpoint is step {last_checkpoint}; resume from it with a lower learning rate, "
-            "gradient clipping or another initialisation.")
+            "gradient clipping or another initialisation.", step=step,
+            last_good=last_checkpoint)
+        self.epoch, self.last_checkpoint = epoch, last_checkpoint
+
+    def __reduce__(self):
+        return type(self), (self.step, self.epoch, self.last_checkpoint)
 
 
 @dataclasses.dataclass
