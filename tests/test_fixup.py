@@ -121,3 +121,11 @@ def test_registry_call_form():
         fixup_init(None, plain, None, {"lr": 1.0})
     with pytest.raises(ValueError, match="no residual branches"):
         fixup_init({"fc": {"kernel": jnp.ones((2, 2))}})
+
+
+def test_methods_registry_entry():
+    methods = pytest.importorskip("nio_jax.methods")
+    tree = _bottleneck_tree(np.random.RandomState(1))
+    res = methods.initialize("fixup", None, tree, None, {"layers_per_branch": 3})
+    assert res.method == "fixup" and res.config == {"layers_per_branch": 3, "num_branches": 4}
+    np.testing.assert_array_equal(res.params["layer1_scan"]["conv3"]["kernel"], 0.0)

@@ -161,7 +161,13 @@ def _fixup_method(loss_fn, params, data=None, config=None, *, progress: bool = F
     from nio_jax.results import InitResult
 
     del loss_fn, data, progress
-    cfg = dict(config or {}) if isinstance(config, Mapping) or config is None else dict(vars(config))
+    from nio_jax import errors
+
+    errors.check_params(params)
+    if config is not None and not isinstance(config, Mapping) and not hasattr(config, "to_dict"):
+        raise TypeError(f"Fixup config must be None, a dict or a ConfigDict with keys "
+                        f"num_branches, layers_per_branch, force; got {type(config).__name__}.")
+    cfg = dict(config.to_dict()) if hasattr(config, "to_dict") else dict(config or {})
     allowed = {"num_branches", "layers_per_branch", "force"}
     unknown = set(cfg) - allowed
     if unknown:
