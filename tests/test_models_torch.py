@@ -58,6 +58,7 @@ CASES = [
     ("resnet50", dict(width=4, num_classes=10), (64, 64, 3)),
     ("vit_tiny", dict(dim=16, depth=2, num_heads=2), (32, 32, 3)),
     ("vit_mini", dict(dim=16, depth=2, num_heads=2), (32, 32, 3)),
+    ("swin_mini", dict(embed_dim=8, depths=(2, 2), num_heads=(2, 4), window=2), (16, 16, 3)),
     ("mlp", dict(hidden=(32, 16)), (28, 28, 1)),
     ("cnn_small", dict(channels=(4, 8), hidden=16), (28, 28, 1)),
 ]
@@ -71,7 +72,7 @@ def test_same_logits_as_torch(name, kwargs, shape):
     y_train, y_eval = flax_logits(model, variables, x)
 
     extra = {}
-    if name.startswith("vit") or name == "cnn_small":
+    if name.startswith(("vit", "swin")) or name == "cnn_small":
         extra["image_size"] = shape[0]
     tmodel = tm.get(name, **kwargs, **extra)
     tm.load_flax_variables(tmodel, variables)

@@ -494,6 +494,106 @@ class ViT(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------
+# Swin (small)
+# ------------------------------------------------------------------------------------------
+
+
+class WindowAttention(nn.Module):
+    def __init__(self, dim, num_heads, window):
+        super().__init__()
+        from nio_jax.models.swin import relative_position_index
+
+        self.num_heads, self.window = num_heads, window
+        self.relative_position_bias_table = nn.Parameter(torch.randn((2 * window - 1) ** 2, num_heads) * 0.02)
+        self.register_buffer("rel_index", torch.from_numpy(relative_position_index(window).reshape(-1)), persistent=False)
+        self.qkv = _vit_linear(dim, 3 * dim)
+        self.proj = _vit_linear(dim, dim)
+
+    def forward(self, x, mask=None):
+        bw, n, d = x.shape
+        h = self.num_heads
+        bias = self.relative_position_bias_table[self.rel_index].reshape(n, n, h).permute(2, 0, 1)
+        qkv = self.qkv(x).reshape(bw, n, 3, h, d // h)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        logits = torch.einsum("bnhd,bmhd->bhnm", q, k) * (d // h) ** -0.5 + bias
+        if mask is not None:
+            nw = mask.shape[0]
+            logits = (logits.reshape(bw // nw, nw, h, n, n) + mask[None, :, None]).reshape(bw, h, n, n)
+        out = torch.einsum("bhnm,bmhd->bnhd", logits.softmax(-1), v).reshape(bw, n, d)
+        return self.proj(out)
+
+
+class SwinBlock(nn.Module):
+    def __init__(self, dim, num_heads, window, shift, resolution, mlp_ratio=4.0):
+        super().__init__()
+        from nio_jax.models.swin import shifted_window_mask
+
+        if resolution <= window:
+            window, shift = resolution, 0
+        self.window, self.shift = window, shift
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, num_heads, window)
+        self.norm2 = nn.LayerNorm(dim)
+        self.fc1 = _vit_linear(dim, int(dim * mlp_ratio))
+        self.fc2 = _vit_linear(int(dim * mlp_ratio), dim)
+        mask = torch.from_numpy(shifted_window_mask(resolution, resolution, window, shift)) if shift else None
+        self.register_buffer("mask", mask, persistent=False)
+
+    def forward(self, x):  # (B, H, W, C)
+        b, hh, ww, c = x.shape
+        w, s = self.window, self.shift
+        y = self.norm1(x)
+        if s:
+            y = torch.roll(y, (-s, -s), (1, 2))
+        y = y.reshape(b, hh // w, w, ww // w, w, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, w * w, c)
+        y = self.attn(y, self.mask)
+        y = y.reshape(b, hh // w, ww // w, w, w, c).permute(0, 1, 3, 2, 4, 5).reshape(b, hh, ww, c)
+        if s:
+            y = torch.roll(y, (s, s), (1, 2))
+        x = x + y
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class PatchMerging(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        nn.init.normal_(self.reduction.weight, 0, 0.02)
+
+    def forward(self, x):
+        x = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+        return self.reduction(self.norm(x))
+
+
+class Swin(nn.Module):
+    def __init__(self, num_classes=10, patch_size=2, embed_dim=48, depths=(2, 2, 2), num_heads=(3, 6, 12),
+                 window=4, mlp_ratio=4.0, image_size=32, in_channels=3):
+        super().__init__()
+        self.patch_embed = nn.Conv2d(in_channels, embed_dim, patch_size, stride=patch_size)
+        self.patch_norm = nn.LayerNorm(embed_dim)
+        self.seq = []
+        dim, res = embed_dim, image_size // patch_size
+        for s, (depth, heads) in enumerate(zip(depths, num_heads)):
+            if s > 0:
+                setattr(self, f"merge{s}", PatchMerging(dim))
+                self.seq.append(f"merge{s}")
+                dim, res = 2 * dim, res // 2
+            for i in range(depth):
+                setattr(self, f"stage{s + 1}_layer{i}",
+                        SwinBlock(dim, heads, window, 0 if i % 2 == 0 else window // 2, res, mlp_ratio))
+                self.seq.append(f"stage{s + 1}_layer{i}")
+        self.norm = nn.LayerNorm(dim)
+        self.head = _vit_linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.patch_norm(self.patch_embed(x).permute(0, 2, 3, 1))
+        for name in self.seq:
+            x = getattr(self, name)(x)
+        return self.head(self.norm(x).mean((1, 2)))
+
+
+# ------------------------------------------------------------------------------------------
 # small models
 # ------------------------------------------------------------------------------------------
 
@@ -545,6 +645,7 @@ _CTORS = {
     "WideResNet": WideResNet,
     "ResNetImageNet": ResNetImageNet,
     "ViT": ViT,
+    "Swin": Swin,
     "MLP": MLP,
     "SmallCNN": SmallCNN,
 }
@@ -554,7 +655,7 @@ def get(name: str, **kwargs) -> nn.Module:
     """Torch twin of ``nio_jax.models.get(name, **kwargs)`` (uses the Flax registry's defaults).
 
     Extra torch-only kwargs: ``in_channels`` (all but MLP), ``image_size`` (ViT, SmallCNN),
-    ``in_features`` (MLP); defaults follow ``nio_jax.models.input_shape(name)``.
+    ``in_features`` (MLP); ``image_size`` also for Swin; defaults follow ``nio_jax.models.input_shape(name)``.
     """
     from nio_jax import models as fm
 
@@ -567,7 +668,7 @@ def get(name: str, **kwargs) -> nn.Module:
         kw.setdefault("in_features", math.prod(shape))
     else:
         kw.setdefault("in_channels", shape[2])
-    if cls in (ViT, SmallCNN):
+    if cls in (ViT, SmallCNN, Swin):
         kw.setdefault("image_size", shape[0])
     return cls(**kw)
 

@@ -22,6 +22,7 @@ from .cifar_resnet import CIFAR_RESNET_DEPTHS, BasicBlock, CifarResNet, FixupBas
 from .densenet import DenseNet
 from .resnet_imagenet import Bottleneck, ResNetImageNet
 from .small import MLP, SmallCNN
+from .swin import Swin
 from .vgg import VGG
 from .vit import ViT
 from .wide_resnet import WideResNet
@@ -43,6 +44,7 @@ _register("wrn28_10", WideResNet, dict(depth=28, widen=10))
 _register("resnet50", ResNetImageNet, dict(layers=(3, 4, 6, 3)), (224, 224, 3))
 _register("vit_tiny", ViT, dict(patch_size=4, dim=192, depth=12, num_heads=3, mlp_ratio=4.0, pool="cls"))
 _register("vit_mini", ViT, dict(patch_size=4, dim=128, depth=6, num_heads=4, mlp_ratio=2.0, pool="gap"))
+_register("swin_mini", Swin, dict(patch_size=2, embed_dim=48, depths=(2, 2, 2), num_heads=(3, 6, 12), window=4))
 _register("mlp", MLP, dict(hidden=(256, 256)), (28, 28, 1))
 _register("cnn_small", SmallCNN, dict(channels=(32, 64), hidden=128), (28, 28, 1))
 
@@ -87,6 +89,7 @@ __all__ = [
     "ResNetImageNet",
     "Bottleneck",
     "ViT",
+    "Swin",
     "MLP",
     "SmallCNN",
 ]
