@@ -133,6 +133,9 @@ class CifarResNet(nn.Module):
         ``stage{s}_block{i}``. Convert with ``unstack_blocks``/``stack_blocks``.
       width: channels of the first stage (16 in the paper).
       fixup_rescale: Fixup only; see module docstring.
+
+    ``__call__(x, train=False, *, return_features=False)``: with ``return_features`` the pooled
+    64-d features (after Fixup's ``bias2``) are returned instead of the logits.
     """
 
     depth: int = 20
