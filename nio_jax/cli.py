@@ -177,7 +177,11 @@ def apply_override(cfg: ml_collections.ConfigDict, key: str, value: Any) -> None
   try:
     node[last] = value
   except (TypeError, ValueError, KeyError, AttributeError) as e:
-    raise CLIError(f"cannot set {key}={value!r}: {e}") from None
+    if parent not in OPEN_DICTS and key not in OPEN_DICTS:
+      raise CLIError(f"cannot set {key}={value!r}: {e}") from None
+    # Free-form dicts (method hyper-parameters, model kwargs) take any type: replace.
+    del node[last]
+    node[last] = value
 
 
 def load_config_file(spec: str) -> tuple[ml_collections.ConfigDict, str, str | None]:
@@ -308,8 +312,9 @@ def build(cfg) -> Run:
   except TypeError as e:
     raise CLIError(f"model {cfg.model.name!r}: bad model.kwargs {kwargs}: {e}") from None
   shape = tuple(getattr(loader.source, "image_shape", None) or models.input_shape(cfg.model.name))
-  variables = model.init(jax.random.key(int(cfg.seed)), jnp.zeros((1,) + shape, jnp.float32),
-                         train=False)
+  # One jitted init (eager init compiles every initialiser op separately: much slower).
+  init = jax.jit(lambda key, x: model.init(key, x, train=False))
+  variables = init(jax.random.key(int(cfg.seed)), jnp.zeros((1,) + shape, jnp.float32))
   return Run(cfg, model, dict(variables), loader, test_set, shape)
 
 
@@ -414,6 +419,27 @@ def load_variables(path, target):
       raise CLIError(f"{path}: saved params do not match the model of this config "
                      f"(shape {getattr(b, 'shape', None)} vs {getattr(a, 'shape', None)})")
   return restored
+
+
+def load_checkpoint_variables(ckpt_dir, step: str, target):
+  """`{"params", ["batch_stats"]}` of a trainer checkpoint (orbax, `step` or "latest")."""
+  import jax  # noqa: PLC0415
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  ckpt_dir = pathlib.Path(ckpt_dir).absolute()
+  steps = sorted(int(p.name) for p in ckpt_dir.glob("*") if p.name.isdigit()
+                 and (p / "state").is_dir()) if ckpt_dir.is_dir() else []
+  if not steps:
+    raise CLIError(f"no checkpoints in {ckpt_dir}")
+  s = steps[-1] if step == "latest" else int(step) if str(step).isdigit() else None
+  if s not in steps:
+    raise CLIError(f"checkpoint {step!r} not found in {ckpt_dir}; steps: {steps}")
+  state = ocp.StandardCheckpointer().restore(ckpt_dir / str(s) / "state")
+  v = {k: state[k] for k in ("params", "batch_stats") if k in state}
+  want = {k: target[k] for k in v if k in target}
+  if jax.tree.structure(want) != jax.tree.structure(v):
+    raise CLIError(f"checkpoint {s} in {ckpt_dir} does not match the model of this config")
+  return v
 
 
 def _write_json(path, obj) -> None:
@@ -572,19 +598,28 @@ def cmd_measure(args) -> int:
   if int(cfg.init.measure_batches) < 1:
     cfg.init.measure_batches = 5
   run = build(cfg)
-  files = [pathlib.Path(p) for p in args.params] if args.params else [
-      p for p in (rundir / "init_params.msgpack", rundir / "final_params.msgpack") if p.exists()]
-  if not files:
+  sources: list[tuple[str, Any]] = [(str(p), p) for p in map(pathlib.Path, args.params)]
+  for step in args.checkpoint:
+    if rundir is None:
+      raise CLIError("--checkpoint needs the run directory")
+    sources.append((f"checkpoint {step}", ("ckpt", step)))
+  if not sources and rundir is not None:
+    sources = [(str(p), p) for p in (rundir / "init_params.msgpack",
+                                     rundir / "final_params.msgpack") if p.exists()]
+  if not sources and not args.fresh:
     raise CLIError(f"no saved params in {rundir} (init_params.msgpack / final_params.msgpack); "
-                   "pass --params FILE")
+                   "pass --params FILE or --checkpoint STEP")
   out = {}
   if args.fresh:
     loss_fn, params = init_loss_fn(run.model, run.variables, cfg.train.train_kwarg)
     out["fresh (model init)"] = measure_params(run, loss_fn, params, progress=not args.no_progress)
-  for f in files:
-    v = load_variables(f, run.variables)
+  for name, src in sources:
+    if isinstance(src, tuple):
+      v = load_checkpoint_variables(rundir / "checkpoints", src[1], run.variables)
+    else:
+      v = load_variables(src, run.variables)
     loss_fn, params = init_loss_fn(run.model, v, cfg.train.train_kwarg)
-    out[str(f)] = measure_params(run, loss_fn, params, progress=not args.no_progress)
+    out[name] = measure_params(run, loss_fn, params, progress=not args.no_progress)
   rows = ["| params | GC (B-GC) | gradient norm | loss |", "|---|---|---|---|"]
   for k, m in out.items():
     if "error" in m:
@@ -869,6 +904,9 @@ def make_parser() -> argparse.ArgumentParser:
   sp.add_argument("--params", action="append", default=[], help="msgpack params file(s)")
   sp.add_argument("--batches", type=int, default=None, help="number of batches (default "
                   "init.measure_batches)")
+  sp.add_argument("--checkpoint", action="append", default=[], metavar="STEP",
+                  help="a trainer checkpoint of run_dir (a step, or 'latest'; step 0 holds "
+                  "the initialised params)")
   sp.add_argument("--fresh", action="store_true", help="also measure the model's own init")
   sp.add_argument("--json", default=None, help="write the numbers to this JSON file")
   sp.add_argument("--no-progress", action="store_true")

@@ -3,8 +3,6 @@ import builtins
 import importlib.util
 import json
 import pathlib
-import shutil
-import subprocess
 import sys
 
 import pytest
@@ -96,6 +94,9 @@ def test_overrides_apply_and_check():
     cli.apply_override(cfg, "modle.name", "mlp")
   with pytest.raises(cli.CLIError, match="cannot set train.num_epochs"):
     cli.apply_override(cfg, "train.num_epochs", "three")
+  cli.apply_override(cfg, "model.kwargs.hidden", 64)  # free-form dicts take any type
+  cli.apply_override(cfg, *cli.parse_override("model.kwargs={'channels': (8, 16)}"))
+  assert cfg.model.kwargs.to_dict() == {"channels": (8, 16)}
 
 
 @pytest.mark.parametrize("override,known", [
@@ -143,19 +144,23 @@ def test_bench_missing_script_exits_2(monkeypatch, capsys):
   assert "benchmarks/bench.py is not importable" in capsys.readouterr().err
 
 
-def test_console_script_help():
-  exe = shutil.which("nio-jax")
-  if exe is None:
+def test_console_script_and_help(capsys):
+  from importlib.metadata import entry_points
+  eps = [e for e in entry_points(group="console_scripts") if e.name == "nio-jax"]
+  if not eps:
     pytest.skip("nio-jax console script not installed (pip install -e .)")
-  out = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
-  assert out.returncode == 0
+  assert eps[0].value == "nio_jax.cli:main" and eps[0].load() is cli.main
+  with pytest.raises(SystemExit) as e:
+    cli.main(["--help"])
+  assert e.value.code == 0
+  out = capsys.readouterr().out
   for sub in ("init", "train", "measure", "report", "bench"):
-    assert sub in out.stdout
+    assert sub in out
 
 
 # ------------------------------------------------------------------ end to end, tiny subset
 
-TINY = ["model.name=mlp", "model.kwargs.hidden=(32,)", "data.train_subset=256",
+TINY = ["model.name=mlp", "model.kwargs={'hidden': (32,)}", "data.train_subset=256",
         "data.test_subset=256", "data.batch_size=64", "data.prefetch=0", "init.batch_size=32",
         "init.config.num_steps=3", "init.measure_batches=1", "train.num_epochs=1",
         "train.eval_batch_size=256", "train.log_every=2"]
@@ -204,19 +209,24 @@ def test_train_end_to_end(tiny_runs):
 def test_init_end_to_end_and_measure(tiny_runs, capsys):
   base, _, rc = tiny_runs
   assert rc == 0
-  w = base / "init"
+  w, t = base / "init", base / "train"
   for f in ("init_params.msgpack", "init_history.json", "init_report.json", "scales.json"):
     assert (w / f).is_file(), f
   assert not (w / "metrics.jsonl").exists()
   capsys.readouterr()
-  assert cli.main(["measure", str(w), "--batches", "1", "--fresh", "--no-progress",
-                   "--json", str(w / "m.json")]) == 0
+  # One call: the msgpack params of `init`, step 0 of the trainer's orbax checkpoints (= the
+  # initialised params of `train`) and the model's own init.
+  assert cli.main(["measure", str(t), "--params", str(w / "init_params.msgpack"),
+                   "--checkpoint", "0", "--fresh", "--no-progress", "--json",
+                   str(w / "m.json")]) == 0
   out = capsys.readouterr().out
-  assert "init_params.msgpack" in out and "fresh" in out
+  assert "init_params.msgpack" in out and "checkpoint 0" in out and "fresh" in out
   m = json.loads((w / "m.json").read_text())
-  after = json.loads((w / "init_report.json").read_text())["after"]
-  saved = m[str(w / "init_params.msgpack")]
-  assert saved["gc"] == pytest.approx(after["gc"], rel=1e-4, abs=1e-5)
+  for run, key in ((w, str(w / "init_params.msgpack")), (t, "checkpoint 0")):
+    rep = json.loads((run / "init_report.json").read_text())
+    assert m[key]["gc"] == pytest.approx(rep["after"]["gc"], rel=1e-4, abs=1e-5)
+    assert m["fresh (model init)"]["gc"] == pytest.approx(rep["before"]["gc"], rel=1e-4,
+                                                          abs=1e-5)
 
 
 def test_report_tables_and_plots(tiny_runs, capsys):
