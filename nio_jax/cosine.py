@@ -142,7 +142,7 @@ def gradcosine(loss_fn: Callable, params: PyTree, batch: PyTree, *,
                       per_example.SAMPLE_IMPLS if num_chunks is None else per_example.SUBBATCH_IMPLS)
   if check:
     errors.check_params(params)
-    per_example.check_loss_fn(loss_fn, params, batch)
+    errors.check_loss_fn(loss_fn, params, batch)
   stats = _stats_jit(loss_fn, params, batch, num_chunks, overlap, wrt, impl, chunk_size)
   if check and not isinstance(stats.gc, jax.core.Tracer):
     check_stats(stats, num_chunks)

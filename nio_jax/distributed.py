@@ -34,6 +34,20 @@ def make_mesh(num_devices: int | None = None, devices=None) -> Mesh:
   return Mesh(np.asarray(devices), (AXIS,))
 
 
+def check_mesh(mesh, batch_size: int | None = None) -> None:
+  """`mesh` is a `Mesh` with a `data` axis and (if given) `batch_size` divides over it."""
+  if not isinstance(mesh, Mesh):
+    raise TypeError(f"mesh must be a jax.sharding.Mesh (nio_jax.distributed.make_mesh()), got "
+                    f"{type(mesh).__name__}.")
+  if AXIS not in mesh.axis_names:
+    raise ValueError(f"mesh axes {mesh.axis_names} have no {AXIS!r} axis; build it with "
+                     "nio_jax.distributed.make_mesh().")
+  n = mesh.devices.size
+  if batch_size is not None and batch_size % n:
+    raise ValueError(f"batch size {batch_size} is not divisible by the {n} devices of the "
+                     f"mesh; use a multiple of {n}.")
+
+
 def shard_batch(batch: PyTree, mesh: Mesh, *, global_batch: bool = True) -> PyTree:
   """Places `batch` with its leading axis split over the mesh's `data` axis.
 

@@ -121,3 +121,74 @@ def check_positive(name: str, value, *, allow_zero: bool = False) -> None:
 def check_choice(name: str, value, choices) -> None:
   if value not in choices:
     raise ValueError(f"unknown {name} {value!r}; known: {', '.join(map(str, choices))}.")
+
+
+class LossFnError(ValueError):
+  """`loss_fn(params, batch)` could not be traced on the first batch (wrong params tree,
+  missing batch key, shape mismatch, ...). The original exception is `__cause__`."""
+
+
+def check_loss_fn(loss_fn, params, batch) -> None:
+  """Checks, without running it, that `loss_fn(params, batch)` traces and returns one
+  floating-point loss per example; any failure inside `loss_fn` becomes a `LossFnError`
+  naming the cause instead of a traceback from deep inside JAX."""
+  if not callable(loss_fn):
+    raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
+  b = batch_size(batch)
+  try:
+    out = jax.eval_shape(loss_fn, params, batch)
+  except Exception as e:  # noqa: BLE001 - re-raised with context
+    keys = list(batch) if isinstance(batch, dict) else type(batch).__name__
+    shapes = {k: tuple(np.shape(v)) for k, v in batch.items()} if isinstance(batch, dict) else keys
+    raise LossFnError(
+        f"loss_fn(params, batch) failed on the first batch with {type(e).__name__}: "
+        f"{str(e).splitlines()[0] if str(e) else ''!s:.300}. Check that params belong to the "
+        f"model loss_fn applies and that the batch has the keys/shapes it expects "
+        f"(batch: {shapes}).") from e
+  shape = getattr(out, "shape", None)
+  if shape != (b,):
+    raise ValueError(
+        f"loss_fn must return per-example losses of shape [B] = ({b},), got shape {shape}. "
+        "Do not average over the batch: return e.g. optax.softmax_cross_entropy_with_integer_"
+        "labels(logits, labels) without .mean().")
+  if not jnp.issubdtype(out.dtype, jnp.floating):
+    raise TypeError(f"loss_fn must return floating-point losses, got {out.dtype}.")
+
+
+def check_predicate(name: str, value, allow=()) -> None:
+  """`value` is None, callable, or one of `allow` (e.g. the string "default")."""
+  if value is None or callable(value) or (isinstance(value, str) and value in allow):
+    return
+  extra = "".join(f", {a!r}" for a in allow)
+  raise TypeError(f"{name} must be None{extra} or a predicate (path, leaf) -> bool, "
+                  f"got {value!r}.")
+
+
+def check_optional_int(name: str, value, minimum: int = 1) -> None:
+  if value is None:
+    return
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise TypeError(f"{name} must be an int or None, got {value!r}.")
+  if value < minimum:
+    raise ValueError(f"{name}={value} must be >= {minimum} (or None).")
+
+
+def check_iterable(name: str, value) -> None:
+  """`value` is an iterable of batches (not None, not a number)."""
+  try:
+    iter(value)
+  except TypeError:
+    raise TypeError(f"`{name}` must be an iterable of batches (a list, a generator, a data "
+                    f"loader), got {type(value).__name__}.") from None
+
+
+def check_scales(scales) -> None:
+  """Scales are floating point and, when concrete, finite."""
+  for path, s in jax.tree_util.tree_leaves_with_path(scales):
+    dt = jnp.result_type(s)
+    if not jnp.issubdtype(dt, jnp.floating):
+      raise TypeError(f"scale {jax.tree_util.keystr(path)} has dtype {dt}; scales must be "
+                      "floating point (build them with nio_jax.init_scales(params)).")
+    if not isinstance(s, jax.core.Tracer) and not bool(np.all(np.isfinite(np.asarray(s)))):
+      raise ValueError(f"scale {jax.tree_util.keystr(path)} is NaN or inf; scales must be "
+                       "finite (use the last good result of a failed search).")

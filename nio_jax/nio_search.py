@@ -111,6 +111,9 @@ class NIOConfig:
       raise ValueError(f"Adam betas ({self.b1}, {self.b2}) must lie in [0, 1).")
     errors.check_positive("eps", self.eps, allow_zero=True)
     errors.check_chunks(max(self.num_chunks or 2, 2), self.num_chunks, self.overlap)
+    errors.check_optional_int("chunk_size", self.chunk_size)
+    errors.check_predicate("grad_filter", self.grad_filter, allow=("default",))
+    errors.check_predicate("select", self.select)
     if self.impl is not None:
       errors.check_choice("impl", self.impl, per_example.SAMPLE_IMPLS
                           if self.num_chunks is None else per_example.SUBBATCH_IMPLS)
@@ -210,7 +213,10 @@ def nio(loss_fn: Callable, params: PyTree, batches: Iterable, config=None, *,
   first, batches = peek(batches)
   b = errors.check_batch(first)
   errors.check_chunks(b, cfg.num_chunks, cfg.overlap)
-  per_example.check_loss_fn(loss_fn, params, first)
+  errors.check_loss_fn(loss_fn, params, first)
+  if mesh is not None:
+    from nio_jax import distributed
+    distributed.check_mesh(mesh, b)
   scales, spec = scmod.init_scales(params, select=cfg.select, min_scale=cfg.min_scale,
                                    min_scale_bias=cfg.min_scale_bias)
   step, tx = make_nio_step(loss_fn, spec, cfg, mesh=mesh)
@@ -235,12 +241,14 @@ def measure(loss_fn: Callable, params: PyTree, batches: Iterable, *, num_batches
       or num_batches < 1:
     raise ValueError(f"num_batches={num_batches!r} must be an int >= 1.")
   errors.check_params(params)
+  errors.check_optional_int("chunk_size", chunk_size)
+  errors.check_predicate("wrt", wrt, allow=("default",))
   wrt_fn = scmod.default_grad_filter if wrt == "default" else wrt
   impl = impl or gcmod.default_impl(num_chunks)
   first, batches = peek(batches)
   b = errors.check_batch(first)
   errors.check_chunks(b, num_chunks, overlap)
-  per_example.check_loss_fn(loss_fn, params, first)
+  errors.check_loss_fn(loss_fn, params, first)
   rows = []
   for (batch,) in progress_bar(iterate_batches(batches, num_batches), num_batches, "measure",
                            show_progress):

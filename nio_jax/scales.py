@@ -140,6 +140,7 @@ def apply_scales(params: PyTree, scales: PyTree) -> PyTree:
   scale's length differs from its leaf's leading axis. The result keeps each leaf's dtype.
   """
   errors.check_same_structure(params, scales, "params", "scales")
+  errors.check_scales(scales)
 
   def mul(path, leaf, s):
     s = jnp.asarray(s)

@@ -32,6 +32,7 @@ def iterate_batches(batches: Iterable, num_steps: int, per_step: int = 1):
   if isinstance(batches, dict) or hasattr(batches, "shape"):
     raise TypeError("`batches` must be an iterable of batches (e.g. a list, or a generator), "
                     "not a single batch; use [batch] or itertools.repeat(batch).")
+  errors.check_iterable("batches", batches)
   cyclic = isinstance(batches, collections.abc.Collection)
   if cyclic and len(batches) == 0:
     raise ValueError("`batches` is empty.")
@@ -57,6 +58,7 @@ def peek(batches: Iterable):
   if isinstance(batches, dict) or hasattr(batches, "shape"):
     raise TypeError("`batches` must be an iterable of batches (e.g. a list, or a generator), "
                     "not a single batch; use [batch] or itertools.repeat(batch).")
+  errors.check_iterable("batches", batches)
   if isinstance(batches, collections.abc.Collection):
     if len(batches) == 0:
       raise ValueError("`batches` is empty.")

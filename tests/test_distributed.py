@@ -90,3 +90,66 @@ def test_gspmd_vmap_conv_grads_are_checked():
   err = float(out.stdout.split("ERR")[1])
   print("GSPMD vmap(grad(conv)) max abs error:", err)
   assert np.isfinite(err)
+
+
+SCALE_OUT_SCRIPT = textwrap.dedent("""
+    import jax, numpy as np
+    assert jax.device_count() == 8, jax.devices()
+    import nio_jax
+    from nio_jax import distributed, methods, train
+    from tests import tiny_models as tm
+    from tests.test_train import make_setup, tiny_config
+    mesh = distributed.make_mesh()
+    params = tm.conv_params(jax.random.PRNGKey(0))
+    batches = [tm.conv_batch(jax.random.PRNGKey(i), b=16) for i in range(4)]
+
+    def close(a, b, rtol):
+      for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=1e-6)
+
+    runs = [("gradinit", batches, {"num_steps": 2, "batch_size": None, "lr": 0.05}),
+            ("gradinit_adam", batches, {"num_steps": 2, "batch_size": None, "lookahead": "half"}),
+            ("metainit", batches, {"num_steps": 2}),
+            ("metainit", {"x": (16, 5, 5, 2), "num_classes": 3, "label_key": "y"},
+             {"num_steps": 2, "variant": "rescale_adam", "lr": 0.01})]
+    for name, data, cfg in runs:
+      one = methods.initialize(name, tm.conv_loss, params, data, cfg)
+      many = methods.initialize(name, tm.conv_loss, params, data, cfg, mesh=mesh)
+      close(one.scales, many.scales, 1e-3)
+      for k in one.history:
+        np.testing.assert_allclose(np.asarray(one.history[k], np.float64),
+                                   np.asarray(many.history[k], np.float64), rtol=1e-3, atol=1e-5)
+      print(name, "ok")
+    # kaiming / fixup ignore the mesh
+    methods.initialize("kaiming", tm.conv_loss, params, None, mesh=mesh)
+    try:
+      methods.initialize("gradinit", tm.conv_loss, params, [tm.conv_batch(jax.random.PRNGKey(0), b=12)],
+                         {"num_steps": 1, "batch_size": None}, mesh=mesh)
+    except ValueError as e:
+      assert "divisible" in str(e), e
+    else:
+      raise AssertionError("expected ValueError")
+
+    # Data-parallel training (batch sharded, state replicated) == one device.
+    import pathlib, tempfile
+    model, variables, loader, test_set = make_setup(bn=True)
+    cfg = tiny_config(num_epochs=1, eval_batch_size=40)
+    with tempfile.TemporaryDirectory() as d:
+      a = train.train(model, variables, loader, test_set, cfg, pathlib.Path(d) / "one")
+      b = train.train(model, variables, loader, test_set, cfg, pathlib.Path(d) / "many", mesh=mesh)
+      close(a.variables, b.variables, 1e-4)
+      assert abs(a.final_test_acc - b.final_test_acc) <= 0.011, (a.final_test_acc, b.final_test_acc)
+      # resuming a mesh run from its checkpoint works too
+      c = train.train(model, variables, loader, test_set, cfg, pathlib.Path(d) / "many", mesh=mesh)
+      close(b.variables, c.variables, 0)
+    print("OK")
+""")
+
+
+def test_data_parallel_gradinit_metainit_and_training_equal_single_device():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
+  out = subprocess.run([sys.executable, "-c", SCALE_OUT_SCRIPT], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "OK" in out.stdout

@@ -12,6 +12,6 @@ PyTree = Any
 
 @register("nio", config_cls=NIOConfig)
 def nio(loss_fn: Callable, params: PyTree, batches, config=None, *,
-        progress: bool = False) -> InitResult:
+        progress: bool = False, mesh=None) -> InitResult:
   """NIO (GradCosine); see `nio_jax.nio_search.nio`. No config = the released ImageNet settings."""
-  return _nio(loss_fn, params, batches, config, progress=progress)
+  return _nio(loss_fn, params, batches, config, progress=progress, mesh=mesh)

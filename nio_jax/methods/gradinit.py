@@ -42,7 +42,6 @@ from nio_jax import errors
 from nio_jax import scales as scmod
 from nio_jax.methods import _config
 from nio_jax.methods.registry import register
-from nio_jax.per_example import check_loss_fn
 from nio_jax.rescale_adam import rescale_adam
 from nio_jax.results import InitResult
 from nio_jax.search import peek, run_scale_search
@@ -284,7 +283,7 @@ def make_gradinit_step(loss_fn: Callable, spec: scmod.ScaleSpec, config=None):
 
 @register("gradinit", config_cls=GradInitConfig)
 def gradinit(loss_fn: Callable, params: PyTree, batches: Iterable, config=None, *,
-             progress: bool = False) -> InitResult:
+             progress: bool = False, mesh=None) -> InitResult:
   """Runs GradInit and returns the initialised params.
 
   Args:
@@ -298,6 +297,9 @@ def gradinit(loss_fn: Callable, params: PyTree, batches: Iterable, config=None, 
     config: None (defaults), `GradInitConfig`, dict, ConfigDict or a recipe name from
       `GRADINIT_RECIPES` (e.g. "resnet110_bn").
     progress: tqdm progress bar.
+    mesh: optional `jax.sharding.Mesh` with a `data` axis (`nio_jax.distributed.make_mesh()`):
+      each batch is sharded over it, params/scales are replicated and `jit` partitions the
+      step (data parallel; equal to one device to float tolerance).
 
   Returns:
     `InitResult(params=apply_scales(θ0, scales), scales, history)`; history per step:
@@ -318,10 +320,15 @@ def gradinit(loss_fn: Callable, params: PyTree, batches: Iterable, config=None, 
   if cfg.batch_size is not None and b != cfg.batch_size:
     warnings.warn(f"GradInit config expects batches of {cfg.batch_size} examples (|S|), got "
                   f"{b}; set batch_size=None to silence this.", stacklevel=2)
-  check_loss_fn(loss_fn, params, first)
+  errors.check_loss_fn(loss_fn, params, first)
   scales, spec = scmod.init_scales(params, select=cfg.select, min_scale=cfg.min_scale,
                                    min_scale_bias=cfg.min_scale_bias)
   step, tx, _ = make_gradinit_step(loss_fn, spec, cfg)
+  if mesh is not None:
+    from nio_jax import distributed
+    distributed.check_mesh(mesh, b)
+    params, scales = distributed.replicate((params, scales), mesh)
+    batches = distributed.sharded_batches(batches, mesh)
   return run_scale_search(step, params, scales, tx.init(scales), batches,
                           num_steps=cfg.num_steps, method="gradinit", config=cfg.to_dict(),
                           per_step=cfg.batches_per_step, show_progress=progress,
@@ -333,7 +340,7 @@ ADAM_DEFAULTS = dict(GRADINIT_RECIPES["transformer"])
 
 @register("gradinit_adam", config_cls=GradInitConfig)
 def gradinit_adam(loss_fn: Callable, params: PyTree, batches: Iterable, config=None, *,
-                  progress: bool = False) -> InitResult:
+                  progress: bool = False, mesh=None) -> InitResult:
   """GradInit's Adam variant. Defaults: the only published Adam recipe (IWSLT'14
   Transformer, `GRADINIT_RECIPES["transformer"]`); a dict config overrides those values."""
   if config is None or isinstance(config, dict) or hasattr(config, "to_dict"):
@@ -346,5 +353,5 @@ def gradinit_adam(loss_fn: Callable, params: PyTree, batches: Iterable, config=N
   if cfg.variant != "adam":
     raise ValueError(f"method 'gradinit_adam' got variant={cfg.variant!r}; use method "
                      "'gradinit' for the SGD variant.")
-  res = gradinit(loss_fn, params, batches, cfg, progress=progress)
+  res = gradinit(loss_fn, params, batches, cfg, progress=progress, mesh=mesh)
   return dataclasses.replace(res, method="gradinit_adam")

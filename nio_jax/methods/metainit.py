@@ -39,7 +39,6 @@ from nio_jax import errors
 from nio_jax import scales as scmod
 from nio_jax.methods import _config
 from nio_jax.methods.registry import register
-from nio_jax.per_example import check_loss_fn
 from nio_jax.rescale_adam import rescale_adam
 from nio_jax.results import InitResult
 from nio_jax.search import peek, run_scale_search
@@ -279,7 +278,7 @@ def make_metainit_step(loss_fn: Callable, spec: scmod.ScaleSpec, config=None):
 
 @register("metainit", config_cls=MetaInitConfig)
 def metainit(loss_fn: Callable, params: PyTree, batches_or_shape: Any, config=None, *,
-             progress: bool = False) -> InitResult:
+             progress: bool = False, mesh=None) -> InitResult:
   """Runs MetaInit and returns the initialised params.
 
   Args:
@@ -290,6 +289,8 @@ def metainit(loss_fn: Callable, params: PyTree, batches_or_shape: Any, config=No
       iterable of real batches (a list is cycled).
     config: None (paper defaults), `MetaInitConfig`, dict or ConfigDict.
     progress: tqdm progress bar.
+    mesh: optional `jax.sharding.Mesh` with a `data` axis: batches (real or random) are
+      sharded over it and params/scales replicated (data parallel, GSPMD).
 
   Returns:
     `InitResult(params, scales, history)` with `params = apply_scales(θ0, scales)`, scales =
@@ -303,14 +304,20 @@ def metainit(loss_fn: Callable, params: PyTree, batches_or_shape: Any, config=No
     first = random_batch(batches_or_shape, jax.random.PRNGKey(cfg.seed))
   else:
     first, data = peek(batches_or_shape)
-  errors.check_batch(first)
-  check_loss_fn(loss_fn, params, first)
+  b = errors.check_batch(first)
+  errors.check_loss_fn(loss_fn, params, first)
   select = cfg.select
   if select is None and cfg.variant == "sign_momentum":
     select = metainit_select
   scales, spec = scmod.init_scales(params, select=select, min_scale=cfg.min_scale,
                                    min_scale_bias=cfg.min_scale_bias)
   step, init = make_metainit_step(loss_fn, spec, cfg)
-  return run_scale_search(step, params, scales, init(scales), data, num_steps=cfg.num_steps,
+  state = init(scales)
+  if mesh is not None:
+    from nio_jax import distributed
+    distributed.check_mesh(mesh, b)
+    params, scales, state = distributed.replicate((params, scales, state), mesh)
+    data = distributed.sharded_batches(data, mesh)
+  return run_scale_search(step, params, scales, state, data, num_steps=cfg.num_steps,
                           method="metainit", config=cfg.to_dict(), show_progress=progress,
                           postfix=("gq", "grad_norm"))

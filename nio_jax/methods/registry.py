@@ -59,7 +59,7 @@ def get_method(method: str) -> Method:
 
 
 def initialize(method: str, loss_fn: Callable, params: PyTree, data: Any, config=None, *,
-               progress: bool = False) -> InitResult:
+               progress: bool = False, mesh=None) -> InitResult:
   """Runs the initialisation method `method` and returns its `InitResult`.
 
   Args:
@@ -72,5 +72,14 @@ def initialize(method: str, loss_fn: Callable, params: PyTree, data: Any, config
     config: None = the method's published defaults; otherwise the method's config class,
       a dict or ConfigDict of overrides (or, for GradInit, a recipe name).
     progress: show a progress bar (searches only).
+    mesh: optional `jax.sharding.Mesh` (`nio_jax.distributed.make_mesh()`): data-parallel
+      search for the methods that take one (nio, gradinit, gradinit_adam, metainit); the
+      others do no data-dependent work and ignore it.
   """
-  return get_method(method).fn(loss_fn, params, data, config, progress=progress)
+  m = get_method(method)
+  if mesh is None:
+    return m.fn(loss_fn, params, data, config, progress=progress)
+  import inspect
+  if "mesh" in inspect.signature(m.fn).parameters:
+    return m.fn(loss_fn, params, data, config, progress=progress, mesh=mesh)
+  return m.fn(loss_fn, params, data, config, progress=progress)

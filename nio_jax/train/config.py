@@ -95,3 +95,44 @@ def validate(config) -> None:
         raise ValueError("max_to_keep must be >= 2 so a good checkpoint survives a failed write")
     if int(config.num_epochs) < 1:
         raise ValueError("num_epochs must be >= 1")
+    _check_numbers(config)
+
+
+def _number(config, name, *, positive=False, optional=False, lo=None, hi=None, integer=False):
+    import math  # noqa: PLC0415
+
+    v = config.get(name)
+    if v is None:
+        if optional:
+            return
+        raise ValueError(f"config.{name} must be set")
+    kind = "an int" if integer else "a number"
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
+        raise TypeError(f"config.{name} must be {kind}, got {v!r}")
+    if not math.isfinite(v):
+        raise ValueError(f"config.{name}={v} must be finite")
+    if positive and v <= 0:
+        raise ValueError(f"config.{name}={v} must be > 0")
+    if lo is not None and v < lo:
+        raise ValueError(f"config.{name}={v} must be >= {lo}")
+    if hi is not None and v >= hi:
+        raise ValueError(f"config.{name}={v} must be < {hi}")
+
+
+def _check_numbers(config) -> None:
+    """Ranges of the numeric fields: a NaN / negative learning rate etc. fails here, naming
+    the field, instead of as a NaN loss many steps later."""
+    _number(config, "lr", positive=True, optional=True)
+    _number(config, "base_lr", positive=True)
+    _number(config, "batch_size", positive=True, integer=True)
+    _number(config, "lr_reference_batch", positive=True, integer=True)
+    _number(config, "momentum", lo=0.0, hi=1.0)
+    _number(config, "weight_decay", lo=0.0)
+    _number(config, "warmup_epochs", lo=0.0)
+    _number(config, "label_smoothing", lo=0.0, hi=1.0)
+    _number(config, "grad_clip_norm", positive=True, optional=True)
+    _number(config, "slow_lr_factor", lo=0.0)
+    _number(config, "eval_batch_size", positive=True, integer=True)
+    _number(config, "log_every", positive=True, integer=True)
+    _number(config, "checkpoint_every_steps", lo=0, integer=True, optional=True)
+    _number(config, "init_num_batches", positive=True, integer=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import pathlib
 import time
@@ -201,7 +202,8 @@ def _run_init(init_fn, model, variables, loader, config, workdir: pathlib.Path) 
 
 
 def train(model, variables: PyTree, train_loader, test_data, config, workdir, *,
-          init_fn: Callable | None = None, stop_after_step: int | None = None) -> TrainResult:
+          init_fn: Callable | None = None, stop_after_step: int | None = None,
+          mesh=None) -> TrainResult:
     """Train a linen classifier with the recipe in ``config``; resume if ``workdir`` has a
     checkpoint.
 
@@ -226,11 +228,19 @@ def train(model, variables: PyTree, train_loader, test_data, config, workdir, *,
         ``init_fn=lambda f, p, b: nio_jax.nio(f, p, b, nio_cfg)``.
       stop_after_step: checkpoint and return once this global step is reached (simulates a
         pre-emption; a later call resumes).
+      mesh: optional ``jax.sharding.Mesh`` with a ``data`` axis
+        (:func:`nio_jax.distributed.make_mesh`): data-parallel training. Each batch is sharded
+        over the ``data`` axis, params / optimizer state / batch statistics are replicated and
+        ``jit`` (GSPMD) inserts the gradient all-reduce; batch-norm statistics are computed
+        over the global batch, so the result equals single-device training to float
+        tolerance. The loader's batch size and ``eval_batch_size`` must be multiples of the
+        number of devices. Checkpoints are the same as without a mesh.
 
     Raises:
       NonFiniteLossError: the loss became NaN/inf; the last good checkpoint stays intact.
     """
     validate(config)
+    _check_inputs(model, variables, train_loader, test_data, init_fn, stop_after_step, mesh)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     spe = int(train_loader.steps_per_epoch)
@@ -244,13 +254,63 @@ def train(model, variables: PyTree, train_loader, test_data, config, workdir, *,
     try:
         return _train(model, variables, train_loader, test_data, config, workdir, init_fn,
                       stop_after_step, spe, epochs, total_steps, log_every, ckpt_every, log,
-                      ckpt)
+                      ckpt, mesh)
     finally:
         ckpt.close()
 
 
+def _check_inputs(model, variables, train_loader, test_data, init_fn, stop_after_step, mesh):
+    """Clear errors for bad arguments of :func:`train` (before any compile or file write)."""
+    from nio_jax import errors  # noqa: PLC0415
+
+    if not hasattr(model, "apply"):
+        raise TypeError(f"model must be a flax.linen.Module (with .apply), got "
+                        f"{type(model).__name__}.")
+    if not isinstance(variables, dict) or "params" not in variables:
+        raise TypeError("variables must be a dict {'params': ..., ['batch_stats': ...]} as "
+                        "returned by model.init(...); got "
+                        f"{type(variables).__name__}"
+                        f"{' with keys ' + str(sorted(variables)) if isinstance(variables, dict) else ''}.")
+    errors.check_params(variables["params"], "variables['params']")
+    for path, leaf in jax.tree_util.tree_leaves_with_path(variables):
+        if jnp.issubdtype(jnp.result_type(leaf), jnp.floating) and \
+                not bool(np.all(np.isfinite(np.asarray(leaf)))):
+            raise ValueError(f"variables leaf {jax.tree_util.keystr(path)} contains NaN or inf; "
+                             "start from finite parameters (e.g. a search's last_good result).")
+    for attr in ("steps_per_epoch", "batch_size", "epoch"):
+        if not hasattr(train_loader, attr):
+            raise TypeError(f"train_loader must be a nio_jax.data.Loader (needs .{attr}); got "
+                            f"{type(train_loader).__name__}.")
+    if int(train_loader.steps_per_epoch) < 1:
+        raise ValueError("train_loader has no full batch per epoch (steps_per_epoch < 1).")
+    if isinstance(test_data, dict):
+        if not {"image", "label"} <= set(test_data):
+            raise ValueError("test_data as a dict needs 'image' and 'label' arrays; got keys "
+                             f"{sorted(test_data)}.")
+        if len(test_data["image"]) != len(test_data["label"]) or len(test_data["label"]) == 0:
+            raise ValueError(f"test_data has {len(test_data['image'])} images and "
+                             f"{len(test_data['label'])} labels; they must match and be > 0.")
+    elif not (hasattr(test_data, "epoch") or hasattr(test_data, "mean")):
+        raise TypeError("test_data must be a Loader, an ArrayDataset (with mean/std) or "
+                        f"{{'image', 'label'}} arrays; got {type(test_data).__name__}.")
+    if init_fn is not None and not callable(init_fn):
+        raise TypeError(f"init_fn must be callable (loss_fn, params, batches) -> result; got "
+                        f"{type(init_fn).__name__}.")
+    if stop_after_step is not None and (isinstance(stop_after_step, bool) or
+                                        not isinstance(stop_after_step, (int, np.integer))
+                                        or stop_after_step < 1):
+        raise ValueError(f"stop_after_step={stop_after_step!r} must be None or an int >= 1.")
+    if mesh is not None:
+        if "data" not in getattr(mesh, "axis_names", ()):
+            raise ValueError("mesh needs a 'data' axis (nio_jax.distributed.make_mesh()).")
+        n = mesh.devices.size
+        if int(train_loader.batch_size) % n:
+            raise ValueError(f"train batch size {train_loader.batch_size} is not divisible by "
+                             f"the {n} devices of the mesh; use a multiple of {n}.")
+
+
 def _train(model, variables, train_loader, test_data, config, workdir, init_fn, stop_after_step,
-           spe, epochs, total_steps, log_every, ckpt_every, log, ckpt):
+           spe, epochs, total_steps, log_every, ckpt_every, log, ckpt, mesh=None):
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     variables = dict(variables)
@@ -287,13 +347,19 @@ def _train(model, variables, train_loader, test_data, config, workdir, init_fn, 
                    "total_epochs": epochs, "config": config.to_dict()})
     if not resumed:
         ckpt.save(0, state, _meta(meta, 0, spe))
+    put = jax.device_put
+    if mesh is not None:
+        from nio_jax import distributed  # noqa: PLC0415
+
+        state = distributed.replicate(state, mesh)
+        put = functools.partial(distributed.shard_batch, mesh=mesh)
 
     eval_data = _as_eval_data(test_data, int(config.eval_batch_size))
 
     def evaluate(st) -> tuple[float, float]:
         tot = jnp.zeros(2, jnp.float32)
         for b in eval_data.batches():
-            tot = tot + p_eval_step(st["params"], st.get("batch_stats"), b)
+            tot = tot + p_eval_step(st["params"], st.get("batch_stats"), put(b))
         loss_sum, correct = np.asarray(tot, np.float64)
         return loss_sum / eval_data.num_examples, correct / eval_data.num_examples
 
@@ -301,6 +367,8 @@ def _train(model, variables, train_loader, test_data, config, workdir, init_fn, 
     epoch, s0 = divmod(g, spe)
     # Accumulators [loss * n, correct, n]: row 0 the log window, row 1 the epoch.
     acc = jnp.asarray([[0.0, 0.0, 0.0], meta.get("epoch_sums", [0.0, 0.0, 0.0])], jnp.float32)
+    if mesh is not None:
+        acc = distributed.replicate(acc, mesh)
     pbar = tqdm(total=total_steps, initial=g, disable=not config.progress, unit="step",
                 dynamic_ncols=True, desc=workdir.name)
     t_window, g_window = time.perf_counter(), g
@@ -320,7 +388,7 @@ def _train(model, variables, train_loader, test_data, config, workdir, init_fn, 
             t_epoch = time.perf_counter()
             it = train_loader.epoch(epoch, s0)
             try:
-                for batch in _device_prefetch(it, 2):
+                for batch in _device_prefetch(it, 2, put):
                     state, acc = p_train_step(state, acc, batch)
                     g += 1
                     pbar.update(1)
@@ -373,6 +441,8 @@ def _train(model, variables, train_loader, test_data, config, workdir, init_fn, 
                            f"acc {rec['train_acc']:.4f} | test loss {test_loss:.4f} "
                            f"acc {test_acc:.4f}")
             acc = jnp.zeros((2, 3), jnp.float32)
+            if mesh is not None:
+                acc = distributed.replicate(acc, mesh)
             meta["epoch_sums"] = [0.0, 0.0, 0.0]
             epoch, s0 = epoch + 1, 0
             ckpt.save(g, state, _meta(meta, g, spe))
@@ -477,12 +547,13 @@ def _build_steps(model, config, spe: int, has_bs: bool, no_norm: bool):
     return out
 
 
-def _device_prefetch(it: Iterable[dict], size: int = 2) -> Iterator[dict]:
+def _device_prefetch(it: Iterable[dict], size: int = 2, put: Callable = jax.device_put
+                     ) -> Iterator[dict]:
     """Start the (asynchronous) host-to-device copy of the next ``size - 1`` batches while
-    the current step runs."""
+    the current step runs (``put``: ``jax.device_put``, or sharding over a mesh)."""
     buf: list = []
     for b in it:
-        buf.append(jax.device_put(b))
+        buf.append(put(b))
         if len(buf) >= size:
             yield buf.pop(0)
     while buf:
