@@ -27,6 +27,10 @@ from .vgg import VGG
 from .vit import ViT
 from .wide_resnet import WideResNet
 
+#: short aliases
+unstack = unstack_blocks
+stack = stack_blocks
+
 _CIFAR = (32, 32, 3)
 _REGISTRY: dict[str, tuple[Callable[..., nn.Module], dict[str, Any], tuple[int, int, int]]] = {}
 
@@ -79,6 +83,8 @@ __all__ = [
     "count_params",
     "stack_blocks",
     "unstack_blocks",
+    "stack",
+    "unstack",
     "fixup_multiplier",
     "CifarResNet",
     "BasicBlock",
