@@ -610,16 +610,22 @@ def cmd_measure(args) -> int:
     raise CLIError(f"no saved params in {rundir} (init_params.msgpack / final_params.msgpack); "
                    "pass --params FILE or --checkpoint STEP")
   out = {}
+  base_loss, params0 = init_loss_fn(run.model, run.variables, cfg.train.train_kwarg)
+
+  def loss_for(v):  # without batch_stats one loss_fn serves all params: one compilation
+    if not v.get("batch_stats"):
+      return base_loss
+    return init_loss_fn(run.model, v, cfg.train.train_kwarg)[0]
+
   if args.fresh:
-    loss_fn, params = init_loss_fn(run.model, run.variables, cfg.train.train_kwarg)
-    out["fresh (model init)"] = measure_params(run, loss_fn, params, progress=not args.no_progress)
+    out["fresh (model init)"] = measure_params(run, base_loss, params0,
+                                               progress=not args.no_progress)
   for name, src in sources:
     if isinstance(src, tuple):
       v = load_checkpoint_variables(rundir / "checkpoints", src[1], run.variables)
     else:
       v = load_variables(src, run.variables)
-    loss_fn, params = init_loss_fn(run.model, v, cfg.train.train_kwarg)
-    out[name] = measure_params(run, loss_fn, params, progress=not args.no_progress)
+    out[name] = measure_params(run, loss_for(v), v["params"], progress=not args.no_progress)
   rows = ["| params | GC (B-GC) | gradient norm | loss |", "|---|---|---|---|"]
   for k, m in out.items():
     if "error" in m:
