@@ -524,7 +524,8 @@ def parse(argv):
   ap.add_argument("--budget", type=float, default=120.0,
                   help="seconds per part: fewer repetitions if the first one says it won't fit")
   ap.add_argument("--seed", type=int, default=0)
-X
+  ap.add_argument("--torch-threads", type=int, default=2,
+                  help="torch.set_num_threads on CPU (0: leave torch's default)")
   ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                 "results"))
   ap.add_argument("--tag", default="")
