@@ -4,9 +4,12 @@
 # small report (markdown table + plots) under runs/fmnist_nio/.
 # Measured: see docs/cli.md ("Demo"). Extra arguments go to `nio-jax train`, e.g.
 #   bash scripts/demo.sh --set train.num_epochs=2
+# NIO_JAX_SKIP_SETUP=1 skips scripts/setup.sh (an existing .venv is used as it is).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
+if [ "${NIO_JAX_SKIP_SETUP:-0}" != 1 ] || [ ! -x .venv/bin/python ]; then
+  bash scripts/setup.sh
+fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
