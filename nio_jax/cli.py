@@ -454,8 +454,17 @@ def _workdir(cfg, arg: str | None) -> pathlib.Path:
   return p
 
 
+def _absolute_spec(spec: str) -> str:
+  """`path.py[:arg]` with an absolute path (so `measure` works from any directory)."""
+  path, arg = spec, None
+  if ":" in spec and not os.path.exists(spec):
+    path, _, arg = spec.partition(":")
+  path = os.path.abspath(path)
+  return path if arg is None else f"{path}:{arg}"
+
+
 def _save_run_json(workdir, args, cfg, command: str) -> None:
-  _write_json(workdir / "run.json", {"command": command, "config": args.config,
+  _write_json(workdir / "run.json", {"command": command, "config": _absolute_spec(args.config),
                                      "overrides": list(args.overrides), "name": cfg.name,
                                      "argv": sys.argv})
   (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=1))
