@@ -241,6 +241,11 @@ def method_config(cfg) -> Any:
       return values
     if m.config_cls is not None and hasattr(m.config_cls, "create"):
       return m.config_cls.create(values)
+    if m.name == "fixup":
+      allowed = {"num_branches", "layers_per_branch", "force"}  # nio_jax.methods.fixup
+      unknown = sorted(set(values) - allowed)
+      if unknown:
+        raise ValueError(f"unknown Fixup config key(s) {unknown}; known: {sorted(allowed)}")
   except (ValueError, TypeError) as e:
     raise CLIError(f"init.config for method {m.name!r}: {e}") from None
   return values or None
