@@ -308,8 +308,12 @@ def build(cfg) -> Run:
         d.dataset, int(d.batch_size), seed=int(cfg.seed), data_dir=d.data_dir, source=d.source,
         pad_to_32=bool(d.pad_to_32), augment=d.augment, prefetch=int(d.prefetch),
         train_subset=d.train_subset, test_subset=d.test_subset)
-  except FileNotFoundError as e:
-    raise CLIError(f"dataset {d.dataset!r} not found: {e}") from None
+  except (FileNotFoundError, ImportError) as e:
+    # load_dataset(source="auto") may surface TFDS's ImportError with the file error as
+    # its context: show the file error, which says where the files were looked for.
+    ctx = e.__context__ if isinstance(e, ImportError) else None
+    msg = f"{ctx}; TFDS fallback: {e}" if isinstance(ctx, FileNotFoundError) else str(e)
+    raise CLIError(f"dataset {d.dataset!r} not available: {msg}") from None
   kwargs = cfg.model.kwargs.to_dict()
   kwargs.setdefault("num_classes", data.NUM_CLASSES[d.dataset])
   try:
@@ -541,8 +545,9 @@ def cmd_init(args) -> int:
   variables = {**run.variables, "params": result.params}
   path = save_variables(workdir / "init_params.msgpack", variables)
   _save_init_outputs(workdir, run, result, seconds, nb, before, after)
-  print(f"\n{cfg.init.method}: {result.num_steps} steps in {seconds:.1f} s "
-        f"(incl. compilation)\n" + before_after_table(before, after))
+  what = f"{result.num_steps} steps" if result.num_steps else "applied"
+  print(f"\n{cfg.init.method}: {what} in {seconds:.1f} s (incl. compilation)\n"
+        + before_after_table(before, after))
   print(f"\nparams: {path}\nhistory: {workdir / 'init_history.json'}")
   return 0
 
