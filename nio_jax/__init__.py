@@ -6,7 +6,9 @@ Where things are:
   * scales meet params in `nio_jax.scales` (`init_scales`, `apply_scales`);
   * the scale optimiser (clip → split-moment Adam → bound) in `nio_jax.rescale_adam`;
   * the NIO search in `nio_jax.nio_search`; the shared host loop in `nio_jax.search`;
-  * Flax adapters (linen / NNX loss functions) in `nio_jax.flax_utils`.
+  * Flax adapters (linen / NNX loss functions) in `nio_jax.flax_utils`;
+  * GradInit, MetaInit, Fixup, Kaiming and `initialize` in `nio_jax.methods`;
+  * scale-out (Mesh, shard_batch, shard_map stats) in `nio_jax.distributed`.
 """
 from nio_jax.errors import NonFiniteError, ZeroGradientError
 from nio_jax.cosine import GCStats, gc_brute_force, gc_from_grads, gradcosine
@@ -16,6 +18,10 @@ from nio_jax.rescale_adam import (freeze, project_min_scale, rescale_adam,
                                   scale_by_split_adam)
 from nio_jax.results import InitResult
 from nio_jax.scales import ScaleSpec, apply_scales, default_grad_filter, init_scales
+# The compared methods (after the core: they build on it).
+from nio_jax.methods import (GRADINIT_RECIPES, GradInitConfig, MetaInitConfig,  # noqa: E402
+                             available_methods, get_method, gradinit, initialize, kaiming,
+                             metainit, register)
 
 __version__ = "0.1.0"
 
@@ -25,4 +31,6 @@ __all__ = [
     "gradcosine", "init_scales", "make_nio_step", "measure", "nio", "nio_objective",
     "per_example_grads", "project_min_scale", "rescale_adam", "scale_by_split_adam",
     "subbatch_bounds", "subbatch_weights",
+    "GRADINIT_RECIPES", "GradInitConfig", "MetaInitConfig", "available_methods", "get_method",
+    "gradinit", "initialize", "kaiming", "metainit", "register",
 ]
