@@ -342,28 +342,21 @@ def _steps_per_call(cfg, mcfg) -> tuple[int, int]:
   return int(steps or 1), per
 
 
-def init_data(run: Run, mcfg, num_batches: int | None = None, stream: int = 1):
-  """What the method consumes: a stream of real batches, or MetaInit's shape spec."""
-  from nio_jax.data.loader import Loader  # noqa: PLC0415
-
+def init_data(run: Run, mcfg, stream: int = 1):
+  """What the method consumes: a stream of real batches (`init.batch_size`), or MetaInit's
+  shape spec for Gaussian inputs."""
   cfg = run.cfg
-  bs = int(cfg.init.batch_size or cfg.data.batch_size)
   if cfg.init.data == "random":
     from nio_jax.data import NUM_CLASSES  # noqa: PLC0415
+    bs = int(cfg.init.batch_size or cfg.data.batch_size)
     return {"image": (bs,) + tuple(run.image_shape), "num_classes": NUM_CLASSES[cfg.data.dataset]}
-  if num_batches is None:
-    steps, per = _steps_per_call(cfg, mcfg)
-    num_batches = int(cfg.init.num_batches or steps * per)
-  loader = run.train_loader
-  if bs != loader.batch_size:
-    loader = Loader(loader.source, bs, seed=loader.seed, shuffle=True, drop_remainder=True,
-                    transform=loader.transform, prefetch=loader.prefetch)
-  return loader.batches(num_batches, stream=stream)
+  steps, per = _steps_per_call(cfg, mcfg)
+  return init_data_real(run, int(cfg.init.num_batches or steps * per), stream)
 
 
 def measure_params(run: Run, loss_fn, params, *, progress: bool = False) -> dict | None:
-  """GC / gradient norm over `init.measure_batches` held-out training batches (stream 2,
-  the same batches for every call)."""
+  """GC / gradient norm over `init.measure_batches` training batches of an independent loader
+  stream (2; the init method uses 1, training 0): the same batches for every call."""
   import nio_jax  # noqa: PLC0415
 
   k = int(run.cfg.init.measure_batches)
@@ -379,13 +372,14 @@ def measure_params(run: Run, loss_fn, params, *, progress: bool = False) -> dict
 
 
 def init_data_real(run: Run, num: int, stream: int):
+  """`num` training batches of `init.batch_size` from loader stream `stream`."""
   from nio_jax.data.loader import Loader  # noqa: PLC0415
 
   loader = run.train_loader
   bs = int(run.cfg.init.batch_size or run.cfg.data.batch_size)
   if bs != loader.batch_size:
     loader = Loader(loader.source, bs, seed=loader.seed, shuffle=True, drop_remainder=True,
-                    transform=loader.transform, prefetch=0)
+                    transform=loader.transform, prefetch=loader.prefetch)
   return loader.batches(num, stream=stream)
 
 

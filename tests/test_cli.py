@@ -107,6 +107,7 @@ def test_overrides_apply_and_check():
     ("data.dataset=mnist", "fashion_mnist"),
     ("init.config.no_such_key=1", "num_steps"),
     ("init.recipe=vgg11", "resnet110_bn"),
+    ("init.method=fixup", "num_branches"),  # gradinit keys given to Fixup
 ])
 def test_unknown_names_list_the_known_ones(override, known, capsys):
   cfg_path = str(ROOT / "configs" / "fmnist_gradinit.py")
