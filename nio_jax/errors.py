@@ -58,8 +58,9 @@ def check_batch(batch, *, minimum: int = 2, what: str = "batch") -> int:
   b = batch_size(batch)
   if b < minimum:
     raise ValueError(
-        f"{what} has {b} example(s); GradCosine compares gradients of different examples "
-        f"and needs at least {minimum}.")
+        f"{what} has {b} example(s); at least {minimum} are needed (GradCosine compares the "
+        "gradients of different examples; GradInit's look-ahead splits the batch). Use a "
+        "larger batch.")
   for leaf in jax.tree_util.tree_leaves(batch):
     dt = np.asarray(leaf).dtype if not isinstance(leaf, jax.Array) else leaf.dtype
     if jnp.issubdtype(dt, jnp.floating) and not isinstance(leaf, jax.core.Tracer):
