@@ -75,7 +75,11 @@ def nio_step_hook(model, variables, x, y, has_bn):
     if not hasattr(nio_jax, "make_nio_step"):
         return None
     params = variables["params"]
-    loss_fn = linen_loss_fn(model, batch_stats=variables.get("batch_stats") if has_bn else None)
+    # batch_stats are closed over by the loss: they must be concrete arrays
+    stats = None
+    if has_bn:
+        stats = jax.tree_util.tree_map(lambda s: jnp.ones(s.shape, s.dtype), variables["batch_stats"])
+    loss_fn = linen_loss_fn(model, batch_stats=stats)
     # scales/spec structure from abstract params (init_scales only reads shapes and norms)
     concrete = jax.tree_util.tree_map(lambda s: jnp.ones(s.shape, s.dtype), params)
     scales, spec = nio_jax.init_scales(concrete)
@@ -96,6 +100,7 @@ def main(argv=None):
     ap.add_argument("--no-unrolled", action="store_true")
     ap.add_argument("--nio", action="store_true", help="also time one NIO step (make_nio_step)")
     ap.add_argument("--nio-max-depth", type=int, default=110)
+    ap.add_argument("--nio-layouts", default="scan,unrolled", help="layouts for which the NIO step is timed")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/compile_time_<platform>.json)")
     args = ap.parse_args(argv)
 
@@ -134,7 +139,7 @@ def main(argv=None):
                 lo, co = time_lower_compile(jax.jit(train_grad_fn(model, has_bn)), variables["params"], rest, x, y)
                 row.update(params=models.count_params(variables["params"]),
                            lower_s=round(lo, 3), compile_s=round(co, 3), total_s=round(lo + co, 3))
-                if args.nio and depth <= args.nio_max_depth:
+                if args.nio and depth <= args.nio_max_depth and ("scan" if scan else "unrolled") in args.nio_layouts.split(","):
                     r = nio_step_hook(model, variables, x, y, has_bn)
                     if r is None:
                         row["nio_step"] = "make_nio_step not available"
