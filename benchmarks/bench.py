@@ -279,6 +279,8 @@ def run_row(name, batch, parts, args, tdev, tdev_why):
         _block(compiled(*fargs))
         info["first_run_s"] = round(_now() - t0, 4)
         ent[f"jax[{label}]"] = info
+        print(f"    jax[{label}] lower {info['lower_s']}s compile {info['compile_s']}s "
+              f"first run {info['first_run_s']}s", flush=True)
         fns[f"jax[{label}]"] = (lambda c=compiled, a=fargs: _block(c(*a)))
       except Exception as e:
         ent[f"jax[{label}]"] = dict(error=f"{type(e).__name__}: {e}"[:300])

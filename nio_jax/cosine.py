@@ -96,6 +96,13 @@ def default_impl(num_chunks, backend: str | None = None) -> str:
     backend: "cpu", "gpu", "tpu", ...; None = `jax.default_backend()`.
   """
   backend = backend or jax.default_backend()
+  if backend == "cpu":
+    # XLA:CPU runs the convolutions of second-order autodiff (grouped convolutions from
+    # vmap(grad), backward-filter convolutions of the double backward) far slower than
+    # matmuls: convolutions become im2col @ kernel (docs/performance.md, ResNet-20 B=32:
+    # NIO step, batch setting, 5.6x faster than "loop").
+    return "im2col" if num_chunks is None else "loop_im2col"
+  # Not measured on accelerators in this project yet: the textbook forms.
   return "vmap" if num_chunks is None else "loop"
 
 

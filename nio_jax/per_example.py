@@ -43,7 +43,9 @@ LossFn = Callable[[PyTree, PyTree], jax.Array]
 #           for models without cross-example coupling (no batch-norm): with batch norm every
 #           segment would use its own statistics, which is not the released semantics.
 #           Never picked by default; choose it explicitly for normalisation-free models.
-SUBBATCH_IMPLS = ("vmap", "loop", "map", "loop_im2col", "vmap_im2col", "segments")
+#   "segments_im2col": both.
+SUBBATCH_IMPLS = ("vmap", "loop", "map", "loop_im2col", "vmap_im2col", "segments",
+                  "segments_im2col")
 # How per-example gradients are computed in the sample-wise setting.
 #   "vmap":  jax.vmap(jax.grad) over single-example batches (the textbook form);
 #   "map":   lax.map over examples of jax.grad (no grouped convolutions, less memory);
