@@ -129,6 +129,11 @@ class LossFnError(ValueError):
   missing batch key, shape mismatch, ...). The original exception is `__cause__`."""
 
 
+def _first_line(e: BaseException, limit: int = 300) -> str:
+  text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+  return text[:limit].rstrip(".")
+
+
 def check_loss_fn(loss_fn, params, batch) -> None:
   """Checks, without running it, that `loss_fn(params, batch)` traces and returns one
   floating-point loss per example; any failure inside `loss_fn` becomes a `LossFnError`
@@ -143,7 +148,7 @@ def check_loss_fn(loss_fn, params, batch) -> None:
     shapes = {k: tuple(np.shape(v)) for k, v in batch.items()} if isinstance(batch, dict) else keys
     raise LossFnError(
         f"loss_fn(params, batch) failed on the first batch with {type(e).__name__}: "
-        f"{str(e).splitlines()[0] if str(e) else ''!s:.300}. Check that params belong to the "
+        f"{_first_line(e)}. Check that params belong to the "
         f"model loss_fn applies and that the batch has the keys/shapes it expects "
         f"(batch: {shapes}).") from e
   shape = getattr(out, "shape", None)
