@@ -264,3 +264,26 @@ if __name__ == "__main__":
   new = markdown_table(bad_input_table())
   DOC.write_text(doc[:doc.index(BEGIN) + len(BEGIN)] + "\n" + new + "\n" + doc[doc.index(END):])
   print(f"wrote {len(new.splitlines()) - 2} rows to {DOC}")
+
+
+def test_no_pickle_or_eval_outside_the_restricted_cifar_reader():
+  """Untrusted files: params / checkpoints go through orbax or flax msgpack; the only pickle
+  reader is the CIFAR one (RestrictedUnpickler); no config value reaches eval/exec."""
+  import ast
+  bad = []
+  for f in sorted(pathlib.Path(PKG).rglob("*.py")):
+    rel = f.relative_to(pathlib.Path(PKG).parent).as_posix()
+    for node in ast.walk(ast.parse(f.read_text())):
+      if isinstance(node, (ast.Import, ast.ImportFrom)):
+        names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
+        if any(n.split(".")[0] in ("pickle", "dill", "cloudpickle", "joblib", "shelve")
+               for n in names) and rel != "nio_jax/data/cifar.py":
+          bad.append(f"{rel}:{node.lineno} imports a pickle module")
+      if isinstance(node, ast.Call):
+        fn = node.func
+        if isinstance(fn, ast.Name) and fn.id in ("eval", "exec"):
+          bad.append(f"{rel}:{node.lineno} calls {fn.id}")
+        if isinstance(fn, ast.Attribute) and fn.attr == "load" and any(
+            k.arg == "allow_pickle" for k in node.keywords):
+          bad.append(f"{rel}:{node.lineno} np.load(allow_pickle=...)")
+  assert not bad, bad
