@@ -55,13 +55,14 @@ def load_dataset(name: str, split: str = "train", *, data_dir: str | os.PathLike
             if name == "fashion_mnist":
                 return load_fashion_mnist(split, data_dir, pad_to_32=pad_to_32)
             return load_cifar(name, split, data_dir)
-        except FileNotFoundError:
+        except FileNotFoundError as file_error:
             if source == "files":
                 raise
             try:
                 import tensorflow_datasets  # noqa: F401, PLC0415
             except ImportError:
-                raise  # the file error names the install command; more useful than TFDS's
+                # The file error names the install command; more useful than TFDS's.
+                raise file_error from None
     return load_tfds_arrays(name, split, data_dir=data_dir, pad_to_32=pad_to_32)
 
 
