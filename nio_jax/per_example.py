@@ -270,6 +270,41 @@ def rewrite_convs(fn: Callable, mode: str = "im2col") -> Callable:
   return wrapped
 
 
+# Memory guard of the im2col forms: the patches are k×k times wider than the conv inputs and
+# autodiff keeps them (XLA's temp memory of the ResNet-20 B=32 batch-setting NIO step was
+# ≈6x the forward patches: 1.3 GB). Above this many bytes of forward patches the batch
+# setting falls back to the plain-convolution form and the sample-wise setting processes the
+# examples in chunks. Set to None to disable.
+IM2COL_MAX_BYTES: int | None = 2 * 2**30
+
+
+def im2col_bytes(fn: Callable, *args) -> int:
+  """Bytes of the im2col patches that `rewrite_convs(fn, "im2col")(*args)` would build."""
+  closed = jax.make_jaxpr(fn)(*args)
+
+  def walk(jaxpr, mult):
+    total = 0
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "conv_general_dilated":
+        rhs = eqn.invars[1].aval
+        out = eqn.outvars[0].aval
+        rs, os_ = eqn.params["dimension_numbers"][1], eqn.params["dimension_numbers"][2]
+        k = int(np.prod([rhs.shape[d] for d in rs[2:]]))
+        cin = rhs.shape[rs[1]]
+        total += mult * int(np.prod(out.shape)) // out.shape[os_[1]] * k * cin * \
+            out.dtype.itemsize
+      m = mult * (eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1)
+      for sub in _sub_closed_jaxprs(eqn.params):
+        total += walk(sub, m)
+    return total
+
+  return walk(closed.jaxpr, 1)
+
+
+def _im2col_fits(fn, *args) -> bool:
+  return IM2COL_MAX_BYTES is None or im2col_bytes(fn, *args) <= IM2COL_MAX_BYTES
+
+
 def _example(batch, i):
   return jax.tree_util.tree_map(lambda x: jax.lax.dynamic_slice_in_dim(x, i, 1, 0), batch)
 
@@ -298,6 +333,12 @@ def check_loss_fn(loss_fn: LossFn, params: PyTree, batch: PyTree) -> None:
 
 def _per_example_selected(loss_fn, params, batch, wrt, impl, chunk_size):
   if impl in CONV_MODES:
+    if IM2COL_MAX_BYTES is not None:
+      need = im2col_bytes(loss_fn, params, batch)
+      b = errors.batch_size(batch)
+      if need > IM2COL_MAX_BYTES:   # bound the memory by processing examples in chunks
+        fit = max(1, int(b * IM2COL_MAX_BYTES // need))
+        chunk_size = fit if chunk_size is None else min(chunk_size, fit)
     loss_fn, impl = rewrite_convs(loss_fn, impl), "vmap"
   sel, rebuild, _ = select_leaves(params, wrt)
   b = errors.batch_size(batch)
@@ -405,7 +446,10 @@ def subbatch_grads_selected(loss_fn, params, batch, num_chunks, overlap, wrt=Non
                             impl="loop"):
   """(losses [B], sub-batch gradients of the selected leaves as `[D, ...]` arrays)."""
   if impl.endswith("_im2col"):
-    loss_fn, impl = rewrite_convs(loss_fn, "im2col"), impl[:-len("_im2col")]
+    base = impl[:-len("_im2col")]
+    if _im2col_fits(loss_fn, params, batch):
+      loss_fn = rewrite_convs(loss_fn, "im2col")
+    impl = base                     # too big: plain convolutions (IM2COL_MAX_BYTES)
   sel, rebuild, _ = select_leaves(params, wrt)
   b = errors.batch_size(batch)
   if impl == "segments":

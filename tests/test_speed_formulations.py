@@ -137,3 +137,19 @@ def test_default_impl_is_valid_for_every_backend():
     assert cosine.default_impl(None, backend=backend) in per_example.SAMPLE_IMPLS
     assert cosine.default_impl(4, backend=backend) in per_example.SUBBATCH_IMPLS
     assert cosine.default_impl(4, backend=backend) != "segments"  # not exact with BN
+
+
+def test_im2col_memory_guard_keeps_values(monkeypatch):
+  """Above IM2COL_MAX_BYTES: batch setting falls back to plain convs, sample-wise chunks."""
+  with jax.enable_x64(True):
+    loss_fn, params, batch = _setup(b=6)
+    need = per_example.im2col_bytes(loss_fn, params, batch)
+    assert need > 0
+    ref_s = cosine.gradcosine(loss_fn, params, batch, impl="vmap").gc
+    ref_b = cosine.gradcosine(loss_fn, params, batch, num_chunks=3, overlap=0.2, impl="loop").gc
+    monkeypatch.setattr(per_example, "IM2COL_MAX_BYTES", need // 3)
+    got_s = cosine.gradcosine_stats(loss_fn, params, batch, impl="im2col").gc
+    got_b = cosine.gradcosine_stats(loss_fn, params, batch, num_chunks=3, overlap=0.2,
+                                    impl="loop_im2col").gc
+    np.testing.assert_allclose(got_s, ref_s, rtol=1e-9)
+    np.testing.assert_allclose(got_b, ref_b, rtol=1e-9)
