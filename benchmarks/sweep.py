@@ -100,9 +100,9 @@ def expand(grid: dict, models: list[str] | None = None, methods: list[str] | Non
         for mname, mdef in grid["models"].items():
             if models is not None and mname not in models:
                 continue
-            for meth in mdef["methods"]:
-                if methods is not None and meth not in methods:
-                    continue
+            # --methods also sets the order (e.g. the searches before the baselines)
+            order = [m for m in methods if m in mdef["methods"]] if methods else mdef["methods"]
+            for meth in order:
                 spec = copy.deepcopy(grid["methods"][meth])
                 over = mdef.get("method_overrides", {}).get(meth, {})
                 for k, v in over.items():
@@ -372,6 +372,44 @@ def run_one(grid: dict, run: dict, root: pathlib.Path, log=print,
         rec["status"] = "skipped"
         return rec
     workdir.mkdir(parents=True, exist_ok=True)
+    if not _lock(workdir):
+        log(f"[sweep] skip {tag} (another process holds {workdir / '.sweep.lock'})")
+        return {"model": run["model"], "method": run["method"], "seed": run["seed"],
+                "status": "locked", "workdir": str(workdir)}
+    try:
+        return _run_one(grid, run, workdir, tag, log, stop_after_evals)
+    finally:
+        (workdir / ".sweep.lock").unlink(missing_ok=True)
+
+
+def _lock(workdir: pathlib.Path) -> bool:
+    """One process per run directory (several shards may share a grid); a lock whose process
+    is gone is taken over."""
+    path = workdir / ".sweep.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text().strip() or 0)
+                os.kill(pid, 0)
+                return pid == os.getpid()
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                path.unlink(missing_ok=True)
+                continue
+            except PermissionError:
+                return False
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def _run_one(grid, run, workdir, tag, log, stop_after_evals):
+    import jax
+    import jax.numpy as jnp
+    from nio_jax import models, train
+
     t_run = time.perf_counter()
     mdef, spec = run["model_def"], run["method_def"]
     kwargs = {**mdef.get("kwargs", {}), **spec.get("model_kwargs", {})}
@@ -554,7 +592,7 @@ def markdown(grid: dict, table: dict, out: dict) -> str:
     if out["missing_runs"]:
         lines += [f"Missing (not run / not finished): {', '.join(out['missing_runs'])}.", ""]
     head = (["method", "seeds"] + [f"Acc@{k} steps" for k in ks] +
-            ["Acc_1", "Acc_best", "GC before → after", "grad norm before → after",
+            ["Acc_1", "Acc_1 main", "Acc_best", "GC before → after", "grad norm before → after",
              "search s", "search / epoch"])
     for mname, rows in table.items():
         mdef = grid["models"][mname]
@@ -570,15 +608,17 @@ def markdown(grid: dict, table: dict, out: dict) -> str:
                   else "–")
             seeds = f"{len(r['seeds'])}" + (f" ({r['diverged']} diverged)" if r["diverged"] else "")
             cells = ([meth, seeds] + [_fmt(*r[f"acc_step{k}"]) for k in ks] +
-                     [_fmt(*r["acc_1"]), _fmt(*r["acc_best"]), gc, gn,
+                     [_fmt(*r["acc_1"]), _fmt(*r["acc_1_main"]), _fmt(*r["acc_best"]), gc, gn,
                       _fmt(*r["search_seconds"], pct=False, digits=0)
-                      + ("*" if r["search_includes_compile"] and r["search_seconds"][0] else ""),
+                      + ("*" if r["search_includes_compile"] and (r["search_seconds"][0] or 0) > 0.05
+                         else ""),
                       _fmt(*r["search_rel_epoch"], pct=False, digits=2)])
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     lines += ["Acc@k: test accuracy after k optimiser steps (the warmup baseline is then inside "
               "its extra epoch). Acc_1: after the first epoch that ran (for `warmup`, the extra "
-              "warmup epoch). Search s: wall time of the init search on the seeds after the first "
+              "warmup epoch); Acc_1 main: after the first epoch of the main schedule (= Acc_1 except "
+              "for `warmup`, where it is after 2 epochs). Search s: wall time of the init search on the seeds after the first "
               "(they reuse the compiled search step; * = only the first seed ran, time incl. "
               "the XLA compile); search / epoch: that time over the wall time of one (the "
               "last) training epoch of the same run. "
@@ -725,7 +765,7 @@ def run_grid(grid: dict, root: pathlib.Path, results: pathlib.Path, *, models=No
             continue
         rec = run_one(grid, run, root, log=log)
         statuses.append(rec.get("status"))
-        if collect_every and rec.get("status") != "skipped":
+        if collect_every and rec.get("status") in ("finished", "diverged"):
             collect(grid, root, results, plots=False, log=lambda *_: None)
     out = collect(grid, root, results, plots=plots, log=log)
     out["statuses"] = statuses
