@@ -719,11 +719,13 @@ def make_plots(grid: dict, records: list[dict], results: pathlib.Path) -> list[p
         mnames = [m for m in grid["models"] if any(r["model"] == m for r in sc)]
         fig, axes = plt.subplots(len(mnames), 1, figsize=(11, 2.8 * len(mnames)), squeeze=False)
         for ax, mname in zip(axes[:, 0], mnames):
+            seeds_shown = set()
             for meth in grid["models"][mname]["methods"]:
                 mr = sorted([r for r in sc if r["model"] == mname and r["method"] == meth],
                             key=lambda r: r["seed"])
                 if not mr:
                     continue
+                seeds_shown.add(mr[0]["seed"])
                 vals = []
                 for path, v in mr[0]["scales"].items():
                     v = np.atleast_1d(np.asarray(v, np.float64)).ravel()
@@ -733,7 +735,7 @@ def make_plots(grid: dict, records: list[dict], results: pathlib.Path) -> list[p
             ax.axhline(1.0, color="k", lw=0.5)
             ax.set_yscale("log")
             ax.set_ylabel("scale")
-            ax.set_title(f"{mname}: learned scale per parameter tensor (seed {mr[0]['seed']}, "
+            ax.set_title(f"{mname}: learned scale per parameter tensor (seed {min(seeds_shown)}, "
                          "tree order)", fontsize=9)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
