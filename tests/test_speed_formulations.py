@@ -92,7 +92,7 @@ def test_sample_impls_equal_loop_of_grads(impl):
 @pytest.mark.parametrize("bn", [False, True])
 @pytest.mark.parametrize("impl", per_example.SUBBATCH_IMPLS)
 def test_subbatch_impls_equal_loop_of_grads(impl, bn):
-  if impl == "segments" and bn:
+  if impl.startswith("segments") and bn:
     pytest.skip("segments is documented as exact only without cross-example coupling")
   with jax.enable_x64(True):
     loss_fn, params, batch = _setup(bn=bn, b=10)
@@ -136,7 +136,7 @@ def test_default_impl_is_valid_for_every_backend():
   for backend in ("cpu", "gpu", "tpu", None):
     assert cosine.default_impl(None, backend=backend) in per_example.SAMPLE_IMPLS
     assert cosine.default_impl(4, backend=backend) in per_example.SUBBATCH_IMPLS
-    assert cosine.default_impl(4, backend=backend) != "segments"  # not exact with BN
+    assert not cosine.default_impl(4, backend=backend).startswith("segments")  # BN-unsafe
 
 
 def test_im2col_memory_guard_keeps_values(monkeypatch):
