@@ -245,25 +245,28 @@ def markdown_table(rows):
 
 
 DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "reliability.md"
+README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 BEGIN, END = "<!-- BEGIN bad-input table (python -m tests.test_fuzz) -->", "<!-- END bad-input table -->"
 
 
 def test_bad_input_table_in_docs_is_what_the_library_raises():
   rows = bad_input_table()
-  doc = DOC.read_text()
-  table = doc[doc.index(BEGIN) + len(BEGIN):doc.index(END)].strip()
   # Lists of known names (models, config keys, methods) grow as the library does; the rest
-  # of every message must be exactly what the doc says.
+  # of every message must be exactly what the README and the doc say.
   norm = lambda t: re.sub(r"known[^|]*", "known ...", t)  # noqa: E731
-  assert norm(table) == norm(markdown_table(rows)), \
-      "docs/reliability.md is stale: run python -m tests.test_fuzz"
+  for path in (DOC, README):
+    doc = path.read_text()
+    table = doc[doc.index(BEGIN) + len(BEGIN):doc.index(END)].strip()
+    assert norm(table) == norm(markdown_table(rows)), \
+        f"{path.name} is stale: run python -m tests.test_fuzz"
 
 
 if __name__ == "__main__":
-  doc = DOC.read_text()
   new = markdown_table(bad_input_table())
-  DOC.write_text(doc[:doc.index(BEGIN) + len(BEGIN)] + "\n" + new + "\n" + doc[doc.index(END):])
-  print(f"wrote {len(new.splitlines()) - 2} rows to {DOC}")
+  for path in (DOC, README):
+    doc = path.read_text()
+    path.write_text(doc[:doc.index(BEGIN) + len(BEGIN)] + "\n" + new + "\n" + doc[doc.index(END):])
+    print(f"wrote {len(new.splitlines()) - 2} rows to {path}")
 
 
 def test_no_pickle_or_eval_outside_the_restricted_cifar_reader():
