@@ -316,19 +316,9 @@ def _single_loss(loss_fn, params, example):
 
 
 def check_loss_fn(loss_fn: LossFn, params: PyTree, batch: PyTree) -> None:
-  """Checks, without running it, that `loss_fn` returns one finite-dtype loss per example."""
-  if not callable(loss_fn):
-    raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
-  b = errors.batch_size(batch)
-  out = jax.eval_shape(loss_fn, params, batch)
-  shape = getattr(out, "shape", None)
-  if shape != (b,):
-    raise ValueError(
-        f"loss_fn must return per-example losses of shape [B] = ({b},), got shape {shape}. "
-        "Do not average over the batch: return e.g. optax.softmax_cross_entropy_with_integer_"
-        "labels(logits, labels) without .mean().")
-  if not jnp.issubdtype(out.dtype, jnp.floating):
-    raise TypeError(f"loss_fn must return floating-point losses, got {out.dtype}.")
+  """Checks, without running it, that `loss_fn` returns one float loss per example (see
+  `nio_jax.errors.check_loss_fn`, which this forwards to)."""
+  errors.check_loss_fn(loss_fn, params, batch)
 
 
 def _per_example_selected(loss_fn, params, batch, wrt, impl, chunk_size):
