@@ -728,6 +728,8 @@ def make_plots(grid: dict, records: list[dict], results: pathlib.Path) -> list[p
                 seeds_shown.add(mr[0]["seed"])
                 vals = []
                 for path, v in mr[0]["scales"].items():
+                    if path.split("/")[-1].startswith("bias"):
+                        continue  # biases start at 0 (frozen); plot the weight tensors
                     v = np.atleast_1d(np.asarray(v, np.float64)).ravel()
                     vals.extend(v.tolist())  # scanned stacks: one scale per block
                 ax.plot(np.arange(len(vals)), vals, ".-", color=colors[meth], label=meth,
@@ -735,11 +737,11 @@ def make_plots(grid: dict, records: list[dict], results: pathlib.Path) -> list[p
             ax.axhline(1.0, color="k", lw=0.5)
             ax.set_yscale("log")
             ax.set_ylabel("scale")
-            ax.set_title(f"{mname}: learned scale per parameter tensor (seed {min(seeds_shown)}, "
+            ax.set_title(f"{mname}: learned scale per weight tensor (seed {min(seeds_shown)}, "
                          "tree order)", fontsize=9)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
-        axes[-1][0].set_xlabel("parameter tensor (tree order; scanned blocks expanded)")
+        axes[-1][0].set_xlabel("weight tensor (parameter-tree order; biases omitted)")
         fig.tight_layout()
         p = results / f"sweep_{name}_scales.png"
         fig.savefig(p, dpi=90)
