@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nio_jax import config_utils
 from nio_jax import errors
 from nio_jax import cosine as gcmod
 from nio_jax import per_example
@@ -75,31 +76,13 @@ class NIOConfig:
   @classmethod
   def create(cls, config=None, **overrides) -> "NIOConfig":
     """From None (defaults), a NIOConfig, a dict or an ml_collections ConfigDict."""
-    if config is None:
-      values = {}
-    elif isinstance(config, cls):
-      values = dataclasses.asdict(config)
-    elif hasattr(config, "to_dict"):
-      values = dict(config.to_dict())
-    elif isinstance(config, dict):
-      values = dict(config)
-    else:
-      raise TypeError(f"config must be None, NIOConfig, dict or ConfigDict; got "
-                      f"{type(config).__name__}.")
-    values.update(overrides)
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ValueError(f"unknown NIO config key(s) {unknown}; known: {sorted(known)}.")
+    values = config_utils.config_values(cls, config, overrides, "NIO")
     cfg = cls(**values)
     cfg.validate()
     return cfg
 
   def validate(self) -> None:
-    if isinstance(self.num_steps, bool) or not isinstance(self.num_steps, (int, np.integer)):
-      raise TypeError(f"num_steps must be an int, got {self.num_steps!r}.")
-    if self.num_steps < 1:
-      raise ValueError(f"num_steps={self.num_steps} must be >= 1.")
+    config_utils.check_int("num_steps", self.num_steps, 1)
     errors.check_positive("gamma", self.gamma)
     errors.check_positive("lr", self.lr)
     errors.check_positive("gn_mul", self.gn_mul, allow_zero=True)
@@ -107,8 +90,7 @@ class NIOConfig:
     errors.check_positive("min_scale", self.min_scale, allow_zero=True)
     errors.check_positive("min_scale_bias", self.min_scale_bias, allow_zero=True)
     errors.check_choice("objective", self.objective, OBJECTIVES)
-    if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
-      raise ValueError(f"Adam betas ({self.b1}, {self.b2}) must lie in [0, 1).")
+    config_utils.check_betas(self.b1, self.b2)
     errors.check_positive("eps", self.eps, allow_zero=True)
     errors.check_chunks(max(self.num_chunks or 2, 2), self.num_chunks, self.overlap)
     errors.check_optional_int("chunk_size", self.chunk_size)
@@ -123,11 +105,7 @@ class NIOConfig:
     return scmod.default_grad_filter if self.grad_filter == "default" else self.grad_filter
 
   def to_dict(self) -> dict:
-    d = dataclasses.asdict(self)
-    for k in ("grad_filter", "select"):
-      if callable(d[k]):
-        d[k] = getattr(d[k], "__name__", repr(d[k]))
-    return d
+    return config_utils.to_plain_dict(self)
 
 
 def nio_objective(stats: gcmod.GCStats, objective: str, gn_mul: float) -> jax.Array:

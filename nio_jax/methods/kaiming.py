@@ -11,7 +11,7 @@ import dataclasses
 from typing import Any, Callable
 
 from nio_jax import errors
-from nio_jax.methods._config import config_values
+from nio_jax.config_utils import config_values
 from nio_jax.methods.registry import register
 from nio_jax.results import InitResult
 

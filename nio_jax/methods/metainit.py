@@ -37,7 +37,7 @@ import numpy as np
 
 from nio_jax import errors
 from nio_jax import scales as scmod
-from nio_jax.methods import _config
+from nio_jax import config_utils as _config
 from nio_jax.methods.registry import register
 from nio_jax.rescale_adam import rescale_adam
 from nio_jax.results import InitResult

@@ -1,4 +1,4 @@
-"""Config plumbing shared by the method configs (same conventions as `nio_jax.NIOConfig`)."""
+"""Config plumbing shared by NIOConfig and the method configs (GradInitConfig, MetaInitConfig, ...)."""
 from __future__ import annotations
 
 import dataclasses
