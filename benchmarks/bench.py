@@ -22,13 +22,12 @@ first torch call (a lower bound: 0 when it stays under an earlier peak).
 
 Outputs `benchmarks/results/bench_<stamp>_<device>.{json,md,png}`.
 """
+
 from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import json
-import math
 import os
 import platform
 import resource
@@ -36,12 +35,23 @@ import statistics
 import sys
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
-ALL_MODELS = ("mlp", "resnet20", "resnet20_bn", "resnet56", "resnet56_bn", "resnet110",
-              "resnet110_bn", "vgg19", "vgg19_bn", "vit_mini")
+ALL_MODELS = (
+  "mlp",
+  "resnet20",
+  "resnet20_bn",
+  "resnet56",
+  "resnet56_bn",
+  "resnet110",
+  "resnet110_bn",
+  "vgg19",
+  "vgg19_bn",
+  "vit_mini",
+)
 ALL_PARTS = ("pe", "gc", "nio_sw", "nio_b", "gradinit", "train")
 GC_RTOL = 1e-3
 
@@ -58,6 +68,7 @@ def model_spec(name: str):
 
 def _nio_module():
   import importlib
+
   for name in ("nio_jax.nio_search", "nio_jax.nio"):
     try:
       mod = importlib.import_module(name)
@@ -88,8 +99,10 @@ class Row:
 def build(name: str, batch: int, seed: int = 0):
   import jax
   import jax.numpy as jnp
+
   from nio_jax import models
   from nio_jax.flax_utils import linen_loss_fn
+
   reg, kw, has_bn = model_spec(name)
   model = models.get(reg, **kw)
   h, w, c = models.input_shape(reg)
@@ -100,8 +113,19 @@ def build(name: str, batch: int, seed: int = 0):
   params = variables["params"]
   bs = variables.get("batch_stats")
   loss_fn = linen_loss_fn(model, batch_stats=bs)
-  return dict(name=name, reg=reg, kw=kw, has_bn=has_bn, model=model, variables=variables,
-              params=params, batch_stats=bs, loss_fn=loss_fn, x=x, y=y)
+  return dict(
+    name=name,
+    reg=reg,
+    kw=kw,
+    has_bn=has_bn,
+    model=model,
+    variables=variables,
+    params=params,
+    batch_stats=bs,
+    loss_fn=loss_fn,
+    x=x,
+    y=y,
+  )
 
 
 def torch_device(jax_backend: str):
@@ -117,8 +141,8 @@ def torch_device(jax_backend: str):
 
 
 def build_torch(spec, device):
-  import torch
   from benchmarks.torch_baseline import models as tmodels
+
   tm = tmodels.get(spec["reg"], **spec["kw"])
   tmodels.load_flax_variables(tm, spec["variables"])
   tm = tm.to(device).train()
@@ -128,6 +152,7 @@ def build_torch(spec, device):
 def _sync(device):
   if device == "cuda":
     import torch
+
     torch.cuda.synchronize()
 
 
@@ -142,14 +167,16 @@ def interleaved(fns: dict[str, Callable[[], Any]], reps: int, budget_s: float):
     if r == 0 and sum(v[0] for v in times.values()) * reps > budget_s and reps > 1:
       reps_left = max(0, int(budget_s // max(sum(v[0] for v in times.values()), 1e-9)) - 1)
       if reps_left < reps - 1:
-        for r2 in range(reps_left):
+        for _ in range(reps_left):
           for k, f in fns.items():
             t0 = _now()
             f()
             times[k].append(_now() - t0)
         break
-  return {k: dict(median_s=statistics.median(v), reps=len(v), all_s=[round(t, 5) for t in v])
-          for k, v in times.items()}
+  return {
+    k: dict(median_s=statistics.median(v), reps=len(v), all_s=[round(t, 5) for t in v])
+    for k, v in times.items()
+  }
 
 
 def jax_compile(fn, *args):
@@ -174,11 +201,13 @@ def jax_compile(fn, *args):
 
 def _block(out):
   import jax
+
   return jax.block_until_ready(out)
 
 
 def torch_memory(fn, device):
   import torch
+
   if device == "cuda":
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -194,11 +223,15 @@ def torch_memory(fn, device):
 
 
 def run_row(name, batch, parts, args, tdev, tdev_why):
+  import importlib
+
   import jax
   import jax.numpy as jnp
   import optax
-  import importlib
-  from nio_jax import cosine, per_example, scales as scmod
+
+  from nio_jax import cosine, per_example
+  from nio_jax import scales as scmod
+
   nio = _nio_module()
   row = Row(name, batch)
   spec = build(name, batch, args.seed)
@@ -218,22 +251,27 @@ def run_row(name, batch, parts, args, tdev, tdev_why):
   tm = None
   if tdev is not None:
     import torch
+
     from benchmarks.torch_baseline import algorithms as TA
+
     tm = build_torch(spec, tdev)
     tx = torch.from_numpy(np.ascontiguousarray(np.transpose(x_np, (0, 3, 1, 2)))).to(tdev)
     ty = torch.from_numpy(y_np.astype(np.int64)).to(tdev)
     half = batch // 2
-    tx2 = torch.from_numpy(np.ascontiguousarray(
-        np.transpose(spec["x"][batch:batch + half], (0, 3, 1, 2)))).to(tdev)
-    ty2 = torch.from_numpy(spec["y"][batch:batch + half].astype(np.int64)).to(tdev)
+    tx2 = torch.from_numpy(
+      np.ascontiguousarray(np.transpose(spec["x"][batch : batch + half], (0, 3, 1, 2)))
+    ).to(tdev)
+    ty2 = torch.from_numpy(spec["y"][batch : batch + half].astype(np.int64)).to(tdev)
   else:
     row.note(f"PyTorch absent: {tdev_why}")
 
   def sample_ok(part):
     if has_bn:
-      row.d["parts"][part] = dict(skipped="sample-wise GradCosine is not defined for a model "
-                                  "with batch norm (cross-example coupling); the released "
-                                  "code uses the batch setting")
+      row.d["parts"][part] = dict(
+        skipped="sample-wise GradCosine is not defined for a model "
+        "with batch norm (cross-example coupling); the released "
+        "code uses the batch setting"
+      )
       return False
     return True
 
@@ -246,8 +284,9 @@ def run_row(name, batch, parts, args, tdev, tdev_why):
     if sname == "batch" and "nio_b" not in parts:
       continue
     impl = impl_sw[0] if d is None else impl_b[0]
-    st = cosine.gradcosine(loss_fn, params, jbatch, num_chunks=d, overlap=0.2 if d else 0.0,
-                           wrt=wrt, impl=impl)
+    st = cosine.gradcosine(
+      loss_fn, params, jbatch, num_chunks=d, overlap=0.2 if d else 0.0, wrt=wrt, impl=impl
+    )
     jgc = float(st.gc)
     ent = dict(jax_gc=jgc, jax_grad_norm=float(st.grad_norm))
     if tm is not None:
@@ -255,8 +294,9 @@ def run_row(name, batch, parts, args, tdev, tdev_why):
       tgc, tnorms = TA.gradcosine(sm, tx, ty, num_chunks=d, overlap=0.2 if d else 0.0)
       tgc = float(tgc)
       rel = abs(jgc - tgc) / max(abs(tgc), 1e-12)
-      ent.update(torch_gc=tgc, torch_grad_norm=float(tnorms.mean()), rel_diff=rel,
-                 ok=bool(rel <= GC_RTOL))
+      ent.update(
+        torch_gc=tgc, torch_grad_norm=float(tnorms.mean()), rel_diff=rel, ok=bool(rel <= GC_RTOL)
+      )
       if rel > GC_RTOL:
         row.note(f"FLAGGED: {sname} GC differs: jax {jgc:.6g} torch {tgc:.6g} (rel {rel:.2e})")
     check[sname] = ent
@@ -265,7 +305,7 @@ def run_row(name, batch, parts, args, tdev, tdev_why):
   row.d["flagged"] = any(not e.get("ok", True) for e in check.values())
 
   # ---------- the parts ----------
-  p_sel = per_example.select_leaves(params, wrt)[0]
+
   scales0, sspec = scmod.init_scales(params)
 
   def time_part(part, jax_fns: dict, torch_fn, torch_mem_fn=None):
@@ -279,9 +319,12 @@ def run_row(name, batch, parts, args, tdev, tdev_why):
         _block(compiled(*fargs))
         info["first_run_s"] = round(_now() - t0, 4)
         ent[f"jax[{label}]"] = info
-        print(f"    jax[{label}] lower {info['lower_s']}s compile {info['compile_s']}s "
-              f"first run {info['first_run_s']}s", flush=True)
-        fns[f"jax[{label}]"] = (lambda c=compiled, a=fargs: _block(c(*a)))
+        print(
+          f"    jax[{label}] lower {info['lower_s']}s compile {info['compile_s']}s "
+          f"first run {info['first_run_s']}s",
+          flush=True,
+        )
+        fns[f"jax[{label}]"] = lambda c=compiled, a=fargs: _block(c(*a))
       except Exception as e:
         ent[f"jax[{label}]"] = dict(error=f"{type(e).__name__}: {e}"[:300])
         row.note(f"{part} jax[{label}] failed: {type(e).__name__}: {str(e)[:200]}")
@@ -294,6 +337,7 @@ def run_row(name, batch, parts, args, tdev, tdev_why):
         def tf():
           torch_fn()
           _sync(tdev)
+
         fns["torch"] = tf
       except Exception as e:
         ent["torch"] = dict(error=f"{type(e).__name__}: {e}"[:300])
@@ -308,10 +352,16 @@ def run_row(name, batch, parts, args, tdev, tdev_why):
         if k != "torch":
           ent[k]["ratio_vs_torch"] = round(times[k]["median_s"] / times["torch"]["median_s"], 3)
     row.d["parts"][part] = ent
-    print(f"  {part}: " + ", ".join(f"{k}={v.get('median_s', float('nan')):.4f}s"
-                                     + (f" (x{v['ratio_vs_torch']})" if 'ratio_vs_torch' in v
-                                        else "") for k, v in ent.items() if 'median_s' in v),
-          flush=True)
+    print(
+      f"  {part}: "
+      + ", ".join(
+        f"{k}={v.get('median_s', float('nan')):.4f}s"
+        + (f" (x{v['ratio_vs_torch']})" if "ratio_vs_torch" in v else "")
+        for k, v in ent.items()
+        if "median_s" in v
+      ),
+      flush=True,
+    )
 
   for part in parts:
     print(f" [{name} B={batch}] {part}", flush=True)
@@ -321,8 +371,9 @@ def run_row(name, batch, parts, args, tdev, tdev_why):
           continue
         jfns = {}
         for impl in impl_sw:
-          f = jax.jit(lambda p, b, impl=impl: per_example.sample_grads_selected(
-              loss_fn, p, b, wrt, impl)[1])
+          f = jax.jit(
+            lambda p, b, impl=impl: per_example.sample_grads_selected(loss_fn, p, b, wrt, impl)[1]
+          )
           jfns[impl] = (f, (params, jbatch))
         tf = None
         if tm is not None:
@@ -333,8 +384,15 @@ def run_row(name, batch, parts, args, tdev, tdev_why):
       elif part == "gc":
         if not sample_ok(part):
           continue
-        jfns = {impl: (jax.jit(lambda p, b, impl=impl: cosine.gradcosine_stats(
-            loss_fn, p, b, wrt=wrt, impl=impl).gc), (params, jbatch)) for impl in impl_sw}
+        jfns = {
+          impl: (
+            jax.jit(
+              lambda p, b, impl=impl: cosine.gradcosine_stats(loss_fn, p, b, wrt=wrt, impl=impl).gc
+            ),
+            (params, jbatch),
+          )
+          for impl in impl_sw
+        }
         tf = None
         if tm is not None:
           sm = TA.ScaledModel(tm)
@@ -345,7 +403,7 @@ def run_row(name, batch, parts, args, tdev, tdev_why):
           continue
         d = None if part == "nio_sw" else 4
         jfns = {}
-        for impl in (impl_sw if d is None else impl_b):
+        for impl in impl_sw if d is None else impl_b:
           cfg = nio.NIOConfig(num_chunks=d, overlap=0.0 if d is None else 0.2, impl=impl)
           step, txo = nio.make_nio_step(loss_fn, sspec, cfg)
           jfns[impl] = (step, (params, scales0, txo.init(scales0), jbatch))
@@ -353,16 +411,18 @@ def run_row(name, batch, parts, args, tdev, tdev_why):
         if tm is not None:
           sm = TA.ScaledModel(tm)
           opt = TA.RescaleAdam(sm, 3e-3)
-          tf = lambda: TA.nio_step(sm, opt, tx, ty, num_chunks=d,
-                                   overlap=0.0 if d is None else 0.2)
+          tf = lambda: TA.nio_step(sm, opt, tx, ty, num_chunks=d, overlap=0.0 if d is None else 0.2)
         time_part(part, jfns, tf)
       elif part == "gradinit":
         if importlib.util.find_spec("nio_jax.methods.gradinit") is None:
           row.d["parts"][part] = dict(absent="nio_jax.methods.gradinit does not exist")
           continue
         GI = importlib.import_module("nio_jax.methods.gradinit")
-        cfg = GI.GradInitConfig.create(None, batch_size=batch) if "batch_size" in \
-            GI.GradInitConfig.__dataclass_fields__ else None
+        cfg = (
+          GI.GradInitConfig.create(None, batch_size=batch)
+          if "batch_size" in GI.GradInitConfig.__dataclass_fields__
+          else None
+        )
         step, txo, _ = GI.make_gradinit_step(loss_fn, sspec, cfg)
         jfns = {"default": (step, (params, scales0, txo.init(scales0), jbatch, jnext))}
         tf = None
@@ -381,18 +441,21 @@ def run_row(name, batch, parts, args, tdev, tdev_why):
               logits = mdl.apply({"params": p}, b["image"])
               new = None
             else:
-              logits, upd = mdl.apply({"params": p, "batch_stats": stats}, b["image"],
-                                      train=True, mutable=["batch_stats"])
+              logits, upd = mdl.apply(
+                {"params": p, "batch_stats": stats}, b["image"], train=True, mutable=["batch_stats"]
+              )
               new = upd["batch_stats"]
-            return optax.softmax_cross_entropy_with_integer_labels(
-                logits, b["label"]).mean(), new
+            return optax.softmax_cross_entropy_with_integer_labels(logits, b["label"]).mean(), new
+
           (l, new), g = jax.value_and_grad(lf, has_aux=True)(p)
           u, o = opt.update(g, o, p)
           return optax.apply_updates(p, u), o, new, l
+
         jfns = {"default": (jax.jit(jtrain), (params, opt.init(params), bs, jbatch))}
         tf = None
         if tm is not None:
           import copy
+
           tmc = copy.deepcopy(tm)
           tf = TA.make_train_step(tmc, 0.1)
           tfn = lambda: tf(tx, ty)
@@ -417,13 +480,21 @@ def run_row(name, batch, parts, args, tdev, tdev_why):
 
 def environment():
   import jax
-  env = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-             python=platform.python_version(), platform=platform.platform(),
-             jax=jax.__version__, jax_backend=jax.default_backend(),
-             jax_device=str(jax.devices()[0].device_kind), cpu_count=os.cpu_count(),
-             xla_flags=os.environ.get("XLA_FLAGS", ""), dtype="float32")
+
+  env = dict(
+    date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    python=platform.python_version(),
+    platform=platform.platform(),
+    jax=jax.__version__,
+    jax_backend=jax.default_backend(),
+    jax_device=str(jax.devices()[0].device_kind),
+    cpu_count=os.cpu_count(),
+    xla_flags=os.environ.get("XLA_FLAGS", ""),
+    dtype="float32",
+  )
   try:
     import jaxlib
+
     env["jaxlib"] = jaxlib.__version__
   except Exception:
     pass
@@ -434,6 +505,7 @@ def environment():
       env[mod] = "absent"
   try:
     import torch
+
     env["torch_threads"] = torch.get_num_threads()
   except Exception:
     pass
@@ -446,21 +518,29 @@ def _fmt(x, nd=3):
 
 def markdown(result) -> str:
   env = result["env"]
-  lines = [f"# nio_jax benchmark {env['date']}", "",
-           f"Command: `{result['command']}`", "",
-           f"Device: {env['jax_backend']} ({env['jax_device']}), {env['cpu_count']} CPUs; "
-           f"jax {env['jax']}, jaxlib {env.get('jaxlib')}, flax {env['flax']}, torch "
-           f"{env['torch']} ({env.get('torch_threads')} threads), python {env['python']}; "
-           f"{env['dtype']}. JAX and PyTorch repetitions interleaved in the same run; medians.",
-           "", "| model | B | part | impl | JAX s | torch s | JAX/torch | step/train (JAX) | "
-           "step/train (torch) | lower s | compile s | XLA temp+arg MB | torch mem MB | "
-           "GC check |", "|" + "---|" * 14]
+  lines = [
+    f"# nio_jax benchmark {env['date']}",
+    "",
+    f"Command: `{result['command']}`",
+    "",
+    f"Device: {env['jax_backend']} ({env['jax_device']}), {env['cpu_count']} CPUs; "
+    f"jax {env['jax']}, jaxlib {env.get('jaxlib')}, flax {env['flax']}, torch "
+    f"{env['torch']} ({env.get('torch_threads')} threads), python {env['python']}; "
+    f"{env['dtype']}. JAX and PyTorch repetitions interleaved in the same run; medians.",
+    "",
+    "| model | B | part | impl | JAX s | torch s | JAX/torch | step/train (JAX) | "
+    "step/train (torch) | lower s | compile s | XLA temp+arg MB | torch mem MB | "
+    "GC check |",
+    "|" + "---|" * 14,
+  ]
   for r in result["rows"]:
     chk = "FLAGGED" if r.get("flagged") else ("ok" if r.get("gc_check") else "—")
     for part, ent in r["parts"].items():
       if "skipped" in ent or "absent" in ent:
-        lines.append(f"| {r['model']} | {r['batch']} | {part} | — | — | — | — | — | — | — | — | "
-                     f"— | — | {ent.get('skipped') or 'absent: ' + ent['absent']} |")
+        lines.append(
+          f"| {r['model']} | {r['batch']} | {part} | — | — | — | — | — | — | — | — | "
+          f"— | — | {ent.get('skipped') or 'absent: ' + ent['absent']} |"
+        )
         continue
       t = ent.get("torch", {})
       tmem = t.get("torch_peak_mb", t.get("torch_rss_growth_mb"))
@@ -468,15 +548,18 @@ def markdown(result) -> str:
         if not k.startswith("jax["):
           continue
         if "error" in v:
-          lines.append(f"| {r['model']} | {r['batch']} | {part} | {k[4:-1]} | error | | | | | "
-                       f"| | | | {v['error'][:80]} |")
+          lines.append(
+            f"| {r['model']} | {r['batch']} | {part} | {k[4:-1]} | error | | | | | "
+            f"| | | | {v['error'][:80]} |"
+          )
           continue
         lines.append(
-            f"| {r['model']} | {r['batch']} | {part} | {k[4:-1]} | {_fmt(v.get('median_s'))} | "
-            f"{_fmt(t.get('median_s'))} | {_fmt(v.get('ratio_vs_torch'))} | "
-            f"{_fmt(v.get('ratio_vs_train_step'))} | {_fmt(t.get('ratio_vs_train_step'))} | "
-            f"{_fmt(v.get('lower_s'))} | {_fmt(v.get('compile_s'))} | "
-            f"{_fmt(v.get('xla_peak_mb'))} | {_fmt(tmem)} | {chk} |")
+          f"| {r['model']} | {r['batch']} | {part} | {k[4:-1]} | {_fmt(v.get('median_s'))} | "
+          f"{_fmt(t.get('median_s'))} | {_fmt(v.get('ratio_vs_torch'))} | "
+          f"{_fmt(v.get('ratio_vs_train_step'))} | {_fmt(t.get('ratio_vs_train_step'))} | "
+          f"{_fmt(v.get('lower_s'))} | {_fmt(v.get('compile_s'))} | "
+          f"{_fmt(v.get('xla_peak_mb'))} | {_fmt(tmem)} | {chk} |"
+        )
   if result.get("skipped"):
     lines += ["", "Skipped:", ""] + [f"- {s}" for s in result["skipped"]]
   notes = [f"- {r['model']} B={r['batch']}: {n}" for r in result["rows"] for n in r["notes"]]
@@ -487,8 +570,10 @@ def markdown(result) -> str:
 
 def plot(result, path):
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   labels, vals = [], []
   for r in result["rows"]:
     for part, ent in r["parts"].items():
@@ -515,21 +600,34 @@ def plot(result, path):
 
 def parse(argv):
   ap = argparse.ArgumentParser(prog="nio-jax bench", description=__doc__.split("\n")[0])
-  ap.add_argument("--models", default="mlp,resnet20",
-                  help=f"comma list from {','.join(ALL_MODELS)} or 'all'")
+  ap.add_argument(
+    "--models", default="mlp,resnet20", help=f"comma list from {','.join(ALL_MODELS)} or 'all'"
+  )
   ap.add_argument("--batches", default="32", help="comma list, e.g. 32,64,128")
   ap.add_argument("--parts", default=",".join(ALL_PARTS), help=f"comma list of {ALL_PARTS}")
-  ap.add_argument("--impl-sw", default="", help="JAX sample-wise formulations to time "
-                  "(comma list; default: the library's default_impl)")
+  ap.add_argument(
+    "--impl-sw",
+    default="",
+    help="JAX sample-wise formulations to time (comma list; default: the library's default_impl)",
+  )
   ap.add_argument("--impl-b", default="", help="JAX batch-setting formulations to time")
   ap.add_argument("--reps", type=int, default=3)
-  ap.add_argument("--budget", type=float, default=120.0,
-                  help="seconds per part: fewer repetitions if the first one says it won't fit")
+  ap.add_argument(
+    "--budget",
+    type=float,
+    default=120.0,
+    help="seconds per part: fewer repetitions if the first one says it won't fit",
+  )
   ap.add_argument("--seed", type=int, default=0)
-  ap.add_argument("--torch-threads", type=int, default=2,
-                  help="torch.set_num_threads on CPU (0: leave torch's default)")
-  ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                "results"))
+  ap.add_argument(
+    "--torch-threads",
+    type=int,
+    default=2,
+    help="torch.set_num_threads on CPU (0: leave torch's default)",
+  )
+  ap.add_argument(
+    "--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+  )
   ap.add_argument("--tag", default="")
   ap.add_argument("--no-plot", action="store_true")
   a = ap.parse_args(argv)
@@ -549,23 +647,28 @@ def parse(argv):
 
 def main(argv=None) -> dict:
   args = parse(sys.argv[1:] if argv is None else argv)
-  import jax
   if args.torch_threads:
     import torch
+
     torch.set_num_threads(args.torch_threads)
   env = environment()
   tdev, why = torch_device(env["jax_backend"])
   env["torch_device"] = tdev or f"absent ({why})"
   cmd = "python -m benchmarks.bench " + " ".join(sys.argv[1:] if argv is None else argv)
   result = dict(env=env, command=cmd, rows=[], skipped=[])
-  stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%S")
+  stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S")
   os.makedirs(args.out, exist_ok=True)
   base = os.path.join(args.out, f"bench_{stamp}_{env['jax_backend']}{args.tag}")
-  grid = [f"{m} B={b}" for m in ALL_MODELS for b in (32, 64, 128)
-          if m not in args.models or b not in args.batches]
+  grid = [
+    f"{m} B={b}"
+    for m in ALL_MODELS
+    for b in (32, 64, 128)
+    if m not in args.models or b not in args.batches
+  ]
   if grid:
-    result["skipped"].append("not selected on the command line (time on this device): "
-                             + ", ".join(grid))
+    result["skipped"].append(
+      "not selected on the command line (time on this device): " + ", ".join(grid)
+    )
   for m in args.models:
     for b in args.batches:
       print(f"== {m} batch {b}", flush=True)
@@ -573,8 +676,11 @@ def main(argv=None) -> dict:
         result["rows"].append(run_row(m, b, args.parts, args, tdev, why))
       except Exception as e:
         traceback.print_exc()
-        result["rows"].append(dict(model=m, batch=b, parts={}, notes=[
-            f"row failed: {type(e).__name__}: {str(e)[:300]}"]))
+        result["rows"].append(
+          dict(
+            model=m, batch=b, parts={}, notes=[f"row failed: {type(e).__name__}: {str(e)[:300]}"]
+          )
+        )
       with open(base + ".json", "w") as f:  # after every row: partial results survive
         json.dump(result, f, indent=1, default=str)
   with open(base + ".md", "w") as f:

@@ -37,143 +37,183 @@ from nio_jax import models  # noqa: E402
 
 
 def _abstract_variables(model, batch, dtype):
-    x = jax.ShapeDtypeStruct((batch, 32, 32, 3), dtype)
-    return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x), x
+  x = jax.ShapeDtypeStruct((batch, 32, 32, 3), dtype)
+  return jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x), x
 
 
 def train_grad_fn(model, has_bn):
-    """Forward + backward of the mean cross-entropy (train mode)."""
+  """Forward + backward of the mean cross-entropy (train mode)."""
 
-    def loss(params, rest, x, y):
-        if has_bn:
-            logits, upd = model.apply({"params": params, **rest}, x, train=True, mutable=["batch_stats"])
-        else:
-            logits, upd = model.apply({"params": params}, x, train=True), {}
-        ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
-        return ce, upd
+  def loss(params, rest, x, y):
+    if has_bn:
+      logits, upd = model.apply({"params": params, **rest}, x, train=True, mutable=["batch_stats"])
+    else:
+      logits, upd = model.apply({"params": params}, x, train=True), {}
+    ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], axis=1))
+    return ce, upd
 
-    return jax.value_and_grad(loss, has_aux=True)
+  return jax.value_and_grad(loss, has_aux=True)
 
 
 def time_lower_compile(jitted, *args):
-    t0 = time.perf_counter()
-    lowered = jitted.lower(*args)
-    t1 = time.perf_counter()
-    compiled = lowered.compile()
-    t2 = time.perf_counter()
-    del compiled
-    return t1 - t0, t2 - t1
+  t0 = time.perf_counter()
+  lowered = jitted.lower(*args)
+  t1 = time.perf_counter()
+  compiled = lowered.compile()
+  t2 = time.perf_counter()
+  del compiled
+  return t1 - t0, t2 - t1
 
 
 def nio_step_hook(model, variables, x, y, has_bn):
-    """Lower+compile one NIO step; None when ``nio_jax.make_nio_step`` is unavailable."""
-    try:
-        import nio_jax
-        from nio_jax.flax_utils import linen_loss_fn
-    except Exception:  # pragma: no cover - core not there
-        return None
-    if not hasattr(nio_jax, "make_nio_step"):
-        return None
-    params = variables["params"]
-    # batch_stats are closed over by the loss: they must be concrete arrays
-    stats = None
-    if has_bn:
-        stats = jax.tree_util.tree_map(lambda s: jnp.ones(s.shape, s.dtype), variables["batch_stats"])
-    loss_fn = linen_loss_fn(model, batch_stats=stats)
-    # scales/spec structure from abstract params (init_scales only reads shapes and norms)
-    concrete = jax.tree_util.tree_map(lambda s: jnp.ones(s.shape, s.dtype), params)
-    scales, spec = nio_jax.init_scales(concrete)
-    step, tx = nio_jax.make_nio_step(loss_fn, spec, None)
-    opt_state = jax.eval_shape(tx.init, scales)
-    abstract = lambda t: jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), t)  # noqa: E731
-    batch = {"image": x, "label": y}
-    return time_lower_compile(step, params, abstract(scales), opt_state, batch)
+  """Lower+compile one NIO step; None when ``nio_jax.make_nio_step`` is unavailable."""
+  try:
+    import nio_jax
+    from nio_jax.flax_utils import linen_loss_fn
+  except Exception:  # pragma: no cover - core not there
+    return None
+  if not hasattr(nio_jax, "make_nio_step"):
+    return None
+  params = variables["params"]
+  # batch_stats are closed over by the loss: they must be concrete arrays
+  stats = None
+  if has_bn:
+    stats = jax.tree_util.tree_map(lambda s: jnp.ones(s.shape, s.dtype), variables["batch_stats"])
+  loss_fn = linen_loss_fn(model, batch_stats=stats)
+  # scales/spec structure from abstract params (init_scales only reads shapes and norms)
+  concrete = jax.tree_util.tree_map(lambda s: jnp.ones(s.shape, s.dtype), params)
+  scales, spec = nio_jax.init_scales(concrete)
+  step, tx = nio_jax.make_nio_step(loss_fn, spec, None)
+  opt_state = jax.eval_shape(tx.init, scales)
+  abstract = lambda t: jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), t)  # noqa: E731
+  batch = {"image": x, "label": y}
+  return time_lower_compile(step, params, abstract(scales), opt_state, batch)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--depths", default="20,56,110,1202")
-    ap.add_argument("--norms", default="none,bn")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--max-unrolled-depth", type=int, default=110)
-    ap.add_argument("--no-unrolled", action="store_true")
-    ap.add_argument("--nio", action="store_true", help="also time one NIO step (make_nio_step)")
-    ap.add_argument("--nio-max-depth", type=int, default=110)
-    ap.add_argument("--nio-layouts", default="scan,unrolled", help="layouts for which the NIO step is timed")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/compile_time_<platform>.json)")
-    args = ap.parse_args(argv)
+  ap = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
+  ap.add_argument("--depths", default="20,56,110,1202")
+  ap.add_argument("--norms", default="none,bn")
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--dtype", default="float32")
+  ap.add_argument("--max-unrolled-depth", type=int, default=110)
+  ap.add_argument("--no-unrolled", action="store_true")
+  ap.add_argument("--nio", action="store_true", help="also time one NIO step (make_nio_step)")
+  ap.add_argument("--nio-max-depth", type=int, default=110)
+  ap.add_argument(
+    "--nio-layouts", default="scan,unrolled", help="layouts for which the NIO step is timed"
+  )
+  ap.add_argument(
+    "--out",
+    default=None,
+    help="JSON path (default benchmarks/results/compile_time_<platform>.json)",
+  )
+  args = ap.parse_args(argv)
 
-    dtype = jnp.dtype(args.dtype)
-    dev = jax.devices()[0]
-    out = args.out or os.path.join(os.path.dirname(__file__), "results", f"compile_time_{dev.platform}.json")
-    meta = dict(
-        device=f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
-        num_devices=jax.device_count(),
-        cpu_count=os.cpu_count(),
-        loadavg_at_start=os.getloadavg(),
-        jax=jax.__version__,
-        flax=flax.__version__,
-        python=platform.python_version(),
-        batch=args.batch,
-        dtype=str(dtype),
-        input_shape=[32, 32, 3],
-        what="jax.jit(value_and_grad(mean CE)).lower(abstract args) then .compile(); seconds",
-        date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+  dtype = jnp.dtype(args.dtype)
+  dev = jax.devices()[0]
+  out = args.out or os.path.join(
+    os.path.dirname(__file__), "results", f"compile_time_{dev.platform}.json"
+  )
+  meta = dict(
+    device=f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
+    num_devices=jax.device_count(),
+    cpu_count=os.cpu_count(),
+    loadavg_at_start=os.getloadavg(),
+    jax=jax.__version__,
+    flax=flax.__version__,
+    python=platform.python_version(),
+    batch=args.batch,
+    dtype=str(dtype),
+    input_shape=[32, 32, 3],
+    what="jax.jit(value_and_grad(mean CE)).lower(abstract args) then .compile(); seconds",
+    date=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+  )
+  rows = []
+  for depth in [int(d) for d in args.depths.split(",")]:
+    for norm in args.norms.split(","):
+      for scan in (True, False):
+        row = dict(model=f"resnet{depth}", norm=norm, scan=scan, depth=depth)
+        if not scan and (args.no_unrolled or depth > args.max_unrolled_depth):
+          row.update(
+            skipped=f"unrolled depth > {args.max_unrolled_depth} (trace+compile too slow on CPU)"
+          )
+          rows.append(row)
+          print(row, flush=True)
+          continue
+        model = models.get(f"resnet{depth}", norm=norm, scan=scan, dtype=None)
+        variables, x = _abstract_variables(model, args.batch, dtype)
+        y = jax.ShapeDtypeStruct((args.batch,), jnp.int32)
+        has_bn = "batch_stats" in variables
+        rest = {k: v for k, v in variables.items() if k != "params"}
+        lo, co = time_lower_compile(
+          jax.jit(train_grad_fn(model, has_bn)), variables["params"], rest, x, y
+        )
+        row.update(
+          params=models.count_params(variables["params"]),
+          lower_s=round(lo, 3),
+          compile_s=round(co, 3),
+          total_s=round(lo + co, 3),
+        )
+        if (
+          args.nio
+          and depth <= args.nio_max_depth
+          and ("scan" if scan else "unrolled") in args.nio_layouts.split(",")
+        ):
+          r = nio_step_hook(model, variables, x, y, has_bn)
+          if r is None:
+            row["nio_step"] = "make_nio_step not available"
+          else:
+            row.update(nio_lower_s=round(r[0], 3), nio_compile_s=round(r[1], 3))
+        rows.append(row)
+        print(row, flush=True)
+        with open(out, "w") as f:  # keep partial results
+          json.dump(dict(meta=meta, results=rows), f, indent=1)
+
+  meta["loadavg_at_end"] = os.getloadavg()
+  with open(out, "w") as f:
+    json.dump(dict(meta=meta, results=rows), f, indent=1)
+  md = out[: -len(".json")] + ".md"
+  with open(md, "w") as f:
+    f.write(
+      f"# Compile time, CIFAR ResNets ({meta['device']}, jax {meta['jax']}, flax {meta['flax']})\n\n"
     )
-    rows = []
-    for depth in [int(d) for d in args.depths.split(",")]:
-        for norm in args.norms.split(","):
-            for scan in (True, False):
-                row = dict(model=f"resnet{depth}", norm=norm, scan=scan, depth=depth)
-                if not scan and (args.no_unrolled or depth > args.max_unrolled_depth):
-                    row.update(skipped=f"unrolled depth > {args.max_unrolled_depth} (trace+compile too slow on CPU)")
-                    rows.append(row)
-                    print(row, flush=True)
-                    continue
-                model = models.get(f"resnet{depth}", norm=norm, scan=scan, dtype=None)
-                variables, x = _abstract_variables(model, args.batch, dtype)
-                y = jax.ShapeDtypeStruct((args.batch,), jnp.int32)
-                has_bn = "batch_stats" in variables
-                rest = {k: v for k, v in variables.items() if k != "params"}
-                lo, co = time_lower_compile(jax.jit(train_grad_fn(model, has_bn)), variables["params"], rest, x, y)
-                row.update(params=models.count_params(variables["params"]),
-                           lower_s=round(lo, 3), compile_s=round(co, 3), total_s=round(lo + co, 3))
-                if args.nio and depth <= args.nio_max_depth and ("scan" if scan else "unrolled") in args.nio_layouts.split(","):
-                    r = nio_step_hook(model, variables, x, y, has_bn)
-                    if r is None:
-                        row["nio_step"] = "make_nio_step not available"
-                    else:
-                        row.update(nio_lower_s=round(r[0], 3), nio_compile_s=round(r[1], 3))
-                rows.append(row)
-                print(row, flush=True)
-                with open(out, "w") as f:  # keep partial results
-                    json.dump(dict(meta=meta, results=rows), f, indent=1)
-
-    meta["loadavg_at_end"] = os.getloadavg()
-    with open(out, "w") as f:
-        json.dump(dict(meta=meta, results=rows), f, indent=1)
-    md = out[: -len(".json")] + ".md"
-    with open(md, "w") as f:
-        f.write(f"# Compile time, CIFAR ResNets ({meta['device']}, jax {meta['jax']}, flax {meta['flax']})\n\n")
-        f.write(f"Forward + backward of mean cross-entropy, train mode, batch {args.batch}, {meta['dtype']}, "
-                f"32x32x3 input; seconds. `lower` = trace + StableHLO, `compile` = XLA. "
-                f"Load average at start {meta['loadavg_at_start'][0]:.1f} on {meta['cpu_count']} cores "
-                f"(shared machine: absolute numbers are inflated, ratios are what matter).\n\n")
-        has_nio = any("nio_compile_s" in r for r in rows)
-        hdr = "| model | norm | layout | params | lower s | compile s | total s |" + (" NIO step lower s | NIO step compile s |" if has_nio else "")
-        f.write(hdr + "\n|" + "---|" * (hdr.count("|") - 1) + "\n")
-        for r in rows:
-            layout = "scan" if r["scan"] else "unrolled"
-            if "skipped" in r:
-                cells = [r["model"], r["norm"], layout, "", "skipped", r["skipped"], ""]
-            else:
-                cells = [r["model"], r["norm"], layout, f"{r['params']:,}", f"{r['lower_s']:.2f}", f"{r['compile_s']:.2f}", f"{r['total_s']:.2f}"]
-            if has_nio:
-                cells += [f"{r['nio_lower_s']:.2f}", f"{r['nio_compile_s']:.2f}"] if "nio_compile_s" in r else ["", ""]
-            f.write("| " + " | ".join(cells) + " |\n")
-    print("wrote", out, md)
+    f.write(
+      f"Forward + backward of mean cross-entropy, train mode, batch {args.batch}, {meta['dtype']}, "
+      f"32x32x3 input; seconds. `lower` = trace + StableHLO, `compile` = XLA. "
+      f"Load average at start {meta['loadavg_at_start'][0]:.1f} on {meta['cpu_count']} cores "
+      f"(shared machine: absolute numbers are inflated, ratios are what matter).\n\n"
+    )
+    has_nio = any("nio_compile_s" in r for r in rows)
+    hdr = "| model | norm | layout | params | lower s | compile s | total s |" + (
+      " NIO step lower s | NIO step compile s |" if has_nio else ""
+    )
+    f.write(hdr + "\n|" + "---|" * (hdr.count("|") - 1) + "\n")
+    for r in rows:
+      layout = "scan" if r["scan"] else "unrolled"
+      if "skipped" in r:
+        cells = [r["model"], r["norm"], layout, "", "skipped", r["skipped"], ""]
+      else:
+        cells = [
+          r["model"],
+          r["norm"],
+          layout,
+          f"{r['params']:,}",
+          f"{r['lower_s']:.2f}",
+          f"{r['compile_s']:.2f}",
+          f"{r['total_s']:.2f}",
+        ]
+      if has_nio:
+        cells += (
+          [f"{r['nio_lower_s']:.2f}", f"{r['nio_compile_s']:.2f}"]
+          if "nio_compile_s" in r
+          else ["", ""]
+        )
+      f.write("| " + " | ".join(cells) + " |\n")
+  print("wrote", out, md)
 
 
 if __name__ == "__main__":
-    main()
+  main()

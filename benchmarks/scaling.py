@@ -14,6 +14,7 @@ call, each call ended with ``block_until_ready``.
 Results: ``benchmarks/results/scaling_<platform>.json`` and ``.md`` (device, versions, model,
 batch, dtype, per-configuration times).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,10 +38,13 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import nio_jax  # noqa: E402
-from nio_jax import distributed, models, scales as scmod  # noqa: E402
+from nio_jax import distributed, models  # noqa: E402
+from nio_jax import scales as scmod
 from nio_jax.flax_utils import linen_loss_fn  # noqa: E402
-from nio_jax.train import default_config  # noqa: E402
-from nio_jax.train import trainer  # noqa: E402
+from nio_jax.train import (
+  default_config,  # noqa: E402
+  trainer,  # noqa: E402
+)
 
 
 def timeit(fn, repeats):
@@ -62,8 +66,9 @@ def main(argv=None):
   ap.add_argument("--width", type=int, default=4)
   ap.add_argument("--repeats", type=int, default=3)
   ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-  ap.add_argument("--no-force", action="store_true",
-                  help="do not simulate 8 CPU devices (use the real devices)")
+  ap.add_argument(
+    "--no-force", action="store_true", help="do not simulate 8 CPU devices (use the real devices)"
+  )
   args = ap.parse_args(argv)
   counts = [int(c) for c in args.devices.split(",") if int(c) <= jax.device_count()]
 
@@ -71,8 +76,10 @@ def main(argv=None):
   shape = (args.batch, args.image, args.image, 3)
   variables = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1,) + shape[1:]))
   rng = np.random.default_rng(0)
-  batch = {"image": jnp.asarray(rng.normal(size=shape), jnp.float32),
-           "label": jnp.asarray(rng.integers(0, 10, args.batch), jnp.int32)}
+  batch = {
+    "image": jnp.asarray(rng.normal(size=shape), jnp.float32),
+    "label": jnp.asarray(rng.integers(0, 10, args.batch), jnp.int32),
+  }
   loss_fn = linen_loss_fn(model, batch_stats=variables.get("batch_stats"))
   params = variables["params"]
   s0, spec = scmod.init_scales(params)
@@ -81,8 +88,13 @@ def main(argv=None):
   cfg.batch_size, cfg.progress, cfg.plots = args.batch, False, False
   has_bs = bool(variables.get("batch_stats"))
   train_step, _, tx, _ = trainer._build_steps(model, cfg, 100, has_bs, not has_bs)
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params),
-           "rng": jax.random.key_data(jax.random.key(0)), "bad_step": jnp.full((), -1, jnp.int32)}
+  state = {
+    "step": jnp.zeros((), jnp.int32),
+    "params": params,
+    "opt_state": tx.init(params),
+    "rng": jax.random.key_data(jax.random.key(0)),
+    "bad_step": jnp.full((), -1, jnp.int32),
+  }
   if has_bs:
     state["batch_stats"] = variables["batch_stats"]
   acc = jnp.zeros((2, 3), jnp.float32)
@@ -95,7 +107,8 @@ def main(argv=None):
     b = put_b(batch)
     for setting, chunks, r in (("nio_batch_D4", 4, 0.2), ("nio_samplewise", None, 0.0)):
       step, ntx = nio_jax.make_nio_step(
-          loss_fn, spec, {"num_chunks": chunks, "overlap": r, "lr": 1e-3}, mesh=mesh)
+        loss_fn, spec, {"num_chunks": chunks, "overlap": r, "lr": 1e-3}, mesh=mesh
+      )
       p0, sc = rep((params, s0))
       opt = rep(ntx.init(s0))
       med, best = timeit(lambda: step(p0, sc, opt, b), args.repeats)
@@ -108,22 +121,33 @@ def main(argv=None):
 
   import flax
   import optax
+
   meta = {
-      "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-      "platform": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
-      "device_count": jax.device_count(), "host_cpus": os.cpu_count(),
-      "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-      "processor": platform.processor() or platform.machine(),
-      "python": platform.python_version(), "jax": jax.__version__,
-      "jaxlib": getattr(jax.lib, "__version__", None) or __import__("jaxlib").__version__,
-      "flax": flax.__version__, "optax": optax.__version__,
-      "model": f"resnet20(depth={args.depth}, width={args.width}, BN)",
-      "param_count": int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params))),
-      "batch": args.batch, "input": list(shape[1:]), "dtype": "float32",
-      "repeats": args.repeats, "xla_flags": os.environ.get("XLA_FLAGS", ""),
-      "note": ("simulated CPU devices share the host cores: this measures the overhead of "
-               "data-parallel partitioning, not a speedup") if jax.default_backend() == "cpu"
-              else "real devices",
+    "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    "platform": jax.default_backend(),
+    "device_kind": jax.devices()[0].device_kind,
+    "device_count": jax.device_count(),
+    "host_cpus": os.cpu_count(),
+    "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+    "processor": platform.processor() or platform.machine(),
+    "python": platform.python_version(),
+    "jax": jax.__version__,
+    "jaxlib": getattr(jax.lib, "__version__", None) or __import__("jaxlib").__version__,
+    "flax": flax.__version__,
+    "optax": optax.__version__,
+    "model": f"resnet20(depth={args.depth}, width={args.width}, BN)",
+    "param_count": int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params))),
+    "batch": args.batch,
+    "input": list(shape[1:]),
+    "dtype": "float32",
+    "repeats": args.repeats,
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "note": (
+      "simulated CPU devices share the host cores: this measures the overhead of "
+      "data-parallel partitioning, not a speedup"
+    )
+    if jax.default_backend() == "cpu"
+    else "real devices",
   }
   os.makedirs(args.out, exist_ok=True)
   base = os.path.join(args.out, f"scaling_{jax.default_backend()}")
@@ -132,14 +156,20 @@ def main(argv=None):
   whats = list(dict.fromkeys(r["what"] for r in rows))
   devs = list(dict.fromkeys(r["devices"] for r in rows))
   t = {(r["devices"], r["what"]): r["median_s"] for r in rows}
-  lines = [f"# Data-parallel scaling ({meta['platform']}, {meta['device_kind']})", "",
-           f"{meta['note']}.", "",
-           f"Model {meta['model']} ({meta['param_count']} params), batch {meta['batch']} x "
-           f"{'x'.join(map(str, meta['input']))}, {meta['dtype']}; jax {meta['jax']}, flax "
-           f"{meta['flax']}; host CPUs {meta['host_cpus']} (affinity {meta['cpu_affinity']}); "
-           f"{meta['date']}. Median of {meta['repeats']} calls after a warm-up, milliseconds. "
-           "`none` = no mesh (plain single-device jit).", "",
-           "| devices | " + " | ".join(whats) + " |", "|---" * (len(whats) + 1) + "|"]
+  lines = [
+    f"# Data-parallel scaling ({meta['platform']}, {meta['device_kind']})",
+    "",
+    f"{meta['note']}.",
+    "",
+    f"Model {meta['model']} ({meta['param_count']} params), batch {meta['batch']} x "
+    f"{'x'.join(map(str, meta['input']))}, {meta['dtype']}; jax {meta['jax']}, flax "
+    f"{meta['flax']}; host CPUs {meta['host_cpus']} (affinity {meta['cpu_affinity']}); "
+    f"{meta['date']}. Median of {meta['repeats']} calls after a warm-up, milliseconds. "
+    "`none` = no mesh (plain single-device jit).",
+    "",
+    "| devices | " + " | ".join(whats) + " |",
+    "|---" * (len(whats) + 1) + "|",
+  ]
   for d in devs:
     lines.append(f"| {d} | " + " | ".join(f"{1e3 * t[(d, w)]:.1f}" for w in whats) + " |")
   lines += ["", "Regenerate: `python -m benchmarks.scaling`."]

@@ -14,13 +14,14 @@ authors' RescaleAdam baseline on real batches (780 iterations: assumption); nio 
 released settings (B = 64, D = 4, r = 0.2, γ = 10, lr 3e-3, 100 steps). Training: the CIFAR
 recipe (`nio_jax.train.default_config()`, 200 epochs, batch 128, cosine, cutout).
 """
+
 from nio_jax.cli import base_config
 
 MODELS = {
-    # name: (registry model, kwargs, GradInit recipe)
-    "densenet100": ("densenet100", {"norm": "none"}, "densenet100"),
-    "densenet100_bn": ("densenet100", {"norm": "bn"}, "densenet100_bn"),
-    "wrn28_10": ("wrn28_10", {}, "wrn28_10"),
+  # name: (registry model, kwargs, GradInit recipe)
+  "densenet100": ("densenet100", {"norm": "none"}, "densenet100"),
+  "densenet100_bn": ("densenet100", {"norm": "bn"}, "densenet100_bn"),
+  "wrn28_10": ("wrn28_10", {}, "wrn28_10"),
 }
 DATASETS = ("cifar10", "cifar100")
 METHODS = ("kaiming", "metainit", "gradinit", "nio")
@@ -33,11 +34,14 @@ def cells() -> list[str]:
 def get_config(arg: str | None = None):
   arg = arg or "densenet100_bn,cifar10,nio"
   parts = [p.strip() for p in arg.split(",")]
-  if (len(parts) != 3 or parts[0] not in MODELS or parts[1] not in DATASETS
-      or parts[2] not in METHODS):
-    raise ValueError(f"cifar_densenet_wrn: argument {arg!r} must be '<model>,<dataset>,<method>'"
-                     f" with model in {list(MODELS)}, dataset in {list(DATASETS)}, method in "
-                     f"{list(METHODS)}")
+  if (
+    len(parts) != 3 or parts[0] not in MODELS or parts[1] not in DATASETS or parts[2] not in METHODS
+  ):
+    raise ValueError(
+      f"cifar_densenet_wrn: argument {arg!r} must be '<model>,<dataset>,<method>'"
+      f" with model in {list(MODELS)}, dataset in {list(DATASETS)}, method in "
+      f"{list(METHODS)}"
+    )
   name, dataset, method = parts
   model, kwargs, recipe = MODELS[name]
   c = base_config()

@@ -4,6 +4,7 @@ fresh half B2), then the same training as configs/fmnist_nio.py:
 
     nio-jax train --config configs/fmnist_gradinit.py
 """
+
 from nio_jax.cli import base_config
 
 

@@ -3,6 +3,7 @@ as configs/fmnist_nio.py (the baseline to compare with):
 
     nio-jax train --config configs/fmnist_kaiming.py
 """
+
 from nio_jax.cli import base_config
 
 

@@ -14,6 +14,7 @@ the released update (RescaleAdam, objective gc_gn_sqrt); γ = 5 suits this small
 (which is never reached here, so every step would be an objective step either way).
 Training: the repository's SGD recipe (no-norm model: biases at lr/10, clip 1), 1 epoch.
 """
+
 from nio_jax.cli import base_config
 
 

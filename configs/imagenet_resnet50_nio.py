@@ -16,6 +16,7 @@ notes do not record the NIO paper's exact schedule). Data: TFDS `imagenet2012`
 (`pip install 'nio_jax[tfds]'`, prepared beforehand); the numpy loader decodes on the host,
 so full-speed training needs a faster input pipeline (docs/training.md).
 """
+
 from nio_jax.cli import base_config
 
 

@@ -14,6 +14,7 @@ lr 3e-3, 100 steps). GradInit (Adam variant): the IWSLT transformer recipe (η =
 γ = 1000, τ = 2.5e-3, β = (0.9, 0.98), layer-norm scales ≤ 100) with S/S̃ as overlapping
 thirds of each batch of 96 (780 iterations).
 """
+
 from nio_jax.cli import base_config
 
 ARMS = ("nio", "kaiming", "kaiming_warmup", "gradinit_adam")

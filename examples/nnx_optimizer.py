@@ -1,4 +1,5 @@
 """Drop NIO into an NNX `nnx.Optimizer` loop."""
+
 import jax
 import optax
 from flax import nnx
@@ -20,7 +21,7 @@ model = MLP(nnx.Rngs(0))
 key = jax.random.PRNGKey(1)
 images = jax.random.normal(key, (64, 28, 28, 1))
 labels = jax.random.randint(key, (64,), 0, 10)
-batches = [{"image": images[i:i + 16], "label": labels[i:i + 16]} for i in range(0, 64, 16)]
+batches = [{"image": images[i : i + 16], "label": labels[i : i + 16]} for i in range(0, 64, 16)]
 
 # 1. NIO on the model's nnx.Param state; the model object is untouched until nnx.update.
 loss_fn, params = nnx_loss_fn(model)
@@ -36,6 +37,7 @@ optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
 def train_step(model, optimizer, batch):
   def loss(m):
     return classification_losses(m(batch["image"]), batch["label"]).mean()
+
   value, grads = nnx.value_and_grad(loss)(model)
   optimizer.update(model, grads)
   return value

@@ -10,27 +10,63 @@ Where things are:
   * GradInit, MetaInit, Fixup, Kaiming and `initialize` in `nio_jax.methods`;
   * scale-out (Mesh, shard_batch, shard_map stats) in `nio_jax.distributed`.
 """
-from nio_jax.errors import NonFiniteError, ZeroGradientError
+
 from nio_jax.cosine import GCStats, gc_brute_force, gc_from_grads, gradcosine
+from nio_jax.errors import NonFiniteError, ZeroGradientError
+
+# The compared methods (after the core: they build on it).
+from nio_jax.methods import (  # noqa: E402
+  GRADINIT_RECIPES,
+  GradInitConfig,
+  MetaInitConfig,
+  available_methods,
+  get_method,
+  gradinit,
+  initialize,
+  kaiming,
+  metainit,
+  register,
+)
 from nio_jax.nio_search import NIOConfig, make_nio_step, measure, nio, nio_objective
 from nio_jax.per_example import per_example_grads, subbatch_bounds, subbatch_weights
-from nio_jax.rescale_adam import (freeze, project_min_scale, rescale_adam,
-                                  scale_by_split_adam)
+from nio_jax.rescale_adam import freeze, project_min_scale, rescale_adam, scale_by_split_adam
 from nio_jax.results import InitResult
 from nio_jax.scales import ScaleSpec, apply_scales, default_grad_filter, init_scales
-# The compared methods (after the core: they build on it).
-from nio_jax.methods import (GRADINIT_RECIPES, GradInitConfig, MetaInitConfig,  # noqa: E402
-                             available_methods, get_method, gradinit, initialize, kaiming,
-                             metainit, register)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "GCStats", "InitResult", "NIOConfig", "NonFiniteError", "ScaleSpec", "ZeroGradientError",
-    "apply_scales", "default_grad_filter", "freeze", "gc_brute_force", "gc_from_grads",
-    "gradcosine", "init_scales", "make_nio_step", "measure", "nio", "nio_objective",
-    "per_example_grads", "project_min_scale", "rescale_adam", "scale_by_split_adam",
-    "subbatch_bounds", "subbatch_weights",
-    "GRADINIT_RECIPES", "GradInitConfig", "MetaInitConfig", "available_methods", "get_method",
-    "gradinit", "initialize", "kaiming", "metainit", "register",
+  "GCStats",
+  "InitResult",
+  "NIOConfig",
+  "NonFiniteError",
+  "ScaleSpec",
+  "ZeroGradientError",
+  "apply_scales",
+  "default_grad_filter",
+  "freeze",
+  "gc_brute_force",
+  "gc_from_grads",
+  "gradcosine",
+  "init_scales",
+  "make_nio_step",
+  "measure",
+  "nio",
+  "nio_objective",
+  "per_example_grads",
+  "project_min_scale",
+  "rescale_adam",
+  "scale_by_split_adam",
+  "subbatch_bounds",
+  "subbatch_weights",
+  "GRADINIT_RECIPES",
+  "GradInitConfig",
+  "MetaInitConfig",
+  "available_methods",
+  "get_method",
+  "gradinit",
+  "initialize",
+  "kaiming",
+  "metainit",
+  "register",
 ]

@@ -22,6 +22,7 @@ the run was launched, used by `measure`), `config.json`; `train` adds the traine
 `metrics.jsonl`, `summary.json`, `curves.png`, `checkpoints/`, `final_params.msgpack` and
 `report.md` with its plots.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,7 +34,8 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import ml_collections
 from ml_collections import config_dict
@@ -50,6 +52,7 @@ class CLIError(Exception):
 # --------------------------------------------------------------------------------------------
 # The config schema
 # --------------------------------------------------------------------------------------------
+
 
 def base_config() -> ml_collections.ConfigDict:
   """The schema every config file fills in (defaults: Fashion-MNIST, cnn_small, NIO).
@@ -121,6 +124,7 @@ def base_config() -> ml_collections.ConfigDict:
 # Loading configs and overrides
 # --------------------------------------------------------------------------------------------
 
+
 def parse_value(text: str) -> Any:
   """An override value: a Python literal via `ast.literal_eval`, else the string itself.
 
@@ -146,7 +150,7 @@ def parse_override(item: str) -> tuple[str, Any]:
   key, _, value = item.partition("=")
   key = key.strip()
   if key.startswith("config."):
-    key = key[len("config."):]
+    key = key[len("config.") :]
   if not key or any(not part.isidentifier() for part in key.split(".")):
     raise CLIError(f"bad override key {key!r}: use dotted identifiers such as data.batch_size")
   return key, parse_value(value)
@@ -163,15 +167,18 @@ def apply_override(cfg: ml_collections.ConfigDict, key: str, value: Any) -> None
   node = cfg
   for i, part in enumerate(parts[:-1]):
     if part not in node:
-      raise CLIError(f"unknown config key {'.'.join(parts[:i + 1])!r}; known under "
-                     f"{'.'.join(parts[:i]) or 'the root'}: {_known(node)}")
+      raise CLIError(
+        f"unknown config key {'.'.join(parts[: i + 1])!r}; known under "
+        f"{'.'.join(parts[:i]) or 'the root'}: {_known(node)}"
+      )
     node = node[part]
     if not isinstance(node, ml_collections.ConfigDict):
-      raise CLIError(f"config key {'.'.join(parts[:i + 1])!r} is a value, not a group")
+      raise CLIError(f"config key {'.'.join(parts[: i + 1])!r} is a value, not a group")
   parent, last = ".".join(parts[:-1]), parts[-1]
   if last not in node and parent not in OPEN_DICTS:
-    raise CLIError(f"unknown config key {key!r}; known under {parent or 'the root'}: "
-                   f"{_known(node)}")
+    raise CLIError(
+      f"unknown config key {key!r}; known under {parent or 'the root'}: {_known(node)}"
+    )
   if isinstance(value, dict):
     value = ml_collections.ConfigDict(value)
   try:
@@ -232,11 +239,14 @@ def method_config(cfg) -> Any:
       if m.name not in ("gradinit", "gradinit_adam"):
         raise CLIError(f"init.recipe={recipe!r} is a GradInit recipe; method is {m.name!r}")
       if recipe not in methods.GRADINIT_RECIPES:
-        raise CLIError(f"unknown GradInit recipe {recipe!r}; known: "
-                       f"{', '.join(sorted(methods.GRADINIT_RECIPES))}")
+        raise CLIError(
+          f"unknown GradInit recipe {recipe!r}; known: "
+          f"{', '.join(sorted(methods.GRADINIT_RECIPES))}"
+        )
       values = {**methods.GRADINIT_RECIPES[recipe], **values}
     if m.name == "gradinit_adam":
       from nio_jax.methods.gradinit import ADAM_DEFAULTS  # noqa: PLC0415
+
       methods.GradInitConfig.create({**ADAM_DEFAULTS, **values})
       return values
     if m.config_cls is not None and hasattr(m.config_cls, "create"):
@@ -263,8 +273,9 @@ def validate_config(cfg) -> None:
   if cfg.model.name not in models.names():
     raise CLIError(f"unknown model {cfg.model.name!r}; known models: {', '.join(models.names())}")
   if cfg.data.dataset not in data.DATASETS:
-    raise CLIError(f"unknown dataset {cfg.data.dataset!r}; known datasets: "
-                   f"{', '.join(data.DATASETS)}")
+    raise CLIError(
+      f"unknown dataset {cfg.data.dataset!r}; known datasets: {', '.join(data.DATASETS)}"
+    )
   if cfg.init.data not in INIT_DATA:
     raise CLIError(f"init.data must be one of {INIT_DATA}, got {cfg.init.data!r}")
   if cfg.init.data == "random" and cfg.init.method != "metainit":
@@ -284,6 +295,7 @@ def validate_config(cfg) -> None:
 # --------------------------------------------------------------------------------------------
 # Building a run
 # --------------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class Run:
@@ -305,9 +317,17 @@ def build(cfg) -> Run:
   d = cfg.data
   try:
     loader, test_set = data.make_loaders(
-        d.dataset, int(d.batch_size), seed=int(cfg.seed), data_dir=d.data_dir, source=d.source,
-        pad_to_32=bool(d.pad_to_32), augment=d.augment, prefetch=int(d.prefetch),
-        train_subset=d.train_subset, test_subset=d.test_subset)
+      d.dataset,
+      int(d.batch_size),
+      seed=int(cfg.seed),
+      data_dir=d.data_dir,
+      source=d.source,
+      pad_to_32=bool(d.pad_to_32),
+      augment=d.augment,
+      prefetch=int(d.prefetch),
+      train_subset=d.train_subset,
+      test_subset=d.test_subset,
+    )
   except (FileNotFoundError, ImportError) as e:
     # load_dataset(source="auto") may surface TFDS's ImportError with the file error as
     # its context: show the file error, which says where the files were looked for.
@@ -334,6 +354,7 @@ def _steps_per_call(cfg, mcfg) -> tuple[int, int]:
     steps = mcfg.get("num_steps")
   if cfg.init.method == "gradinit_adam":
     from nio_jax.methods.gradinit import ADAM_DEFAULTS  # noqa: PLC0415
+
     full = {**ADAM_DEFAULTS, **(mcfg or {})}
     steps = full["num_steps"]
     per = 1 if full.get("lookahead", "half") == "thirds" else 2
@@ -348,6 +369,7 @@ def init_data(run: Run, mcfg, stream: int = 1):
   cfg = run.cfg
   if cfg.init.data == "random":
     from nio_jax.data import NUM_CLASSES  # noqa: PLC0415
+
     bs = int(cfg.init.batch_size or cfg.data.batch_size)
     return {"image": (bs,) + tuple(run.image_shape), "num_classes": NUM_CLASSES[cfg.data.dataset]}
   steps, per = _steps_per_call(cfg, mcfg)
@@ -364,9 +386,15 @@ def measure_params(run: Run, loss_fn, params, *, progress: bool = False) -> dict
     return None
   batches = list(init_data_real(run, k, stream=2))
   try:
-    return nio_jax.measure(loss_fn, params, batches, num_batches=k,
-                           num_chunks=run.cfg.init.measure_chunks,
-                           overlap=float(run.cfg.init.measure_overlap), show_progress=progress)
+    return nio_jax.measure(
+      loss_fn,
+      params,
+      batches,
+      num_batches=k,
+      num_chunks=run.cfg.init.measure_chunks,
+      overlap=float(run.cfg.init.measure_overlap),
+      show_progress=progress,
+    )
   except (ValueError, ArithmeticError) as e:  # e.g. a zero gradient: report, do not crash
     return {"error": str(e)}
 
@@ -378,8 +406,15 @@ def init_data_real(run: Run, num: int, stream: int):
   loader = run.train_loader
   bs = int(run.cfg.init.batch_size or run.cfg.data.batch_size)
   if bs != loader.batch_size:
-    loader = Loader(loader.source, bs, seed=loader.seed, shuffle=True, drop_remainder=True,
-                    transform=loader.transform, prefetch=loader.prefetch)
+    loader = Loader(
+      loader.source,
+      bs,
+      seed=loader.seed,
+      shuffle=True,
+      drop_remainder=True,
+      transform=loader.transform,
+      prefetch=loader.prefetch,
+    )
   return loader.batches(num, stream=stream)
 
 
@@ -391,13 +426,17 @@ def run_init(run: Run, loss_fn, params, *, progress: bool = True):
   data = init_data(run, mcfg)
   t0 = time.perf_counter()
   result = methods.initialize(run.cfg.init.method, loss_fn, params, data, mcfg, progress=progress)
-  return result, time.perf_counter() - t0, (len(data) if hasattr(data, "__len__") and
-                                             not isinstance(data, dict) else 0)
+  return (
+    result,
+    time.perf_counter() - t0,
+    (len(data) if hasattr(data, "__len__") and not isinstance(data, dict) else 0),
+  )
 
 
 # --------------------------------------------------------------------------------------------
 # Saving / loading params
 # --------------------------------------------------------------------------------------------
+
 
 def save_variables(path, variables) -> pathlib.Path:
   """Flax msgpack serialization (no pickle) of a variables dict."""
@@ -419,8 +458,10 @@ def load_variables(path, target):
   restored = serialization.from_bytes(target, pathlib.Path(path).read_bytes())
   for a, b in zip(jax.tree_util.tree_leaves(target), jax.tree_util.tree_leaves(restored)):
     if getattr(a, "shape", None) != getattr(b, "shape", None):
-      raise CLIError(f"{path}: saved params do not match the model of this config "
-                     f"(shape {getattr(b, 'shape', None)} vs {getattr(a, 'shape', None)})")
+      raise CLIError(
+        f"{path}: saved params do not match the model of this config "
+        f"(shape {getattr(b, 'shape', None)} vs {getattr(a, 'shape', None)})"
+      )
   return restored
 
 
@@ -430,8 +471,11 @@ def load_checkpoint_variables(ckpt_dir, step: str, target):
   import orbax.checkpoint as ocp  # noqa: PLC0415
 
   ckpt_dir = pathlib.Path(ckpt_dir).absolute()
-  steps = sorted(int(p.name) for p in ckpt_dir.glob("*") if p.name.isdigit()
-                 and (p / "state").is_dir()) if ckpt_dir.is_dir() else []
+  steps = (
+    sorted(int(p.name) for p in ckpt_dir.glob("*") if p.name.isdigit() and (p / "state").is_dir())
+    if ckpt_dir.is_dir()
+    else []
+  )
   if not steps:
     raise CLIError(f"no checkpoints in {ckpt_dir}")
   s = steps[-1] if step == "latest" else int(step) if str(step).isdigit() else None
@@ -447,6 +491,7 @@ def load_checkpoint_variables(ckpt_dir, step: str, target):
 
 def _write_json(path, obj) -> None:
   from nio_jax.train.metrics import to_jsonable  # noqa: PLC0415
+
   pathlib.Path(path).write_text(json.dumps(to_jsonable(obj), indent=1))
 
 
@@ -467,27 +512,50 @@ def _absolute_spec(spec: str) -> str:
 
 
 def _save_run_json(workdir, args, cfg, command: str) -> None:
-  _write_json(workdir / "run.json", {"command": command, "config": _absolute_spec(args.config),
-                                     "overrides": list(args.overrides), "name": cfg.name,
-                                     "argv": sys.argv})
+  _write_json(
+    workdir / "run.json",
+    {
+      "command": command,
+      "config": _absolute_spec(args.config),
+      "overrides": list(args.overrides),
+      "name": cfg.name,
+      "argv": sys.argv,
+    },
+  )
   (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=1))
 
 
-def _save_init_outputs(workdir, run: Run, result, seconds, num_batches, before, after,
-                       write_history: bool = True) -> None:
+def _save_init_outputs(
+  workdir, run: Run, result, seconds, num_batches, before, after, write_history: bool = True
+) -> None:
   from nio_jax.scales import scales_to_dict  # noqa: PLC0415
 
-  record = {"seconds": seconds, "method": result.method, "num_batches": num_batches,
-            "history": result.history}
+  record = {
+    "seconds": seconds,
+    "method": result.method,
+    "num_batches": num_batches,
+    "history": result.history,
+  }
   if not write_history:  # the trainer wrote it (its seconds, history): add what it lacks
-    record = {**record, **(_read_json(workdir / "init_history.json") or {}),
-              "num_batches": num_batches}
+    record = {
+      **record,
+      **(_read_json(workdir / "init_history.json") or {}),
+      "num_batches": num_batches,
+    }
   _write_json(workdir / "init_history.json", {**record, "config": result.config})
   if result.scales is not None:
     _write_json(workdir / "scales.json", scales_to_dict(result.scales))
-  _write_json(workdir / "init_report.json",
-              {"method": run.cfg.init.method, "seconds": seconds, "before": before,
-               "after": after, "model": run.cfg.model.name, "dataset": run.cfg.data.dataset})
+  _write_json(
+    workdir / "init_report.json",
+    {
+      "method": run.cfg.init.method,
+      "seconds": seconds,
+      "before": before,
+      "after": after,
+      "model": run.cfg.model.name,
+      "dataset": run.cfg.data.dataset,
+    },
+  )
 
 
 def _fmt(x, spec=".4f") -> str:
@@ -506,14 +574,17 @@ def before_after_table(before, after) -> str:
     if "error" in m:
       rows.append(f"| {name} | error: {m['error']} | | |")
       continue
-    rows.append(f"| {name} | {m['gc']:.4f} ± {m['gc_std']:.4f} | "
-                f"{m['grad_norm']:.4f} ± {m['grad_norm_std']:.4f} | {m['loss']:.4f} |")
+    rows.append(
+      f"| {name} | {m['gc']:.4f} ± {m['gc_std']:.4f} | "
+      f"{m['grad_norm']:.4f} ± {m['grad_norm_std']:.4f} | {m['loss']:.4f} |"
+    )
   return "\n".join(rows)
 
 
 # --------------------------------------------------------------------------------------------
 # Subcommands
 # --------------------------------------------------------------------------------------------
+
 
 def _prepare(args):
   cfg = load_config(args.config, args.overrides)
@@ -531,8 +602,11 @@ def cmd_init(args) -> int:
   run = build(cfg)
   progress = not args.no_progress
   loss_fn, params = init_loss_fn(run.model, run.variables, cfg.train.train_kwarg)
-  print(f"[nio-jax] {cfg.name}: {cfg.model.name} on {cfg.data.dataset}, method "
-        f"{cfg.init.method}; workdir {workdir}", flush=True)
+  print(
+    f"[nio-jax] {cfg.name}: {cfg.model.name} on {cfg.data.dataset}, method "
+    f"{cfg.init.method}; workdir {workdir}",
+    flush=True,
+  )
   before = measure_params(run, loss_fn, params, progress=progress)
   result, seconds, nb = run_init(run, loss_fn, params, progress=progress)
   after = measure_params(run, loss_fn, result.params, progress=progress)
@@ -540,8 +614,10 @@ def cmd_init(args) -> int:
   path = save_variables(workdir / "init_params.msgpack", variables)
   _save_init_outputs(workdir, run, result, seconds, nb, before, after)
   what = f"{result.num_steps} steps" if result.num_steps else "applied"
-  print(f"\n{cfg.init.method}: {what} in {seconds:.1f} s (incl. compilation)\n"
-        + before_after_table(before, after))
+  print(
+    f"\n{cfg.init.method}: {what} in {seconds:.1f} s (incl. compilation)\n"
+    + before_after_table(before, after)
+  )
   print(f"\nparams: {path}\nhistory: {workdir / 'init_history.json'}")
   return 0
 
@@ -556,8 +632,11 @@ def cmd_train(args) -> int:
   progress = bool(cfg.train.progress)
   loss_fn0, params0 = trainmod.init_loss_fn(run.model, run.variables, cfg.train.train_kwarg)
   resuming = (workdir / "checkpoints").exists() and any((workdir / "checkpoints").iterdir())
-  print(f"[nio-jax] {cfg.name}: {cfg.model.name} on {cfg.data.dataset}, method "
-        f"{cfg.init.method}; workdir {workdir}" + (" (resuming)" if resuming else ""), flush=True)
+  print(
+    f"[nio-jax] {cfg.name}: {cfg.model.name} on {cfg.data.dataset}, method "
+    f"{cfg.init.method}; workdir {workdir}" + (" (resuming)" if resuming else ""),
+    flush=True,
+  )
   before = None if resuming else measure_params(run, loss_fn0, params0, progress=progress)
   holder: dict = {}
   mcfg = method_config(cfg)
@@ -569,25 +648,31 @@ def cmd_train(args) -> int:
 
   def init_fn(loss_fn, params, batches):
     from nio_jax import methods  # noqa: PLC0415
+
     own = cfg.init.data == "real" and cfg.init.batch_size in (None, cfg.data.batch_size)
     data = batches if own else init_data(run, mcfg)
     t0 = time.perf_counter()
     res = methods.initialize(cfg.init.method, loss_fn, params, data, mcfg, progress=progress)
-    holder.update(result=res, seconds=time.perf_counter() - t0,
-                  num_batches=len(data) if not isinstance(data, dict) else 0)
+    holder.update(
+      result=res,
+      seconds=time.perf_counter() - t0,
+      num_batches=len(data) if not isinstance(data, dict) else 0,
+    )
     return res
 
   try:
-    res = trainmod.train(run.model, run.variables, run.train_loader, run.test_set, cfg.train,
-                         workdir, init_fn=init_fn)
+    res = trainmod.train(
+      run.model, run.variables, run.train_loader, run.test_set, cfg.train, workdir, init_fn=init_fn
+    )
   except trainmod.NonFiniteLossError as e:
     raise CLIError(str(e)) from None
   if "result" in holder:
     r = holder["result"]
     after = measure_params(run, loss_fn0, r.params, progress=progress)
     save_variables(workdir / "init_params.msgpack", {**run.variables, "params": r.params})
-    _save_init_outputs(workdir, run, r, holder["seconds"], holder["num_batches"], before, after,
-                       write_history=False)
+    _save_init_outputs(
+      workdir, run, r, holder["seconds"], holder["num_batches"], before, after, write_history=False
+    )
   save_variables(workdir / "final_params.msgpack", res.variables)
   text, plots = report([workdir], workdir)
   print("\n" + text)
@@ -617,11 +702,16 @@ def cmd_measure(args) -> int:
       raise CLIError("--checkpoint needs the run directory")
     sources.append((f"checkpoint {step}", ("ckpt", step)))
   if not sources and rundir is not None:
-    sources = [(str(p), p) for p in (rundir / "init_params.msgpack",
-                                     rundir / "final_params.msgpack") if p.exists()]
+    sources = [
+      (str(p), p)
+      for p in (rundir / "init_params.msgpack", rundir / "final_params.msgpack")
+      if p.exists()
+    ]
   if not sources and not args.fresh:
-    raise CLIError(f"no saved params in {rundir} (init_params.msgpack / final_params.msgpack); "
-                   "pass --params FILE or --checkpoint STEP")
+    raise CLIError(
+      f"no saved params in {rundir} (init_params.msgpack / final_params.msgpack); "
+      "pass --params FILE or --checkpoint STEP"
+    )
   out = {}
   base_loss, params0 = init_loss_fn(run.model, run.variables, cfg.train.train_kwarg)
 
@@ -631,8 +721,9 @@ def cmd_measure(args) -> int:
     return init_loss_fn(run.model, v, cfg.train.train_kwarg)[0]
 
   if args.fresh:
-    out["fresh (model init)"] = measure_params(run, base_loss, params0,
-                                               progress=not args.no_progress)
+    out["fresh (model init)"] = measure_params(
+      run, base_loss, params0, progress=not args.no_progress
+    )
   for name, src in sources:
     if isinstance(src, tuple):
       v = load_checkpoint_variables(rundir / "checkpoints", src[1], run.variables)
@@ -644,8 +735,10 @@ def cmd_measure(args) -> int:
     if "error" in m:
       rows.append(f"| {k} | error: {m['error']} | | |")
     else:
-      rows.append(f"| {k} | {m['gc']:.4f} ± {m['gc_std']:.4f} | {m['grad_norm']:.4f} ± "
-                  f"{m['grad_norm_std']:.4f} | {m['loss']:.4f} |")
+      rows.append(
+        f"| {k} | {m['gc']:.4f} ± {m['gc_std']:.4f} | {m['grad_norm']:.4f} ± "
+        f"{m['grad_norm_std']:.4f} | {m['loss']:.4f} |"
+      )
   print("\n".join(rows))
   if args.json:
     _write_json(args.json, out)
@@ -657,8 +750,11 @@ def cmd_report(args) -> int:
   for d in dirs:
     if not d.is_dir():
       raise CLIError(f"run directory {d} not found")
-  out = pathlib.Path(args.out) if args.out else (dirs[0] if len(dirs) == 1 else
-                                                  pathlib.Path("runs/report"))
+  out = (
+    pathlib.Path(args.out)
+    if args.out
+    else (dirs[0] if len(dirs) == 1 else pathlib.Path("runs/report"))
+  )
   text, plots = report(dirs, out)
   print(text)
   print("plots: " + ", ".join(str(p) for p in plots))
@@ -672,9 +768,11 @@ def cmd_bench(args) -> int:
   try:
     from benchmarks.bench import main as bench_main  # noqa: PLC0415
   except ImportError as e:
-    print(f"nio-jax bench: the benchmark script benchmarks/bench.py is not importable ({e}). "
-          "Run from a source checkout of nio_jax (the benchmarks/ folder is not installed).",
-          file=sys.stderr)
+    print(
+      f"nio-jax bench: the benchmark script benchmarks/bench.py is not importable ({e}). "
+      "Run from a source checkout of nio_jax (the benchmarks/ folder is not installed).",
+      file=sys.stderr,
+    )
     return 2
   bench_main(list(args.bench_args))
   return 0
@@ -683,6 +781,7 @@ def cmd_bench(args) -> int:
 # --------------------------------------------------------------------------------------------
 # Reports: markdown tables and plots from run directories
 # --------------------------------------------------------------------------------------------
+
 
 def _read_json(path):
   path = pathlib.Path(path)
@@ -708,24 +807,29 @@ def run_summary(d: pathlib.Path) -> dict:
   pub = cfg.get("published") or {}
   pct = lambda v: None if v is None else 100.0 * v  # noqa: E731
   return {
-      "run": d.name, "dir": str(d),
-      "model": (cfg.get("model") or {}).get("name", rep.get("model")),
-      "dataset": (cfg.get("data") or {}).get("dataset", rep.get("dataset")),
-      "method": (cfg.get("init") or {}).get("method", hist.get("method")),
-      "baseline": (cfg.get("train") or {}).get("baseline"),
-      "init_s": hist.get("seconds", rep.get("seconds")),
-      "epoch1_s": times[0] if times else None,
-      "epoch_s": (sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else
-                  (times[0] if times else None)),
-      "epochs": len(evals),
-      "acc_1": pct(summ.get("acc_1", evals[0]["test_acc"] if evals else None)),
-      "acc_best": pct(summ.get("acc_best", max((r["test_acc"] for r in evals), default=None))),
-      "final": pct(summ.get("final_test_acc", evals[-1]["test_acc"] if evals else None)),
-      "before": rep.get("before"), "after": rep.get("after"),
-      "pub_acc_1": pub.get("acc_1"), "pub_acc_best": pub.get("acc_best"),
-      "history": hist.get("history") or {}, "evals": evals, "train": [r for r in recs
-                                                                     if r.get("type") == "train"],
-      "scales": _read_json(d / "scales.json"),
+    "run": d.name,
+    "dir": str(d),
+    "model": (cfg.get("model") or {}).get("name", rep.get("model")),
+    "dataset": (cfg.get("data") or {}).get("dataset", rep.get("dataset")),
+    "method": (cfg.get("init") or {}).get("method", hist.get("method")),
+    "baseline": (cfg.get("train") or {}).get("baseline"),
+    "init_s": hist.get("seconds", rep.get("seconds")),
+    "epoch1_s": times[0] if times else None,
+    "epoch_s": (
+      sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else (times[0] if times else None)
+    ),
+    "epochs": len(evals),
+    "acc_1": pct(summ.get("acc_1", evals[0]["test_acc"] if evals else None)),
+    "acc_best": pct(summ.get("acc_best", max((r["test_acc"] for r in evals), default=None))),
+    "final": pct(summ.get("final_test_acc", evals[-1]["test_acc"] if evals else None)),
+    "before": rep.get("before"),
+    "after": rep.get("after"),
+    "pub_acc_1": pub.get("acc_1"),
+    "pub_acc_best": pub.get("acc_best"),
+    "history": hist.get("history") or {},
+    "evals": evals,
+    "train": [r for r in recs if r.get("type") == "train"],
+    "scales": _read_json(d / "scales.json"),
   }
 
 
@@ -736,27 +840,35 @@ def _gc(m, key):
 
 
 def summary_table(rows: list[dict]) -> str:
-  head = ("| run | model | data | method | baseline | init (s) | epoch 1 (s) | epoch (s) | "
-          "Acc_1 (%) | Acc_best (%) | final (%) | GC before→after | grad norm before→after | "
-          "published Acc_1/Acc_best |")
+  head = (
+    "| run | model | data | method | baseline | init (s) | epoch 1 (s) | epoch (s) | "
+    "Acc_1 (%) | Acc_best (%) | final (%) | GC before→after | grad norm before→after | "
+    "published Acc_1/Acc_best |"
+  )
   lines = [head, "|" + "---|" * 14]
   for r in rows:
     gc = f"{_fmt(_gc(r['before'], 'gc'), '.3f')}→{_fmt(_gc(r['after'], 'gc'), '.3f')}"
     gn = f"{_fmt(_gc(r['before'], 'grad_norm'), '.3f')}→{_fmt(_gc(r['after'], 'grad_norm'), '.3f')}"
-    pub = (f"{_fmt(r['pub_acc_1'], '.1f')}/{_fmt(r['pub_acc_best'], '.1f')}"
-           if r["pub_acc_1"] is not None or r["pub_acc_best"] is not None else "-")
+    pub = (
+      f"{_fmt(r['pub_acc_1'], '.1f')}/{_fmt(r['pub_acc_best'], '.1f')}"
+      if r["pub_acc_1"] is not None or r["pub_acc_best"] is not None
+      else "-"
+    )
     lines.append(
-        f"| {r['run']} | {_fmt(r['model'])} | {_fmt(r['dataset'])} | {_fmt(r['method'])} | "
-        f"{_fmt(r['baseline'])} | {_fmt(r['init_s'], '.1f')} | {_fmt(r['epoch1_s'], '.1f')} | "
-        f"{_fmt(r['epoch_s'], '.1f')} | {_fmt(r['acc_1'], '.2f')} | {_fmt(r['acc_best'], '.2f')} | "
-        f"{_fmt(r['final'], '.2f')} | {gc} | {gn} | {pub} |")
+      f"| {r['run']} | {_fmt(r['model'])} | {_fmt(r['dataset'])} | {_fmt(r['method'])} | "
+      f"{_fmt(r['baseline'])} | {_fmt(r['init_s'], '.1f')} | {_fmt(r['epoch1_s'], '.1f')} | "
+      f"{_fmt(r['epoch_s'], '.1f')} | {_fmt(r['acc_1'], '.2f')} | {_fmt(r['acc_best'], '.2f')} | "
+      f"{_fmt(r['final'], '.2f')} | {gc} | {gn} | {pub} |"
+    )
   return "\n".join(lines)
 
 
 def _plt():
   import matplotlib  # noqa: PLC0415
+
   matplotlib.use("Agg", force=False)
   import matplotlib.pyplot as plt  # noqa: PLC0415
+
   return plt
 
 
@@ -768,11 +880,16 @@ def plot_training(rows, path) -> pathlib.Path | None:
   fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
   for r in rows:
     if r["train"]:
-      axes[0].plot([t["epoch"] for t in r["train"]], [t["loss"] for t in r["train"]], lw=1,
-                   label=r["run"])
+      axes[0].plot(
+        [t["epoch"] for t in r["train"]], [t["loss"] for t in r["train"]], lw=1, label=r["run"]
+      )
     if r["evals"]:
-      axes[1].plot([e["epoch"] for e in r["evals"]], [100 * e["test_acc"] for e in r["evals"]],
-                   "o-", label=r["run"])
+      axes[1].plot(
+        [e["epoch"] for e in r["evals"]],
+        [100 * e["test_acc"] for e in r["evals"]],
+        "o-",
+        label=r["run"],
+      )
   axes[0].set(xlabel="epoch", ylabel="training loss", title="training loss")
   axes[1].set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
   for ax in axes:
@@ -785,6 +902,7 @@ def plot_training(rows, path) -> pathlib.Path | None:
 
 def plot_search(rows, path) -> pathlib.Path | None:
   import numpy as np  # noqa: PLC0415
+
   keys = ("gc", "grad_norm", "objective", "gq", "loss")
   rows = [r for r in rows if any(k in r["history"] for k in keys)]
   if not rows:
@@ -798,8 +916,10 @@ def plot_search(rows, path) -> pathlib.Path | None:
         v = np.asarray(r["history"][k], np.float64)
         v = v.reshape(v.shape[0], -1).mean(-1) if v.ndim > 1 else v
         ax.plot(np.arange(len(v)), v, lw=1.2, label=f"{r['run']} ({r['method']})")
-    ax.set(xlabel="search step", title={"gc": "GradCosine", "grad_norm": "gradient norm",
-                                        "gq": "gradient quotient"}.get(k, k))
+    ax.set(
+      xlabel="search step",
+      title={"gc": "GradCosine", "grad_norm": "gradient norm", "gq": "gradient quotient"}.get(k, k),
+    )
     ax.legend(fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
@@ -809,6 +929,7 @@ def plot_search(rows, path) -> pathlib.Path | None:
 
 def plot_scales(r, path) -> pathlib.Path | None:
   import numpy as np  # noqa: PLC0415
+
   sc = r.get("scales")
   if not sc:
     return None
@@ -845,20 +966,26 @@ def report(dirs: Sequence[pathlib.Path], out: pathlib.Path) -> tuple[str, list[p
   p = plot_search(rows, out / "report_search.png")
   plots += [p] if p else []
   for r in rows:
-    p = plot_scales(r, out / (f"report_scales_{r['run']}.png" if len(rows) > 1 else
-                              "report_scales.png"))
+    p = plot_scales(
+      r, out / (f"report_scales_{r['run']}.png" if len(rows) > 1 else "report_scales.png")
+    )
     plots += [p] if p else []
   for d in dirs:
     c = pathlib.Path(d) / "curves.png"
     if c.exists():
       plots.append(c)
-  text = "## Runs\n\n" + summary_table(rows) + "\n\nAcc in %. init (s) = wall time of the " \
-         "initialisation method including compilation; epoch 1 includes compilation, epoch = " \
-         "median of the later epochs.\n"
+  text = (
+    "## Runs\n\n" + summary_table(rows) + "\n\nAcc in %. init (s) = wall time of the "
+    "initialisation method including compilation; epoch 1 includes compilation, epoch = "
+    "median of the later epochs.\n"
+  )
   for r in rows:
     if r["before"] or r["after"]:
-      text += f"\n### {r['run']}: before / after {r['method']}\n\n" + \
-              before_after_table(r["before"], r["after"]) + "\n"
+      text += (
+        f"\n### {r['run']}: before / after {r['method']}\n\n"
+        + before_after_table(r["before"], r["after"])
+        + "\n"
+      )
   text += "\n" + "\n".join(f"![{p.name}]({os.path.relpath(p, out)})" for p in plots) + "\n"
   (out / "report.md").write_text(text)
   return text, plots
@@ -867,6 +994,7 @@ def report(dirs: Sequence[pathlib.Path], out: pathlib.Path) -> tuple[str, list[p
 # --------------------------------------------------------------------------------------------
 # Argument parsing
 # --------------------------------------------------------------------------------------------
+
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
   """Pulls `--config.k=v`, `--config.k v`, `--set k=v`, `--set=k=v` out of argv."""
@@ -890,7 +1018,7 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
       overrides.append(argv[i + 1])
       i += 1
     elif a.startswith("--set="):
-      overrides.append(a[len("--set="):])
+      overrides.append(a[len("--set=") :])
     else:
       rest.append(a)
     i += 1
@@ -899,15 +1027,20 @@ def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def make_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-      prog="nio-jax", description="Learned neural-network initialisation (NIO/GradCosine, "
-      "GradInit, MetaInit, Fixup, Kaiming) in JAX/Flax.",
-      epilog="Overrides: --set key=value or --config.key=value (values are Python literals "
-      "parsed with ast.literal_eval, else strings). See docs/cli.md.")
+    prog="nio-jax",
+    description="Learned neural-network initialisation (NIO/GradCosine, "
+    "GradInit, MetaInit, Fixup, Kaiming) in JAX/Flax.",
+    epilog="Overrides: --set key=value or --config.key=value (values are Python literals "
+    "parsed with ast.literal_eval, else strings). See docs/cli.md.",
+  )
   sub = p.add_subparsers(dest="command", required=True)
 
   def common(sp, config_required=True):
-    sp.add_argument("--config", required=config_required,
-                    help="config file, optionally with an argument: configs/x.py[:arg]")
+    sp.add_argument(
+      "--config",
+      required=config_required,
+      help="config file, optionally with an argument: configs/x.py[:arg]",
+    )
     sp.add_argument("--workdir", default=None, help="output directory (default runs/<name>)")
     sp.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -921,22 +1054,30 @@ def make_parser() -> argparse.ArgumentParser:
   sp.add_argument("run_dir", nargs="?", help="run directory (its run.json gives the config)")
   sp.add_argument("--config", default=None, help="config file (instead of run_dir/run.json)")
   sp.add_argument("--params", action="append", default=[], help="msgpack params file(s)")
-  sp.add_argument("--batches", type=int, default=None, help="number of batches (default "
-                  "init.measure_batches)")
-  sp.add_argument("--checkpoint", action="append", default=[], metavar="STEP",
-                  help="a trainer checkpoint of run_dir (a step, or 'latest'; step 0 holds "
-                  "the initialised params)")
+  sp.add_argument(
+    "--batches", type=int, default=None, help="number of batches (default init.measure_batches)"
+  )
+  sp.add_argument(
+    "--checkpoint",
+    action="append",
+    default=[],
+    metavar="STEP",
+    help="a trainer checkpoint of run_dir (a step, or 'latest'; step 0 holds "
+    "the initialised params)",
+  )
   sp.add_argument("--fresh", action="store_true", help="also measure the model's own init")
   sp.add_argument("--json", default=None, help="write the numbers to this JSON file")
   sp.add_argument("--no-progress", action="store_true")
   sp.set_defaults(fn=cmd_measure)
   sp = sub.add_parser("report", help="markdown table + PNG plots from run directories")
   sp.add_argument("run_dirs", nargs="+")
-  sp.add_argument("--out", default=None, help="output dir (default: the run dir, or "
-                  "runs/report for several)")
+  sp.add_argument(
+    "--out", default=None, help="output dir (default: the run dir, or runs/report for several)"
+  )
   sp.set_defaults(fn=cmd_report)
-  sp = sub.add_parser("bench", help="JAX vs PyTorch benchmark (benchmarks/bench.py)",
-                      add_help=False)
+  sp = sub.add_parser(
+    "bench", help="JAX vs PyTorch benchmark (benchmarks/bench.py)", add_help=False
+  )
   sp.add_argument("bench_args", nargs=argparse.REMAINDER)
   sp.set_defaults(fn=cmd_bench)
   return p

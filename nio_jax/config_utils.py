@@ -1,15 +1,18 @@
 """Config plumbing shared by NIOConfig and the method configs (GradInitConfig, MetaInitConfig, ...)."""
+
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
 
-def config_values(cls, config, overrides: dict, what: str,
-                  named: Mapping[str, Mapping[str, Any]] | None = None) -> dict:
+def config_values(
+  cls, config, overrides: dict, what: str, named: Mapping[str, Mapping[str, Any]] | None = None
+) -> dict:
   """Plain dict of field values from None / instance / dict / ConfigDict / a named recipe.
 
   Unknown keys raise `ValueError` listing the known ones.
@@ -20,16 +23,19 @@ def config_values(cls, config, overrides: dict, what: str,
     values = {f.name: getattr(config, f.name) for f in dataclasses.fields(cls)}
   elif isinstance(config, str):
     if not named or config not in named:
-      raise ValueError(f"unknown {what} recipe {config!r}; known: "
-                       f"{', '.join(sorted(named or {})) or '(none)'}.")
+      raise ValueError(
+        f"unknown {what} recipe {config!r}; known: {', '.join(sorted(named or {})) or '(none)'}."
+      )
     values = dict(named[config])
   elif hasattr(config, "to_dict"):
     values = dict(config.to_dict())
   elif isinstance(config, Mapping):
     values = dict(config)
   else:
-    raise TypeError(f"config must be None, {cls.__name__}, a dict, an ml_collections ConfigDict"
-                    f"{' or a recipe name' if named else ''}; got {type(config).__name__}.")
+    raise TypeError(
+      f"config must be None, {cls.__name__}, a dict, an ml_collections ConfigDict"
+      f"{' or a recipe name' if named else ''}; got {type(config).__name__}."
+    )
   values.update(overrides)
   known = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(values) - known)
@@ -65,6 +71,7 @@ def to_plain_dict(cfg) -> dict:
 def static_mask(params, predicate) -> Any:
   """Tree of Python bools, `predicate(path, leaf)` per leaf (all True for None)."""
   import jax
+
   if predicate is None:
     return jax.tree_util.tree_map(lambda _: True, params)
   return jax.tree_util.tree_map_with_path(lambda p, x: bool(predicate(p, x)), params)

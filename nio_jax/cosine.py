@@ -11,16 +11,16 @@ so neither the D×D cosine matrix nor a flattened copy of the gradients is ever 
 Everything here is differentiable with respect to `params` (the NIO search differentiates
 through it: second-order autodiff through the per-example gradients).
 """
+
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from nio_jax import errors
-from nio_jax import per_example
+from nio_jax import errors, per_example
 
 PyTree = Any
 
@@ -33,6 +33,7 @@ class GCStats(NamedTuple):
     grad_norms: `[D]`, the norm of each per-example / sub-batch gradient.
     loss: scalar, mean per-example loss of the batch (for monitoring).
   """
+
   gc: jax.Array
   grad_norms: jax.Array
   loss: jax.Array
@@ -60,8 +61,9 @@ def gc_from_grads(grads: list | PyTree) -> tuple[jax.Array, jax.Array]:
   sq = sum(jnp.sum(jnp.reshape(f32(g), (d, -1)) ** 2, axis=1) for g in leaves)
   norms = _safe_sqrt(sq)
   inv = jnp.where(norms > 0, 1.0 / jnp.where(norms > 0, norms, 1.0), 0.0)
-  usum_sq = sum(jnp.sum(jnp.tensordot(inv, jnp.reshape(f32(g), (d, -1)), axes=1) ** 2)
-                for g in leaves)
+  usum_sq = sum(
+    jnp.sum(jnp.tensordot(inv, jnp.reshape(f32(g), (d, -1)), axes=1) ** 2) for g in leaves
+  )
   gc = (usum_sq - d) / (d * (d - 1))
   return gc, norms
 
@@ -78,11 +80,11 @@ def gc_brute_force(grads) -> jax.Array:
 
 def _stats(loss_fn, params, batch, num_chunks, overlap, wrt, impl, chunk_size):
   if num_chunks is None:
-    losses, grads = per_example.sample_grads_selected(loss_fn, params, batch, wrt, impl,
-                                                      chunk_size)
+    losses, grads = per_example.sample_grads_selected(loss_fn, params, batch, wrt, impl, chunk_size)
   else:
-    losses, grads = per_example.subbatch_grads_selected(loss_fn, params, batch, num_chunks,
-                                                        overlap, wrt, impl)
+    losses, grads = per_example.subbatch_grads_selected(
+      loss_fn, params, batch, num_chunks, overlap, wrt, impl
+    )
   gc, norms = gc_from_grads(grads)
   loss = jnp.mean(jax.lax.stop_gradient(losses))
   return GCStats(gc=gc, grad_norms=norms, loss=loss)
@@ -106,8 +108,9 @@ def default_impl(num_chunks, backend: str | None = None) -> str:
   return "vmap" if num_chunks is None else "loop"
 
 
-def gradcosine_stats(loss_fn, params, batch, *, num_chunks=None, overlap=0.0, wrt=None,
-                     impl=None, chunk_size=None) -> GCStats:
+def gradcosine_stats(
+  loss_fn, params, batch, *, num_chunks=None, overlap=0.0, wrt=None, impl=None, chunk_size=None
+) -> GCStats:
   """Traceable core of `gradcosine` with no host-side checks (use inside jit/grad)."""
   impl = impl or default_impl(num_chunks)
   return _stats(loss_fn, params, batch, num_chunks, overlap, wrt, impl, chunk_size)
@@ -116,10 +119,18 @@ def gradcosine_stats(loss_fn, params, batch, *, num_chunks=None, overlap=0.0, wr
 _stats_jit = jax.jit(_stats, static_argnums=(0, 3, 4, 5, 6, 7))
 
 
-def gradcosine(loss_fn: Callable, params: PyTree, batch: PyTree, *,
-               num_chunks: int | None = None, overlap: float = 0.0,
-               wrt: Callable | None = None, impl: str | None = None,
-               chunk_size: int | None = None, check: bool = True) -> GCStats:
+def gradcosine(
+  loss_fn: Callable,
+  params: PyTree,
+  batch: PyTree,
+  *,
+  num_chunks: int | None = None,
+  overlap: float = 0.0,
+  wrt: Callable | None = None,
+  impl: str | None = None,
+  chunk_size: int | None = None,
+  check: bool = True,
+) -> GCStats:
   """GradCosine of `loss_fn` at `params` on `batch`, and the gradient norms it uses.
 
   Args:
@@ -145,8 +156,9 @@ def gradcosine(loss_fn: Callable, params: PyTree, batch: PyTree, *,
   b = errors.check_batch(batch) if check else errors.batch_size(batch)
   errors.check_chunks(b, num_chunks, overlap)
   impl = impl or default_impl(num_chunks)
-  errors.check_choice("impl", impl,
-                      per_example.SAMPLE_IMPLS if num_chunks is None else per_example.SUBBATCH_IMPLS)
+  errors.check_choice(
+    "impl", impl, per_example.SAMPLE_IMPLS if num_chunks is None else per_example.SUBBATCH_IMPLS
+  )
   if check:
     errors.check_params(params)
     errors.check_loss_fn(loss_fn, params, batch)
@@ -160,18 +172,20 @@ def check_stats(stats: GCStats, num_chunks=None, step: int | None = None, last_g
   """Raises if the stats are unusable: zero gradients or non-finite values."""
   where = "" if step is None else f" at step {step}"
   norms = jax.device_get(stats.grad_norms)
-  for name, value in (("loss", stats.loss), ("GradCosine", stats.gc),
-                      ("gradient norm", norms)):
+  for name, value in (("loss", stats.loss), ("GradCosine", stats.gc), ("gradient norm", norms)):
     if not bool(jnp.all(jnp.isfinite(value))):
       raise errors.NonFiniteError(
-          f"non-finite {name}{where}: {value}. Lower the learning rate / check the inputs; "
-          "the returned result keeps the last finite params.", step=step or 0,
-          last_good=last_good)
+        f"non-finite {name}{where}: {value}. Lower the learning rate / check the inputs; "
+        "the returned result keeps the last finite params.",
+        step=step or 0,
+        last_good=last_good,
+      )
   zero = [int(i) for i in jnp.nonzero(norms == 0)[0]]
   if zero:
     what = "example" if num_chunks is None else "sub-batch"
     raise errors.ZeroGradientError(
-        f"{what}(s) {zero} have an all-zero gradient{where}, so their cosine is undefined. "
-        "Typical causes: a dead network (all ReLUs off), a zero-initialised output layer "
-        "(Fixup: run GradCosine after a first step), or a loss that ignores those examples.",
-        zero)
+      f"{what}(s) {zero} have an all-zero gradient{where}, so their cosine is undefined. "
+      "Typical causes: a dead network (all ReLUs off), a zero-initialised output layer "
+      "(Fixup: run GradCosine after a first step), or a loss that ignores those examples.",
+      zero,
+    )

@@ -11,6 +11,7 @@ Multi-host (TPU pods, multi-node GPU): call `initialize_multihost()` first on ev
 wraps `jax.distributed.initialize`), build the mesh over `jax.devices()` (all hosts), and feed
 each host's slice of the global batch with `shard_batch(..., global_batch=False)`.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -18,7 +19,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 PyTree = Any
 AXIS = "data"
@@ -37,15 +39,21 @@ def make_mesh(num_devices: int | None = None, devices=None) -> Mesh:
 def check_mesh(mesh, batch_size: int | None = None) -> None:
   """`mesh` is a `Mesh` with a `data` axis and (if given) `batch_size` divides over it."""
   if not isinstance(mesh, Mesh):
-    raise TypeError(f"mesh must be a jax.sharding.Mesh (nio_jax.distributed.make_mesh()), got "
-                    f"{type(mesh).__name__}.")
+    raise TypeError(
+      f"mesh must be a jax.sharding.Mesh (nio_jax.distributed.make_mesh()), got "
+      f"{type(mesh).__name__}."
+    )
   if AXIS not in mesh.axis_names:
-    raise ValueError(f"mesh axes {mesh.axis_names} have no {AXIS!r} axis; build it with "
-                     "nio_jax.distributed.make_mesh().")
+    raise ValueError(
+      f"mesh axes {mesh.axis_names} have no {AXIS!r} axis; build it with "
+      "nio_jax.distributed.make_mesh()."
+    )
   n = mesh.devices.size
   if batch_size is not None and batch_size % n:
-    raise ValueError(f"batch size {batch_size} is not divisible by the {n} devices of the "
-                     f"mesh; use a multiple of {n}.")
+    raise ValueError(
+      f"batch size {batch_size} is not divisible by the {n} devices of the "
+      f"mesh; use a multiple of {n}."
+    )
 
 
 def shard_batch(batch: PyTree, mesh: Mesh, *, global_batch: bool = True) -> PyTree:
@@ -63,8 +71,9 @@ def shard_batch(batch: PyTree, mesh: Mesh, *, global_batch: bool = True) -> PyTr
       raise ValueError("batch leaves need a leading batch axis to be sharded.")
     b = x.shape[0] * (1 if global_batch else jax.process_count())
     if b % n:
-      raise ValueError(f"batch size {b} is not divisible by the {n} devices of the mesh; use a "
-                       f"multiple of {n}.")
+      raise ValueError(
+        f"batch size {b} is not divisible by the {n} devices of the mesh; use a multiple of {n}."
+      )
     if global_batch:
       return jax.device_put(x, sharding)
     return jax.make_array_from_process_local_data(sharding, np.asarray(x))
@@ -95,8 +104,7 @@ def initialize_multihost(**kwargs) -> None:
       raise
 
 
-def samplewise_stats(loss_fn, params, batch, mesh: Mesh, *, wrt=None, impl=None,
-                     chunk_size=None):
+def samplewise_stats(loss_fn, params, batch, mesh: Mesh, *, wrt=None, impl=None, chunk_size=None):
   """Sample-wise `GCStats` computed data-parallel with `shard_map` (traceable, differentiable).
 
   Each device computes the per-example gradients of its own examples, their norms and its
@@ -110,6 +118,7 @@ def samplewise_stats(loss_fn, params, batch, mesh: Mesh, *, wrt=None, impl=None,
   per-example computation on one device.
   """
   from nio_jax import cosine, per_example
+
   impl = impl or cosine.default_impl(None)
   b = jax.tree_util.tree_leaves(batch)[0].shape[0]
 
@@ -126,8 +135,8 @@ def samplewise_stats(loss_fn, params, batch, mesh: Mesh, *, wrt=None, impl=None,
     return usum, norms, loss_sum
 
   usum, norms, loss_sum = jax.shard_map(
-      local, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P(AXIS), P()),
-      check_vma=False)(params, batch)
-  usum_sq = sum(jnp.sum(u ** 2) for u in usum)
+    local, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P(AXIS), P()), check_vma=False
+  )(params, batch)
+  usum_sq = sum(jnp.sum(u**2) for u in usum)
   gc = (usum_sq - b) / (b * (b - 1))
   return cosine.GCStats(gc=gc, grad_norms=norms, loss=loss_sum / b)

@@ -3,6 +3,7 @@
 Every check raises `ValueError` or `TypeError` whose message names the offending argument
 and says how to fix it, so that bad input fails at the call site instead of deep inside JAX.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,8 +47,9 @@ def batch_size(batch) -> int:
     shape = np.shape(leaf)
     if len(shape) == 0:
       raise ValueError(
-          "batch has a scalar leaf; every leaf needs a leading batch axis "
-          "(e.g. {'image': [B,H,W,C], 'label': [B]}).")
+        "batch has a scalar leaf; every leaf needs a leading batch axis "
+        "(e.g. {'image': [B,H,W,C], 'label': [B]})."
+      )
     sizes.add(shape[0])
   if len(sizes) != 1:
     raise ValueError(f"batch leaves disagree on the batch size: {sorted(sizes)}.")
@@ -58,9 +60,10 @@ def check_batch(batch, *, minimum: int = 2, what: str = "batch") -> int:
   b = batch_size(batch)
   if b < minimum:
     raise ValueError(
-        f"{what} has {b} example(s); at least {minimum} are needed (GradCosine compares the "
-        "gradients of different examples; GradInit's look-ahead splits the batch). Use a "
-        "larger batch.")
+      f"{what} has {b} example(s); at least {minimum} are needed (GradCosine compares the "
+      "gradients of different examples; GradInit's look-ahead splits the batch). Use a "
+      "larger batch."
+    )
   for leaf in jax.tree_util.tree_leaves(batch):
     dt = np.asarray(leaf).dtype if not isinstance(leaf, jax.Array) else leaf.dtype
     if jnp.issubdtype(dt, jnp.floating) and not isinstance(leaf, jax.core.Tracer):
@@ -77,8 +80,9 @@ def check_chunks(b: int, num_chunks, overlap: float) -> None:
       raise ValueError(f"num_chunks={num_chunks}: the batch setting needs at least 2 sub-batches.")
     if num_chunks > b:
       raise ValueError(
-          f"num_chunks={num_chunks} is larger than the batch size {b}; use at most {b} "
-          "sub-batches (num_chunks=None is the sample-wise setting).")
+        f"num_chunks={num_chunks} is larger than the batch size {b}; use at most {b} "
+        "sub-batches (num_chunks=None is the sample-wise setting)."
+      )
   if not isinstance(overlap, (float, int)) or isinstance(overlap, bool) or math.isnan(overlap):
     raise TypeError(f"overlap must be a float in [0, 1), got {overlap!r}.")
   if not 0.0 <= overlap < 1.0:
@@ -95,8 +99,9 @@ def check_params(params, what: str = "params") -> None:
     dt = jnp.result_type(leaf)
     if not jnp.issubdtype(dt, jnp.floating):
       raise TypeError(
-          f"{what} leaf {jax.tree_util.keystr(path)} has dtype {dt}; parameters must be floating "
-          "point (integer leaves cannot be scaled or differentiated).")
+        f"{what} leaf {jax.tree_util.keystr(path)} has dtype {dt}; parameters must be floating "
+        "point (integer leaves cannot be scaled or differentiated)."
+      )
 
 
 def check_same_structure(a, b, name_a: str, name_b: str) -> None:
@@ -106,9 +111,10 @@ def check_same_structure(a, b, name_a: str, name_b: str) -> None:
     pb = {jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(b)}
     only_a, only_b = sorted(pa - pb)[:5], sorted(pb - pa)[:5]
     raise ValueError(
-        f"{name_b} does not have the tree structure of {name_a}: "
-        f"only in {name_a}: {only_a or '-'}; only in {name_b}: {only_b or '-'}. "
-        f"Build {name_b} from {name_a} (e.g. nio_jax.init_scales(params)).")
+      f"{name_b} does not have the tree structure of {name_a}: "
+      f"only in {name_a}: {only_a or '-'}; only in {name_b}: {only_b or '-'}. "
+      f"Build {name_b} from {name_a} (e.g. nio_jax.init_scales(params))."
+    )
 
 
 def check_positive(name: str, value, *, allow_zero: bool = False) -> None:
@@ -147,16 +153,18 @@ def check_loss_fn(loss_fn, params, batch) -> None:
     keys = list(batch) if isinstance(batch, dict) else type(batch).__name__
     shapes = {k: tuple(np.shape(v)) for k, v in batch.items()} if isinstance(batch, dict) else keys
     raise LossFnError(
-        f"loss_fn(params, batch) failed on the first batch with {type(e).__name__}: "
-        f"{_first_line(e)}. Check that params belong to the "
-        f"model loss_fn applies and that the batch has the keys/shapes it expects "
-        f"(batch: {shapes}).") from e
+      f"loss_fn(params, batch) failed on the first batch with {type(e).__name__}: "
+      f"{_first_line(e)}. Check that params belong to the "
+      f"model loss_fn applies and that the batch has the keys/shapes it expects "
+      f"(batch: {shapes})."
+    ) from e
   shape = getattr(out, "shape", None)
   if shape != (b,):
     raise ValueError(
-        f"loss_fn must return per-example losses of shape [B] = ({b},), got shape {shape}. "
-        "Do not average over the batch: return e.g. optax.softmax_cross_entropy_with_integer_"
-        "labels(logits, labels) without .mean().")
+      f"loss_fn must return per-example losses of shape [B] = ({b},), got shape {shape}. "
+      "Do not average over the batch: return e.g. optax.softmax_cross_entropy_with_integer_"
+      "labels(logits, labels) without .mean()."
+    )
   if not jnp.issubdtype(out.dtype, jnp.floating):
     raise TypeError(f"loss_fn must return floating-point losses, got {out.dtype}.")
 
@@ -166,8 +174,7 @@ def check_predicate(name: str, value, allow=()) -> None:
   if value is None or callable(value) or (isinstance(value, str) and value in allow):
     return
   extra = "".join(f", {a!r}" for a in allow)
-  raise TypeError(f"{name} must be None{extra} or a predicate (path, leaf) -> bool, "
-                  f"got {value!r}.")
+  raise TypeError(f"{name} must be None{extra} or a predicate (path, leaf) -> bool, got {value!r}.")
 
 
 def check_optional_int(name: str, value, minimum: int = 1) -> None:
@@ -184,8 +191,10 @@ def check_iterable(name: str, value) -> None:
   try:
     iter(value)
   except TypeError:
-    raise TypeError(f"`{name}` must be an iterable of batches (a list, a generator, a data "
-                    f"loader), got {type(value).__name__}.") from None
+    raise TypeError(
+      f"`{name}` must be an iterable of batches (a list, a generator, a data "
+      f"loader), got {type(value).__name__}."
+    ) from None
 
 
 def check_scales(scales) -> None:
@@ -193,8 +202,12 @@ def check_scales(scales) -> None:
   for path, s in jax.tree_util.tree_leaves_with_path(scales):
     dt = jnp.result_type(s)
     if not jnp.issubdtype(dt, jnp.floating):
-      raise TypeError(f"scale {jax.tree_util.keystr(path)} has dtype {dt}; scales must be "
-                      "floating point (build them with nio_jax.init_scales(params)).")
+      raise TypeError(
+        f"scale {jax.tree_util.keystr(path)} has dtype {dt}; scales must be "
+        "floating point (build them with nio_jax.init_scales(params))."
+      )
     if not isinstance(s, jax.core.Tracer) and not bool(np.all(np.isfinite(np.asarray(s)))):
-      raise ValueError(f"scale {jax.tree_util.keystr(path)} is NaN or inf; scales must be "
-                       "finite (use the last good result of a failed search).")
+      raise ValueError(
+        f"scale {jax.tree_util.keystr(path)} is NaN or inf; scales must be "
+        "finite (use the last good result of a failed search)."
+      )

@@ -12,9 +12,11 @@ NNX: `nnx_loss_fn(model)` splits the model into its graph, `nnx.Param` state (wh
 search tunes) and the rest; the loss merges a fresh copy for each call, so the model object
 itself is untouched until you call `nnx.update(model, result.params)`.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -26,13 +28,19 @@ PyTree = Any
 def classification_losses(logits: jax.Array, labels: jax.Array) -> jax.Array:
   """Per-example softmax cross-entropy, `[B]`."""
   return optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), labels.astype(jnp.int32))
+    logits.astype(jnp.float32), labels.astype(jnp.int32)
+  )
 
 
-def linen_loss_fn(model, *, batch_stats: PyTree | None = None,
-                  apply_kwargs: dict | None = None, image_key: str = "image",
-                  label_key: str = "label",
-                  losses: Callable = classification_losses) -> Callable:
+def linen_loss_fn(
+  model,
+  *,
+  batch_stats: PyTree | None = None,
+  apply_kwargs: dict | None = None,
+  image_key: str = "image",
+  label_key: str = "label",
+  losses: Callable = classification_losses,
+) -> Callable:
   """`loss_fn(params, batch) -> [B]` for a linen classifier.
 
   Args:
@@ -50,8 +58,9 @@ def linen_loss_fn(model, *, batch_stats: PyTree | None = None,
   def loss_fn(params, batch):
     x, y = batch[image_key], batch[label_key]
     if batch_stats is not None:
-      logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, x,
-                              mutable=["batch_stats"], **kwargs)
+      logits, _ = model.apply(
+        {"params": params, "batch_stats": batch_stats}, x, mutable=["batch_stats"], **kwargs
+      )
     else:
       logits = model.apply({"params": params}, x, **kwargs)
     return losses(logits, y)
@@ -59,10 +68,16 @@ def linen_loss_fn(model, *, batch_stats: PyTree | None = None,
   return loss_fn
 
 
-def nnx_loss_fn(model, *, image_key: str = "image", label_key: str = "label",
-                losses: Callable = classification_losses) -> tuple[Callable, PyTree]:
+def nnx_loss_fn(
+  model,
+  *,
+  image_key: str = "image",
+  label_key: str = "label",
+  losses: Callable = classification_losses,
+) -> tuple[Callable, PyTree]:
   """`(loss_fn, params)` for an NNX classifier; `params` is its `nnx.Param` state."""
   from flax import nnx
+
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
   def loss_fn(p, batch):

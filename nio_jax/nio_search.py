@@ -12,19 +12,19 @@ Everything per-step is one jitted function (`make_nio_step`).
 `nio(loss_fn, params, batches)` with no config runs the released ImageNet settings:
 D = 4, r = 0.2, γ = 10, lr = 3e-3, 100 steps, objective `gc_gn_sqrt`, μ = 1.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nio_jax import config_utils
-from nio_jax import errors
+from nio_jax import config_utils, errors, per_example
 from nio_jax import cosine as gcmod
-from nio_jax import per_example
 from nio_jax import scales as scmod
 from nio_jax.rescale_adam import rescale_adam
 from nio_jax.results import InitResult
@@ -55,6 +55,7 @@ class NIOConfig:
       "default" = every leaf but batch-norm ones (released code), None = every leaf.
     select: predicate for the leaves whose scales are tuned; None = all non-zero leaves.
   """
+
   num_steps: int = 100
   num_chunks: int | None = 4
   overlap: float = 0.2
@@ -74,7 +75,7 @@ class NIOConfig:
   select: Callable | None = None
 
   @classmethod
-  def create(cls, config=None, **overrides) -> "NIOConfig":
+  def create(cls, config=None, **overrides) -> NIOConfig:
     """From None (defaults), a NIOConfig, a dict or an ml_collections ConfigDict."""
     values = config_utils.config_values(cls, config, overrides, "NIO")
     cfg = cls(**values)
@@ -97,8 +98,11 @@ class NIOConfig:
     errors.check_predicate("grad_filter", self.grad_filter, allow=("default",))
     errors.check_predicate("select", self.select)
     if self.impl is not None:
-      errors.check_choice("impl", self.impl, per_example.SAMPLE_IMPLS
-                          if self.num_chunks is None else per_example.SUBBATCH_IMPLS)
+      errors.check_choice(
+        "impl",
+        self.impl,
+        per_example.SAMPLE_IMPLS if self.num_chunks is None else per_example.SUBBATCH_IMPLS,
+      )
 
   @property
   def wrt(self):
@@ -113,14 +117,15 @@ def nio_objective(stats: gcmod.GCStats, objective: str, gn_mul: float) -> jax.Ar
   if objective == "gc":
     return -stats.gc
   if objective == "gc_gn":
-    return -stats.gc - gn_mul * jnp.sum(stats.grad_norms ** 2)
+    return -stats.gc - gn_mul * jnp.sum(stats.grad_norms**2)
   if objective == "gc_gn_sqrt":
     return -stats.gc - gn_mul * jnp.sum(stats.grad_norms)
   raise ValueError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}.")
 
 
-def make_nio_step(loss_fn: Callable, spec: scmod.ScaleSpec, config: NIOConfig | None = None,
-                  mesh=None):
+def make_nio_step(
+  loss_fn: Callable, spec: scmod.ScaleSpec, config: NIOConfig | None = None, mesh=None
+):
   """`(step, tx)`: the jitted NIO step and the scale optimiser it uses.
 
   `step(params0, scales, opt_state, batch) -> (scales, opt_state, metrics)` where metrics
@@ -137,12 +142,21 @@ def make_nio_step(loss_fn: Callable, spec: scmod.ScaleSpec, config: NIOConfig | 
     params = scmod.apply_scales(params0, scales)
     if mesh is not None and cfg.num_chunks is None:
       from nio_jax import distributed
-      stats = distributed.samplewise_stats(loss_fn, params, batch, mesh, wrt=cfg.wrt,
-                                           impl=cfg.impl, chunk_size=cfg.chunk_size)
+
+      stats = distributed.samplewise_stats(
+        loss_fn, params, batch, mesh, wrt=cfg.wrt, impl=cfg.impl, chunk_size=cfg.chunk_size
+      )
     else:
-      stats = gcmod.gradcosine_stats(loss_fn, params, batch, num_chunks=cfg.num_chunks,
-                                     overlap=cfg.overlap, wrt=cfg.wrt, impl=cfg.impl,
-                                     chunk_size=cfg.chunk_size)
+      stats = gcmod.gradcosine_stats(
+        loss_fn,
+        params,
+        batch,
+        num_chunks=cfg.num_chunks,
+        overlap=cfg.overlap,
+        wrt=cfg.wrt,
+        impl=cfg.impl,
+        chunk_size=cfg.chunk_size,
+      )
     gn = stats.grad_norm
     obj = nio_objective(stats, cfg.objective, cfg.gn_mul)
     constraint = jax.lax.stop_gradient(gn > cfg.gamma)
@@ -150,19 +164,31 @@ def make_nio_step(loss_fn: Callable, spec: scmod.ScaleSpec, config: NIOConfig | 
 
   @jax.jit
   def step(params0, scales, opt_state, batch):
-    grads, (stats, obj, constraint) = jax.grad(search_loss, has_aux=True)(
-        scales, params0, batch)
+    grads, (stats, obj, constraint) = jax.grad(search_loss, has_aux=True)(scales, params0, batch)
     updates, opt_state = tx.update(grads, opt_state, scales, is_constraint=constraint)
     new_scales = jax.tree_util.tree_map(lambda s, u: s + u, scales, updates)
-    metrics = dict(gc=stats.gc, grad_norm=stats.grad_norm, grad_norms=stats.grad_norms,
-                   objective=obj, constraint=constraint, loss=stats.loss)
+    metrics = dict(
+      gc=stats.gc,
+      grad_norm=stats.grad_norm,
+      grad_norms=stats.grad_norms,
+      objective=obj,
+      constraint=constraint,
+      loss=stats.loss,
+    )
     return new_scales, opt_state, metrics
 
   return step, tx
 
 
-def nio(loss_fn: Callable, params: PyTree, batches: Iterable, config=None, *,
-        progress: bool = False, mesh=None) -> InitResult:
+def nio(
+  loss_fn: Callable,
+  params: PyTree,
+  batches: Iterable,
+  config=None,
+  *,
+  progress: bool = False,
+  mesh=None,
+) -> InitResult:
   """Runs the NIO search and returns the initialised params.
 
   Args:
@@ -194,29 +220,53 @@ def nio(loss_fn: Callable, params: PyTree, batches: Iterable, config=None, *,
   errors.check_loss_fn(loss_fn, params, first)
   if mesh is not None:
     from nio_jax import distributed
+
     distributed.check_mesh(mesh, b)
-  scales, spec = scmod.init_scales(params, select=cfg.select, min_scale=cfg.min_scale,
-                                   min_scale_bias=cfg.min_scale_bias)
+  scales, spec = scmod.init_scales(
+    params, select=cfg.select, min_scale=cfg.min_scale, min_scale_bias=cfg.min_scale_bias
+  )
   step, tx = make_nio_step(loss_fn, spec, cfg, mesh=mesh)
   if mesh is not None:
     from nio_jax import distributed
+
     params, scales = distributed.replicate((params, scales), mesh)
     batches = distributed.sharded_batches(batches, mesh)
-  return run_scale_search(step, params, scales, tx.init(scales), batches,
-                          num_steps=cfg.num_steps, method="nio", config=cfg.to_dict(),
-                          show_progress=progress, num_chunks=cfg.num_chunks)
+  return run_scale_search(
+    step,
+    params,
+    scales,
+    tx.init(scales),
+    batches,
+    num_steps=cfg.num_steps,
+    method="nio",
+    config=cfg.to_dict(),
+    show_progress=progress,
+    num_chunks=cfg.num_chunks,
+  )
 
 
-def measure(loss_fn: Callable, params: PyTree, batches: Iterable, *, num_batches: int = 10,
-            num_chunks: int | None = 4, overlap: float = 0.2, wrt: Any = "default",
-            impl: str | None = None, chunk_size: int | None = None,
-            show_progress: bool = False) -> dict[str, float]:
+def measure(
+  loss_fn: Callable,
+  params: PyTree,
+  batches: Iterable,
+  *,
+  num_batches: int = 10,
+  num_chunks: int | None = 4,
+  overlap: float = 0.2,
+  wrt: Any = "default",
+  impl: str | None = None,
+  chunk_size: int | None = None,
+  show_progress: bool = False,
+) -> dict[str, float]:
   """GradCosine and gradient norm averaged over `num_batches` batches (before/after report).
 
   Returns a dict with `gc`, `gc_std`, `grad_norm`, `grad_norm_std`, `loss`, `num_batches`.
   """
-  if isinstance(num_batches, bool) or not isinstance(num_batches, (int, np.integer)) \
-      or num_batches < 1:
+  if (
+    isinstance(num_batches, bool)
+    or not isinstance(num_batches, (int, np.integer))
+    or num_batches < 1
+  ):
     raise ValueError(f"num_batches={num_batches!r} must be an int >= 1.")
   errors.check_params(params)
   errors.check_optional_int("chunk_size", chunk_size)
@@ -228,14 +278,19 @@ def measure(loss_fn: Callable, params: PyTree, batches: Iterable, *, num_batches
   errors.check_chunks(b, num_chunks, overlap)
   errors.check_loss_fn(loss_fn, params, first)
   rows = []
-  for (batch,) in progress_bar(iterate_batches(batches, num_batches), num_batches, "measure",
-                           show_progress):
+  for (batch,) in progress_bar(
+    iterate_batches(batches, num_batches), num_batches, "measure", show_progress
+  ):
     errors.check_batch(batch)
-    st = gcmod._stats_jit(loss_fn, params, batch, num_chunks, overlap, wrt_fn, impl,
-                          chunk_size)
+    st = gcmod._stats_jit(loss_fn, params, batch, num_chunks, overlap, wrt_fn, impl, chunk_size)
     gcmod.check_stats(st, num_chunks, step=len(rows))
     rows.append((float(st.gc), float(st.grad_norm), float(st.loss)))
   arr = np.asarray(rows)
-  return {"gc": float(arr[:, 0].mean()), "gc_std": float(arr[:, 0].std()),
-          "grad_norm": float(arr[:, 1].mean()), "grad_norm_std": float(arr[:, 1].std()),
-          "loss": float(arr[:, 2].mean()), "num_batches": int(num_batches)}
+  return {
+    "gc": float(arr[:, 0].mean()),
+    "gc_std": float(arr[:, 0].std()),
+    "grad_norm": float(arr[:, 1].mean()),
+    "grad_norm_std": float(arr[:, 1].std()),
+    "loss": float(arr[:, 2].mean()),
+    "num_batches": int(num_batches),
+  }

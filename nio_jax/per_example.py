@@ -14,11 +14,13 @@ Two settings (see `../shared/ALGORITHMS.md`):
 Guarantees: results are exact gradients (no sampling, no approximation); for a model without
 cross-example coupling, the sample-wise gradients equal a Python loop of `jax.grad` calls.
 """
+
 from __future__ import annotations
 
 import functools
 import itertools
-from typing import Any, Callable, Sequence
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -44,8 +46,15 @@ LossFn = Callable[[PyTree, PyTree], jax.Array]
 #           segment would use its own statistics, which is not the released semantics.
 #           Never picked by default; choose it explicitly for normalisation-free models.
 #   "segments_im2col": both.
-SUBBATCH_IMPLS = ("vmap", "loop", "map", "loop_im2col", "vmap_im2col", "segments",
-                  "segments_im2col")
+SUBBATCH_IMPLS = (
+  "vmap",
+  "loop",
+  "map",
+  "loop_im2col",
+  "vmap_im2col",
+  "segments",
+  "segments_im2col",
+)
 # How per-example gradients are computed in the sample-wise setting.
 #   "vmap":  jax.vmap(jax.grad) over single-example batches (the textbook form);
 #   "map":   lax.map over examples of jax.grad (no grouped convolutions, less memory);
@@ -82,8 +91,9 @@ def subbatch_bounds(batch_size: int, num_chunks: int, overlap: float) -> list[tu
   return bounds
 
 
-def subbatch_weights(batch_size: int, num_chunks: int, overlap: float,
-                     dtype=np.float32) -> np.ndarray:
+def subbatch_weights(
+  batch_size: int, num_chunks: int, overlap: float, dtype=np.float32
+) -> np.ndarray:
   """`[D, B]` matrix whose row `i` averages the losses of sub-batch `i` (the VJP cotangents)."""
   w = np.zeros((num_chunks, batch_size), dtype)
   for i, (a, b) in enumerate(subbatch_bounds(batch_size, num_chunks, overlap)):
@@ -104,8 +114,9 @@ def select_leaves(params: PyTree, wrt: Callable[[tuple, Any], bool] | None):
   else:
     idx = [i for i, (p, leaf) in enumerate(leaves_with_path) if wrt(p, leaf)]
   if not idx:
-    raise ValueError("no parameter leaf is selected for the gradient (the `wrt` predicate "
-                     "rejected every leaf).")
+    raise ValueError(
+      "no parameter leaf is selected for the gradient (the `wrt` predicate rejected every leaf)."
+    )
 
   def rebuild(selected):
     full = list(leaves)
@@ -128,9 +139,22 @@ def select_leaves(params: PyTree, wrt: Callable[[tuple, Any], bool] | None):
 # convolution is replaced by autodiff of the rewritten body, which is the same maths).
 
 
-def conv_as_matmul(lhs, rhs, *, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                   dimension_numbers, feature_group_count=1, batch_group_count=1,
-                   precision=None, preferred_element_type=None, mode="im2col", **unused):
+def conv_as_matmul(
+  lhs,
+  rhs,
+  *,
+  window_strides,
+  padding,
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers,
+  feature_group_count=1,
+  batch_group_count=1,
+  precision=None,
+  preferred_element_type=None,
+  mode="im2col",
+  **unused,
+):
   """`lax.conv_general_dilated` evaluated as slices/im2col @ kernel (exactly the same sums).
 
   Falls back to the convolution for grouped or input-dilated convolutions.
@@ -139,38 +163,63 @@ def conv_as_matmul(lhs, rhs, *, window_strides, padding, lhs_dilation=None, rhs_
   nsp = lhs.ndim - 2
   lhs_dilation = tuple(lhs_dilation or (1,) * nsp)
   rhs_dilation = tuple(rhs_dilation or (1,) * nsp)
-  if (feature_group_count != 1 or batch_group_count != 1 or any(d != 1 for d in lhs_dilation)
-      or isinstance(padding, str)):
+  if (
+    feature_group_count != 1
+    or batch_group_count != 1
+    or any(d != 1 for d in lhs_dilation)
+    or isinstance(padding, str)
+  ):
     return jax.lax.conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
-        feature_group_count, batch_group_count, precision, preferred_element_type)
+      lhs,
+      rhs,
+      window_strides,
+      padding,
+      lhs_dilation,
+      rhs_dilation,
+      dimension_numbers,
+      feature_group_count,
+      batch_group_count,
+      precision,
+      preferred_element_type,
+    )
   ls, rs, os_ = dimension_numbers
-  x = jnp.transpose(lhs, (ls[0], *ls[2:], ls[1]))                 # N, spatial..., C
-  w = jnp.transpose(rhs, (*rs[2:], rs[1], rs[0]))                 # spatial..., I, O
+  x = jnp.transpose(lhs, (ls[0], *ls[2:], ls[1]))  # N, spatial..., C
+  w = jnp.transpose(rhs, (*rs[2:], rs[1], rs[0]))  # spatial..., I, O
   zero = jnp.zeros((), x.dtype)
   x = jax.lax.pad(x, zero, [(0, 0, 0)] + [(lo, hi, 0) for lo, hi in padding] + [(0, 0, 0)])
   ksz = w.shape[:nsp]
-  out_sz = [(x.shape[1 + d] - (ksz[d] - 1) * rhs_dilation[d] - 1) // window_strides[d] + 1
-            for d in range(nsp)]
+  out_sz = [
+    (x.shape[1 + d] - (ksz[d] - 1) * rhs_dilation[d] - 1) // window_strides[d] + 1
+    for d in range(nsp)
+  ]
   slices = []
   for idx in itertools.product(*[range(k) for k in ksz]):
     start = [0] + [idx[d] * rhs_dilation[d] for d in range(nsp)] + [0]
-    limit = ([x.shape[0]] + [start[1 + d] + (out_sz[d] - 1) * window_strides[d] + 1
-                             for d in range(nsp)] + [x.shape[-1]])
+    limit = (
+      [x.shape[0]]
+      + [start[1 + d] + (out_sz[d] - 1) * window_strides[d] + 1 for d in range(nsp)]
+      + [x.shape[-1]]
+    )
     slices.append(jax.lax.slice(x, start, limit, [1] + list(window_strides) + [1]))
   dn = (((x.ndim - 1,), (0,)), ((), ()))
   if mode == "im2col" and len(slices) > 1:
     patches = jnp.concatenate(slices, axis=-1)
-    y = jax.lax.dot_general(patches, jnp.reshape(w, (-1, w.shape[-1])), dn,
-                            precision=precision, preferred_element_type=preferred_element_type)
+    y = jax.lax.dot_general(
+      patches,
+      jnp.reshape(w, (-1, w.shape[-1])),
+      dn,
+      precision=precision,
+      preferred_element_type=preferred_element_type,
+    )
   else:
     wk = jnp.reshape(w, (-1,) + w.shape[nsp:])
     y = None
     for k, s in enumerate(slices):
-      t = jax.lax.dot_general(s, wk[k], dn, precision=precision,
-                              preferred_element_type=preferred_element_type)
+      t = jax.lax.dot_general(
+        s, wk[k], dn, precision=precision, preferred_element_type=preferred_element_type
+      )
       y = t if y is None else y + t
-  perm = (os_[0], *os_[2:], os_[1])            # out[perm] == y  =>  out = y.transpose(argsort)
+  perm = (os_[0], *os_[2:], os_[1])  # out[perm] == y  =>  out = y.transpose(argsort)
   return jnp.transpose(y, tuple(int(i) for i in np.argsort(perm)))
 
 
@@ -193,10 +242,17 @@ def _has_conv(jaxpr) -> bool:
   return False
 
 
-_INLINE = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr",
-           "core_call": "call_jaxpr", "remat": "jaxpr", "checkpoint": "jaxpr",
-           "custom_jvp_call": "call_jaxpr", "custom_vjp_call": "call_jaxpr",
-           "custom_vjp_call_jaxpr": "fun_jaxpr"}
+_INLINE = {
+  "pjit": "jaxpr",
+  "jit": "jaxpr",
+  "closed_call": "call_jaxpr",
+  "core_call": "call_jaxpr",
+  "remat": "jaxpr",
+  "checkpoint": "jaxpr",
+  "custom_jvp_call": "call_jaxpr",
+  "custom_vjp_call": "call_jaxpr",
+  "custom_vjp_call_jaxpr": "fun_jaxpr",
+}
 
 
 def _bind(eqn, inv):
@@ -230,19 +286,20 @@ def _eval_rewritten(jaxpr, consts, args, mode):
       sub = eqn.params[_INLINE[name]]
       sub_consts = getattr(sub, "consts", ())
       sub = getattr(sub, "jaxpr", sub)
-      outs = _eval_rewritten(sub, sub_consts, inv[len(inv) - len(sub.invars):], mode)
+      outs = _eval_rewritten(sub, sub_consts, inv[len(inv) - len(sub.invars) :], mode)
     elif name == "scan":
       p = eqn.params
       nc, ncar = p["num_consts"], p["num_carry"]
-      sc, carry0, xs = inv[:nc], inv[nc:nc + ncar], inv[nc + ncar:]
+      sc, carry0, xs = inv[:nc], inv[nc : nc + ncar], inv[nc + ncar :]
       cj = p["jaxpr"]
 
       def body(carry, x, cj=cj, sc=sc, ncar=ncar):
         o = _eval_rewritten(cj.jaxpr, cj.consts, [*sc, *carry, *x], mode)
         return list(o[:ncar]), list(o[ncar:])
 
-      carry, ys = jax.lax.scan(body, list(carry0), list(xs), length=p["length"],
-                               reverse=p["reverse"], unroll=p["unroll"])
+      carry, ys = jax.lax.scan(
+        body, list(carry0), list(xs), length=p["length"], reverse=p["reverse"], unroll=p["unroll"]
+      )
       outs = [*carry, *ys]
     else:  # a control-flow primitive we do not rewrite: keep its convolutions
       outs = _bind(eqn, inv)
@@ -291,8 +348,7 @@ def im2col_bytes(fn: Callable, *args) -> int:
         rs, os_ = eqn.params["dimension_numbers"][1], eqn.params["dimension_numbers"][2]
         k = int(np.prod([rhs.shape[d] for d in rs[2:]]))
         cin = rhs.shape[rs[1]]
-        total += mult * int(np.prod(out.shape)) // out.shape[os_[1]] * k * cin * \
-            out.dtype.itemsize
+        total += mult * int(np.prod(out.shape)) // out.shape[os_[1]] * k * cin * out.dtype.itemsize
       m = mult * (eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1)
       for sub in _sub_closed_jaxprs(eqn.params):
         total += walk(sub, m)
@@ -326,7 +382,7 @@ def _per_example_selected(loss_fn, params, batch, wrt, impl, chunk_size):
     if IM2COL_MAX_BYTES is not None:
       need = im2col_bytes(loss_fn, params, batch)
       b = errors.batch_size(batch)
-      if need > IM2COL_MAX_BYTES:   # bound the memory by processing examples in chunks
+      if need > IM2COL_MAX_BYTES:  # bound the memory by processing examples in chunks
         fit = max(1, int(b * IM2COL_MAX_BYTES // need))
         chunk_size = fit if chunk_size is None else min(chunk_size, fit)
     loss_fn, impl = rewrite_convs(loss_fn, impl), "vmap"
@@ -368,9 +424,15 @@ def _per_example_grads_jit(loss_fn, params, batch, impl, chunk_size, wrt):
   return sel_grads
 
 
-def per_example_grads(loss_fn: LossFn, params: PyTree, batch: PyTree, *,
-                      impl: str = "vmap", chunk_size: int | None = None,
-                      wrt: Callable[[tuple, Any], bool] | None = None) -> PyTree:
+def per_example_grads(
+  loss_fn: LossFn,
+  params: PyTree,
+  batch: PyTree,
+  *,
+  impl: str = "vmap",
+  chunk_size: int | None = None,
+  wrt: Callable[[tuple, Any], bool] | None = None,
+) -> PyTree:
   """Per-example gradients `∇θ ℓ_i(θ)`, a pytree like `params` with a leading batch axis.
 
   Computed with `vmap(grad)` over one-example batches under `jit`.
@@ -405,8 +467,9 @@ def per_example_grads(loss_fn: LossFn, params: PyTree, batch: PyTree, *,
 
 def segment_bounds(batch_size: int, num_chunks: int, overlap: float) -> list[tuple[int, int]]:
   """Disjoint `[start, end)` segments cut at every sub-batch boundary (cover `[0, B)`)."""
-  cuts = sorted({c for ab in subbatch_bounds(batch_size, num_chunks, overlap) for c in ab}
-                | {0, batch_size})
+  cuts = sorted(
+    {c for ab in subbatch_bounds(batch_size, num_chunks, overlap) for c in ab} | {0, batch_size}
+  )
   return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
 
 
@@ -419,7 +482,7 @@ def _segment_grads(loss_fn, sel, rebuild, batch, num_chunks, overlap):
     part = jax.tree_util.tree_map(lambda x: x[a:e], batch)
     l, vjp = jax.vjp(lambda s: loss_fn(rebuild(s), part), sel)
     losses.append(l)
-    seg_grads.append(vjp(jnp.ones_like(l))[0])        # sum of the segment's gradients
+    seg_grads.append(vjp(jnp.ones_like(l))[0])  # sum of the segment's gradients
   # sub-batch i = (1/|i|) * sum of the segments it contains
   m = np.zeros((num_chunks, len(segs)), np.float64)
   for i, (a, e) in enumerate(subbatch_bounds(b, num_chunks, overlap)):
@@ -427,19 +490,18 @@ def _segment_grads(loss_fn, sel, rebuild, batch, num_chunks, overlap):
       if sa >= a and se <= e:
         m[i, k] = 1.0 / (e - a)
   grads = jax.tree_util.tree_map(
-      lambda *gs: jnp.tensordot(jnp.asarray(m.astype(gs[0].dtype)), jnp.stack(gs), axes=1),
-      *seg_grads)
+    lambda *gs: jnp.tensordot(jnp.asarray(m.astype(gs[0].dtype)), jnp.stack(gs), axes=1), *seg_grads
+  )
   return jnp.concatenate(losses), grads
 
 
-def subbatch_grads_selected(loss_fn, params, batch, num_chunks, overlap, wrt=None,
-                            impl="loop"):
+def subbatch_grads_selected(loss_fn, params, batch, num_chunks, overlap, wrt=None, impl="loop"):
   """(losses [B], sub-batch gradients of the selected leaves as `[D, ...]` arrays)."""
   if impl.endswith("_im2col"):
-    base = impl[:-len("_im2col")]
+    base = impl[: -len("_im2col")]
     if _im2col_fits(loss_fn, params, batch):
       loss_fn = rewrite_convs(loss_fn, "im2col")
-    impl = base                     # too big: plain convolutions (IM2COL_MAX_BYTES)
+    impl = base  # too big: plain convolutions (IM2COL_MAX_BYTES)
   sel, rebuild, _ = select_leaves(params, wrt)
   b = errors.batch_size(batch)
   if impl == "segments":

@@ -13,6 +13,7 @@
 The step kind is passed as an optax extra argument: `tx.update(g, state, scales,
 is_constraint=flag)` where `flag` may be a traced bool.
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -32,8 +33,9 @@ class SplitAdamState(NamedTuple):
   count_constraint: jax.Array
 
 
-def scale_by_split_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
-                        ) -> optax.GradientTransformationExtraArgs:
+def scale_by_split_adam(
+  b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+) -> optax.GradientTransformationExtraArgs:
   """Adam direction with separate first moments for constraint / objective steps.
 
   For a step of kind k (constraint or objective) with gradient g:
@@ -44,21 +46,24 @@ def scale_by_split_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
 
   def init_fn(params):
     zeros = lambda: jax.tree_util.tree_map(lambda p: jnp.zeros_like(p, jnp.float32), params)
-    return SplitAdamState(zeros(), zeros(), zeros(), jnp.zeros([], jnp.int32),
-                          jnp.zeros([], jnp.int32))
+    return SplitAdamState(
+      zeros(), zeros(), zeros(), jnp.zeros([], jnp.int32), jnp.zeros([], jnp.int32)
+    )
 
   def update_fn(updates, state, params=None, *, is_constraint=False, **extra_args):
     del params, extra_args
     c = jnp.asarray(is_constraint, bool)
     mu_o = jax.tree_util.tree_map(
-        lambda m, g: jnp.where(c, m, b1 * m + (1 - b1) * g), state.mu_objective, updates)
+      lambda m, g: jnp.where(c, m, b1 * m + (1 - b1) * g), state.mu_objective, updates
+    )
     mu_c = jax.tree_util.tree_map(
-        lambda m, g: jnp.where(c, b1 * m + (1 - b1) * g, m), state.mu_constraint, updates)
+      lambda m, g: jnp.where(c, b1 * m + (1 - b1) * g, m), state.mu_constraint, updates
+    )
     nu = jax.tree_util.tree_map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, updates)
     n_o = state.count_objective + jnp.where(c, 0, 1).astype(jnp.int32)
     n_c = state.count_constraint + jnp.where(c, 1, 0).astype(jnp.int32)
     steps = jnp.where(c, n_c, n_o).astype(jnp.float32)
-    bc1 = 1 - b1 ** steps
+    bc1 = 1 - b1**steps
     bc2 = 1 - b2 ** (n_o + n_c).astype(jnp.float32)
     mu = jax.tree_util.tree_map(lambda a, b: jnp.where(c, b, a), mu_o, mu_c)
     new = jax.tree_util.tree_map(lambda m, v: (m / bc1) / (jnp.sqrt(v / bc2) + eps), mu, nu)
@@ -74,8 +79,11 @@ def freeze(trainable: PyTree) -> optax.GradientTransformation:
     if params is None:
       raise ValueError("freeze needs the current scales (pass params to update).")
     out = jax.tree_util.tree_map(
-        lambda u, t, s: jnp.where(jnp.logical_and(t, s != 0), u, jnp.zeros_like(u)),
-        updates, trainable, params)
+      lambda u, t, s: jnp.where(jnp.logical_and(t, s != 0), u, jnp.zeros_like(u)),
+      updates,
+      trainable,
+      params,
+    )
     return out, state
 
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
@@ -87,22 +95,31 @@ def project_min_scale(min_scale: PyTree) -> optax.GradientTransformation:
   def update_fn(updates, state, params=None):
     if params is None:
       raise ValueError("project_min_scale needs the current scales (pass params to update).")
-    out = jax.tree_util.tree_map(lambda u, s, lo: jnp.maximum(s + u, lo) - s,
-                                 updates, params, min_scale)
+    out = jax.tree_util.tree_map(
+      lambda u, s, lo: jnp.maximum(s + u, lo) - s, updates, params, min_scale
+    )
     return out, state
 
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
 
-def rescale_adam(learning_rate, spec, *, b1: float = 0.9, b2: float = 0.999,
-                 eps: float = 1e-8, grad_clip: float = 1.0
-                 ) -> optax.GradientTransformationExtraArgs:
+def rescale_adam(
+  learning_rate,
+  spec,
+  *,
+  b1: float = 0.9,
+  b2: float = 0.999,
+  eps: float = 1e-8,
+  grad_clip: float = 1.0,
+) -> optax.GradientTransformationExtraArgs:
   """The full scale optimiser (see the module docstring). `spec` is a `ScaleSpec`."""
   parts = []
   if grad_clip and grad_clip > 0:
     parts.append(optax.clip(grad_clip))
-  parts += [scale_by_split_adam(b1, b2, eps),
-            optax.scale_by_learning_rate(learning_rate),
-            freeze(spec.trainable),
-            project_min_scale(spec.min_scale)]
+  parts += [
+    scale_by_split_adam(b1, b2, eps),
+    optax.scale_by_learning_rate(learning_rate),
+    freeze(spec.trainable),
+    project_min_scale(spec.min_scale),
+  ]
   return optax.chain(*parts)

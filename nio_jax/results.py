@@ -1,4 +1,5 @@
 """The result type shared by every initialisation method."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,6 +24,7 @@ class InitResult:
     method: the method's registry name.
     config: the configuration that ran, as a plain dict.
   """
+
   params: PyTree
   scales: PyTree | None
   history: dict[str, np.ndarray]
@@ -35,13 +37,20 @@ class InitResult:
 
   def history_json(self) -> str:
     """The history (and config) as JSON, for logs and plots."""
+
     def conv(v):
       return np.asarray(v).tolist()
-    return json.dumps({"method": self.method,
-                       "config": {k: (v if isinstance(v, (int, float, str, bool, type(None),
-                                                         list, tuple)) else repr(v))
-                                  for k, v in self.config.items()},
-                       "history": {k: conv(v) for k, v in self.history.items()}})
+
+    return json.dumps(
+      {
+        "method": self.method,
+        "config": {
+          k: (v if isinstance(v, (int, float, str, bool, type(None), list, tuple)) else repr(v))
+          for k, v in self.config.items()
+        },
+        "history": {k: conv(v) for k, v in self.history.items()},
+      }
+    )
 
 
 def stack_history(rows: list[dict]) -> dict[str, np.ndarray]:

@@ -12,10 +12,12 @@ lower bound `min_scale` (0.01), biases (leaves named `bias`) get 0, and a leaf (
 a stacked leaf) whose initial norm is 0 is not tuned. A predicate on the leaf path overrides
 the selection.
 """
+
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -72,6 +74,7 @@ class ScaleSpec(NamedTuple):
       leaves rejected by the `select` predicate).
     min_scale: float arrays; the lower bound of the projection `s ← max(s, min_scale)`.
   """
+
   trainable: PyTree
   min_scale: PyTree
 
@@ -80,12 +83,16 @@ def _leaf_norms(path, leaf):
   x = jnp.asarray(leaf, jnp.float32)
   if is_stacked(path) and x.ndim >= 1:
     return jnp.sqrt(jnp.sum(jnp.reshape(x, (x.shape[0], -1)) ** 2, axis=1))
-  return jnp.sqrt(jnp.sum(x ** 2))
+  return jnp.sqrt(jnp.sum(x**2))
 
 
-def init_scales(params: PyTree, *, select: Callable[[tuple, Any], bool] | None = None,
-                min_scale: float = 0.01, min_scale_bias: float = 0.0
-                ) -> tuple[PyTree, ScaleSpec]:
+def init_scales(
+  params: PyTree,
+  *,
+  select: Callable[[tuple, Any], bool] | None = None,
+  min_scale: float = 0.01,
+  min_scale_bias: float = 0.0,
+) -> tuple[PyTree, ScaleSpec]:
   """The scales a search tunes (all ones) and their `ScaleSpec`.
 
   Args:
@@ -118,11 +125,15 @@ def init_scales(params: PyTree, *, select: Callable[[tuple, Any], bool] | None =
     return jnp.full(jnp.shape(_leaf_norms(path, leaf)), b, jnp.float32)
 
   scales = jax.tree_util.tree_map_with_path(one, params)
-  spec = ScaleSpec(trainable=jax.tree_util.tree_map_with_path(trainable, params),
-                   min_scale=jax.tree_util.tree_map_with_path(bound, params))
+  spec = ScaleSpec(
+    trainable=jax.tree_util.tree_map_with_path(trainable, params),
+    min_scale=jax.tree_util.tree_map_with_path(bound, params),
+  )
   if not any(bool(jnp.any(t)) for t in jax.tree_util.tree_leaves(spec.trainable)):
-    raise ValueError("params have no scalable leaf: every leaf has zero norm or was rejected "
-                     "by `select`. Initialise the model (e.g. model.init) before the search.")
+    raise ValueError(
+      "params have no scalable leaf: every leaf has zero norm or was rejected "
+      "by `select`. Initialise the model (e.g. model.init) before the search."
+    )
   return scales, spec
 
 
@@ -145,8 +156,10 @@ def apply_scales(params: PyTree, scales: PyTree) -> PyTree:
   def mul(path, leaf, s):
     s = jnp.asarray(s)
     if s.ndim > 1 or (s.ndim == 1 and (jnp.ndim(leaf) == 0 or s.shape[0] != jnp.shape(leaf)[0])):
-      raise ValueError(f"scale for {jax.tree_util.keystr(path)} has shape {s.shape}, which does "
-                       f"not match the leading axis of its leaf {jnp.shape(leaf)}.")
+      raise ValueError(
+        f"scale for {jax.tree_util.keystr(path)} has shape {s.shape}, which does "
+        f"not match the leading axis of its leaf {jnp.shape(leaf)}."
+      )
     return (_broadcast(s, leaf) * leaf).astype(jnp.result_type(leaf))
 
   return jax.tree_util.tree_map_with_path(mul, params, scales)

@@ -6,11 +6,13 @@ batches, a progress bar, the per-step history, and the safety checks (non-finite
 the search with the step number, and the params returned or attached to the error are always
 the last finite ones).
 """
+
 from __future__ import annotations
 
 import collections.abc
 import itertools
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +32,10 @@ def iterate_batches(batches: Iterable, num_steps: int, per_step: int = 1):
   the released code restarts its loader; a one-shot iterator must supply enough batches.
   """
   if isinstance(batches, dict) or hasattr(batches, "shape"):
-    raise TypeError("`batches` must be an iterable of batches (e.g. a list, or a generator), "
-                    "not a single batch; use [batch] or itertools.repeat(batch).")
+    raise TypeError(
+      "`batches` must be an iterable of batches (e.g. a list, or a generator), "
+      "not a single batch; use [batch] or itertools.repeat(batch)."
+    )
   errors.check_iterable("batches", batches)
   cyclic = isinstance(batches, collections.abc.Collection)
   if cyclic and len(batches) == 0:
@@ -46,8 +50,9 @@ def iterate_batches(batches: Iterable, num_steps: int, per_step: int = 1):
       except StopIteration:
         if not cyclic:
           raise ValueError(
-              f"`batches` ran out at step {step} of {num_steps} (needs {needed} batches, "
-              f"{per_step} per step). Pass a list (it is cycled) or a longer iterator.") from None
+            f"`batches` ran out at step {step} of {num_steps} (needs {needed} batches, "
+            f"{per_step} per step). Pass a list (it is cycled) or a longer iterator."
+          ) from None
         it = iter(batches)
         group.append(next(it))
     yield group
@@ -56,8 +61,10 @@ def iterate_batches(batches: Iterable, num_steps: int, per_step: int = 1):
 def peek(batches: Iterable):
   """(first batch, an iterable that still yields every batch) without losing the first."""
   if isinstance(batches, dict) or hasattr(batches, "shape"):
-    raise TypeError("`batches` must be an iterable of batches (e.g. a list, or a generator), "
-                    "not a single batch; use [batch] or itertools.repeat(batch).")
+    raise TypeError(
+      "`batches` must be an iterable of batches (e.g. a list, or a generator), "
+      "not a single batch; use [batch] or itertools.repeat(batch)."
+    )
   errors.check_iterable("batches", batches)
   if isinstance(batches, collections.abc.Collection):
     if len(batches) == 0:
@@ -75,6 +82,7 @@ def progress_bar(iterable, total: int, desc: str, enabled: bool):
   if not enabled:
     return iterable
   from tqdm.auto import tqdm
+
   return tqdm(iterable, total=total, desc=desc, dynamic_ncols=True)
 
 
@@ -83,16 +91,29 @@ def check_step_batches(group, batch_size_0: int | None, minimum: int = 2) -> int
   for batch in group:
     b = errors.check_batch(batch, minimum=minimum)
     if batch_size_0 is not None and b != batch_size_0:
-      raise ValueError(f"batch size changed from {batch_size_0} to {b} during the search; use "
-                       "a fixed batch size (drop the remainder) so the step compiles once.")
+      raise ValueError(
+        f"batch size changed from {batch_size_0} to {b} during the search; use "
+        "a fixed batch size (drop the remainder) so the step compiles once."
+      )
   return b
 
 
-def run_scale_search(step_fn: Callable, params0: PyTree, scales: PyTree, opt_state: PyTree,
-                     batches: Iterable, *, num_steps: int, method: str, config: dict,
-                     per_step: int = 1, show_progress: bool = False,
-                     min_batch: int = 2, num_chunks: int | None = None,
-                     postfix: tuple[str, ...] = ("gc", "grad_norm")) -> InitResult:
+def run_scale_search(
+  step_fn: Callable,
+  params0: PyTree,
+  scales: PyTree,
+  opt_state: PyTree,
+  batches: Iterable,
+  *,
+  num_steps: int,
+  method: str,
+  config: dict,
+  per_step: int = 1,
+  show_progress: bool = False,
+  min_batch: int = 2,
+  num_chunks: int | None = None,
+  postfix: tuple[str, ...] = ("gc", "grad_norm"),
+) -> InitResult:
   """Runs `step_fn` for `num_steps` steps and returns an `InitResult`.
 
   `step_fn(params0, scales, opt_state, *group) -> (scales, opt_state, metrics)`, where
@@ -103,33 +124,46 @@ def run_scale_search(step_fn: Callable, params0: PyTree, scales: PyTree, opt_sta
   rows: list[dict] = []
 
   def result(sc):
-    return InitResult(params=apply_scales(params0, sc), scales=sc, history=stack_history(rows),
-                      method=method, config=config)
+    return InitResult(
+      params=apply_scales(params0, sc),
+      scales=sc,
+      history=stack_history(rows),
+      method=method,
+      config=config,
+    )
 
-  bar = progress_bar(iterate_batches(batches, num_steps, per_step), num_steps, method, show_progress)
+  bar = progress_bar(
+    iterate_batches(batches, num_steps, per_step), num_steps, method, show_progress
+  )
   b0 = None
   for step, group in enumerate(bar):
     b0 = check_step_batches(group, b0, min_batch)
     new_scales, new_opt_state, metrics = step_fn(params0, scales, opt_state, *group)
     m = jax.device_get(metrics)
     bad = [k for k, v in m.items() if not np.all(np.isfinite(np.asarray(v, np.float64)))]
-    if not bad and not all(bool(jnp.all(jnp.isfinite(s)))
-                           for s in jax.tree_util.tree_leaves(new_scales)):
+    if not bad and not all(
+      bool(jnp.all(jnp.isfinite(s))) for s in jax.tree_util.tree_leaves(new_scales)
+    ):
       bad = ["scales"]
     if bad:
       raise errors.NonFiniteError(
-          f"{method}: non-finite {', '.join(bad)} at step {step} "
-          f"({ {k: np.asarray(m[k]).tolist() for k in bad if k in m} }). The search stopped; "
-          "error.last_good holds the params/scales from before this step. Lower the learning "
-          "rate or check the inputs.", step=step, last_good=result(scales))
+        f"{method}: non-finite {', '.join(bad)} at step {step} "
+        f"({ {k: np.asarray(m[k]).tolist() for k in bad if k in m} }). The search stopped; "
+        "error.last_good holds the params/scales from before this step. Lower the learning "
+        "rate or check the inputs.",
+        step=step,
+        last_good=result(scales),
+      )
     if "grad_norms" in m:
       zero = np.nonzero(np.asarray(m["grad_norms"]) == 0)[0].tolist()
       if zero:
         what = "example" if num_chunks is None else "sub-batch"
         raise errors.ZeroGradientError(
-            f"{method}: {what}(s) {zero} have an all-zero gradient at step {step}; their "
-            "cosine is undefined. Typical causes: dead ReLUs, a zero-initialised output layer "
-            "(Fixup), or a loss that ignores those examples.", zero)
+          f"{method}: {what}(s) {zero} have an all-zero gradient at step {step}; their "
+          "cosine is undefined. Typical causes: dead ReLUs, a zero-initialised output layer "
+          "(Fixup), or a loss that ignores those examples.",
+          zero,
+        )
     rows.append(m)
     scales, opt_state = new_scales, new_opt_state
     if show_progress and hasattr(bar, "set_postfix"):

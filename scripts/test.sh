@@ -7,4 +7,7 @@ bash scripts/setup.sh
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export JAX_PLATFORMS=cpu
+# One code style (configured in pyproject.toml): fail fast before the long suite.
+ruff format --check .
+ruff check .
 exec python -m pytest -n "${NIO_JAX_TEST_WORKERS:-2}" --timeout 1200 -q "$@"

@@ -1,4 +1,5 @@
 """Bad input gets a clear error naming the problem, and never NaN params."""
+
 import itertools
 
 import jax
@@ -50,6 +51,7 @@ def test_stacked_scale_length_mismatch():
 def test_zero_gradient_example_is_reported():
   def loss(p, batch):  # example 0 is masked out: its gradient is exactly zero
     return tm.mlp_loss(p, batch) * batch["m"]
+
   mb = dict(B, m=(jnp.arange(8) > 0).astype(jnp.float32))
   with pytest.raises(nio_jax.ZeroGradientError, match=r"\[0\]") as e:
     nio_jax.gradcosine(loss, P, mb)
@@ -61,6 +63,7 @@ def test_zero_gradient_example_is_reported():
 def test_non_finite_loss_stops_with_step_and_last_good_params():
   def loss(p, batch):  # finite on the first two batches, NaN on the third (sqrt(-1))
     return tm.mlp_loss(p, batch) * jnp.sqrt(batch["m"].astype(jnp.float32))
+
   good = dict(B, m=jnp.ones((8,), jnp.int32))
   bad = dict(B, m=-jnp.ones((8,), jnp.int32))
   with pytest.raises(nio_jax.NonFiniteError, match="step 2") as e:
@@ -101,12 +104,19 @@ def test_mismatched_batch_leaves():
     nio_jax.gradcosine(tm.mlp_loss, P, {"x": B["x"], "y": B["y"][:5]})
 
 
-@pytest.mark.parametrize("bad,match", [
-    ({"gamma": 0.0}, "gamma"), ({"lr": -1.0}, "lr"), ({"num_steps": 0}, "num_steps"),
-    ({"objective": "gv"}, "objective"), ({"overlap": 1.2}, "outside"),
-    ({"num_chunks": 1}, "at least 2"), ({"typo": 1}, "unknown NIO config"),
+@pytest.mark.parametrize(
+  "bad,match",
+  [
+    ({"gamma": 0.0}, "gamma"),
+    ({"lr": -1.0}, "lr"),
+    ({"num_steps": 0}, "num_steps"),
+    ({"objective": "gv"}, "objective"),
+    ({"overlap": 1.2}, "outside"),
+    ({"num_chunks": 1}, "at least 2"),
+    ({"typo": 1}, "unknown NIO config"),
     ({"impl": "magic"}, "impl"),
-])
+  ],
+)
 def test_bad_config(bad, match):
   with pytest.raises((ValueError, TypeError), match=match):
     nio_jax.NIOConfig.create(bad)
@@ -124,5 +134,6 @@ def test_batches_run_out_and_single_batch():
 
 def test_batch_size_change_during_search():
   with pytest.raises(ValueError, match="batch size changed"):
-    nio_jax.nio(tm.mlp_loss, P, [B, tm.mlp_batch(KEY, b=6)], {"num_steps": 2, "num_chunks": 2,
-                                                              "overlap": 0.0})
+    nio_jax.nio(
+      tm.mlp_loss, P, [B, tm.mlp_batch(KEY, b=6)], {"num_steps": 2, "num_chunks": 2, "overlap": 0.0}
+    )

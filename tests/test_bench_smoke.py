@@ -1,4 +1,5 @@
 """Smoke test of benchmarks/bench.py: MLP, batch 8, one repetition (< 60 s on a free CPU)."""
+
 from __future__ import annotations
 
 import glob
@@ -12,8 +13,21 @@ pytest.importorskip("torch")
 
 def test_bench_mlp_batch8(tmp_path):
   from benchmarks import bench
-  result = bench.main(["--models", "mlp", "--batches", "8", "--reps", "1",
-                       "--parts", "gc,nio_b,train", "--out", str(tmp_path)])
+
+  result = bench.main(
+    [
+      "--models",
+      "mlp",
+      "--batches",
+      "8",
+      "--reps",
+      "1",
+      "--parts",
+      "gc,nio_b,train",
+      "--out",
+      str(tmp_path),
+    ]
+  )
   files = sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "bench_*")))
   assert any(f.endswith(".json") for f in files) and any(f.endswith(".md") for f in files)
   assert any(f.endswith(".png") for f in files)

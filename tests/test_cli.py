@@ -1,4 +1,5 @@
 """The `nio-jax` command line and the experiment configs (tiny: a 256-image run end to end)."""
+
 import builtins
 import importlib.util
 import json
@@ -81,9 +82,19 @@ def test_parse_value_literals_only():
 
 def test_overrides_apply_and_check():
   cfg = cli.base_config()
-  rest, ov = cli.split_overrides(["train", "--config", "c.py", "--config.train.num_epochs=3",
-                                  "--set", "data.batch_size=64", "--config.init.config.gamma",
-                                  "2.5", "--set=model.kwargs.hidden=(8,)"])
+  rest, ov = cli.split_overrides(
+    [
+      "train",
+      "--config",
+      "c.py",
+      "--config.train.num_epochs=3",
+      "--set",
+      "data.batch_size=64",
+      "--config.init.config.gamma",
+      "2.5",
+      "--set=model.kwargs.hidden=(8,)",
+    ]
+  )
   assert rest == ["train", "--config", "c.py"]
   for item in ov:
     cli.apply_override(cfg, *cli.parse_override(item))
@@ -101,18 +112,22 @@ def test_overrides_apply_and_check():
   assert cfg.model.kwargs.to_dict() == {"channels": (8, 16)}
 
 
-@pytest.mark.parametrize("override,known", [
+@pytest.mark.parametrize(
+  "override,known",
+  [
     ("model.name=resnet9", "cnn_small"),
     ("init.method=magic", "gradinit"),
     ("data.dataset=mnist", "fashion_mnist"),
     ("init.config.no_such_key=1", "num_steps"),
     ("init.recipe=vgg11", "resnet110_bn"),
     ("init.method=fixup", "num_branches"),  # gradinit keys given to Fixup
-])
+  ],
+)
 def test_unknown_names_list_the_known_ones(override, known, capsys):
   cfg_path = str(ROOT / "configs" / "fmnist_gradinit.py")
-  rc = cli.main(["init", "--config", cfg_path, "--workdir", "/nonexistent/never",
-                 f"--set={override}"])
+  rc = cli.main(
+    ["init", "--config", cfg_path, "--workdir", "/nonexistent/never", f"--set={override}"]
+  )
   err = capsys.readouterr().err
   assert rc == 2 and "nio-jax: error:" in err and known in err, err
 
@@ -134,8 +149,16 @@ def test_malicious_override_is_a_string_never_code(tmp_path, monkeypatch, capsys
     assert cfg.data.dataset == evil
     with pytest.raises(cli.CLIError):  # a string where an int belongs is rejected
       cli.apply_override(cfg, *cli.parse_override(f"data.batch_size={evil}"))
-  rc = cli.main(["init", "--config", str(ROOT / "configs" / "fmnist_nio.py"), "--workdir",
-                 str(tmp_path / "w"), f"--config.data.dataset={evil}"])
+  rc = cli.main(
+    [
+      "init",
+      "--config",
+      str(ROOT / "configs" / "fmnist_nio.py"),
+      "--workdir",
+      str(tmp_path / "w"),
+      f"--config.data.dataset={evil}",
+    ]
+  )
   err = capsys.readouterr().err
   assert rc == 2 and "unknown dataset" in err and "fashion_mnist" in err
   assert not marker.exists()
@@ -149,6 +172,7 @@ def test_bench_missing_script_exits_2(monkeypatch, capsys):
 
 def test_console_script_and_help(capsys):
   from importlib.metadata import entry_points
+
   eps = [e for e in entry_points(group="console_scripts") if e.name == "nio-jax"]
   if not eps:
     pytest.skip("nio-jax console script not installed (pip install -e .)")
@@ -163,14 +187,25 @@ def test_console_script_and_help(capsys):
 
 # ------------------------------------------------------------------ end to end, tiny subset
 
-TINY = ["model.name=mlp", "model.kwargs={'hidden': (32,)}", "data.train_subset=256",
-        "data.test_subset=256", "data.batch_size=64", "data.prefetch=0", "init.batch_size=32",
-        "init.config.num_steps=3", "init.measure_batches=1", "train.num_epochs=1",
-        "train.eval_batch_size=256", "train.log_every=2"]
+TINY = [
+  "model.name=mlp",
+  "model.kwargs={'hidden': (32,)}",
+  "data.train_subset=256",
+  "data.test_subset=256",
+  "data.batch_size=64",
+  "data.prefetch=0",
+  "init.batch_size=32",
+  "init.config.num_steps=3",
+  "init.measure_batches=1",
+  "train.num_epochs=1",
+  "train.eval_batch_size=256",
+  "train.log_every=2",
+]
 
 
 def _need_fmnist():
   from nio_jax.data import find_fashion_mnist_dir
+
   try:
     find_fashion_mnist_dir()
   except FileNotFoundError as e:
@@ -183,10 +218,21 @@ def tiny_runs(tmp_path_factory):
   base = tmp_path_factory.mktemp("cli_runs")
   cfg = str(ROOT / "configs" / "fmnist_nio.py")
   sets = [f"--set={s}" for s in TINY]
-  rc_train = cli.main(["train", "--config", cfg, "--workdir", str(base / "train"),
-                       "--no-progress", *sets, "--set=init.measure_batches=0"])
-  rc_init = cli.main(["init", "--config", cfg, "--workdir", str(base / "init"), "--no-progress",
-                      *sets])
+  rc_train = cli.main(
+    [
+      "train",
+      "--config",
+      cfg,
+      "--workdir",
+      str(base / "train"),
+      "--no-progress",
+      *sets,
+      "--set=init.measure_batches=0",
+    ]
+  )
+  rc_init = cli.main(
+    ["init", "--config", cfg, "--workdir", str(base / "init"), "--no-progress", *sets]
+  )
   return base, rc_train, rc_init
 
 
@@ -194,15 +240,26 @@ def test_train_end_to_end(tiny_runs):
   base, rc, _ = tiny_runs
   assert rc == 0
   w = base / "train"
-  for f in ("init_params.msgpack", "final_params.msgpack", "metrics.jsonl", "init_history.json",
-            "init_report.json", "scales.json", "summary.json", "curves.png", "report.md",
-            "report_training.png", "report_search.png", "report_scales.png", "run.json"):
+  for f in (
+    "init_params.msgpack",
+    "final_params.msgpack",
+    "metrics.jsonl",
+    "init_history.json",
+    "init_report.json",
+    "scales.json",
+    "summary.json",
+    "curves.png",
+    "report.md",
+    "report_training.png",
+    "report_search.png",
+    "report_scales.png",
+    "run.json",
+  ):
     assert (w / f).is_file(), f
   hist = json.loads((w / "init_history.json").read_text())
   assert hist["method"] == "nio" and len(hist["history"]["gc"]) == 3
   assert hist["num_batches"] == 3 and hist["config"]["num_steps"] == 3
-  evals = [json.loads(l) for l in (w / "metrics.jsonl").read_text().splitlines()
-           if '"eval"' in l]
+  evals = [json.loads(l) for l in (w / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
   assert len(evals) == 1 and 0 <= evals[0]["test_acc"] <= 1
   rep = json.loads((w / "init_report.json").read_text())
   assert rep["before"] is None and rep["after"] is None  # init.measure_batches=0 here
@@ -219,9 +276,25 @@ def test_init_end_to_end_and_measure(tiny_runs, capsys):
   capsys.readouterr()
   # One call: the msgpack params of `init`, step 0 of the trainer's orbax checkpoints (= the
   # initialised params of `train`) and the model's own init.
-  assert cli.main(["measure", str(t), "--params", str(w / "init_params.msgpack"),
-                   "--checkpoint", "0", "--fresh", "--batches", "1", "--no-progress", "--json",
-                   str(w / "m.json")]) == 0
+  assert (
+    cli.main(
+      [
+        "measure",
+        str(t),
+        "--params",
+        str(w / "init_params.msgpack"),
+        "--checkpoint",
+        "0",
+        "--fresh",
+        "--batches",
+        "1",
+        "--no-progress",
+        "--json",
+        str(w / "m.json"),
+      ]
+    )
+    == 0
+  )
   out = capsys.readouterr().out
   assert "init_params.msgpack" in out and "checkpoint 0" in out and "fresh" in out
   m = json.loads((w / "m.json").read_text())
@@ -241,6 +314,10 @@ def test_report_tables_and_plots(tiny_runs, capsys):
   md = (out / "report.md").read_text()
   assert "| run | model |" in md and "| train | mlp | fashion_mnist | nio |" in md
   assert "| init | mlp |" in md
-  for f in ("report_training.png", "report_search.png", "report_scales_train.png",
-            "report_scales_init.png"):
+  for f in (
+    "report_training.png",
+    "report_search.png",
+    "report_scales_train.png",
+    "report_scales_init.png",
+  ):
     assert (out / f).stat().st_size > 1000, f

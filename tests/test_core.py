@@ -1,5 +1,6 @@
 """Core maths checked against brute force: per-example gradients, GradCosine, sub-batches,
 scales, the scale optimiser and the NIO step."""
+
 import itertools
 
 import chex
@@ -24,7 +25,7 @@ def loop_grads(loss_fn, params, batch):
   b = batch["y"].shape[0]
   out = []
   for i in range(b):
-    ex = jax.tree_util.tree_map(lambda x: x[i:i + 1], batch)
+    ex = jax.tree_util.tree_map(lambda x: x[i : i + 1], batch)
     out.append(jax.grad(lambda p: loss_fn(p, ex)[0])(params))
   return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *out)
 
@@ -46,8 +47,8 @@ def cosine_matrix_mean(g):
 
 
 CASES = [
-    ("mlp", tm.mlp_params, tm.mlp_loss, tm.mlp_batch),
-    ("conv", tm.conv_params, tm.conv_loss, tm.conv_batch),
+  ("mlp", tm.mlp_params, tm.mlp_loss, tm.mlp_batch),
+  ("conv", tm.conv_params, tm.conv_loss, tm.conv_batch),
 ]
 
 
@@ -62,11 +63,13 @@ def test_per_example_grads_equal_loop_of_grad(name, mkp, loss, mkb, impl, chunk)
 
 def test_per_example_grads_wrt_filter_zeroes_rejected_leaves():
   params, batch = tm.mlp_params(KEY), tm.mlp_batch(KEY)
-  got = nio_jax.per_example_grads(tm.mlp_loss, params, batch,
-                                  wrt=lambda path, leaf: path[-1].key == "kernel")
+  got = nio_jax.per_example_grads(
+    tm.mlp_loss, params, batch, wrt=lambda path, leaf: path[-1].key == "kernel"
+  )
   want = loop_grads(tm.mlp_loss, params, batch)
-  chex.assert_trees_all_close(got["dense0"]["kernel"], want["dense0"]["kernel"], rtol=1e-5,
-                              atol=1e-7)
+  chex.assert_trees_all_close(
+    got["dense0"]["kernel"], want["dense0"]["kernel"], rtol=1e-5, atol=1e-7
+  )
   assert not np.any(np.asarray(got["dense1"]["bias"]))
 
 
@@ -88,18 +91,30 @@ def reference_bounds(b, d, r):
   out = []
   for i in range(d):
     if i == 0:
-      s = idx[0:int((1 + r) * length * 1)]
+      s = idx[0 : int((1 + r) * length * 1)]
     elif i == d - 1:
-      s = idx[int((1 - r) * length * i):]
+      s = idx[int((1 - r) * length * i) :]
     else:
-      s = idx[int((1 - r) * length * i):int((1 + r) * length * (i + 1))]
+      s = idx[int((1 - r) * length * i) : int((1 + r) * length * (i + 1))]
     out.append((s[0], s[-1] + 1))
   return out
 
 
-@pytest.mark.parametrize("b,d,r", [(64, 4, 0.2), (64, 2, 0.0), (32, 4, 0.2), (128, 4, 0.2),
-                                   (10, 3, 0.1), (7, 2, 0.5), (33, 5, 0.3), (16, 16, 0.0),
-                                   (100, 7, 0.25), (64, 8, 0.9)])
+@pytest.mark.parametrize(
+  "b,d,r",
+  [
+    (64, 4, 0.2),
+    (64, 2, 0.0),
+    (32, 4, 0.2),
+    (128, 4, 0.2),
+    (10, 3, 0.1),
+    (7, 2, 0.5),
+    (33, 5, 0.3),
+    (16, 16, 0.0),
+    (100, 7, 0.25),
+    (64, 8, 0.9),
+  ],
+)
 def test_subbatch_bounds_equal_reference_formula(b, d, r):
   assert nio_jax.subbatch_bounds(b, d, r) == reference_bounds(b, d, r)
 
@@ -142,17 +157,21 @@ def test_grad_of_gc_wrt_scales_matches_finite_differences(num_chunks, overlap):
 
     def f(s):
       p = nio_jax.apply_scales(params, s)
-      return nio_jax.gradcosine(tm.conv_loss, p, batch, num_chunks=num_chunks,
-                                overlap=overlap, check=False).gc
+      return nio_jax.gradcosine(
+        tm.conv_loss, p, batch, num_chunks=num_chunks, overlap=overlap, check=False
+      ).gc
 
     g = jax.grad(f)(scales)
     leaves, treedef = jax.tree_util.tree_flatten(scales)
     h = 1e-5
     for i, leaf in enumerate(leaves):
-      up = list(leaves); up[i] = leaf + h
-      dn = list(leaves); dn[i] = leaf - h
-      fd = (f(jax.tree_util.tree_unflatten(treedef, up))
-            - f(jax.tree_util.tree_unflatten(treedef, dn))) / (2 * h)
+      up = list(leaves)
+      up[i] = leaf + h
+      dn = list(leaves)
+      dn[i] = leaf - h
+      fd = (
+        f(jax.tree_util.tree_unflatten(treedef, up)) - f(jax.tree_util.tree_unflatten(treedef, dn))
+      ) / (2 * h)
       np.testing.assert_allclose(jax.tree_util.tree_leaves(g)[i], fd, rtol=1e-5, atol=1e-9)
 
 
@@ -170,8 +189,10 @@ def test_gc_identity_handles_zero_gradient_without_nan():
 
 
 def test_init_scales_leaf_selection_and_bounds():
-  params = {"dense": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)},
-            "ln": {"scale": jnp.ones(3), "bias": jnp.full(3, 0.5)}}
+  params = {
+    "dense": {"kernel": jnp.ones((2, 3)), "bias": jnp.zeros(3)},
+    "ln": {"scale": jnp.ones(3), "bias": jnp.full(3, 0.5)},
+  }
   scales, spec = nio_jax.init_scales(params)
   chex.assert_trees_all_equal(scales, jax.tree_util.tree_map(lambda _: jnp.float32(1), params))
   assert bool(spec.trainable["dense"]["kernel"]) and not bool(spec.trainable["dense"]["bias"])
@@ -183,15 +204,21 @@ def test_init_scales_leaf_selection_and_bounds():
 
 
 def test_stacked_scan_leaves_get_one_scale_per_block():
-  params = {"stage2_scan": {"conv": {"kernel": jnp.stack([jnp.ones((3, 3)), jnp.zeros((3, 3)),
-                                                          2 * jnp.ones((3, 3))])}},
-            "head": {"kernel": jnp.ones((3, 2))}}
+  params = {
+    "stage2_scan": {
+      "conv": {"kernel": jnp.stack([jnp.ones((3, 3)), jnp.zeros((3, 3)), 2 * jnp.ones((3, 3))])}
+    },
+    "head": {"kernel": jnp.ones((3, 2))},
+  }
   scales, spec = nio_jax.init_scales(params)
   assert scales["stage2_scan"]["conv"]["kernel"].shape == (3,)
-  np.testing.assert_array_equal(spec.trainable["stage2_scan"]["conv"]["kernel"],
-                                [True, False, True])
-  s = {"stage2_scan": {"conv": {"kernel": jnp.array([1.0, 2.0, 3.0])}},
-       "head": {"kernel": jnp.float32(0.5)}}
+  np.testing.assert_array_equal(
+    spec.trainable["stage2_scan"]["conv"]["kernel"], [True, False, True]
+  )
+  s = {
+    "stage2_scan": {"conv": {"kernel": jnp.array([1.0, 2.0, 3.0])}},
+    "head": {"kernel": jnp.float32(0.5)},
+  }
   out = nio_jax.apply_scales(params, s)
   np.testing.assert_allclose(out["stage2_scan"]["conv"]["kernel"][2], 6 * np.ones((3, 3)))
   np.testing.assert_allclose(out["head"]["kernel"], 0.5 * np.ones((3, 2)))
@@ -207,8 +234,7 @@ def test_apply_scales_is_leafwise_product_and_keeps_dtype():
 # ------------------------------------------------------------------------ optimiser / step
 
 
-def _hand_rescale_adam(grads_seq, kinds, lr, s0=1.0, lo=0.01, b1=0.9, b2=0.999, eps=1e-8,
-                       clip=1.0):
+def _hand_rescale_adam(grads_seq, kinds, lr, s0=1.0, lo=0.01, b1=0.9, b2=0.999, eps=1e-8, clip=1.0):
   """Scalar RescaleAdam written out by hand (the released optimiser's rule)."""
   s, m = s0, {True: 0.0, False: 0.0}
   n = {True: 0, False: 0}
@@ -238,10 +264,10 @@ def test_rescale_adam_equals_hand_rule_with_split_moments():
 
 
 def test_rescale_adam_projects_and_freezes():
-  spec = nio_jax.ScaleSpec(trainable={"w": jnp.array(True), "b": jnp.array(True),
-                                      "z": jnp.array(False)},
-                           min_scale={"w": jnp.float32(0.5), "b": jnp.float32(0.0),
-                                      "z": jnp.float32(0.01)})
+  spec = nio_jax.ScaleSpec(
+    trainable={"w": jnp.array(True), "b": jnp.array(True), "z": jnp.array(False)},
+    min_scale={"w": jnp.float32(0.5), "b": jnp.float32(0.0), "z": jnp.float32(0.01)},
+  )
   tx = nio_jax.rescale_adam(10.0, spec)
   s = {"w": jnp.float32(1.0), "b": jnp.float32(1.0), "z": jnp.float32(1.0)}
   st = tx.init(s)
@@ -250,8 +276,12 @@ def test_rescale_adam_projects_and_freezes():
   s = optax.apply_updates(s, u)
   assert float(s["w"]) == 0.5 and float(s["b"]) == 0.0 and float(s["z"]) == 1.0
   # A scale that reached 0 stays frozen (the released code skips zero-norm params).
-  u, st = tx.update({"w": jnp.float32(-1.0), "b": jnp.float32(-1.0), "z": jnp.float32(-1.0)},
-                    st, s, is_constraint=False)
+  u, st = tx.update(
+    {"w": jnp.float32(-1.0), "b": jnp.float32(-1.0), "z": jnp.float32(-1.0)},
+    st,
+    s,
+    is_constraint=False,
+  )
   s = optax.apply_updates(s, u)
   assert float(s["b"]) == 0.0 and float(s["w"]) > 0.5
 
@@ -259,8 +289,9 @@ def test_rescale_adam_projects_and_freezes():
 @pytest.mark.parametrize("objective", OBJECTIVES)
 def test_one_nio_step_equals_hand_computation(objective):
   params, batch = tm.mlp_params(KEY), tm.mlp_batch(jax.random.PRNGKey(5), b=8)
-  cfg = nio_jax.NIOConfig(num_steps=1, num_chunks=4, overlap=0.2, gamma=100.0, lr=0.05,
-                          objective=objective)
+  cfg = nio_jax.NIOConfig(
+    num_steps=1, num_chunks=4, overlap=0.2, gamma=100.0, lr=0.05, objective=objective
+  )
   res = nio_jax.nio(tm.mlp_loss, params, [batch], cfg)
 
   def obj(s):
@@ -268,14 +299,21 @@ def test_one_nio_step_equals_hand_computation(objective):
     grads = []
     for a, e in nio_jax.subbatch_bounds(8, 4, 0.2):
       sub = jax.tree_util.tree_map(lambda x: x[a:e], batch)
-      grads.append(flat(jax.grad(lambda q: jnp.mean(tm.mlp_loss(q, sub)))(p)) if False else
-                   jnp.concatenate([jnp.ravel(x) for x in jax.tree_util.tree_leaves(
-                       jax.grad(lambda q: jnp.mean(tm.mlp_loss(q, sub)))(p))]))
+      grads.append(
+        flat(jax.grad(lambda q: jnp.mean(tm.mlp_loss(q, sub)))(p))
+        if False
+        else jnp.concatenate(
+          [
+            jnp.ravel(x)
+            for x in jax.tree_util.tree_leaves(jax.grad(lambda q: jnp.mean(tm.mlp_loss(q, sub)))(p))
+          ]
+        )
+      )
     G = jnp.stack(grads)
     n = jnp.linalg.norm(G, axis=1)
     cos = (G @ G.T) / (n[:, None] * n[None])
     gc = (jnp.sum(cos) - jnp.trace(cos)) / 12
-    return {"gc": -gc, "gc_gn": -gc - jnp.sum(n ** 2), "gc_gn_sqrt": -gc - jnp.sum(n)}[objective]
+    return {"gc": -gc, "gc_gn": -gc - jnp.sum(n**2), "gc_gn_sqrt": -gc - jnp.sum(n)}[objective]
 
   s0, spec = nio_jax.init_scales(params)
   g = jax.grad(obj)(s0)
@@ -290,8 +328,9 @@ def test_one_nio_step_equals_hand_computation(objective):
 
 def test_constraint_branch_runs_above_gamma_and_lowers_grad_norm():
   params, batch = tm.mlp_params(KEY), tm.mlp_batch(jax.random.PRNGKey(6), b=16)
-  res = nio_jax.nio(tm.mlp_loss, params, [batch],
-                    {"num_steps": 15, "gamma": 1e-3, "lr": 0.05, "num_chunks": 4})
+  res = nio_jax.nio(
+    tm.mlp_loss, params, [batch], {"num_steps": 15, "gamma": 1e-3, "lr": 0.05, "num_chunks": 4}
+  )
   assert np.all(res.history["constraint"])
   gn = res.history["grad_norm"]
   assert gn[-1] < gn[0]
@@ -299,9 +338,19 @@ def test_constraint_branch_runs_above_gamma_and_lowers_grad_norm():
 
 def test_nio_gc_objective_raises_gc_on_fixed_batch():
   params, batch = tm.conv_params(KEY), tm.conv_batch(jax.random.PRNGKey(7), b=8)
-  res = nio_jax.nio(tm.conv_loss, params, [batch],
-                    {"num_steps": 25, "gamma": 1e3, "lr": 0.05, "num_chunks": None,
-                     "overlap": 0.0, "objective": "gc"})
+  res = nio_jax.nio(
+    tm.conv_loss,
+    params,
+    [batch],
+    {
+      "num_steps": 25,
+      "gamma": 1e3,
+      "lr": 0.05,
+      "num_chunks": None,
+      "overlap": 0.0,
+      "objective": "gc",
+    },
+  )
   gc = res.history["gc"]
   assert np.mean(gc[-5:]) > np.mean(gc[:5])
   chex.assert_trees_all_close(res.params, nio_jax.apply_scales(params, res.scales))
@@ -319,8 +368,9 @@ def test_nio_is_deterministic():
 def test_measure_averages_batches():
   params = tm.mlp_params(KEY)
   batches = [tm.mlp_batch(jax.random.PRNGKey(i), b=8) for i in range(3)]
-  m = nio_jax.measure(tm.mlp_loss, params, batches, num_batches=3, num_chunks=None,
-                      overlap=0.0, wrt=None)
+  m = nio_jax.measure(
+    tm.mlp_loss, params, batches, num_batches=3, num_chunks=None, overlap=0.0, wrt=None
+  )
   gcs = [float(nio_jax.gradcosine(tm.mlp_loss, params, b).gc) for b in batches]
   assert m["gc"] == pytest.approx(np.mean(gcs), rel=1e-5)
   assert m["num_batches"] == 3

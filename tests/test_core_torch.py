@@ -1,8 +1,8 @@
 """Cross-framework check: nio_jax against a PyTorch implementation written here, on identical
 weights and inputs (torch.func vmap(grad) for per-example gradients, autograd.grad with
 create_graph=True for sub-batch gradients, as the released code does)."""
+
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -76,15 +76,16 @@ def t_batch(model, p, x, y, d, r):
   names = list(p)
   rows = []
   for a, e in nio_jax.subbatch_bounds(x.shape[0], d, r):
-    gs = torch.autograd.grad(loss[a:e].mean(), [p[k] for k in names], retain_graph=True,
-                             create_graph=True)
+    gs = torch.autograd.grad(
+      loss[a:e].mean(), [p[k] for k in names], retain_graph=True, create_graph=True
+    )
     rows.append(torch.cat([g.reshape(-1) for g in gs]))
   return t_gc(torch.stack(rows))
 
 
 MODELS = {
-    "mlp": (tm.mlp_params, tm.mlp_loss, lambda k: tm.mlp_batch(k, b=12), t_mlp),
-    "conv": (tm.conv_params, tm.conv_loss, lambda k: tm.conv_batch(k, b=12), t_conv),
+  "mlp": (tm.mlp_params, tm.mlp_loss, lambda k: tm.mlp_batch(k, b=12), t_mlp),
+  "conv": (tm.conv_params, tm.conv_loss, lambda k: tm.conv_batch(k, b=12), t_conv),
 }
 
 
@@ -93,14 +94,18 @@ MODELS = {
 def test_gc_norms_and_scale_gradient_match_pytorch(model, setting):
   mkp, loss, mkb, tmodel = MODELS[model]
   params, batch = mkp(KEY), mkb(jax.random.PRNGKey(12))
-  kw = ({"num_chunks": None, "overlap": 0.0} if setting == "sample"
-        else {"num_chunks": 4, "overlap": 0.2})
+  kw = (
+    {"num_chunks": None, "overlap": 0.0}
+    if setting == "sample"
+    else {"num_chunks": 4, "overlap": 0.2}
+  )
   scales, _ = nio_jax.init_scales(params)
   scales = jax.tree_util.tree_map(lambda s: s * 0.9, scales)
 
   def f(s):
     st = nio_jax.gradcosine(loss, nio_jax.apply_scales(params, s), batch, check=False, **kw)
     return st.gc, st
+
   (gc_j, st_j), dgc_j = jax.value_and_grad(f, has_aux=True)(scales)
 
   w0 = to_torch(params)
@@ -118,5 +123,4 @@ def test_gc_norms_and_scale_gradient_match_pytorch(model, setting):
   np.testing.assert_allclose(np.asarray(st_j.grad_norms), norm_t.detach().numpy(), rtol=RTOL)
   for path, g in jax.tree_util.tree_leaves_with_path(dgc_j):
     name = ".".join(k.key for k in path)
-    np.testing.assert_allclose(float(g), s_t[name].grad.item(), rtol=RTOL, atol=1e-6,
-                               err_msg=name)
+    np.testing.assert_allclose(float(g), s_t[name].grad.item(), rtol=RTOL, atol=1e-6, err_msg=name)

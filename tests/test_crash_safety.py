@@ -6,6 +6,7 @@ The child trains a tiny CNN with a checkpoint after every step. Its orbax commit
 of `<step>.orbax-checkpoint-tmp-*` to `<step>`) is slowed down so the first kill lands
 deterministically *inside* a save: the data are written but not committed. A second child is
 killed at a random moment (seeded). A third resumes to the end."""
+
 import os
 import pathlib
 import random
@@ -50,9 +51,14 @@ CHILD = textwrap.dedent("""
 
 def _child(workdir, out, delay):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-  return subprocess.Popen([sys.executable, "-u", "-c", CHILD, str(workdir), str(out), str(delay)],
-                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True)
+  return subprocess.Popen(
+    [sys.executable, "-u", "-c", CHILD, str(workdir), str(out), str(delay)],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
 
 
 def _read_until(proc, prefix, count=1, deadline=300):

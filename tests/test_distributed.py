@@ -1,4 +1,5 @@
 """Data-parallel NIO over 8 simulated CPU devices equals the single-device result."""
+
 import os
 import pathlib
 import subprocess
@@ -55,10 +56,15 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_data_parallel_nio_equals_single_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-  out = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=900)
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=str(ROOT),
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   assert "OK" in out.stdout
 
@@ -82,10 +88,20 @@ GSPMD_SCRIPT = textwrap.dedent("""
 def test_gspmd_vmap_conv_grads_are_checked():
   """Documents why sample-wise sharding uses shard_map: GSPMD over vmap(grad(conv)) was wrong
   on jax 0.10.2 / XLA:CPU. If a JAX upgrade fixes it, this test says so (and still passes)."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-  out = subprocess.run([sys.executable, "-c", GSPMD_SCRIPT], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=900)
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=str(ROOT),
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", GSPMD_SCRIPT],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   err = float(out.stdout.split("ERR")[1])
   print("GSPMD vmap(grad(conv)) max abs error:", err)
@@ -147,9 +163,19 @@ SCALE_OUT_SCRIPT = textwrap.dedent("""
 
 
 def test_data_parallel_gradinit_metainit_and_training_equal_single_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT))
-  out = subprocess.run([sys.executable, "-c", SCALE_OUT_SCRIPT], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=900)
+  env = dict(
+    os.environ,
+    XLA_FLAGS="--xla_force_host_platform_device_count=8",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=str(ROOT),
+  )
+  out = subprocess.run(
+    [sys.executable, "-c", SCALE_OUT_SCRIPT],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert out.returncode == 0, out.stderr[-3000:]
   assert "OK" in out.stdout

@@ -1,11 +1,11 @@
 """The README's Flax examples run, and the linen batch-norm contract holds."""
+
 import pathlib
 import runpy
 
 import chex
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -45,12 +45,18 @@ def test_linen_batchnorm_search_uses_batch_stats_and_leaves_running_stats():
   eval_losses = nio_jax.flax_utils.classification_losses(logits_eval, y)
   assert not np.allclose(train_losses, eval_losses)
   before = jax.tree_util.tree_map(np.array, variables["batch_stats"])
-  res = nio_jax.nio(loss_fn, variables["params"], [{"image": x, "label": y}],
-                    {"num_steps": 3, "num_chunks": 2, "overlap": 0.0})
+  res = nio_jax.nio(
+    loss_fn,
+    variables["params"],
+    [{"image": x, "label": y}],
+    {"num_steps": 3, "num_chunks": 2, "overlap": 0.0},
+  )
   chex.assert_trees_all_equal(variables["batch_stats"], before)
   # BatchNorm affine leaves are rescaled but excluded from the GradCosine gradients.
   assert "BatchNorm_0" in res.scales
   assert not nio_jax.default_grad_filter(
-      (jax.tree_util.DictKey("BatchNorm_0"), jax.tree_util.DictKey("scale")))
+    (jax.tree_util.DictKey("BatchNorm_0"), jax.tree_util.DictKey("scale"))
+  )
   assert nio_jax.default_grad_filter(
-      (jax.tree_util.DictKey("Dense_0"), jax.tree_util.DictKey("kernel")))
+    (jax.tree_util.DictKey("Dense_0"), jax.tree_util.DictKey("kernel"))
+  )

@@ -1,13 +1,19 @@
 """MetaInit: the gradient quotient and its Hessian-vector product against an explicit Hessian,
 and the paper's sign-momentum update against a plain implementation on the params."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from nio_jax.methods import (MetaInitConfig, gradient_quotient, hessian_vector_product,
-                             metainit, random_batches)
+from nio_jax.methods import (
+  MetaInitConfig,
+  gradient_quotient,
+  hessian_vector_product,
+  metainit,
+  random_batches,
+)
 from nio_jax.methods.metainit import is_shape_spec, random_batch
 from tests import tiny_models as tm
 
@@ -18,8 +24,9 @@ EPS = 1e-5
 @pytest.fixture(scope="module")
 def setup():
   params = tm.mlp_params(jax.random.PRNGKey(5), SIZES)
-  batches = [tm.mlp_batch(jax.random.PRNGKey(6 + i), b=6, d=SIZES[0], c=SIZES[-1])
-             for i in range(2)]
+  batches = [
+    tm.mlp_batch(jax.random.PRNGKey(6 + i), b=6, d=SIZES[0], c=SIZES[-1]) for i in range(2)
+  ]
   return params, batches
 
 
@@ -43,17 +50,28 @@ def test_gq_and_hvp_match_explicit_hessian(setup):
   np.testing.assert_allclose(float(gq), float(gq_bf), rtol=1e-5)
   np.testing.assert_allclose(float(aux["grad_norm"]), float(jnp.linalg.norm(g)), rtol=1e-6)
   unravel = ravel_pytree(params)[1]
-  hvp_fn = jax.jit(lambda v: ravel_pytree(
-      hessian_vector_product(tm.mlp_loss, params, batch, unravel(v)))[0])
+  hvp_fn = jax.jit(
+    lambda v: ravel_pytree(hessian_vector_product(tm.mlp_loss, params, batch, unravel(v)))[0]
+  )
   np.testing.assert_allclose(np.asarray(hvp_fn(g)), np.asarray(hg), rtol=1e-5, atol=1e-7)
   v = jax.random.normal(jax.random.PRNGKey(9), g.shape)
   hvp_v = hvp_fn(v)
   np.testing.assert_allclose(np.asarray(hvp_v), np.asarray(h @ v), rtol=1e-5, atol=1e-7)
   # ... and ∇θ(½‖g‖²) = H g, the paper's formulation.
-  half_sq = jax.jit(jax.grad(lambda p: 0.5 * sum(jnp.sum(x ** 2) for x in jax.tree_util.tree_leaves(
-      jax.grad(lambda q: jnp.mean(tm.mlp_loss(q, batch)))(p)))))(params)
-  np.testing.assert_allclose(np.asarray(ravel_pytree(half_sq)[0]), np.asarray(hg), rtol=1e-5,
-                             atol=1e-7)
+  half_sq = jax.jit(
+    jax.grad(
+      lambda p: (
+        0.5
+        * sum(
+          jnp.sum(x**2)
+          for x in jax.tree_util.tree_leaves(jax.grad(lambda q: jnp.mean(tm.mlp_loss(q, batch)))(p))
+        )
+      )
+    )
+  )(params)
+  np.testing.assert_allclose(
+    np.asarray(ravel_pytree(half_sq)[0]), np.asarray(hg), rtol=1e-5, atol=1e-7
+  )
 
 
 def test_gq_gradient_matches_explicit_hessian(setup):
@@ -61,8 +79,9 @@ def test_gq_gradient_matches_explicit_hessian(setup):
   params, (batch, _) = setup
   g1 = jax.jit(jax.grad(lambda p: gradient_quotient(tm.mlp_loss, p, batch, eps=EPS)[0]))(params)
   g2 = jax.jit(jax.grad(lambda p: brute_force(p, batch)[0]))(params)
-  np.testing.assert_allclose(np.asarray(ravel_pytree(g1)[0]), np.asarray(ravel_pytree(g2)[0]),
-                             rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(ravel_pytree(g1)[0]), np.asarray(ravel_pytree(g2)[0]), rtol=1e-4, atol=1e-6
+  )
 
 
 def plain_metainit(params, batches, steps, lr=0.1, momentum=0.9):
@@ -96,9 +115,10 @@ def test_sign_momentum_matches_paper_listing(setup):
   for name in ("dense0", "dense1"):
     assert float(res.scales[name]["bias"]) == 1.0
     np.testing.assert_allclose(
-        float(res.scales[name]["kernel"]),
-        float(jnp.linalg.norm(res.params[name]["kernel"]) / jnp.linalg.norm(params[name]["kernel"])),
-        rtol=1e-5)
+      float(res.scales[name]["kernel"]),
+      float(jnp.linalg.norm(res.params[name]["kernel"]) / jnp.linalg.norm(params[name]["kernel"])),
+      rtol=1e-5,
+    )
   assert res.history["gq"].shape == (3,) and res.method == "metainit"
   assert res.config["lr"] == 0.1 and res.config["variant"] == "sign_momentum"
 
@@ -110,9 +130,9 @@ def test_random_inputs_spec(setup):
   bs = list(random_batches(spec, seed=3, num_steps=2))
   assert bs[0]["x"].shape == (6, 3) and bs[0]["y"].dtype == jnp.int32
   assert int(bs[0]["y"].min()) >= 0 and int(bs[0]["y"].max()) < SIZES[-1]
-  assert not np.array_equal(bs[0]["x"], bs[1]["x"])                 # fresh batch per step
+  assert not np.array_equal(bs[0]["x"], bs[1]["x"])  # fresh batch per step
   again = list(random_batches(spec, seed=3, num_steps=2))
-  np.testing.assert_array_equal(bs[1]["x"], again[1]["x"])           # deterministic
+  np.testing.assert_array_equal(bs[1]["x"], again[1]["x"])  # deterministic
   res = metainit(tm.mlp_loss, params, spec, dict(num_steps=2, seed=3))
   assert res.history["gq"].shape == (2,)
   with pytest.raises(ValueError, match="disagree on the batch size"):
@@ -121,8 +141,7 @@ def test_random_inputs_spec(setup):
 
 def test_rescale_adam_variant(setup):
   params, batches = setup
-  res = metainit(tm.mlp_loss, params, batches, dict(num_steps=2, variant="rescale_adam",
-                                                   lr=0.01))
+  res = metainit(tm.mlp_loss, params, batches, dict(num_steps=2, variant="rescale_adam", lr=0.01))
   assert res.config["lr"] == 0.01
   # every non-zero leaf is tuned (biases too), by at most lr per step.
   for s in jax.tree_util.tree_leaves(res.scales):
@@ -130,10 +149,18 @@ def test_rescale_adam_variant(setup):
   assert MetaInitConfig.create(dict(variant="rescale_adam")).learning_rate == 1e-3
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(lr=0.0), "lr"), (dict(lr=-1.0), "lr"), (dict(num_steps=0), "num_steps"),
-    (dict(eps=0.0), "eps"), (dict(momentum=1.0), "momentum"), (dict(variant="adam"), "variant"),
-    (dict(steps=3), "unknown MetaInit config key")])
+@pytest.mark.parametrize(
+  "bad,match",
+  [
+    (dict(lr=0.0), "lr"),
+    (dict(lr=-1.0), "lr"),
+    (dict(num_steps=0), "num_steps"),
+    (dict(eps=0.0), "eps"),
+    (dict(momentum=1.0), "momentum"),
+    (dict(variant="adam"), "variant"),
+    (dict(steps=3), "unknown MetaInit config key"),
+  ],
+)
 def test_bad_config(bad, match):
   with pytest.raises(ValueError, match=match):
     MetaInitConfig.create(bad)

@@ -1,5 +1,6 @@
 """The common interface: registry, published defaults, determinism, and each search lowering
 the objective it claims to optimise on a small MLP on real Fashion-MNIST data."""
+
 import gzip
 import os
 
@@ -9,9 +10,15 @@ import numpy as np
 import pytest
 
 import nio_jax
-from nio_jax.methods import (GradInitConfig, MetaInitConfig, available_methods, get_method,
-                             initialize, register)
-from nio_jax.methods import registry
+from nio_jax.methods import (
+  GradInitConfig,
+  MetaInitConfig,
+  available_methods,
+  get_method,
+  initialize,
+  register,
+  registry,
+)
 from tests import tiny_models as tm
 
 FMNIST = "/usr/share/datasets/fashion-mnist"
@@ -40,8 +47,9 @@ def data():
   if not os.path.exists(os.path.join(FMNIST, "train-images-idx3-ubyte.gz")):
     pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
   x, y = load_fmnist(N)
-  batches = [{"x": jnp.asarray(x[i:i + B]), "y": jnp.asarray(y[i:i + B])}
-             for i in range(0, N, B)]
+  batches = [
+    {"x": jnp.asarray(x[i : i + B]), "y": jnp.asarray(y[i : i + B])} for i in range(0, N, B)
+  ]
   params = tm.mlp_params(jax.random.PRNGKey(0), SIZES, bias=0.0)
   return params, batches
 
@@ -60,6 +68,7 @@ def assert_lowered(values, k=4):
 
 # ------------------------------------------------------------------ registry
 
+
 def test_registry_lists_methods():
   assert set(available_methods()) == KNOWN
   with pytest.raises(ValueError) as e:
@@ -75,8 +84,9 @@ def test_register_one_new_method(data):
 
   @register("_test_identity")
   def ident(loss_fn, params, data, config=None, *, progress=False):
-    return nio_jax.InitResult(params=params, scales=None, history={}, method="_test_identity",
-                              config=dict(config or {}))
+    return nio_jax.InitResult(
+      params=params, scales=None, history={}, method="_test_identity", config=dict(config or {})
+    )
 
   try:
     assert "_test_identity" in available_methods()
@@ -90,24 +100,48 @@ def test_register_one_new_method(data):
 
 def test_published_defaults():
   g = GradInitConfig.create(None)
-  assert (g.variant, g.eta, g.gamma, g.num_steps, g.lr, g.batch_size) == \
-      ("sgd", 0.1, 1.0, 390, 1e-3, 128)
+  assert (g.variant, g.eta, g.gamma, g.num_steps, g.lr, g.batch_size) == (
+    "sgd",
+    0.1,
+    1.0,
+    390,
+    1e-3,
+    128,
+  )
   m = MetaInitConfig.create(None)
-  assert (m.variant, m.learning_rate, m.momentum, m.num_steps, m.eps) == \
-      ("sign_momentum", 0.1, 0.9, 500, 1e-5)
+  assert (m.variant, m.learning_rate, m.momentum, m.num_steps, m.eps) == (
+    "sign_momentum",
+    0.1,
+    0.9,
+    500,
+    1e-5,
+  )
   n = nio_jax.NIOConfig.create(None)
-  assert (n.num_steps, n.num_chunks, n.overlap, n.gamma, n.lr, n.objective) == \
-      (100, 4, 0.2, 10.0, 3e-3, "gc_gn_sqrt")
+  assert (n.num_steps, n.num_chunks, n.overlap, n.gamma, n.lr, n.objective) == (
+    100,
+    4,
+    0.2,
+    10.0,
+    3e-3,
+    "gc_gn_sqrt",
+  )
   assert get_method("gradinit").config_cls is GradInitConfig
   assert get_method("metainit").config_cls is MetaInitConfig
   assert get_method("nio").config_cls is nio_jax.NIOConfig
 
 
-@pytest.mark.parametrize("method,bad,match", [
-    ("gradinit", dict(gamma=0.0), "gamma"), ("gradinit", dict(eta=-1.0), "eta"),
-    ("gradinit", dict(num_steps=0), "num_steps"), ("gradinit_adam", dict(gamma=-1.0), "gamma"),
-    ("metainit", dict(num_steps=0), "num_steps"), ("nio", dict(gamma=0.0), "gamma"),
-    ("kaiming", dict(lr=1.0), "unknown Kaiming config key")])
+@pytest.mark.parametrize(
+  "method,bad,match",
+  [
+    ("gradinit", dict(gamma=0.0), "gamma"),
+    ("gradinit", dict(eta=-1.0), "eta"),
+    ("gradinit", dict(num_steps=0), "num_steps"),
+    ("gradinit_adam", dict(gamma=-1.0), "gamma"),
+    ("metainit", dict(num_steps=0), "num_steps"),
+    ("nio", dict(gamma=0.0), "gamma"),
+    ("kaiming", dict(lr=1.0), "unknown Kaiming config key"),
+  ],
+)
 def test_bad_config_through_initialize(data, method, bad, match):
   params, batches = data
   with pytest.raises(ValueError, match=match):
@@ -132,12 +166,18 @@ def test_fixup_entry():
       initialize("fixup", tm.mlp_loss, {"w": jnp.ones(2)}, None)
     return
   k = jax.random.split(jax.random.PRNGKey(3), 6)
-  block = lambda a, b: {"conv1": {"kernel": jax.random.normal(a, (3, 3, 2, 2))},
-                        "conv2": {"kernel": jax.random.normal(b, (3, 3, 2, 2))},
-                        "bias1a": jnp.zeros(()), "scale": jnp.ones(())}
-  params = {"conv0": {"kernel": jax.random.normal(k[0], (3, 3, 1, 2))},
-            "stage1_block0": block(k[1], k[2]), "stage1_block1": block(k[3], k[4]),
-            "fc": {"kernel": jax.random.normal(k[5], (2, 3)), "bias": jnp.ones(3)}}
+  block = lambda a, b: {
+    "conv1": {"kernel": jax.random.normal(a, (3, 3, 2, 2))},
+    "conv2": {"kernel": jax.random.normal(b, (3, 3, 2, 2))},
+    "bias1a": jnp.zeros(()),
+    "scale": jnp.ones(()),
+  }
+  params = {
+    "conv0": {"kernel": jax.random.normal(k[0], (3, 3, 1, 2))},
+    "stage1_block0": block(k[1], k[2]),
+    "stage1_block1": block(k[3], k[4]),
+    "fc": {"kernel": jax.random.normal(k[5], (2, 3)), "bias": jnp.ones(3)},
+  }
   res = initialize("fixup", None, params, None)
   again = initialize("fixup", None, params, None)
   assert res.method == "fixup" and res.scales is None and res.history == {}
@@ -145,17 +185,19 @@ def test_fixup_entry():
   assert_identical(res.params, fixup_init(params))
   for b in ("stage1_block0", "stage1_block1"):
     assert not np.any(np.asarray(res.params[b]["conv2"]["kernel"]))
-    np.testing.assert_allclose(res.params[b]["conv1"]["kernel"],
-                               params[b]["conv1"]["kernel"] * 2 ** -0.5, rtol=1e-6)
+    np.testing.assert_allclose(
+      res.params[b]["conv1"]["kernel"], params[b]["conv1"]["kernel"] * 2**-0.5, rtol=1e-6
+    )
   assert not np.any(np.asarray(res.params["fc"]["kernel"]))
   assert_identical(res.params["conv0"], params["conv0"])
 
 
 # ------------------------------------------------------------------ searches on real data
 
+
 def test_gradinit_lowers_lookahead_loss_and_is_deterministic(data):
   params, batches = data
-  cfg = dict(num_steps=16, gamma=1e6, lr=0.05, batch_size=None)   # objective steps only
+  cfg = dict(num_steps=16, gamma=1e6, lr=0.05, batch_size=None)  # objective steps only
   r1 = initialize("gradinit", tm.mlp_loss, params, batches, cfg)
   r2 = initialize("gradinit", tm.mlp_loss, params, batches, GradInitConfig.create(cfg))
   assert not r1.history["constraint"].any()
@@ -169,15 +211,20 @@ def test_gradinit_lowers_lookahead_loss_and_is_deterministic(data):
 def test_gradinit_constraint_lowers_grad_norm(data):
   """With γ below the gradient norm every step is a constraint step, which lowers gn."""
   params, batches = data
-  res = initialize("gradinit", tm.mlp_loss, params, batches,
-                   dict(num_steps=8, gamma=1e-3, lr=0.05, batch_size=None))
+  res = initialize(
+    "gradinit",
+    tm.mlp_loss,
+    params,
+    batches,
+    dict(num_steps=8, gamma=1e-3, lr=0.05, batch_size=None),
+  )
   assert res.history["constraint"].all()
   assert_lowered(res.history["grad_norm"], k=2)
 
 
 def test_metainit_lowers_gq_and_is_deterministic(data):
   params, batches = data
-  cfg = dict(num_steps=20)                                          # paper lr 0.1, momentum 0.9
+  cfg = dict(num_steps=20)  # paper lr 0.1, momentum 0.9
   r1 = initialize("metainit", tm.mlp_loss, params, batches[:1], cfg)
   r2 = initialize("metainit", tm.mlp_loss, params, batches[:1], cfg)
   assert_lowered(r1.history["gq"], k=5)
@@ -198,14 +245,18 @@ def test_nio_lowers_objective_and_wrapper_is_deterministic(data):
 
 def test_adam_and_random_input_runs_are_deterministic(data):
   params, batches = data
-  cfg = dict(num_steps=2)            # the IWSLT recipe: thirds look-ahead, one batch per step
+  cfg = dict(num_steps=2)  # the IWSLT recipe: thirds look-ahead, one batch per step
   a1 = initialize("gradinit_adam", tm.mlp_loss, params, iter(batches[:2]), cfg)
   a2 = initialize("gradinit_adam", tm.mlp_loss, params, batches, cfg)
   assert_identical(a1.scales, a2.scales)
   assert_identical(a1.history, a2.history)
   assert a1.method == "gradinit_adam" and a1.history["objective"].shape == (2,)
-  assert (a1.config["variant"], a1.config["eta"], a1.config["gamma"], a1.config["lookahead"]) \
-      == ("adam", 1e-3, 1000.0, "thirds")
+  assert (a1.config["variant"], a1.config["eta"], a1.config["gamma"], a1.config["lookahead"]) == (
+    "adam",
+    1e-3,
+    1000.0,
+    "thirds",
+  )
   spec = {"x": (8, SIZES[0]), "num_classes": SIZES[-1], "label_key": "y"}
   m1 = initialize("metainit", tm.mlp_loss, params, spec, dict(num_steps=3, seed=7))
   m2 = initialize("metainit", tm.mlp_loss, params, spec, dict(num_steps=3, seed=7))

@@ -5,6 +5,7 @@ Reference values: a Python loop of `jax.grad` per example (sample-wise), a Pytho
 D×D cosine matrix; all in float64 on a tiny conv net with a scanned stage, strided and padded
 convolutions (the cases the conv rewrite must get right).
 """
+
 from __future__ import annotations
 
 import flax.linen as nn
@@ -12,7 +13,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 
 from nio_jax import cosine, per_example
 
@@ -33,8 +33,7 @@ class TinyNet(nn.Module):
     if self.bn:
       x = nn.BatchNorm(use_running_average=not train)(x)
     x = nn.relu(x)
-    x, _ = nn.scan(_Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                   length=2)()(x)
+    x, _ = nn.scan(_Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=2)()(x)
     x = nn.Conv(3, (2, 2), padding="VALID", kernel_dilation=(2, 1))(x)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(3)(x)
@@ -50,8 +49,9 @@ def _setup(bn=False, b=6):
   def loss_fn(p, batch):
     if bn:
       stats = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), variables["batch_stats"])
-      logits, _ = model.apply({"params": p, "batch_stats": stats},
-                              batch["x"], mutable=["batch_stats"])
+      logits, _ = model.apply(
+        {"params": p, "batch_stats": stats}, batch["x"], mutable=["batch_stats"]
+      )
     else:
       logits = model.apply({"params": p}, batch["x"])
     return -jnp.take_along_axis(jax.nn.log_softmax(logits), batch["y"][:, None], 1)[:, 0]
@@ -78,12 +78,15 @@ def test_rewrite_convs_same_values_and_grads(mode):
 def test_sample_impls_equal_loop_of_grads(impl):
   with jax.enable_x64(True):
     loss_fn, params, batch = _setup()
-    ref = [jax.grad(lambda p, i=i: loss_fn(p, jax.tree_util.tree_map(
-        lambda a: a[i:i + 1], batch))[0])(params) for i in range(6)]
+    ref = [
+      jax.grad(lambda p, i=i: loss_fn(p, jax.tree_util.tree_map(lambda a: a[i : i + 1], batch))[0])(
+        params
+      )
+      for i in range(6)
+    ]
     _, got = per_example.sample_grads_selected(loss_fn, params, batch, impl=impl)
     for i in range(6):
-      np.testing.assert_allclose(_flat([g[i] for g in got]), _flat(ref[i]), rtol=1e-9,
-                                 atol=1e-12)
+      np.testing.assert_allclose(_flat([g[i] for g in got]), _flat(ref[i]), rtol=1e-9, atol=1e-12)
     gc_ref = cosine.gc_brute_force(jax.tree_util.tree_map(lambda *g: jnp.stack(g), *ref))
     st = cosine.gradcosine(loss_fn, params, batch, impl=impl)
     np.testing.assert_allclose(st.gc, gc_ref, rtol=1e-9)
@@ -97,19 +100,18 @@ def test_subbatch_impls_equal_loop_of_grads(impl, bn):
   with jax.enable_x64(True):
     loss_fn, params, batch = _setup(bn=bn, b=10)
     bounds = per_example.subbatch_bounds(10, 3, 0.2)
-    ref = [jax.grad(lambda p, a=a, e=e: loss_fn(p, batch)[a:e].mean())(params)
-           for a, e in bounds]
+    ref = [jax.grad(lambda p, a=a, e=e: loss_fn(p, batch)[a:e].mean())(params) for a, e in bounds]
     _, got = per_example.subbatch_grads_selected(loss_fn, params, batch, 3, 0.2, impl=impl)
     for i in range(3):
-      np.testing.assert_allclose(_flat([g[i] for g in got]), _flat(ref[i]), rtol=1e-9,
-                                 atol=1e-12)
+      np.testing.assert_allclose(_flat([g[i] for g in got]), _flat(ref[i]), rtol=1e-9, atol=1e-12)
     gc_ref = cosine.gc_brute_force(jax.tree_util.tree_map(lambda *g: jnp.stack(g), *ref))
     st = cosine.gradcosine(loss_fn, params, batch, num_chunks=3, overlap=0.2, impl=impl)
     np.testing.assert_allclose(st.gc, gc_ref, rtol=1e-9)
 
 
-@pytest.mark.parametrize("setting,impls", [(None, ("vmap", "im2col", "slices")),
-                                           (3, ("loop", "segments", "loop_im2col"))])
+@pytest.mark.parametrize(
+  "setting,impls", [(None, ("vmap", "im2col", "slices")), (3, ("loop", "segments", "loop_im2col"))]
+)
 def test_second_order_same_across_impls(setting, impls):
   """The NIO step differentiates GC w.r.t. the params: same gradient for every impl."""
   with jax.enable_x64(True):
@@ -117,8 +119,13 @@ def test_second_order_same_across_impls(setting, impls):
     ov = 0.0 if setting is None else 0.2
 
     def grad_gc(impl):
-      return _flat(jax.grad(lambda p: cosine.gradcosine_stats(
-          loss_fn, p, batch, num_chunks=setting, overlap=ov, impl=impl).gc)(params))
+      return _flat(
+        jax.grad(
+          lambda p: (
+            cosine.gradcosine_stats(loss_fn, p, batch, num_chunks=setting, overlap=ov, impl=impl).gc
+          )
+        )(params)
+      )
 
     ref = grad_gc(impls[0])
     for impl in impls[1:]:
@@ -149,7 +156,8 @@ def test_im2col_memory_guard_keeps_values(monkeypatch):
     ref_b = cosine.gradcosine(loss_fn, params, batch, num_chunks=3, overlap=0.2, impl="loop").gc
     monkeypatch.setattr(per_example, "IM2COL_MAX_BYTES", need // 3)
     got_s = cosine.gradcosine_stats(loss_fn, params, batch, impl="im2col").gc
-    got_b = cosine.gradcosine_stats(loss_fn, params, batch, num_chunks=3, overlap=0.2,
-                                    impl="loop_im2col").gc
+    got_b = cosine.gradcosine_stats(
+      loss_fn, params, batch, num_chunks=3, overlap=0.2, impl="loop_im2col"
+    ).gc
     np.testing.assert_allclose(got_s, ref_s, rtol=1e-9)
     np.testing.assert_allclose(got_b, ref_b, rtol=1e-9)

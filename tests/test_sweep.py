@@ -1,6 +1,7 @@
 """End-to-end test of the experiment runner (benchmarks/sweep.py) on real Fashion-MNIST:
 a miniature grid (kaiming and NIO x 1 seed x the MLP x a few steps on a tiny subset) produces
 the table, the JSON and the plots, and a re-run skips the finished runs."""
+
 import copy
 import json
 import os
@@ -21,6 +22,7 @@ def test_mini_sweep_end_to_end_and_resume(tmp_path):
   pytest.importorskip("matplotlib")
   try:
     from nio_jax import data
+
     data.load_fashion_mnist("test")
   except (FileNotFoundError, OSError) as e:  # pragma: no cover - dataset not installed
     pytest.skip(f"Fashion-MNIST not available: {e}")
@@ -46,12 +48,20 @@ def test_mini_sweep_end_to_end_and_resume(tmp_path):
   runs = {r["method"]: r for r in js["runs"]}
   assert runs["nio"]["scales"] and runs["nio"]["search_seconds"] > 0
   assert runs["kaiming"]["acc_steps"]["3"] is not None
-  for name in ("sweep_test_mini_mlp_curves.png", "sweep_test_mini_gc.png",
-               "sweep_test_mini_scales.png"):
+  for name in (
+    "sweep_test_mini_mlp_curves.png",
+    "sweep_test_mini_gc.png",
+    "sweep_test_mini_scales.png",
+  ):
     assert (res / name).stat().st_size > 1000, name
   wd = root / "test_mini" / "mlp" / "nio" / "seed0"
-  for f in ("metrics.jsonl", "summary.json", "sweep_run.json", "sweep_init.json",
-            "sweep_evals.json"):
+  for f in (
+    "metrics.jsonl",
+    "summary.json",
+    "sweep_run.json",
+    "sweep_init.json",
+    "sweep_evals.json",
+  ):
     assert (wd / f).exists(), f
   mtime = (wd / "summary.json").stat().st_mtime_ns
 
@@ -66,6 +76,7 @@ def test_resume_partial_run(tmp_path):
   """A run interrupted after its early-step evaluation resumes from the trainer's checkpoint."""
   try:
     from nio_jax import data
+
     data.load_fashion_mnist("test")
   except (FileNotFoundError, OSError) as e:  # pragma: no cover
     pytest.skip(f"Fashion-MNIST not available: {e}")

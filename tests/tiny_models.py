@@ -1,4 +1,5 @@
 """Tiny models shared by the core tests: plain-JAX MLP and conv net with named leaves."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,8 +9,10 @@ def mlp_params(key, sizes=(5, 8, 3), bias=0.1):
   params = {}
   keys = jax.random.split(key, len(sizes) - 1)
   for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-    params[f"dense{i}"] = {"kernel": jax.random.normal(keys[i], (a, b)) / np.sqrt(a),
-                           "bias": bias * (i + 1) * (jnp.linspace(-1.0, 1.0, b) + 0.5)}
+    params[f"dense{i}"] = {
+      "kernel": jax.random.normal(keys[i], (a, b)) / np.sqrt(a),
+      "bias": bias * (i + 1) * (jnp.linspace(-1.0, 1.0, b) + 0.5),
+    }
   return params
 
 
@@ -37,17 +40,24 @@ def mlp_batch(key, b=8, d=5, c=3):
 
 def conv_params(key, cin=2, ch=3, classes=3):
   k1, k2, k3 = jax.random.split(key, 3)
-  return {"conv0": {"kernel": jax.random.normal(k1, (3, 3, cin, ch)) / np.sqrt(9 * cin),
-                    "bias": jnp.full((ch,), 0.05)},
-          "conv1": {"kernel": jax.random.normal(k2, (3, 3, ch, ch)) / np.sqrt(9 * ch),
-                    "bias": jnp.full((ch,), -0.05)},
-          "head": {"kernel": jax.random.normal(k3, (ch, classes)) / np.sqrt(ch),
-                   "bias": 0.02 * (jnp.arange(classes) - 0.5)}}
+  return {
+    "conv0": {
+      "kernel": jax.random.normal(k1, (3, 3, cin, ch)) / np.sqrt(9 * cin),
+      "bias": jnp.full((ch,), 0.05),
+    },
+    "conv1": {
+      "kernel": jax.random.normal(k2, (3, 3, ch, ch)) / np.sqrt(9 * ch),
+      "bias": jnp.full((ch,), -0.05),
+    },
+    "head": {
+      "kernel": jax.random.normal(k3, (ch, classes)) / np.sqrt(ch),
+      "bias": 0.02 * (jnp.arange(classes) - 0.5),
+    },
+  }
 
 
 def _conv(x, k, b):
-  y = jax.lax.conv_general_dilated(x, k, (1, 1), "SAME",
-                                   dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  y = jax.lax.conv_general_dilated(x, k, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
   return y + b
 
 

@@ -18,10 +18,10 @@ check that they agree (GradCosine to 1e-3 relative).
 Batch norm: the model runs in training mode on *copies* of the buffers, so the running
 statistics are never updated (as in the search).
 """
+
 from __future__ import annotations
 
-import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,7 @@ def subbatch_bounds(batch_size: int, num_chunks: int, overlap: float):
   """Same truncations as the released code (and `nio_jax.subbatch_bounds`)."""
   try:
     from nio_jax.per_example import subbatch_bounds as jb
+
     return jb(batch_size, num_chunks, overlap)
   except ImportError:  # pragma: no cover - standalone use
     length = int(batch_size / num_chunks)
@@ -102,15 +103,15 @@ def per_example_grads(sm: ScaledModel, params, x, y):
   return vmap(grad(loss_one), in_dims=(None, 0, 0), randomness="different")(p_sel, x, y)
 
 
-def subbatch_grads(sm: ScaledModel, params, x, y, num_chunks: int, overlap: float,
-                   create_graph: bool = True):
+def subbatch_grads(
+  sm: ScaledModel, params, x, y, num_chunks: int, overlap: float, create_graph: bool = True
+):
   """One forward, then `autograd.grad(create_graph=True)` per sub-batch (released NIO code)."""
   losses = sm.losses(params, x, y)
   p_sel = [params[n] for n in sm.grad_names]
   grads = []
   for a, b in subbatch_bounds(x.shape[0], num_chunks, overlap):
-    g = torch.autograd.grad(losses[a:b].mean(), p_sel, create_graph=create_graph,
-                            retain_graph=True)
+    g = torch.autograd.grad(losses[a:b].mean(), p_sel, create_graph=create_graph, retain_graph=True)
     grads.append(g)
   # list over sub-batches of tuples over leaves -> list over leaves of [D, ...]
   stacked = [torch.stack([g[k] for g in grads]) for k in range(len(p_sel))]
@@ -182,14 +183,23 @@ def nio_objective(gc, norms, objective: str, gn_mul: float):
   if objective == "gc":
     return -gc
   if objective == "gc_gn":
-    return -gc - gn_mul * (norms ** 2).sum()
+    return -gc - gn_mul * (norms**2).sum()
   if objective == "gc_gn_sqrt":
     return -gc - gn_mul * norms.sum()
   raise ValueError(objective)
 
 
-def nio_loss_and_grads(sm: ScaledModel, x, y, *, num_chunks=4, overlap=0.2, gamma=10.0,
-                       objective="gc_gn_sqrt", gn_mul=1.0):
+def nio_loss_and_grads(
+  sm: ScaledModel,
+  x,
+  y,
+  *,
+  num_chunks=4,
+  overlap=0.2,
+  gamma=10.0,
+  objective="gc_gn_sqrt",
+  gn_mul=1.0,
+):
   """Value of the NIO search loss and its gradient w.r.t. every scale (left in `.grad`)."""
   params = sm.params()
   if num_chunks is None:
@@ -204,8 +214,7 @@ def nio_loss_and_grads(sm: ScaledModel, x, y, *, num_chunks=4, overlap=0.2, gamm
   for s in sm.scales.values():
     s.grad = None
   loss.backward()
-  return dict(loss=loss.detach(), gc=gc.detach(), grad_norms=norms.detach(),
-              constraint=constraint)
+  return dict(loss=loss.detach(), gc=gc.detach(), grad_norms=norms.detach(), constraint=constraint)
 
 
 def nio_step(sm: ScaledModel, opt: RescaleAdam, x, y, **kw):

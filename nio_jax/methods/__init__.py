@@ -7,25 +7,50 @@ Methods (see `available_methods()`): "nio", "gradinit", "gradinit_adam", "metain
 "fixup", "kaiming". A new method = one module that decorates its entry point with
 `@register("name")` + one import line below.
 """
-from nio_jax.methods.registry import (Method, available_methods, get_method, initialize,
-                                      register)
+
 # Registration: one import per method module.
-from nio_jax.methods import builtin  # noqa: F401  (nio)
-from nio_jax.methods import fixup_entry  # noqa: F401  (fixup)
+from nio_jax.methods import (
+  builtin,  # noqa: F401  (nio)
+  fixup_entry,  # noqa: F401  (fixup)
+)
 from nio_jax.methods import gradinit as _gradinit_module  # noqa: F401
 from nio_jax.methods import kaiming as _kaiming_module  # noqa: F401
 from nio_jax.methods import metainit as _metainit_module  # noqa: F401
-
-from nio_jax.methods.gradinit import (GRADINIT_RECIPES, GradInitConfig, gradinit,
-                                      gradinit_adam, make_gradinit_step)
+from nio_jax.methods.gradinit import (
+  GRADINIT_RECIPES,
+  GradInitConfig,
+  gradinit,
+  gradinit_adam,
+  make_gradinit_step,
+)
 from nio_jax.methods.kaiming import KaimingConfig, kaiming
-from nio_jax.methods.metainit import (MetaInitConfig, gradient_quotient,
-                                      hessian_vector_product, make_metainit_step, metainit,
-                                      random_batches)
+from nio_jax.methods.metainit import (
+  MetaInitConfig,
+  gradient_quotient,
+  hessian_vector_product,
+  make_metainit_step,
+  metainit,
+  random_batches,
+)
+from nio_jax.methods.registry import Method, available_methods, get_method, initialize, register
 
 __all__ = [
-    "GRADINIT_RECIPES", "GradInitConfig", "KaimingConfig", "Method", "MetaInitConfig",
-    "available_methods", "get_method", "gradient_quotient", "gradinit", "gradinit_adam",
-    "hessian_vector_product", "initialize", "kaiming", "make_gradinit_step",
-    "make_metainit_step", "metainit", "random_batches", "register",
+  "GRADINIT_RECIPES",
+  "GradInitConfig",
+  "KaimingConfig",
+  "Method",
+  "MetaInitConfig",
+  "available_methods",
+  "get_method",
+  "gradient_quotient",
+  "gradinit",
+  "gradinit_adam",
+  "hessian_vector_product",
+  "initialize",
+  "kaiming",
+  "make_gradinit_step",
+  "make_metainit_step",
+  "metainit",
+  "random_batches",
+  "register",
 ]

@@ -26,21 +26,23 @@ Everything per step is one jitted function (`make_gradinit_step`); only the chos
 gradient is evaluated (`lax.cond`). The look-ahead loss is also recorded on constraint steps
 (forward only) so the history has it every step.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
 import re
 import warnings
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from nio_jax import config_utils as _config
 from nio_jax import errors
 from nio_jax import scales as scmod
-from nio_jax import config_utils as _config
 from nio_jax.methods.registry import register
 from nio_jax.rescale_adam import rescale_adam
 from nio_jax.results import InitResult
@@ -64,19 +66,37 @@ def is_layernorm_weight(path, leaf=None) -> bool:
 # fairseq/gradinit/launch/run_iwslt_14_gradinit_no_clipping.sh (Adam variant, --gradinit-grad-
 # clip 1e8 i.e. no clipping, betas (0.9, 0.98), layer-norm scales capped at 100; batches are
 # token-bounded (max_tokens 4096), so no batch size; S/S̃ are overlapping thirds).
-_CIFAR = dict(variant="sgd", eta=0.1, gamma=1.0, normalize_grad=True, min_scale=0.01,
-              grad_clip=1.0, lookahead="half")
+_CIFAR = dict(
+  variant="sgd",
+  eta=0.1,
+  gamma=1.0,
+  normalize_grad=True,
+  min_scale=0.01,
+  grad_clip=1.0,
+  lookahead="half",
+)
 GRADINIT_RECIPES: dict[str, dict[str, Any]] = {
-    "vgg19": dict(_CIFAR, lr=1e-2, num_steps=390, batch_size=128),
-    "vgg19_bn": dict(_CIFAR, lr=1e-1, num_steps=390, batch_size=128),
-    "resnet110": dict(_CIFAR, lr=5e-2, num_steps=390, batch_size=128),
-    "resnet110_bn": dict(_CIFAR, lr=1e-3, num_steps=390, batch_size=128),
-    "densenet100": dict(_CIFAR, lr=5e-3, num_steps=780, batch_size=64),
-    "densenet100_bn": dict(_CIFAR, lr=1e-2, num_steps=780, batch_size=64),
-    "wrn28_10": dict(_CIFAR, lr=3e-3, num_steps=780, batch_size=64),
-    "transformer": dict(variant="adam", eta=1e-3, gamma=1000.0, lr=2.5e-3, b1=0.9, b2=0.98,
-                        num_steps=780, min_scale=0.01, grad_clip=1e8,
-                        layernorm_max_scale=100.0, lookahead="thirds", batch_size=None),
+  "vgg19": dict(_CIFAR, lr=1e-2, num_steps=390, batch_size=128),
+  "vgg19_bn": dict(_CIFAR, lr=1e-1, num_steps=390, batch_size=128),
+  "resnet110": dict(_CIFAR, lr=5e-2, num_steps=390, batch_size=128),
+  "resnet110_bn": dict(_CIFAR, lr=1e-3, num_steps=390, batch_size=128),
+  "densenet100": dict(_CIFAR, lr=5e-3, num_steps=780, batch_size=64),
+  "densenet100_bn": dict(_CIFAR, lr=1e-2, num_steps=780, batch_size=64),
+  "wrn28_10": dict(_CIFAR, lr=3e-3, num_steps=780, batch_size=64),
+  "transformer": dict(
+    variant="adam",
+    eta=1e-3,
+    gamma=1000.0,
+    lr=2.5e-3,
+    b1=0.9,
+    b2=0.98,
+    num_steps=780,
+    min_scale=0.01,
+    grad_clip=1e8,
+    layernorm_max_scale=100.0,
+    lookahead="thirds",
+    batch_size=None,
+  ),
 }
 
 
@@ -104,6 +124,7 @@ class GradInitConfig:
       gn and the look-ahead step; None = every leaf (released code).
     select: predicate for the leaves whose scales are tuned; None = all non-zero leaves.
   """
+
   variant: str = "sgd"
   num_steps: int = 390
   eta: float = 0.1
@@ -123,7 +144,7 @@ class GradInitConfig:
   select: Callable | None = None
 
   @classmethod
-  def create(cls, config=None, **overrides) -> "GradInitConfig":
+  def create(cls, config=None, **overrides) -> GradInitConfig:
     """From None (defaults), a GradInitConfig, a dict, a ConfigDict or a recipe name."""
     cfg = cls(**_config.config_values(cls, config, overrides, "GradInit", GRADINIT_RECIPES))
     cfg.validate()
@@ -146,8 +167,9 @@ class GradInitConfig:
     if self.layernorm_max_scale is not None:
       errors.check_positive("layernorm_max_scale", self.layernorm_max_scale)
       if self.layernorm_max_scale < self.min_scale:
-        raise ValueError(f"layernorm_max_scale={self.layernorm_max_scale} is below "
-                         f"min_scale={self.min_scale}.")
+        raise ValueError(
+          f"layernorm_max_scale={self.layernorm_max_scale} is below min_scale={self.min_scale}."
+        )
     if self.batch_size is not None:
       _config.check_int("batch_size", self.batch_size, 2)
     for name in ("grad_filter", "select"):
@@ -163,21 +185,25 @@ class GradInitConfig:
     return _config.to_plain_dict(self)
 
 
-def lookahead_batches(batch: PyTree, next_batch: PyTree | None, lookahead: str
-                      ) -> tuple[PyTree, PyTree]:
+def lookahead_batches(
+  batch: PyTree, next_batch: PyTree | None, lookahead: str
+) -> tuple[PyTree, PyTree]:
   """(S, S̃) from one step's batches (see the module docstring)."""
   b = errors.batch_size(batch)
   if lookahead == "thirds":
     n = b // 3
-    return (jax.tree_util.tree_map(lambda x: x[:2 * n], batch),
-            jax.tree_util.tree_map(lambda x: x[n:], batch))
+    return (
+      jax.tree_util.tree_map(lambda x: x[: 2 * n], batch),
+      jax.tree_util.tree_map(lambda x: x[n:], batch),
+    )
   if next_batch is None:
     raise ValueError(f"lookahead={lookahead!r} needs the next batch.")
   if lookahead == "disjoint":
     return batch, next_batch
   h = b // 2
   return batch, jax.tree_util.tree_map(
-      lambda x, y: jnp.concatenate([x[:h], y[:h]], axis=0), batch, next_batch)
+    lambda x, y: jnp.concatenate([x[:h], y[:h]], axis=0), batch, next_batch
+  )
 
 
 def gradient_norm_and_direction(g: PyTree, variant: str, normalize_grad: bool = True):
@@ -196,8 +222,12 @@ def _project_max(max_scale: PyTree) -> optax.GradientTransformation:
   """`u ← min(s + u, max_scale) − s` (applied after RescaleAdam's lower bound)."""
 
   def update_fn(updates, state, params=None):
-    return (jax.tree_util.tree_map(lambda u, s, hi: jnp.minimum(s + u, hi) - s,
-                                   updates, params, max_scale), state)
+    return (
+      jax.tree_util.tree_map(
+        lambda u, s, hi: jnp.minimum(s + u, hi) - s, updates, params, max_scale
+      ),
+      state,
+    )
 
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
@@ -207,8 +237,11 @@ def _make_tx(cfg: GradInitConfig, spec: scmod.ScaleSpec):
   if cfg.layernorm_max_scale is None:
     return tx
   hi = jax.tree_util.tree_map_with_path(
-      lambda p, m: jnp.full(jnp.shape(m), cfg.layernorm_max_scale if is_layernorm_weight(p)
-                            else jnp.inf, jnp.float32), spec.min_scale)
+    lambda p, m: jnp.full(
+      jnp.shape(m), cfg.layernorm_max_scale if is_layernorm_weight(p) else jnp.inf, jnp.float32
+    ),
+    spec.min_scale,
+  )
   return optax.chain(tx, _project_max(hi))
 
 
@@ -231,7 +264,8 @@ def _scale_grad(loss_fn, cfg: GradInitConfig, params0, scales, s_batch, t_batch)
   def lookahead(sc):
     params = scmod.apply_scales(params0, sc)
     stepped = jax.tree_util.tree_map(
-        lambda p, d: (p - eta * d).astype(jnp.result_type(p)), params, direction)
+      lambda p, d: (p - eta * d).astype(jnp.result_type(p)), params, direction
+    )
     la = mean_loss(stepped, t_batch)
     return la / eta, la
 
@@ -246,8 +280,7 @@ def _scale_grad(loss_fn, cfg: GradInitConfig, params0, scales, s_batch, t_batch)
 
   constraint = gn > gamma
   grads, obj, la = jax.lax.cond(constraint, constraint_branch, objective_branch, None)
-  metrics = dict(grad_norm=gn, loss=loss, lookahead_loss=la, objective=obj,
-                 constraint=constraint)
+  metrics = dict(grad_norm=gn, loss=loss, lookahead_loss=la, objective=obj, constraint=constraint)
   return grads, metrics
 
 
@@ -255,8 +288,9 @@ def _scale_grad(loss_fn, cfg: GradInitConfig, params0, scales, s_batch, t_batch)
 def _gradinit_step(loss_fn, cfg, spec, params0, scales, opt_state, batch, next_batch):
   s_batch, t_batch = lookahead_batches(batch, next_batch, cfg.lookahead)
   grads, metrics = _scale_grad(loss_fn, cfg, params0, scales, s_batch, t_batch)
-  updates, opt_state = _make_tx(cfg, spec).update(grads, opt_state, scales,
-                                                  is_constraint=metrics["constraint"])
+  updates, opt_state = _make_tx(cfg, spec).update(
+    grads, opt_state, scales, is_constraint=metrics["constraint"]
+  )
   new_scales = jax.tree_util.tree_map(lambda s, u: s + u, scales, updates)
   return new_scales, opt_state, metrics
 
@@ -282,8 +316,15 @@ def make_gradinit_step(loss_fn: Callable, spec: scmod.ScaleSpec, config=None):
 
 
 @register("gradinit", config_cls=GradInitConfig)
-def gradinit(loss_fn: Callable, params: PyTree, batches: Iterable, config=None, *,
-             progress: bool = False, mesh=None) -> InitResult:
+def gradinit(
+  loss_fn: Callable,
+  params: PyTree,
+  batches: Iterable,
+  config=None,
+  *,
+  progress: bool = False,
+  mesh=None,
+) -> InitResult:
   """Runs GradInit and returns the initialised params.
 
   Args:
@@ -315,32 +356,56 @@ def gradinit(loss_fn: Callable, params: PyTree, batches: Iterable, config=None, 
   minimum = 3 if cfg.lookahead == "thirds" else 2
   b = errors.check_batch(first, minimum=minimum)
   if cfg.lookahead == "half" and b % 2:
-    raise ValueError(f"GradInit splits each batch into two halves; the batch size {b} is odd. "
-                     "Use an even batch size.")
+    raise ValueError(
+      f"GradInit splits each batch into two halves; the batch size {b} is odd. "
+      "Use an even batch size."
+    )
   if cfg.batch_size is not None and b != cfg.batch_size:
-    warnings.warn(f"GradInit config expects batches of {cfg.batch_size} examples (|S|), got "
-                  f"{b}; set batch_size=None to silence this.", stacklevel=2)
+    warnings.warn(
+      f"GradInit config expects batches of {cfg.batch_size} examples (|S|), got "
+      f"{b}; set batch_size=None to silence this.",
+      stacklevel=2,
+    )
   errors.check_loss_fn(loss_fn, params, first)
-  scales, spec = scmod.init_scales(params, select=cfg.select, min_scale=cfg.min_scale,
-                                   min_scale_bias=cfg.min_scale_bias)
+  scales, spec = scmod.init_scales(
+    params, select=cfg.select, min_scale=cfg.min_scale, min_scale_bias=cfg.min_scale_bias
+  )
   step, tx, _ = make_gradinit_step(loss_fn, spec, cfg)
   if mesh is not None:
     from nio_jax import distributed
+
     distributed.check_mesh(mesh, b)
     params, scales = distributed.replicate((params, scales), mesh)
     batches = distributed.sharded_batches(batches, mesh)
-  return run_scale_search(step, params, scales, tx.init(scales), batches,
-                          num_steps=cfg.num_steps, method="gradinit", config=cfg.to_dict(),
-                          per_step=cfg.batches_per_step, show_progress=progress,
-                          min_batch=minimum, postfix=("objective", "grad_norm"))
+  return run_scale_search(
+    step,
+    params,
+    scales,
+    tx.init(scales),
+    batches,
+    num_steps=cfg.num_steps,
+    method="gradinit",
+    config=cfg.to_dict(),
+    per_step=cfg.batches_per_step,
+    show_progress=progress,
+    min_batch=minimum,
+    postfix=("objective", "grad_norm"),
+  )
 
 
 ADAM_DEFAULTS = dict(GRADINIT_RECIPES["transformer"])
 
 
 @register("gradinit_adam", config_cls=GradInitConfig)
-def gradinit_adam(loss_fn: Callable, params: PyTree, batches: Iterable, config=None, *,
-                  progress: bool = False, mesh=None) -> InitResult:
+def gradinit_adam(
+  loss_fn: Callable,
+  params: PyTree,
+  batches: Iterable,
+  config=None,
+  *,
+  progress: bool = False,
+  mesh=None,
+) -> InitResult:
   """GradInit's Adam variant. Defaults: the only published Adam recipe (IWSLT'14
   Transformer, `GRADINIT_RECIPES["transformer"]`); a dict config overrides those values."""
   if config is None or isinstance(config, dict) or hasattr(config, "to_dict"):
@@ -351,7 +416,9 @@ def gradinit_adam(loss_fn: Callable, params: PyTree, batches: Iterable, config=N
   else:
     cfg = GradInitConfig.create(config)
   if cfg.variant != "adam":
-    raise ValueError(f"method 'gradinit_adam' got variant={cfg.variant!r}; use method "
-                     "'gradinit' for the SGD variant.")
+    raise ValueError(
+      f"method 'gradinit_adam' got variant={cfg.variant!r}; use method "
+      "'gradinit' for the SGD variant."
+    )
   res = gradinit(loss_fn, params, batches, cfg, progress=progress, mesh=mesh)
   return dataclasses.replace(res, method="gradinit_adam")

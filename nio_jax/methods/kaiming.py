@@ -5,10 +5,12 @@ layers) is documented per model in docs/models.md. The GradInit paper's "+1 epoc
 LR" and "+1 epoch warmup" baselines also start from these params; their extra epoch lives
 in the training schedule (`nio_jax.train`), not here.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from nio_jax import errors
 from nio_jax.config_utils import config_values
@@ -23,7 +25,7 @@ class KaimingConfig:
   """No hyper-parameters: the params are taken as the model initialised them."""
 
   @classmethod
-  def create(cls, config=None, **overrides) -> "KaimingConfig":
+  def create(cls, config=None, **overrides) -> KaimingConfig:
     return cls(**config_values(cls, config, overrides, "Kaiming"))
 
   def to_dict(self) -> dict:
@@ -31,8 +33,9 @@ class KaimingConfig:
 
 
 @register("kaiming", config_cls=KaimingConfig)
-def kaiming(loss_fn: Callable | None, params: PyTree, data: Any = None, config=None, *,
-            progress: bool = False) -> InitResult:
+def kaiming(
+  loss_fn: Callable | None, params: PyTree, data: Any = None, config=None, *, progress: bool = False
+) -> InitResult:
   """Returns `params` unchanged (the model's He init), with no scales and an empty history.
 
   `loss_fn` and `data` are accepted for the common interface and ignored.
@@ -40,5 +43,4 @@ def kaiming(loss_fn: Callable | None, params: PyTree, data: Any = None, config=N
   del loss_fn, data, progress
   cfg = KaimingConfig.create(config)
   errors.check_params(params)
-  return InitResult(params=params, scales=None, history={}, method="kaiming",
-                    config=cfg.to_dict())
+  return InitResult(params=params, scales=None, history={}, method="kaiming", config=cfg.to_dict())

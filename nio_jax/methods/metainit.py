@@ -25,19 +25,21 @@ that shape, `num_classes` gives integer labels under `label_key`, default "label
 draws its batch from `fold_in(PRNGKey(seed), t)`, so runs are reproducible. Or pass an
 iterable of real batches (the GradInit authors' baseline ran on CIFAR batches).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Iterable, Mapping, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from nio_jax import config_utils as _config
 from nio_jax import errors
 from nio_jax import scales as scmod
-from nio_jax import config_utils as _config
 from nio_jax.methods.registry import register
 from nio_jax.rescale_adam import rescale_adam
 from nio_jax.results import InitResult
@@ -66,6 +68,7 @@ class MetaInitConfig:
       leaves for sign_momentum, all non-zero leaves for rescale_adam). Zero-norm leaves are
       never tuned.
   """
+
   variant: str = "sign_momentum"
   num_steps: int = 500
   lr: float | None = None
@@ -82,7 +85,7 @@ class MetaInitConfig:
   select: Callable | None = None
 
   @classmethod
-  def create(cls, config=None, **overrides) -> "MetaInitConfig":
+  def create(cls, config=None, **overrides) -> MetaInitConfig:
     """From None (defaults), a MetaInitConfig, a dict or an ml_collections ConfigDict."""
     cfg = cls(**_config.config_values(cls, config, overrides, "MetaInit"))
     cfg.validate()
@@ -120,19 +123,28 @@ class MetaInitConfig:
 
 # ------------------------------------------------------------------ gradient quotient
 
-def hessian_vector_product(loss_fn: Callable, params: PyTree, batch: PyTree, v: PyTree
-                           ) -> PyTree:
+
+def hessian_vector_product(loss_fn: Callable, params: PyTree, batch: PyTree, v: PyTree) -> PyTree:
   """`H v` with H the Hessian of the mean loss at `params` (forward-over-reverse)."""
   grad_fn = jax.grad(lambda p: jnp.mean(loss_fn(p, batch)))
   return jax.jvp(grad_fn, (params,), (v,))[1]
 
 
-def gradient_quotient(loss_fn: Callable, params: PyTree, batch: PyTree, *, eps: float = 1e-5,
-                      grad_filter: Callable | None = None):
+def gradient_quotient(
+  loss_fn: Callable,
+  params: PyTree,
+  batch: PyTree,
+  *,
+  eps: float = 1e-5,
+  grad_filter: Callable | None = None,
+):
   """`(GQ, aux)` at `params` on `batch`; aux = dict(loss, grad_norm=‖g‖₂). Differentiable."""
   mask = _config.static_mask(params, grad_filter)
-  n = sum(int(np.size(x)) for x, m in zip(jax.tree_util.tree_leaves(params),
-                                          jax.tree_util.tree_leaves(mask)) if m)
+  n = sum(
+    int(np.size(x))
+    for x, m in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(mask))
+    if m
+  )
   if n == 0:
     raise ValueError("grad_filter rejects every leaf: the gradient quotient needs at least one.")
 
@@ -143,19 +155,22 @@ def gradient_quotient(loss_fn: Callable, params: PyTree, batch: PyTree, *, eps: 
   g = jax.tree_util.tree_map(lambda x, m: x if m else jnp.zeros_like(x), g, mask)
   hg = jax.jvp(jax.grad(mean_loss), (params,), (g,))[1]
   total = 0.0
-  for gl, hl, m in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(hg),
-                       jax.tree_util.tree_leaves(mask)):
+  for gl, hl, m in zip(
+    jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(hg), jax.tree_util.tree_leaves(mask)
+  ):
     if not m:
       continue
     gl = gl.astype(jnp.float32)
     sign = jax.lax.stop_gradient(jnp.where(gl >= 0, 1.0, -1.0))
     total = total + jnp.sum(jnp.abs((gl - hl.astype(jnp.float32)) / (gl + eps * sign) - 1.0))
-  gn = jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32)))
-                    for x in jax.tree_util.tree_leaves(g)))
+  gn = jnp.sqrt(
+    sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree_util.tree_leaves(g))
+  )
   return total / n, dict(loss=loss, grad_norm=gn)
 
 
 # ------------------------------------------------------------------ random data
+
 
 def is_shape_spec(data) -> bool:
   """True for a MetaInit random-input spec such as `{"image": (B, H, W, C), "num_classes": 10}`."""
@@ -173,12 +188,14 @@ def is_shape_spec(data) -> bool:
 
 
 def _parse_spec(spec: Mapping):
-  shapes = {k: tuple(int(d) for d in v) for k, v in spec.items()
-            if k not in ("num_classes", "label_key")}
+  shapes = {
+    k: tuple(int(d) for d in v) for k, v in spec.items() if k not in ("num_classes", "label_key")
+  }
   sizes = {s[0] if s else None for s in shapes.values()}
   if None in sizes or any(d <= 0 for s in shapes.values() for d in s):
-    raise ValueError(f"shape spec {spec!r}: every shape needs a leading batch axis and "
-                     "positive sizes.")
+    raise ValueError(
+      f"shape spec {spec!r}: every shape needs a leading batch axis and positive sizes."
+    )
   if len(sizes) != 1:
     raise ValueError(f"shape spec {spec!r}: the shapes disagree on the batch size.")
   b = sizes.pop()
@@ -197,8 +214,10 @@ def random_batch(spec: Mapping, key: jax.Array) -> dict:
   """One batch from a shape spec: N(0, 1) float32 inputs, uniform integer labels."""
   shapes, num_classes, label_key, b = _parse_spec(spec)
   keys = jax.random.split(key, len(shapes) + 1)
-  out = {k: jax.random.normal(kk, s, jnp.float32) for (k, s), kk in zip(sorted(shapes.items()),
-                                                                        keys[:-1])}
+  out = {
+    k: jax.random.normal(kk, s, jnp.float32)
+    for (k, s), kk in zip(sorted(shapes.items()), keys[:-1])
+  }
   if num_classes is not None:
     out[label_key] = jax.random.randint(keys[-1], (b,), 0, int(num_classes), jnp.int32)
   return out
@@ -214,6 +233,7 @@ def random_batches(spec: Mapping, seed: int, num_steps: int):
 
 # ------------------------------------------------------------------ steps
 
+
 class MomentumState(NamedTuple):
   momentum: PyTree
 
@@ -225,19 +245,22 @@ def metainit_select(path, leaf) -> bool:
 
 
 def _gq_of_scales(loss_fn, cfg, scales, params0, batch):
-  return gradient_quotient(loss_fn, scmod.apply_scales(params0, scales), batch, eps=cfg.eps,
-                           grad_filter=cfg.grad_filter)
+  return gradient_quotient(
+    loss_fn, scmod.apply_scales(params0, scales), batch, eps=cfg.eps, grad_filter=cfg.grad_filter
+  )
 
 
 def _make_tx(cfg: MetaInitConfig, spec: scmod.ScaleSpec):
-  return rescale_adam(cfg.learning_rate, spec, b1=cfg.b1, b2=cfg.b2, eps=cfg.adam_eps,
-                      grad_clip=cfg.grad_clip)
+  return rescale_adam(
+    cfg.learning_rate, spec, b1=cfg.b1, b2=cfg.b2, eps=cfg.adam_eps, grad_clip=cfg.grad_clip
+  )
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _metainit_step(loss_fn, cfg, spec, params0, scales, state, batch):
   (gq, aux), grads = jax.value_and_grad(_gq_of_scales, argnums=2, has_aux=True)(
-      loss_fn, cfg, scales, params0, batch)
+    loss_fn, cfg, scales, params0, batch
+  )
   metrics = dict(gq=gq, **aux)
   if cfg.variant == "rescale_adam":
     updates, state = _make_tx(cfg, spec).update(grads, state, scales, is_constraint=False)
@@ -247,7 +270,7 @@ def _metainit_step(loss_fn, cfg, spec, params0, scales, state, batch):
   norms0 = jax.tree_util.tree_map_with_path(scmod._leaf_norms, params0)
 
   def one(s, g, m, n0, t):
-    d = jnp.sign(s * g)                         # sign(<θ_l, ∇θ_l GQ> / ‖θ_l‖)
+    d = jnp.sign(s * g)  # sign(<θ_l, ∇θ_l GQ> / ‖θ_l‖)
     m_new = mom * m - lr * d
     norm = jnp.abs(s) * n0
     s_new = s * (norm + m_new) / jnp.where(t, norm, 1.0)
@@ -277,8 +300,15 @@ def make_metainit_step(loss_fn: Callable, spec: scmod.ScaleSpec, config=None):
 
 
 @register("metainit", config_cls=MetaInitConfig)
-def metainit(loss_fn: Callable, params: PyTree, batches_or_shape: Any, config=None, *,
-             progress: bool = False, mesh=None) -> InitResult:
+def metainit(
+  loss_fn: Callable,
+  params: PyTree,
+  batches_or_shape: Any,
+  config=None,
+  *,
+  progress: bool = False,
+  mesh=None,
+) -> InitResult:
   """Runs MetaInit and returns the initialised params.
 
   Args:
@@ -309,15 +339,26 @@ def metainit(loss_fn: Callable, params: PyTree, batches_or_shape: Any, config=No
   select = cfg.select
   if select is None and cfg.variant == "sign_momentum":
     select = metainit_select
-  scales, spec = scmod.init_scales(params, select=select, min_scale=cfg.min_scale,
-                                   min_scale_bias=cfg.min_scale_bias)
+  scales, spec = scmod.init_scales(
+    params, select=select, min_scale=cfg.min_scale, min_scale_bias=cfg.min_scale_bias
+  )
   step, init = make_metainit_step(loss_fn, spec, cfg)
   state = init(scales)
   if mesh is not None:
     from nio_jax import distributed
+
     distributed.check_mesh(mesh, b)
     params, scales, state = distributed.replicate((params, scales, state), mesh)
     data = distributed.sharded_batches(data, mesh)
-  return run_scale_search(step, params, scales, state, data, num_steps=cfg.num_steps,
-                          method="metainit", config=cfg.to_dict(), show_progress=progress,
-                          postfix=("gq", "grad_norm"))
+  return run_scale_search(
+    step,
+    params,
+    scales,
+    state,
+    data,
+    num_steps=cfg.num_steps,
+    method="metainit",
+    config=cfg.to_dict(),
+    show_progress=progress,
+    postfix=("gq", "grad_norm"),
+  )

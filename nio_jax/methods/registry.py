@@ -5,10 +5,12 @@ InitResult` registered under a name with `@register("name")`. Adding a method = 
 module in `nio_jax/methods/` that decorates its entry point, plus one import line in
 `nio_jax/methods/__init__.py`.
 """
+
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from nio_jax.results import InitResult
 
@@ -18,6 +20,7 @@ PyTree = Any
 @dataclasses.dataclass(frozen=True)
 class Method:
   """A registered method: its name, entry point and (optional) config class."""
+
   name: str
   fn: Callable[..., InitResult]
   config_cls: type | None = None
@@ -37,8 +40,10 @@ def register(name: str, *, config_cls: type | None = None):
 
   def deco(fn):
     if name in _REGISTRY and _REGISTRY[name].fn is not fn:
-      raise ValueError(f"method {name!r} is already registered "
-                       f"(by {_REGISTRY[name].fn.__module__}.{_REGISTRY[name].fn.__name__}).")
+      raise ValueError(
+        f"method {name!r} is already registered "
+        f"(by {_REGISTRY[name].fn.__module__}.{_REGISTRY[name].fn.__name__})."
+      )
     _REGISTRY[name] = Method(name, fn, config_cls)
     return fn
 
@@ -53,13 +58,22 @@ def available_methods() -> tuple[str, ...]:
 def get_method(method: str) -> Method:
   """The registered `Method`; unknown names raise ValueError listing the known ones."""
   if not isinstance(method, str) or method not in _REGISTRY:
-    raise ValueError(f"unknown initialisation method {method!r}; known: "
-                     f"{', '.join(available_methods())}.")
+    raise ValueError(
+      f"unknown initialisation method {method!r}; known: {', '.join(available_methods())}."
+    )
   return _REGISTRY[method]
 
 
-def initialize(method: str, loss_fn: Callable, params: PyTree, data: Any, config=None, *,
-               progress: bool = False, mesh=None) -> InitResult:
+def initialize(
+  method: str,
+  loss_fn: Callable,
+  params: PyTree,
+  data: Any,
+  config=None,
+  *,
+  progress: bool = False,
+  mesh=None,
+) -> InitResult:
   """Runs the initialisation method `method` and returns its `InitResult`.
 
   Args:
@@ -80,6 +94,7 @@ def initialize(method: str, loss_fn: Callable, params: PyTree, data: Any, config
   if mesh is None:
     return m.fn(loss_fn, params, data, config, progress=progress)
   import inspect
+
   if "mesh" in inspect.signature(m.fn).parameters:
     return m.fn(loss_fn, params, data, config, progress=progress, mesh=mesh)
   return m.fn(loss_fn, params, data, config, progress=progress)

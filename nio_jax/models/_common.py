@@ -46,27 +46,27 @@ ones = jinit.ones
 
 
 def torch_default_bias(fan_in: int):
-    """PyTorch's default Conv/Linear bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+  """PyTorch's default Conv/Linear bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in) if fan_in > 0 else 0.0
 
-    def init(key, shape, dtype=jnp.float32):
-        return jax.random.uniform(key, shape, dtype, -bound, bound)
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
 
-    return init
+  return init
 
 
 def normal_init(std: float):
-    """``torch.nn.init.normal_(w, 0, std)`` (untruncated)."""
+  """``torch.nn.init.normal_(w, 0, std)`` (untruncated)."""
 
-    def init(key, shape, dtype=jnp.float32):
-        return std * jax.random.normal(key, shape, dtype)
+  def init(key, shape, dtype=jnp.float32):
+    return std * jax.random.normal(key, shape, dtype)
 
-    return init
+  return init
 
 
 def he_normal_fan_out_scaled(multiplier: float):
-    """``kaiming_normal_(fan_out)`` with its std multiplied by ``multiplier`` (Fixup)."""
-    return jinit.variance_scaling(2.0 * multiplier**2, "fan_out", "normal")
+  """``kaiming_normal_(fan_out)`` with its std multiplied by ``multiplier`` (Fixup)."""
+  return jinit.variance_scaling(2.0 * multiplier**2, "fan_out", "normal")
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,89 +75,89 @@ def he_normal_fan_out_scaled(multiplier: float):
 
 
 def conv(
-    features: int,
-    kernel: int,
-    stride: int = 1,
-    padding: int | None = None,
-    *,
-    bias: bool = False,
-    kernel_init=he_normal_fan_out,
-    bias_init=zeros,
-    name: str | None = None,
-    dtype: Any = None,
+  features: int,
+  kernel: int,
+  stride: int = 1,
+  padding: int | None = None,
+  *,
+  bias: bool = False,
+  kernel_init=he_normal_fan_out,
+  bias_init=zeros,
+  name: str | None = None,
+  dtype: Any = None,
 ) -> nn.Conv:
-    """A square conv with PyTorch-style symmetric explicit padding (default ``kernel // 2``).
+  """A square conv with PyTorch-style symmetric explicit padding (default ``kernel // 2``).
 
-    Flax's ``'SAME'`` pads asymmetrically for stride 2, which would not match PyTorch.
-    """
-    p = kernel // 2 if padding is None else padding
-    return nn.Conv(
-        features,
-        (kernel, kernel),
-        strides=(stride, stride),
-        padding=((p, p), (p, p)),
-        use_bias=bias,
-        kernel_init=kernel_init,
-        bias_init=bias_init,
-        dtype=dtype,
-        name=name,
-    )
+  Flax's ``'SAME'`` pads asymmetrically for stride 2, which would not match PyTorch.
+  """
+  p = kernel // 2 if padding is None else padding
+  return nn.Conv(
+    features,
+    (kernel, kernel),
+    strides=(stride, stride),
+    padding=((p, p), (p, p)),
+    use_bias=bias,
+    kernel_init=kernel_init,
+    bias_init=bias_init,
+    dtype=dtype,
+    name=name,
+  )
 
 
 def batch_norm(train: bool, name: str | None = None, *, momentum: float = 0.9, dtype: Any = None):
-    """BatchNorm equivalent to ``torch.nn.BatchNorm2d(eps=1e-5, momentum=1-momentum)``.
+  """BatchNorm equivalent to ``torch.nn.BatchNorm2d(eps=1e-5, momentum=1-momentum)``.
 
-    Flax ``momentum`` is the decay of the running average (torch momentum 0.1 <=> flax 0.9).
-    One documented difference: torch updates ``running_var`` with the *unbiased* batch
-    variance, Flax with the biased one; normalisation itself is identical.
-    """
-    return nn.BatchNorm(
-        use_running_average=not train,
-        momentum=momentum,
-        epsilon=1e-5,
-        use_fast_variance=False,
-        dtype=dtype,
-        name=name,
-    )
+  Flax ``momentum`` is the decay of the running average (torch momentum 0.1 <=> flax 0.9).
+  One documented difference: torch updates ``running_var`` with the *unbiased* batch
+  variance, Flax with the biased one; normalisation itself is identical.
+  """
+  return nn.BatchNorm(
+    use_running_average=not train,
+    momentum=momentum,
+    epsilon=1e-5,
+    use_fast_variance=False,
+    dtype=dtype,
+    name=name,
+  )
 
 
 def zero_pad_channels(x: jax.Array, features: int) -> jax.Array:
-    """Option-A shortcut padding: append zero channels up to ``features``."""
-    extra = features - x.shape[-1]
-    if extra < 0:
-        raise ValueError(f"cannot zero-pad {x.shape[-1]} channels down to {features}")
-    if extra == 0:
-        return x
-    return jnp.concatenate([x, jnp.zeros(x.shape[:-1] + (extra,), x.dtype)], axis=-1)
+  """Option-A shortcut padding: append zero channels up to ``features``."""
+  extra = features - x.shape[-1]
+  if extra < 0:
+    raise ValueError(f"cannot zero-pad {x.shape[-1]} channels down to {features}")
+  if extra == 0:
+    return x
+  return jnp.concatenate([x, jnp.zeros(x.shape[:-1] + (extra,), x.dtype)], axis=-1)
 
 
 def scan_blocks(block_cls, length: int, **kwargs):
-    """``nn.scan`` over ``length`` identical blocks whose ``__call__(x) -> (x, None)``.
+  """``nn.scan`` over ``length`` identical blocks whose ``__call__(x) -> (x, None)``.
 
-    ``params`` and ``batch_stats`` get a leading block axis; RNGs are split per block.
-    """
-    return nn.scan(
-        block_cls,
-        variable_axes={"params": 0, "batch_stats": 0},
-        split_rngs={"params": True, "dropout": True},
-        length=length,
-    )(**kwargs)
+  ``params`` and ``batch_stats`` get a leading block axis; RNGs are split per block.
+  """
+  return nn.scan(
+    block_cls,
+    variable_axes={"params": 0, "batch_stats": 0},
+    split_rngs={"params": True, "dropout": True},
+    length=length,
+  )(**kwargs)
 
 
 def stack_tail(block_cls, n: int, prefix: str, x, *, scan: bool, **kwargs):
-    """Apply blocks 1..n-1 of a group (block0 is built by the caller, it usually differs):
-    one scanned ``<prefix>_scan`` (``scan=True``) or ``<prefix>_block1 .. <prefix>_block{n-1}``.
+  """Apply blocks 1..n-1 of a group (block0 is built by the caller, it usually differs):
+  one scanned ``<prefix>_scan`` (``scan=True``) or ``<prefix>_block1 .. <prefix>_block{n-1}``.
 
-    Must be called from inside a compact method. ``block_cls(**kwargs)(x) -> (x, None)``.
-    """
-    if n <= 1:
-        return x
-    if scan:
-        x, _ = scan_blocks(block_cls, n - 1, **kwargs, name=f"{prefix}_scan")(x)
-    else:
-        for i in range(1, n):
-            x, _ = block_cls(**kwargs, name=f"{prefix}_block{i}")(x)
+  Must be called from inside a compact method. ``block_cls(**kwargs)(x) -> (x, None)``.
+  """
+  if n <= 1:
     return x
+  if scan:
+    x, _ = scan_blocks(block_cls, n - 1, **kwargs, name=f"{prefix}_scan")(x)
+  else:
+    for i in range(1, n):
+      x, _ = block_cls(**kwargs, name=f"{prefix}_block{i}")(x)
+  return x
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,69 +169,67 @@ _BLOCK_RE = re.compile(r"^(.*)_block(\d+)$")
 
 
 def _first_leaf(tree):
-    leaves = jax.tree_util.tree_leaves(tree)
-    if not leaves:
-        raise ValueError("empty scanned sub-tree")
-    return leaves[0]
+  leaves = jax.tree_util.tree_leaves(tree)
+  if not leaves:
+    raise ValueError("empty scanned sub-tree")
+  return leaves[0]
 
 
 def unstack_blocks(tree: Any) -> Any:
-    """Scanned layout -> unrolled layout.
+  """Scanned layout -> unrolled layout.
 
-    Every key ``<prefix>_scan`` (with leading axis k) is replaced by ``<prefix>_block{o}`` ..
-    ``<prefix>_block{o+k-1}``, where ``o`` is the number of ``<prefix>_block*`` keys already
-    present at that level (1 for all models of this package). Works on a whole variables dict
-    or on one collection; non-mapping leaves are returned as they are.
-    """
-    if not isinstance(tree, Mapping):
-        return tree
-    out: dict = {}
-    for key, value in tree.items():
-        m = _SCAN_RE.match(str(key))
-        if m and isinstance(value, Mapping):
-            prefix = m.group(1)
-            offset = sum(
-                1
-                for k in tree
-                if (mb := _BLOCK_RE.match(str(k))) is not None and mb.group(1) == prefix
-            )
-            k = _first_leaf(value).shape[0]
-            for i in range(k):
-                sub = jax.tree_util.tree_map(lambda a, i=i: a[i], value)
-                out[f"{prefix}_block{offset + i}"] = unstack_blocks(sub)
-        else:
-            out[key] = unstack_blocks(value)
-    return out
+  Every key ``<prefix>_scan`` (with leading axis k) is replaced by ``<prefix>_block{o}`` ..
+  ``<prefix>_block{o+k-1}``, where ``o`` is the number of ``<prefix>_block*`` keys already
+  present at that level (1 for all models of this package). Works on a whole variables dict
+  or on one collection; non-mapping leaves are returned as they are.
+  """
+  if not isinstance(tree, Mapping):
+    return tree
+  out: dict = {}
+  for key, value in tree.items():
+    m = _SCAN_RE.match(str(key))
+    if m and isinstance(value, Mapping):
+      prefix = m.group(1)
+      offset = sum(
+        1 for k in tree if (mb := _BLOCK_RE.match(str(k))) is not None and mb.group(1) == prefix
+      )
+      k = _first_leaf(value).shape[0]
+      for i in range(k):
+        sub = jax.tree_util.tree_map(lambda a, i=i: a[i], value)
+        out[f"{prefix}_block{offset + i}"] = unstack_blocks(sub)
+    else:
+      out[key] = unstack_blocks(value)
+  return out
 
 
 def stack_blocks(tree: Any, num_unscanned: int = 1) -> Any:
-    """Unrolled layout -> scanned layout (inverse of :func:`unstack_blocks`).
+  """Unrolled layout -> scanned layout (inverse of :func:`unstack_blocks`).
 
-    For every group ``<prefix>_block0 .. <prefix>_block{n-1}`` with ``n > num_unscanned``,
-    blocks ``>= num_unscanned`` are stacked into ``<prefix>_scan``.
-    """
-    if not isinstance(tree, Mapping):
-        return tree
-    groups: dict[str, dict[int, Any]] = {}
-    out: dict = {}
-    for key, value in tree.items():
-        m = _BLOCK_RE.match(str(key))
-        if m and isinstance(value, Mapping):
-            groups.setdefault(m.group(1), {})[int(m.group(2))] = stack_blocks(value, num_unscanned)
-        else:
-            out[key] = stack_blocks(value, num_unscanned)
-    for prefix, blocks in groups.items():
-        idx = sorted(blocks)
-        if idx != list(range(len(idx))):
-            raise ValueError(f"non-contiguous blocks for {prefix!r}: {idx}")
-        for i in idx[:num_unscanned]:
-            out[f"{prefix}_block{i}"] = blocks[i]
-        rest = [blocks[i] for i in idx[num_unscanned:]]
-        if rest:
-            out[f"{prefix}_scan"] = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *rest)
-    return out
+  For every group ``<prefix>_block0 .. <prefix>_block{n-1}`` with ``n > num_unscanned``,
+  blocks ``>= num_unscanned`` are stacked into ``<prefix>_scan``.
+  """
+  if not isinstance(tree, Mapping):
+    return tree
+  groups: dict[str, dict[int, Any]] = {}
+  out: dict = {}
+  for key, value in tree.items():
+    m = _BLOCK_RE.match(str(key))
+    if m and isinstance(value, Mapping):
+      groups.setdefault(m.group(1), {})[int(m.group(2))] = stack_blocks(value, num_unscanned)
+    else:
+      out[key] = stack_blocks(value, num_unscanned)
+  for prefix, blocks in groups.items():
+    idx = sorted(blocks)
+    if idx != list(range(len(idx))):
+      raise ValueError(f"non-contiguous blocks for {prefix!r}: {idx}")
+    for i in idx[:num_unscanned]:
+      out[f"{prefix}_block{i}"] = blocks[i]
+    rest = [blocks[i] for i in idx[num_unscanned:]]
+    if rest:
+      out[f"{prefix}_scan"] = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *rest)
+  return out
 
 
 def count_params(params: Any) -> int:
-    """Number of scalar entries in a pytree of arrays or ``ShapeDtypeStruct``s."""
-    return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+  """Number of scalar entries in a pytree of arrays or ``ShapeDtypeStruct``s."""
+  return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))

@@ -26,75 +26,88 @@ from ._common import batch_norm, conv, torch_default_kernel, zeros
 
 
 class DenseLayer(nn.Module):
-    growth_rate: int
-    bn_size: int = 4
-    norm: str = "bn"
-    train: bool = False
-    dtype: Any = None
+  growth_rate: int
+  bn_size: int = 4
+  norm: str = "bn"
+  train: bool = False
+  dtype: Any = None
 
-    @nn.compact
-    def __call__(self, x):
-        use_bn = self.norm == "bn"
-        h = x
-        if use_bn:
-            h = batch_norm(self.train, "norm1", dtype=self.dtype)(h)
-        h = conv(self.bn_size * self.growth_rate, 1, bias=not use_bn, name="conv1", dtype=self.dtype)(nn.relu(h))
-        if use_bn:
-            h = batch_norm(self.train, "norm2", dtype=self.dtype)(h)
-        h = conv(self.growth_rate, 3, bias=not use_bn, name="conv2", dtype=self.dtype)(nn.relu(h))
-        return jnp.concatenate([x, h], axis=-1)
+  @nn.compact
+  def __call__(self, x):
+    use_bn = self.norm == "bn"
+    h = x
+    if use_bn:
+      h = batch_norm(self.train, "norm1", dtype=self.dtype)(h)
+    h = conv(self.bn_size * self.growth_rate, 1, bias=not use_bn, name="conv1", dtype=self.dtype)(
+      nn.relu(h)
+    )
+    if use_bn:
+      h = batch_norm(self.train, "norm2", dtype=self.dtype)(h)
+    h = conv(self.growth_rate, 3, bias=not use_bn, name="conv2", dtype=self.dtype)(nn.relu(h))
+    return jnp.concatenate([x, h], axis=-1)
 
 
 class Transition(nn.Module):
-    features: int
-    norm: str = "bn"
-    train: bool = False
-    dtype: Any = None
+  features: int
+  norm: str = "bn"
+  train: bool = False
+  dtype: Any = None
 
-    @nn.compact
-    def __call__(self, x):
-        use_bn = self.norm == "bn"
-        if use_bn:
-            x = batch_norm(self.train, "norm", dtype=self.dtype)(x)
-        x = conv(self.features, 1, bias=not use_bn, name="conv", dtype=self.dtype)(nn.relu(x))
-        return nn.avg_pool(x, (2, 2), strides=(2, 2))
+  @nn.compact
+  def __call__(self, x):
+    use_bn = self.norm == "bn"
+    if use_bn:
+      x = batch_norm(self.train, "norm", dtype=self.dtype)(x)
+    x = conv(self.features, 1, bias=not use_bn, name="conv", dtype=self.dtype)(nn.relu(x))
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
 
 class DenseNet(nn.Module):
-    """DenseNet-BC. Params: ``conv0``, ``block{b}_layer{i}``, ``transition{b}``, ``norm_final``,
-    ``classifier``."""
+  """DenseNet-BC. Params: ``conv0``, ``block{b}_layer{i}``, ``transition{b}``, ``norm_final``,
+  ``classifier``."""
 
-    depth: int = 100
-    growth_rate: int = 12
-    num_classes: int = 10
-    norm: str = "bn"
-    compression: float = 0.5
-    bn_size: int = 4
-    num_init_features: int | None = None  # default 2 * growth_rate
-    dtype: Any = None
+  depth: int = 100
+  growth_rate: int = 12
+  num_classes: int = 10
+  norm: str = "bn"
+  compression: float = 0.5
+  bn_size: int = 4
+  num_init_features: int | None = None  # default 2 * growth_rate
+  dtype: Any = None
 
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        if self.norm not in ("bn", "none"):
-            raise ValueError(f"norm must be 'bn' or 'none', got {self.norm!r}")
-        if (self.depth - 4) % 6 != 0:
-            raise ValueError(f"DenseNet-BC depth must be 6n+4, got {self.depth}")
-        n = (self.depth - 4) // 6
-        use_bn = self.norm == "bn"
-        if self.dtype is not None:
-            x = x.astype(self.dtype)
-        feats = self.num_init_features or 2 * self.growth_rate
-        x = conv(feats, 3, bias=not use_bn, name="conv0", dtype=self.dtype)(x)
-        for b in range(3):
-            for i in range(n):
-                x = DenseLayer(self.growth_rate, self.bn_size, self.norm, train, self.dtype,
-                               name=f"block{b + 1}_layer{i + 1}")(x)
-            feats = feats + n * self.growth_rate
-            if b != 2:
-                feats = int(feats * self.compression)
-                x = Transition(feats, self.norm, train, self.dtype, name=f"transition{b + 1}")(x)
-        if use_bn:
-            x = batch_norm(train, "norm_final", dtype=self.dtype)(x)
-        x = jnp.mean(nn.relu(x), axis=(1, 2))
-        return nn.Dense(self.num_classes, kernel_init=torch_default_kernel, bias_init=zeros,
-                        dtype=self.dtype, name="classifier")(x)
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    if self.norm not in ("bn", "none"):
+      raise ValueError(f"norm must be 'bn' or 'none', got {self.norm!r}")
+    if (self.depth - 4) % 6 != 0:
+      raise ValueError(f"DenseNet-BC depth must be 6n+4, got {self.depth}")
+    n = (self.depth - 4) // 6
+    use_bn = self.norm == "bn"
+    if self.dtype is not None:
+      x = x.astype(self.dtype)
+    feats = self.num_init_features or 2 * self.growth_rate
+    x = conv(feats, 3, bias=not use_bn, name="conv0", dtype=self.dtype)(x)
+    for b in range(3):
+      for i in range(n):
+        x = DenseLayer(
+          self.growth_rate,
+          self.bn_size,
+          self.norm,
+          train,
+          self.dtype,
+          name=f"block{b + 1}_layer{i + 1}",
+        )(x)
+      feats = feats + n * self.growth_rate
+      if b != 2:
+        feats = int(feats * self.compression)
+        x = Transition(feats, self.norm, train, self.dtype, name=f"transition{b + 1}")(x)
+    if use_bn:
+      x = batch_norm(train, "norm_final", dtype=self.dtype)(x)
+    x = jnp.mean(nn.relu(x), axis=(1, 2))
+    return nn.Dense(
+      self.num_classes,
+      kernel_init=torch_default_kernel,
+      bias_init=zeros,
+      dtype=self.dtype,
+      name="classifier",
+    )(x)

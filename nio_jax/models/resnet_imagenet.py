@@ -16,7 +16,8 @@ Blocks 1.. of every stage are scanned (``layer{s}_scan``) unless ``scan=False``.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -25,49 +26,64 @@ from ._common import batch_norm, conv, stack_tail, torch_default_bias, torch_def
 
 
 class Bottleneck(nn.Module):
-    planes: int
-    stride: int = 1
-    expansion: int = 4
-    train: bool = False
-    dtype: Any = None
+  planes: int
+  stride: int = 1
+  expansion: int = 4
+  train: bool = False
+  dtype: Any = None
 
-    @nn.compact
-    def __call__(self, x):
-        out_feats = self.planes * self.expansion
-        h = conv(self.planes, 1, name="conv1", dtype=self.dtype)(x)
-        h = nn.relu(batch_norm(self.train, "bn1", dtype=self.dtype)(h))
-        h = conv(self.planes, 3, self.stride, name="conv2", dtype=self.dtype)(h)
-        h = nn.relu(batch_norm(self.train, "bn2", dtype=self.dtype)(h))
-        h = conv(out_feats, 1, name="conv3", dtype=self.dtype)(h)
-        h = batch_norm(self.train, "bn3", dtype=self.dtype)(h)
-        if self.stride != 1 or x.shape[-1] != out_feats:
-            x = conv(out_feats, 1, self.stride, padding=0, name="downsample_conv", dtype=self.dtype)(x)
-            x = batch_norm(self.train, "downsample_bn", dtype=self.dtype)(x)
-        return nn.relu(h + x), None
+  @nn.compact
+  def __call__(self, x):
+    out_feats = self.planes * self.expansion
+    h = conv(self.planes, 1, name="conv1", dtype=self.dtype)(x)
+    h = nn.relu(batch_norm(self.train, "bn1", dtype=self.dtype)(h))
+    h = conv(self.planes, 3, self.stride, name="conv2", dtype=self.dtype)(h)
+    h = nn.relu(batch_norm(self.train, "bn2", dtype=self.dtype)(h))
+    h = conv(out_feats, 1, name="conv3", dtype=self.dtype)(h)
+    h = batch_norm(self.train, "bn3", dtype=self.dtype)(h)
+    if self.stride != 1 or x.shape[-1] != out_feats:
+      x = conv(out_feats, 1, self.stride, padding=0, name="downsample_conv", dtype=self.dtype)(x)
+      x = batch_norm(self.train, "downsample_bn", dtype=self.dtype)(x)
+    return nn.relu(h + x), None
 
 
 class ResNetImageNet(nn.Module):
-    """Bottleneck ResNet. Params: ``conv1``, ``bn1``, ``layer{s}_block0``, ``layer{s}_scan``, ``fc``."""
+  """Bottleneck ResNet. Params: ``conv1``, ``bn1``, ``layer{s}_block0``, ``layer{s}_scan``, ``fc``."""
 
-    layers: Sequence[int] = (3, 4, 6, 3)
-    width: int = 64
-    num_classes: int = 1000
-    scan: bool = True
-    dtype: Any = None
+  layers: Sequence[int] = (3, 4, 6, 3)
+  width: int = 64
+  num_classes: int = 1000
+  scan: bool = True
+  dtype: Any = None
 
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        if self.dtype is not None:
-            x = x.astype(self.dtype)
-        x = conv(self.width, 7, 2, padding=3, name="conv1", dtype=self.dtype)(x)
-        x = nn.relu(batch_norm(train, "bn1", dtype=self.dtype)(x))
-        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
-        for s, n in enumerate(self.layers):
-            planes = self.width * 2**s
-            x, _ = Bottleneck(planes, 1 if s == 0 else 2, train=train, dtype=self.dtype,
-                              name=f"layer{s + 1}_block0")(x)
-            x = stack_tail(Bottleneck, n, f"layer{s + 1}", x, scan=self.scan, planes=planes,
-                           stride=1, train=train, dtype=self.dtype)
-        x = jnp.mean(x, axis=(1, 2))
-        return nn.Dense(self.num_classes, kernel_init=torch_default_kernel,
-                        bias_init=torch_default_bias(x.shape[-1]), dtype=self.dtype, name="fc")(x)
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    if self.dtype is not None:
+      x = x.astype(self.dtype)
+    x = conv(self.width, 7, 2, padding=3, name="conv1", dtype=self.dtype)(x)
+    x = nn.relu(batch_norm(train, "bn1", dtype=self.dtype)(x))
+    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    for s, n in enumerate(self.layers):
+      planes = self.width * 2**s
+      x, _ = Bottleneck(
+        planes, 1 if s == 0 else 2, train=train, dtype=self.dtype, name=f"layer{s + 1}_block0"
+      )(x)
+      x = stack_tail(
+        Bottleneck,
+        n,
+        f"layer{s + 1}",
+        x,
+        scan=self.scan,
+        planes=planes,
+        stride=1,
+        train=train,
+        dtype=self.dtype,
+      )
+    x = jnp.mean(x, axis=(1, 2))
+    return nn.Dense(
+      self.num_classes,
+      kernel_init=torch_default_kernel,
+      bias_init=torch_default_bias(x.shape[-1]),
+      dtype=self.dtype,
+      name="fc",
+    )(x)

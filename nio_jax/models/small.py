@@ -11,8 +11,9 @@ U(+-1/sqrt(fan_in)), biases U(+-1/sqrt(fan_in))), i.e. what a plain ``nn.Linear`
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from math import prod
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 
@@ -20,40 +21,53 @@ from ._common import conv, torch_default_bias, torch_default_kernel
 
 
 def _tdense(features, fan_in, name, dtype):
-    return nn.Dense(features, kernel_init=torch_default_kernel, bias_init=torch_default_bias(fan_in),
-                    dtype=dtype, name=name)
+  return nn.Dense(
+    features,
+    kernel_init=torch_default_kernel,
+    bias_init=torch_default_bias(fan_in),
+    dtype=dtype,
+    name=name,
+  )
 
 
 class MLP(nn.Module):
-    hidden: Sequence[int] = (256, 256)
-    num_classes: int = 10
-    dtype: Any = None
+  hidden: Sequence[int] = (256, 256)
+  num_classes: int = 10
+  dtype: Any = None
 
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        x = x.reshape(x.shape[0], -1)
-        if self.dtype is not None:
-            x = x.astype(self.dtype)
-        for i, h in enumerate(self.hidden):
-            x = nn.relu(_tdense(h, x.shape[-1], f"dense{i}", self.dtype)(x))
-        return _tdense(self.num_classes, x.shape[-1], "head", self.dtype)(x)
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = x.reshape(x.shape[0], -1)
+    if self.dtype is not None:
+      x = x.astype(self.dtype)
+    for i, h in enumerate(self.hidden):
+      x = nn.relu(_tdense(h, x.shape[-1], f"dense{i}", self.dtype)(x))
+    return _tdense(self.num_classes, x.shape[-1], "head", self.dtype)(x)
 
 
 class SmallCNN(nn.Module):
-    channels: Sequence[int] = (32, 64)
-    hidden: int = 128
-    num_classes: int = 10
-    dtype: Any = None
+  channels: Sequence[int] = (32, 64)
+  hidden: int = 128
+  num_classes: int = 10
+  dtype: Any = None
 
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        if self.dtype is not None:
-            x = x.astype(self.dtype)
-        for i, c in enumerate(self.channels):
-            fan_in = 9 * x.shape[-1]
-            x = conv(c, 3, 1, bias=True, kernel_init=torch_default_kernel, bias_init=torch_default_bias(fan_in),
-                     name=f"conv{i + 1}", dtype=self.dtype)(x)
-            x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
-        x = x.reshape(x.shape[0], -1)
-        x = nn.relu(_tdense(self.hidden, prod(x.shape[1:]), "fc1", self.dtype)(x))
-        return _tdense(self.num_classes, x.shape[-1], "head", self.dtype)(x)
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    if self.dtype is not None:
+      x = x.astype(self.dtype)
+    for i, c in enumerate(self.channels):
+      fan_in = 9 * x.shape[-1]
+      x = conv(
+        c,
+        3,
+        1,
+        bias=True,
+        kernel_init=torch_default_kernel,
+        bias_init=torch_default_bias(fan_in),
+        name=f"conv{i + 1}",
+        dtype=self.dtype,
+      )(x)
+      x = nn.max_pool(nn.relu(x), (2, 2), strides=(2, 2))
+    x = x.reshape(x.shape[0], -1)
+    x = nn.relu(_tdense(self.hidden, prod(x.shape[1:]), "fc1", self.dtype)(x))
+    return _tdense(self.num_classes, x.shape[-1], "head", self.dtype)(x)

@@ -17,7 +17,8 @@ PyTorch default (weight and bias U(+-1/sqrt(fan_in))).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -30,129 +31,153 @@ _W = normal_init(0.02)
 
 
 def relative_position_index(window: int) -> np.ndarray:
-    """(w*w, w*w) indices into the ((2w-1)^2, heads) bias table (Swin's construction)."""
-    coords = np.stack(np.meshgrid(np.arange(window), np.arange(window), indexing="ij")).reshape(2, -1)
-    rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0) + (window - 1)
-    return rel[..., 0] * (2 * window - 1) + rel[..., 1]
+  """(w*w, w*w) indices into the ((2w-1)^2, heads) bias table (Swin's construction)."""
+  coords = np.stack(np.meshgrid(np.arange(window), np.arange(window), indexing="ij")).reshape(2, -1)
+  rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0) + (window - 1)
+  return rel[..., 0] * (2 * window - 1) + rel[..., 1]
 
 
 def shifted_window_mask(h: int, w: int, window: int, shift: int) -> np.ndarray:
-    """(num_windows, w*w, w*w) additive mask (0 / -100) of shifted-window attention."""
-    img = np.zeros((h, w), np.int32)
-    cnt = 0
-    for hs in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
-        for ws in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
-            img[hs, ws] = cnt
-            cnt += 1
-    win = img.reshape(h // window, window, w // window, window).transpose(0, 2, 1, 3).reshape(-1, window * window)
-    return np.where(win[:, None, :] != win[:, :, None], -100.0, 0.0).astype(np.float32)
+  """(num_windows, w*w, w*w) additive mask (0 / -100) of shifted-window attention."""
+  img = np.zeros((h, w), np.int32)
+  cnt = 0
+  for hs in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+    for ws in (slice(0, -window), slice(-window, -shift), slice(-shift, None)):
+      img[hs, ws] = cnt
+      cnt += 1
+  win = (
+    img.reshape(h // window, window, w // window, window)
+    .transpose(0, 2, 1, 3)
+    .reshape(-1, window * window)
+  )
+  return np.where(win[:, None, :] != win[:, :, None], -100.0, 0.0).astype(np.float32)
 
 
 def window_partition(x, window):
-    b, h, w, c = x.shape
-    x = x.reshape(b, h // window, window, w // window, window, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(-1, window * window, c)
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // window, window, w // window, window, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(-1, window * window, c)
 
 
 def window_reverse(x, window, b, h, w):
-    c = x.shape[-1]
-    x = x.reshape(b, h // window, w // window, window, window, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, h, w, c)
+  c = x.shape[-1]
+  x = x.reshape(b, h // window, w // window, window, window, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, h, w, c)
 
 
 def _dense(features, name, dtype, bias=True):
-    return nn.Dense(features, use_bias=bias, kernel_init=_W, bias_init=zeros, dtype=dtype, name=name)
+  return nn.Dense(features, use_bias=bias, kernel_init=_W, bias_init=zeros, dtype=dtype, name=name)
 
 
 class WindowAttention(nn.Module):
-    num_heads: int
-    window: int
-    dtype: Any = None
+  num_heads: int
+  window: int
+  dtype: Any = None
 
-    @nn.compact
-    def __call__(self, x, mask=None):
-        bw, n, d = x.shape
-        h = self.num_heads
-        table = self.param("relative_position_bias_table", _W, ((2 * self.window - 1) ** 2, h))
-        idx = relative_position_index(self.window)
-        bias = table[idx.reshape(-1)].reshape(n, n, h).transpose(2, 0, 1)  # (h, n, n)
-        qkv = _dense(3 * d, "qkv", self.dtype)(x).reshape(bw, n, 3, h, d // h)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        logits = jnp.einsum("bnhd,bmhd->bhnm", q, k) * (d // h) ** -0.5 + bias.astype(q.dtype)
-        if mask is not None:
-            nw = mask.shape[0]
-            logits = logits.reshape(bw // nw, nw, h, n, n) + jnp.asarray(mask, logits.dtype)[None, :, None]
-            logits = logits.reshape(bw, h, n, n)
-        attn = jax.nn.softmax(logits, axis=-1)
-        out = jnp.einsum("bhnm,bmhd->bnhd", attn, v).reshape(bw, n, d)
-        return _dense(d, "proj", self.dtype)(out)
+  @nn.compact
+  def __call__(self, x, mask=None):
+    bw, n, d = x.shape
+    h = self.num_heads
+    table = self.param("relative_position_bias_table", _W, ((2 * self.window - 1) ** 2, h))
+    idx = relative_position_index(self.window)
+    bias = table[idx.reshape(-1)].reshape(n, n, h).transpose(2, 0, 1)  # (h, n, n)
+    qkv = _dense(3 * d, "qkv", self.dtype)(x).reshape(bw, n, 3, h, d // h)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    logits = jnp.einsum("bnhd,bmhd->bhnm", q, k) * (d // h) ** -0.5 + bias.astype(q.dtype)
+    if mask is not None:
+      nw = mask.shape[0]
+      logits = (
+        logits.reshape(bw // nw, nw, h, n, n) + jnp.asarray(mask, logits.dtype)[None, :, None]
+      )
+      logits = logits.reshape(bw, h, n, n)
+    attn = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bhnm,bmhd->bnhd", attn, v).reshape(bw, n, d)
+    return _dense(d, "proj", self.dtype)(out)
 
 
 class SwinBlock(nn.Module):
-    num_heads: int
-    window: int
-    shift: int = 0
-    mlp_ratio: float = 4.0
-    dtype: Any = None
+  num_heads: int
+  window: int
+  shift: int = 0
+  mlp_ratio: float = 4.0
+  dtype: Any = None
 
-    @nn.compact
-    def __call__(self, x):
-        b, hh, ww, c = x.shape
-        window, shift = self.window, self.shift
-        if min(hh, ww) <= window:
-            window, shift = min(hh, ww), 0
-        y = nn.LayerNorm(1e-5, dtype=self.dtype, name="norm1")(x)
-        if shift:
-            y = jnp.roll(y, (-shift, -shift), axis=(1, 2))
-        mask = shifted_window_mask(hh, ww, window, shift) if shift else None
-        y = WindowAttention(self.num_heads, window, self.dtype, name="attn")(window_partition(y, window), mask)
-        y = window_reverse(y, window, b, hh, ww)
-        if shift:
-            y = jnp.roll(y, (shift, shift), axis=(1, 2))
-        x = x + y
-        y = nn.LayerNorm(1e-5, dtype=self.dtype, name="norm2")(x)
-        y = nn.gelu(_dense(int(c * self.mlp_ratio), "fc1", self.dtype)(y), approximate=False)
-        return x + _dense(c, "fc2", self.dtype)(y)
+  @nn.compact
+  def __call__(self, x):
+    b, hh, ww, c = x.shape
+    window, shift = self.window, self.shift
+    if min(hh, ww) <= window:
+      window, shift = min(hh, ww), 0
+    y = nn.LayerNorm(1e-5, dtype=self.dtype, name="norm1")(x)
+    if shift:
+      y = jnp.roll(y, (-shift, -shift), axis=(1, 2))
+    mask = shifted_window_mask(hh, ww, window, shift) if shift else None
+    y = WindowAttention(self.num_heads, window, self.dtype, name="attn")(
+      window_partition(y, window), mask
+    )
+    y = window_reverse(y, window, b, hh, ww)
+    if shift:
+      y = jnp.roll(y, (shift, shift), axis=(1, 2))
+    x = x + y
+    y = nn.LayerNorm(1e-5, dtype=self.dtype, name="norm2")(x)
+    y = nn.gelu(_dense(int(c * self.mlp_ratio), "fc1", self.dtype)(y), approximate=False)
+    return x + _dense(c, "fc2", self.dtype)(y)
 
 
 class PatchMerging(nn.Module):
-    dtype: Any = None
+  dtype: Any = None
 
-    @nn.compact
-    def __call__(self, x):
-        c = x.shape[-1]
-        x = jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], axis=-1)
-        x = nn.LayerNorm(1e-5, dtype=self.dtype, name="norm")(x)
-        return _dense(2 * c, "reduction", self.dtype, bias=False)(x)
+  @nn.compact
+  def __call__(self, x):
+    c = x.shape[-1]
+    x = jnp.concatenate(
+      [x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], axis=-1
+    )
+    x = nn.LayerNorm(1e-5, dtype=self.dtype, name="norm")(x)
+    return _dense(2 * c, "reduction", self.dtype, bias=False)(x)
 
 
 class Swin(nn.Module):
-    """Small Swin. Params: ``patch_embed``, ``patch_norm``, ``stage{s}_layer{i}``,
-    ``merge{s}``, ``norm``, ``head``."""
+  """Small Swin. Params: ``patch_embed``, ``patch_norm``, ``stage{s}_layer{i}``,
+  ``merge{s}``, ``norm``, ``head``."""
 
-    num_classes: int = 10
-    patch_size: int = 2
-    embed_dim: int = 48
-    depths: Sequence[int] = (2, 2, 2)
-    num_heads: Sequence[int] = (3, 6, 12)
-    window: int = 4
-    mlp_ratio: float = 4.0
-    dtype: Any = None
+  num_classes: int = 10
+  patch_size: int = 2
+  embed_dim: int = 48
+  depths: Sequence[int] = (2, 2, 2)
+  num_heads: Sequence[int] = (3, 6, 12)
+  window: int = 4
+  mlp_ratio: float = 4.0
+  dtype: Any = None
 
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        if self.dtype is not None:
-            x = x.astype(self.dtype)
-        p = self.patch_size
-        x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", kernel_init=torch_default_kernel,
-                    bias_init=torch_default_bias(p * p * x.shape[-1]), dtype=self.dtype, name="patch_embed")(x)
-        x = nn.LayerNorm(1e-5, dtype=self.dtype, name="patch_norm")(x)
-        for s, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
-            if s > 0:
-                x = PatchMerging(self.dtype, name=f"merge{s}")(x)
-            for i in range(depth):
-                x = SwinBlock(heads, self.window, 0 if i % 2 == 0 else self.window // 2, self.mlp_ratio,
-                              self.dtype, name=f"stage{s + 1}_layer{i}")(x)
-        x = nn.LayerNorm(1e-5, dtype=self.dtype, name="norm")(x)
-        x = jnp.mean(x, axis=(1, 2))
-        return _dense(self.num_classes, "head", self.dtype)(x)
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    if self.dtype is not None:
+      x = x.astype(self.dtype)
+    p = self.patch_size
+    x = nn.Conv(
+      self.embed_dim,
+      (p, p),
+      strides=(p, p),
+      padding="VALID",
+      kernel_init=torch_default_kernel,
+      bias_init=torch_default_bias(p * p * x.shape[-1]),
+      dtype=self.dtype,
+      name="patch_embed",
+    )(x)
+    x = nn.LayerNorm(1e-5, dtype=self.dtype, name="patch_norm")(x)
+    for s, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
+      if s > 0:
+        x = PatchMerging(self.dtype, name=f"merge{s}")(x)
+      for i in range(depth):
+        x = SwinBlock(
+          heads,
+          self.window,
+          0 if i % 2 == 0 else self.window // 2,
+          self.mlp_ratio,
+          self.dtype,
+          name=f"stage{s + 1}_layer{i}",
+        )(x)
+    x = nn.LayerNorm(1e-5, dtype=self.dtype, name="norm")(x)
+    x = jnp.mean(x, axis=(1, 2))
+    return _dense(self.num_classes, "head", self.dtype)(x)

@@ -19,43 +19,69 @@ import flax.linen as nn
 from ._common import batch_norm, conv, normal_init, zeros
 
 VGG_CFGS = {
-    "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
-    "vgg13": (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
-    "vgg16": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),
-    "vgg19": (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M",
-              512, 512, 512, 512, "M", 512, 512, 512, 512, "M"),
+  "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+  "vgg13": (64, 64, "M", 128, 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
+  "vgg16": (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"),
+  "vgg19": (
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+    512,
+    "M",
+  ),
 }
 
 
 def vgg_channels(cfg: str, width_mult: float):
-    return tuple(v if v == "M" else max(1, int(round(v * width_mult))) for v in VGG_CFGS[cfg])
+  return tuple(v if v == "M" else max(1, int(round(v * width_mult))) for v in VGG_CFGS[cfg])
 
 
 class VGG(nn.Module):
-    """CIFAR VGG. ``norm`` is ``"bn"`` or ``"none"``. Params: ``conv{i}``, ``bn{i}``, ``classifier``."""
+  """CIFAR VGG. ``norm`` is ``"bn"`` or ``"none"``. Params: ``conv{i}``, ``bn{i}``, ``classifier``."""
 
-    cfg: str = "vgg19"
-    num_classes: int = 10
-    norm: str = "none"
-    width_mult: float = 1.0
-    dtype: Any = None
+  cfg: str = "vgg19"
+  num_classes: int = 10
+  norm: str = "none"
+  width_mult: float = 1.0
+  dtype: Any = None
 
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        if self.norm not in ("bn", "none"):
-            raise ValueError(f"norm must be 'bn' or 'none', got {self.norm!r}")
-        if self.dtype is not None:
-            x = x.astype(self.dtype)
-        i = 0
-        for v in vgg_channels(self.cfg, self.width_mult):
-            if v == "M":
-                x = nn.max_pool(x, (2, 2), strides=(2, 2))
-            else:
-                x = conv(v, 3, 1, bias=True, name=f"conv{i}", dtype=self.dtype)(x)
-                if self.norm == "bn":
-                    x = batch_norm(train, f"bn{i}", dtype=self.dtype)(x)
-                x = nn.relu(x)
-                i += 1
-        x = x.reshape(x.shape[0], -1)  # 1x1 spatial for 32x32 inputs
-        return nn.Dense(self.num_classes, kernel_init=normal_init(0.01), bias_init=zeros,
-                        dtype=self.dtype, name="classifier")(x)
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    if self.norm not in ("bn", "none"):
+      raise ValueError(f"norm must be 'bn' or 'none', got {self.norm!r}")
+    if self.dtype is not None:
+      x = x.astype(self.dtype)
+    i = 0
+    for v in vgg_channels(self.cfg, self.width_mult):
+      if v == "M":
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+      else:
+        x = conv(v, 3, 1, bias=True, name=f"conv{i}", dtype=self.dtype)(x)
+        if self.norm == "bn":
+          x = batch_norm(train, f"bn{i}", dtype=self.dtype)(x)
+        x = nn.relu(x)
+        i += 1
+    x = x.reshape(x.shape[0], -1)  # 1x1 spatial for 32x32 inputs
+    return nn.Dense(
+      self.num_classes,
+      kernel_init=normal_init(0.01),
+      bias_init=zeros,
+      dtype=self.dtype,
+      name="classifier",
+    )(x)

@@ -28,89 +28,105 @@ _W = normal_init(0.02)
 
 
 def _dense(features, name, dtype):
-    return nn.Dense(features, kernel_init=_W, bias_init=zeros, dtype=dtype, name=name)
+  return nn.Dense(features, kernel_init=_W, bias_init=zeros, dtype=dtype, name=name)
 
 
 class Attention(nn.Module):
-    num_heads: int
-    dtype: Any = None
+  num_heads: int
+  dtype: Any = None
 
-    @nn.compact
-    def __call__(self, x):
-        b, n, d = x.shape
-        h = self.num_heads
-        qkv = _dense(3 * d, "qkv", self.dtype)(x).reshape(b, n, 3, h, d // h)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-        logits = jnp.einsum("bnhd,bmhd->bhnm", q, k) * (d // h) ** -0.5
-        attn = jax.nn.softmax(logits, axis=-1)
-        out = jnp.einsum("bhnm,bmhd->bnhd", attn, v).reshape(b, n, d)
-        return _dense(d, "proj", self.dtype)(out)
+  @nn.compact
+  def __call__(self, x):
+    b, n, d = x.shape
+    h = self.num_heads
+    qkv = _dense(3 * d, "qkv", self.dtype)(x).reshape(b, n, 3, h, d // h)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    logits = jnp.einsum("bnhd,bmhd->bhnm", q, k) * (d // h) ** -0.5
+    attn = jax.nn.softmax(logits, axis=-1)
+    out = jnp.einsum("bhnm,bmhd->bnhd", attn, v).reshape(b, n, d)
+    return _dense(d, "proj", self.dtype)(out)
 
 
 class Mlp(nn.Module):
-    hidden: int
-    dtype: Any = None
+  hidden: int
+  dtype: Any = None
 
-    @nn.compact
-    def __call__(self, x):
-        d = x.shape[-1]
-        x = nn.gelu(_dense(self.hidden, "fc1", self.dtype)(x), approximate=False)
-        return _dense(d, "fc2", self.dtype)(x)
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    x = nn.gelu(_dense(self.hidden, "fc1", self.dtype)(x), approximate=False)
+    return _dense(d, "fc2", self.dtype)(x)
 
 
 class EncoderBlock(nn.Module):
-    num_heads: int
-    mlp_ratio: float = 4.0
-    eps: float = 1e-6
-    train: bool = False
-    dtype: Any = None
+  num_heads: int
+  mlp_ratio: float = 4.0
+  eps: float = 1e-6
+  train: bool = False
+  dtype: Any = None
 
-    @nn.compact
-    def __call__(self, x):
-        d = x.shape[-1]
-        x = x + Attention(self.num_heads, self.dtype, name="attn")(
-            nn.LayerNorm(self.eps, dtype=self.dtype, name="norm1")(x))
-        x = x + Mlp(int(d * self.mlp_ratio), self.dtype, name="mlp")(
-            nn.LayerNorm(self.eps, dtype=self.dtype, name="norm2")(x))
-        return x, None
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    x = x + Attention(self.num_heads, self.dtype, name="attn")(
+      nn.LayerNorm(self.eps, dtype=self.dtype, name="norm1")(x)
+    )
+    x = x + Mlp(int(d * self.mlp_ratio), self.dtype, name="mlp")(
+      nn.LayerNorm(self.eps, dtype=self.dtype, name="norm2")(x)
+    )
+    return x, None
 
 
 class ViT(nn.Module):
-    """ViT. Params: ``patch_embed``, ``cls_token`` (cls pooling), ``pos_embed``,
-    ``encoder_block0``, ``encoder_scan``, ``norm``, ``head``."""
+  """ViT. Params: ``patch_embed``, ``cls_token`` (cls pooling), ``pos_embed``,
+  ``encoder_block0``, ``encoder_scan``, ``norm``, ``head``."""
 
-    num_classes: int = 10
-    patch_size: int = 4
-    dim: int = 192
-    depth: int = 12
-    num_heads: int = 3
-    mlp_ratio: float = 4.0
-    pool: str = "cls"
-    scan: bool = True
-    eps: float = 1e-6
-    dtype: Any = None
+  num_classes: int = 10
+  patch_size: int = 4
+  dim: int = 192
+  depth: int = 12
+  num_heads: int = 3
+  mlp_ratio: float = 4.0
+  pool: str = "cls"
+  scan: bool = True
+  eps: float = 1e-6
+  dtype: Any = None
 
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        if self.pool not in ("cls", "gap"):
-            raise ValueError(f"pool must be 'cls' or 'gap', got {self.pool!r}")
-        if self.dim % self.num_heads:
-            raise ValueError("dim must be divisible by num_heads")
-        if self.dtype is not None:
-            x = x.astype(self.dtype)
-        p = self.patch_size
-        fan_in = p * p * x.shape[-1]
-        x = nn.Conv(self.dim, (p, p), strides=(p, p), padding="VALID", kernel_init=torch_default_kernel,
-                    bias_init=torch_default_bias(fan_in), dtype=self.dtype, name="patch_embed")(x)
-        b = x.shape[0]
-        x = x.reshape(b, -1, self.dim)
-        if self.pool == "cls":
-            cls = self.param("cls_token", _W, (1, 1, self.dim)).astype(x.dtype)
-            x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.dim)), x], axis=1)
-        x = x + self.param("pos_embed", _W, (1, x.shape[1], self.dim)).astype(x.dtype)
-        kw = dict(num_heads=self.num_heads, mlp_ratio=self.mlp_ratio, eps=self.eps, train=train, dtype=self.dtype)
-        x, _ = EncoderBlock(**kw, name="encoder_block0")(x)
-        x = stack_tail(EncoderBlock, self.depth, "encoder", x, scan=self.scan, **kw)
-        x = nn.LayerNorm(self.eps, dtype=self.dtype, name="norm")(x)
-        x = x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1)
-        return _dense(self.num_classes, "head", self.dtype)(x)
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    if self.pool not in ("cls", "gap"):
+      raise ValueError(f"pool must be 'cls' or 'gap', got {self.pool!r}")
+    if self.dim % self.num_heads:
+      raise ValueError("dim must be divisible by num_heads")
+    if self.dtype is not None:
+      x = x.astype(self.dtype)
+    p = self.patch_size
+    fan_in = p * p * x.shape[-1]
+    x = nn.Conv(
+      self.dim,
+      (p, p),
+      strides=(p, p),
+      padding="VALID",
+      kernel_init=torch_default_kernel,
+      bias_init=torch_default_bias(fan_in),
+      dtype=self.dtype,
+      name="patch_embed",
+    )(x)
+    b = x.shape[0]
+    x = x.reshape(b, -1, self.dim)
+    if self.pool == "cls":
+      cls = self.param("cls_token", _W, (1, 1, self.dim)).astype(x.dtype)
+      x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, self.dim)), x], axis=1)
+    x = x + self.param("pos_embed", _W, (1, x.shape[1], self.dim)).astype(x.dtype)
+    kw = dict(
+      num_heads=self.num_heads,
+      mlp_ratio=self.mlp_ratio,
+      eps=self.eps,
+      train=train,
+      dtype=self.dtype,
+    )
+    x, _ = EncoderBlock(**kw, name="encoder_block0")(x)
+    x = stack_tail(EncoderBlock, self.depth, "encoder", x, scan=self.scan, **kw)
+    x = nn.LayerNorm(self.eps, dtype=self.dtype, name="norm")(x)
+    x = x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1)
+    return _dense(self.num_classes, "head", self.dtype)(x)

@@ -25,62 +25,71 @@ from ._common import batch_norm, conv, stack_tail, torch_default_bias, torch_def
 
 
 def _tconv(features, kernel, stride, name, dtype):
-    # PyTorch default weight init; bias zeroed by the reference's GradInitConv2d.
-    return conv(features, kernel, stride, bias=True, kernel_init=torch_default_kernel, name=name, dtype=dtype)
+  # PyTorch default weight init; bias zeroed by the reference's GradInitConv2d.
+  return conv(
+    features, kernel, stride, bias=True, kernel_init=torch_default_kernel, name=name, dtype=dtype
+  )
 
 
 class WideBasic(nn.Module):
-    features: int
-    stride: int = 1
-    norm: str = "bn"
-    dropout_rate: float = 0.0
-    train: bool = False
-    dtype: Any = None
+  features: int
+  stride: int = 1
+  norm: str = "bn"
+  dropout_rate: float = 0.0
+  train: bool = False
+  dtype: Any = None
 
-    @nn.compact
-    def __call__(self, x):
-        use_bn = self.norm == "bn"
-        h = batch_norm(self.train, "bn1", dtype=self.dtype)(x) if use_bn else x
-        h = _tconv(self.features, 3, 1, "conv1", self.dtype)(nn.relu(h))
-        if self.dropout_rate > 0:
-            h = nn.Dropout(self.dropout_rate, deterministic=not self.train)(h)
-        if use_bn:
-            h = batch_norm(self.train, "bn2", dtype=self.dtype)(h)
-        h = _tconv(self.features, 3, self.stride, "conv2", self.dtype)(nn.relu(h))
-        if self.stride != 1 or x.shape[-1] != self.features:
-            x = _tconv(self.features, 1, self.stride, "shortcut", self.dtype)(x)
-        return h + x, None
+  @nn.compact
+  def __call__(self, x):
+    use_bn = self.norm == "bn"
+    h = batch_norm(self.train, "bn1", dtype=self.dtype)(x) if use_bn else x
+    h = _tconv(self.features, 3, 1, "conv1", self.dtype)(nn.relu(h))
+    if self.dropout_rate > 0:
+      h = nn.Dropout(self.dropout_rate, deterministic=not self.train)(h)
+    if use_bn:
+      h = batch_norm(self.train, "bn2", dtype=self.dtype)(h)
+    h = _tconv(self.features, 3, self.stride, "conv2", self.dtype)(nn.relu(h))
+    if self.stride != 1 or x.shape[-1] != self.features:
+      x = _tconv(self.features, 1, self.stride, "shortcut", self.dtype)(x)
+    return h + x, None
 
 
 class WideResNet(nn.Module):
-    """WRN-depth-widen. Params: ``conv1``, ``stage{s}_block0``, ``stage{s}_scan``, ``bn_final``,
-    ``linear``."""
+  """WRN-depth-widen. Params: ``conv1``, ``stage{s}_block0``, ``stage{s}_scan``, ``bn_final``,
+  ``linear``."""
 
-    depth: int = 28
-    widen: int = 10
-    num_classes: int = 10
-    norm: str = "bn"
-    dropout_rate: float = 0.0
-    scan: bool = True
-    dtype: Any = None
+  depth: int = 28
+  widen: int = 10
+  num_classes: int = 10
+  norm: str = "bn"
+  dropout_rate: float = 0.0
+  scan: bool = True
+  dtype: Any = None
 
-    @nn.compact
-    def __call__(self, x, train: bool = False):
-        if self.norm not in ("bn", "none"):
-            raise ValueError(f"norm must be 'bn' or 'none', got {self.norm!r}")
-        if (self.depth - 4) % 6 != 0:
-            raise ValueError(f"WRN depth must be 6n+4, got {self.depth}")
-        n = (self.depth - 4) // 6
-        if self.dtype is not None:
-            x = x.astype(self.dtype)
-        x = _tconv(16, 3, 1, "conv1", self.dtype)(x)
-        for s in range(3):
-            feats = 16 * self.widen * 2**s
-            kw = dict(norm=self.norm, dropout_rate=self.dropout_rate, train=train, dtype=self.dtype)
-            x, _ = WideBasic(feats, 1 if s == 0 else 2, **kw, name=f"stage{s + 1}_block0")(x)
-            x = stack_tail(WideBasic, n, f"stage{s + 1}", x, scan=self.scan, features=feats, stride=1, **kw)
-        if self.norm == "bn":
-            x = batch_norm(train, "bn_final", momentum=0.1, dtype=self.dtype)(x)
-        x = jnp.mean(nn.relu(x), axis=(1, 2))
-        return nn.Dense(self.num_classes, kernel_init=torch_default_kernel,
-                        bias_init=torch_default_bias(x.shape[-1]), dtype=self.dtype, name="linear")(x)
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    if self.norm not in ("bn", "none"):
+      raise ValueError(f"norm must be 'bn' or 'none', got {self.norm!r}")
+    if (self.depth - 4) % 6 != 0:
+      raise ValueError(f"WRN depth must be 6n+4, got {self.depth}")
+    n = (self.depth - 4) // 6
+    if self.dtype is not None:
+      x = x.astype(self.dtype)
+    x = _tconv(16, 3, 1, "conv1", self.dtype)(x)
+    for s in range(3):
+      feats = 16 * self.widen * 2**s
+      kw = dict(norm=self.norm, dropout_rate=self.dropout_rate, train=train, dtype=self.dtype)
+      x, _ = WideBasic(feats, 1 if s == 0 else 2, **kw, name=f"stage{s + 1}_block0")(x)
+      x = stack_tail(
+        WideBasic, n, f"stage{s + 1}", x, scan=self.scan, features=feats, stride=1, **kw
+      )
+    if self.norm == "bn":
+      x = batch_norm(train, "bn_final", momentum=0.1, dtype=self.dtype)(x)
+    x = jnp.mean(nn.relu(x), axis=(1, 2))
+    return nn.Dense(
+      self.num_classes,
+      kernel_init=torch_default_kernel,
+      bias_init=torch_default_bias(x.shape[-1]),
+      dtype=self.dtype,
+      name="linear",
+    )(x)

@@ -24,44 +24,52 @@ PyTree = Any
 
 
 class Checkpointer:
-    """A thin wrapper over ``ocp.CheckpointManager`` (``state`` + ``meta`` items)."""
+  """A thin wrapper over ``ocp.CheckpointManager`` (``state`` + ``meta`` items)."""
 
-    def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3,
-                 async_save: bool = True):
-        if max_to_keep < 2:
-            raise ValueError("max_to_keep must be >= 2")
-        self.directory = pathlib.Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, cleanup_tmp_directories=True,
-            enable_async_checkpointing=async_save)
-        self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                             item_names=("state", "meta"))
+  def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3, async_save: bool = True):
+    if max_to_keep < 2:
+      raise ValueError("max_to_keep must be >= 2")
+    self.directory = pathlib.Path(directory).absolute()
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep,
+      create=True,
+      cleanup_tmp_directories=True,
+      enable_async_checkpointing=async_save,
+    )
+    self.manager = ocp.CheckpointManager(
+      self.directory, options=options, item_names=("state", "meta")
+    )
 
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
 
-    def all_steps(self) -> list[int]:
-        return sorted(self.manager.all_steps())
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state: PyTree, meta: dict) -> None:
-        # One save in flight at a time: wait for the previous one before starting the next.
-        self.manager.wait_until_finished()
-        self.manager.save(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+  def save(self, step: int, state: PyTree, meta: dict) -> None:
+    # One save in flight at a time: wait for the previous one before starting the next.
+    self.manager.wait_until_finished()
+    self.manager.save(
+      int(step),
+      args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+      force=True,
+    )
 
-    def restore(self, step: int | None, target: PyTree) -> tuple[PyTree, dict]:
-        """Restore ``step`` (default: latest) into the structure / dtypes / shardings of
-        ``target``."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        out = self.manager.restore(int(step), args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
-        return out["state"], dict(out["meta"])
+  def restore(self, step: int | None, target: PyTree) -> tuple[PyTree, dict]:
+    """Restore ``step`` (default: latest) into the structure / dtypes / shardings of
+    ``target``."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    out = self.manager.restore(
+      int(step),
+      args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()),
+    )
+    return out["state"], dict(out["meta"])
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
 
-    def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -6,104 +6,105 @@ import json
 import math
 import os
 import pathlib
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
 
 def to_jsonable(x: Any) -> Any:
-    """numpy / jax scalars and arrays, dataclasses-free containers -> plain JSON values
-    (non-finite floats become None)."""
-    if isinstance(x, dict):
-        return {str(k): to_jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [to_jsonable(v) for v in x]
-    if hasattr(x, "__array__") and not isinstance(x, (str, bytes)):
-        a = np.asarray(x)
-        if a.ndim == 0:
-            return to_jsonable(a.item())
-        return to_jsonable(a.tolist())
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, (int, str, bool)) or x is None:
-        return x
-    return repr(x)
+  """numpy / jax scalars and arrays, dataclasses-free containers -> plain JSON values
+  (non-finite floats become None)."""
+  if isinstance(x, dict):
+    return {str(k): to_jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [to_jsonable(v) for v in x]
+  if hasattr(x, "__array__") and not isinstance(x, (str, bytes)):
+    a = np.asarray(x)
+    if a.ndim == 0:
+      return to_jsonable(a.item())
+    return to_jsonable(a.tolist())
+  if isinstance(x, float):
+    return x if math.isfinite(x) else None
+  if isinstance(x, (int, str, bool)) or x is None:
+    return x
+  return repr(x)
 
 
 class MetricsLog:
-    """Appends one JSON object per line to ``path`` (flushed per line)."""
+  """Appends one JSON object per line to ``path`` (flushed per line)."""
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = pathlib.Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+  def __init__(self, path: str | os.PathLike):
+    self.path = pathlib.Path(path)
+    self.path.parent.mkdir(parents=True, exist_ok=True)
 
-    def reset(self) -> None:
-        self.path.write_text("")
+  def reset(self) -> None:
+    self.path.write_text("")
 
-    def truncate_after(self, step: int) -> None:
-        """Drop records with ``step > step`` (written after the checkpoint we resume from)."""
-        if not self.path.exists():
-            return
-        keep = [r for r in self.read() if r.get("step", -1) <= step]
-        tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
-        os.replace(tmp, self.path)
+  def truncate_after(self, step: int) -> None:
+    """Drop records with ``step > step`` (written after the checkpoint we resume from)."""
+    if not self.path.exists():
+      return
+    keep = [r for r in self.read() if r.get("step", -1) <= step]
+    tmp = self.path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
+    os.replace(tmp, self.path)
 
-    def write(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(to_jsonable(record)) + "\n")
+  def write(self, record: dict) -> None:
+    with open(self.path, "a") as f:
+      f.write(json.dumps(to_jsonable(record)) + "\n")
 
-    def read(self) -> list[dict]:
-        return read_metrics(self.path)
+  def read(self) -> list[dict]:
+    return read_metrics(self.path)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
-    path = pathlib.Path(path)
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut by a kill: ignore
-                continue
-    return out
+  path = pathlib.Path(path)
+  if not path.exists():
+    return []
+  out = []
+  for line in path.read_text().splitlines():
+    line = line.strip()
+    if line:
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError:  # a line cut by a kill: ignore
+        continue
+  return out
 
 
 def plot_curves(records: Iterable[dict], path: str | os.PathLike, title: str = "") -> pathlib.Path:
-    """Training loss, train/test accuracy and learning rate against epoch, as one PNG."""
-    import matplotlib  # noqa: PLC0415
+  """Training loss, train/test accuracy and learning rate against epoch, as one PNG."""
+  import matplotlib  # noqa: PLC0415
 
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+  matplotlib.use("Agg", force=False)
+  import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    records = list(records)
-    tr = [r for r in records if r.get("type") == "train"]
-    ev = [r for r in records if r.get("type") == "eval"]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    ax = axes[0]
-    if tr:
-        ax.plot([r["epoch"] for r in tr], [r["loss"] for r in tr], lw=1, label="train (window)")
-    if ev:
-        ax.plot([r["epoch"] for r in ev], [r["train_loss"] for r in ev], "o-", label="train (epoch)")
-        ax.plot([r["epoch"] for r in ev], [r["test_loss"] for r in ev], "s-", label="test")
-    ax.set_xlabel("epoch"), ax.set_ylabel("loss"), ax.set_title("loss"), ax.legend(fontsize=8)
-    ax = axes[1]
-    if ev:
-        ax.plot([r["epoch"] for r in ev], [100 * r["train_acc"] for r in ev], "o-", label="train")
-        ax.plot([r["epoch"] for r in ev], [100 * r["test_acc"] for r in ev], "s-", label="test")
-    ax.set_xlabel("epoch"), ax.set_ylabel("accuracy (%)"), ax.set_title("accuracy")
-    ax.legend(fontsize=8)
-    ax = axes[2]
-    if tr:
-        ax.plot([r["epoch"] for r in tr], [r["lr"] for r in tr], lw=1)
-    ax.set_xlabel("epoch"), ax.set_ylabel("learning rate"), ax.set_title("learning rate")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = pathlib.Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+  records = list(records)
+  tr = [r for r in records if r.get("type") == "train"]
+  ev = [r for r in records if r.get("type") == "eval"]
+  fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+  ax = axes[0]
+  if tr:
+    ax.plot([r["epoch"] for r in tr], [r["loss"] for r in tr], lw=1, label="train (window)")
+  if ev:
+    ax.plot([r["epoch"] for r in ev], [r["train_loss"] for r in ev], "o-", label="train (epoch)")
+    ax.plot([r["epoch"] for r in ev], [r["test_loss"] for r in ev], "s-", label="test")
+  ax.set_xlabel("epoch"), ax.set_ylabel("loss"), ax.set_title("loss"), ax.legend(fontsize=8)
+  ax = axes[1]
+  if ev:
+    ax.plot([r["epoch"] for r in ev], [100 * r["train_acc"] for r in ev], "o-", label="train")
+    ax.plot([r["epoch"] for r in ev], [100 * r["test_acc"] for r in ev], "s-", label="test")
+  ax.set_xlabel("epoch"), ax.set_ylabel("accuracy (%)"), ax.set_title("accuracy")
+  ax.legend(fontsize=8)
+  ax = axes[2]
+  if tr:
+    ax.plot([r["epoch"] for r in tr], [r["lr"] for r in tr], lw=1)
+  ax.set_xlabel("epoch"), ax.set_ylabel("learning rate"), ax.set_title("learning rate")
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  path = pathlib.Path(path)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return path

@@ -25,89 +25,95 @@ _NORM_SUBSTR = re.compile(r"norm(?!al)")
 
 
 def is_norm_name(name: str) -> bool:
-    """``BatchNorm_0``, ``LayerNorm_1``, ``GroupNorm``, ``final_norm``, ``bn1``, ``shortcut_bn``,
-    ``ln_f``, ``gn2``... (a "norm" substring, or a ``bn``/``ln``/``gn`` token)."""
-    n = name.lower()
-    if _NORM_SUBSTR.search(n):
-        return True
-    return any(_NORM_TOKEN.fullmatch(t) for t in re.split(r"[^a-z0-9]+", n))
+  """``BatchNorm_0``, ``LayerNorm_1``, ``GroupNorm``, ``final_norm``, ``bn1``, ``shortcut_bn``,
+  ``ln_f``, ``gn2``... (a "norm" substring, or a ``bn``/``ln``/``gn`` token)."""
+  n = name.lower()
+  if _NORM_SUBSTR.search(n):
+    return True
+  return any(_NORM_TOKEN.fullmatch(t) for t in re.split(r"[^a-z0-9]+", n))
 
 
 def _names(path) -> list[str]:
-    out = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                out.append(str(getattr(k, attr)))
-                break
-        else:
-            out.append(str(k))
-    return out
+  out = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        out.append(str(getattr(k, attr)))
+        break
+    else:
+      out.append(str(k))
+  return out
 
 
 def is_norm_path(path) -> bool:
-    """True if a module on ``path`` (all but the leaf name) names a normalisation layer
-    (:func:`is_norm_name`)."""
-    names = _names(path)
-    return any(is_norm_name(n) for n in names[:-1])
+  """True if a module on ``path`` (all but the leaf name) names a normalisation layer
+  (:func:`is_norm_name`)."""
+  names = _names(path)
+  return any(is_norm_name(n) for n in names[:-1])
 
 
 def has_norm_layers(params: PyTree) -> bool:
-    leaves = jax.tree_util.tree_leaves_with_path(params)
-    return any(is_norm_path(p) for p, _ in leaves)
+  leaves = jax.tree_util.tree_leaves_with_path(params)
+  return any(is_norm_path(p) for p, _ in leaves)
 
 
 def decay_mask(params: PyTree) -> PyTree:
-    """True where weight decay applies (every leaf except norm-layer leaves)."""
-    return jax.tree_util.tree_map_with_path(lambda p, _: not is_norm_path(p), params)
+  """True where weight decay applies (every leaf except norm-layer leaves)."""
+  return jax.tree_util.tree_map_with_path(lambda p, _: not is_norm_path(p), params)
 
 
 def is_slow_leaf(path, leaf) -> bool:
-    """Bias / scalar leaves of the no-norm recipe: leaf name ``bias`` (or containing "bias"
-    / "scale"), or a leaf with a single element."""
-    name = _names(path)[-1].lower() if path else ""
-    return "bias" in name or "scale" in name or int(np.size(leaf)) == 1
+  """Bias / scalar leaves of the no-norm recipe: leaf name ``bias`` (or containing "bias"
+  / "scale"), or a leaf with a single element."""
+  name = _names(path)[-1].lower() if path else ""
+  return "bias" in name or "scale" in name or int(np.size(leaf)) == 1
 
 
 def param_labels(params: PyTree, slow_biases: bool) -> PyTree:
-    """``"slow"`` / ``"default"`` label tree for ``optax.multi_transform``."""
-    return jax.tree_util.tree_map_with_path(
-        lambda p, x: "slow" if slow_biases and is_slow_leaf(p, x) else "default", params)
+  """``"slow"`` / ``"default"`` label tree for ``optax.multi_transform``."""
+  return jax.tree_util.tree_map_with_path(
+    lambda p, x: "slow" if slow_biases and is_slow_leaf(p, x) else "default", params
+  )
 
 
 def resolve_no_norm(config, variables: PyTree) -> bool:
-    """The ``no_norm_recipe`` flag: explicit, else True iff no batch_stats and no norm leaves."""
-    if config.get("no_norm_recipe") is not None:
-        return bool(config.no_norm_recipe)
-    if "batch_stats" in variables and jax.tree_util.tree_leaves(variables["batch_stats"]):
-        return False
-    return not has_norm_layers(variables["params"])
+  """The ``no_norm_recipe`` flag: explicit, else True iff no batch_stats and no norm leaves."""
+  if config.get("no_norm_recipe") is not None:
+    return bool(config.no_norm_recipe)
+  if "batch_stats" in variables and jax.tree_util.tree_leaves(variables["batch_stats"]):
+    return False
+  return not has_norm_layers(variables["params"])
 
 
 def resolve_grad_clip(config, no_norm: bool) -> float | None:
-    if config.get("grad_clip_norm") is not None:
-        return float(config.grad_clip_norm) or None
-    return float(config.no_norm_grad_clip) if no_norm else None
+  if config.get("grad_clip_norm") is not None:
+    return float(config.grad_clip_norm) or None
+  return float(config.no_norm_grad_clip) if no_norm else None
 
 
-def make_optimizer(config, params: PyTree, steps_per_epoch: int, *, no_norm: bool
-                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """``(tx, schedule)``: clip -> coupled weight decay (masked) -> momentum -> per-group lr."""
-    schedule = make_schedule(config, steps_per_epoch)
-    clip = resolve_grad_clip(config, no_norm)
-    slow = float(config.slow_lr_factor)
+def make_optimizer(
+  config, params: PyTree, steps_per_epoch: int, *, no_norm: bool
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """``(tx, schedule)``: clip -> coupled weight decay (masked) -> momentum -> per-group lr."""
+  schedule = make_schedule(config, steps_per_epoch)
+  clip = resolve_grad_clip(config, no_norm)
+  slow = float(config.slow_lr_factor)
 
-    def sgd(sched):
-        return optax.chain(
-            optax.trace(decay=float(config.momentum), nesterov=bool(config.nesterov)),
-            optax.scale_by_learning_rate(sched))
+  def sgd(sched):
+    return optax.chain(
+      optax.trace(decay=float(config.momentum), nesterov=bool(config.nesterov)),
+      optax.scale_by_learning_rate(sched),
+    )
 
-    parts = []
-    if clip:
-        parts.append(optax.clip_by_global_norm(clip))
-    if float(config.weight_decay) > 0:
-        parts.append(optax.add_decayed_weights(float(config.weight_decay), mask=decay_mask))
-    parts.append(optax.multi_transform(
-        {"default": sgd(schedule), "slow": sgd(lambda t: slow * schedule(t))},
-        lambda p: param_labels(p, slow_biases=no_norm)))
-    return optax.chain(*parts), schedule
+  parts = []
+  if clip:
+    parts.append(optax.clip_by_global_norm(clip))
+  if float(config.weight_decay) > 0:
+    parts.append(optax.add_decayed_weights(float(config.weight_decay), mask=decay_mask))
+  parts.append(
+    optax.multi_transform(
+      {"default": sgd(schedule), "slow": sgd(lambda t: slow * schedule(t))},
+      lambda p: param_labels(p, slow_biases=no_norm),
+    )
+  )
+  return optax.chain(*parts), schedule
