@@ -4,7 +4,7 @@
     nio-jax train   --config configs/cifar10_table.py:resnet110_bn,gradinit
     nio-jax measure runs/fmnist_nio                 # GC / gradient norm of the saved params
     nio-jax report  runs/fmnist_nio runs/fmnist_kaiming --out runs/report
-    nio-jax bench   --models resnet20 --batches 32  # benchmarks/bench.py
+    nio-jax bench   --models resnet20 --batches 32  # nio_jax.bench (needs the torch extra)
 
 A config file defines `get_config()` (or `get_config(arg)`, selected with `path.py:arg`, as
 `ml_collections.config_flags` does) returning a ConfigDict built on :func:`base_config`.
@@ -762,19 +762,13 @@ def cmd_report(args) -> int:
 
 
 def cmd_bench(args) -> int:
-  root = str(pathlib.Path(__file__).resolve().parent.parent)
-  if root not in sys.path:
-    sys.path.insert(0, root)
+  from nio_jax.bench import TorchMissingError, engine  # noqa: PLC0415  (only this command)
+
   try:
-    from benchmarks.bench import main as bench_main  # noqa: PLC0415
-  except ImportError as e:
-    print(
-      f"nio-jax bench: the benchmark script benchmarks/bench.py is not importable ({e}). "
-      "Run from a source checkout of nio_jax (the benchmarks/ folder is not installed).",
-      file=sys.stderr,
-    )
+    engine.main(list(args.bench_args))
+  except TorchMissingError as e:
+    print(f"nio-jax bench: {e}", file=sys.stderr)
     return 2
-  bench_main(list(args.bench_args))
   return 0
 
 
@@ -1076,7 +1070,7 @@ def make_parser() -> argparse.ArgumentParser:
   )
   sp.set_defaults(fn=cmd_report)
   sp = sub.add_parser(
-    "bench", help="JAX vs PyTorch benchmark (benchmarks/bench.py)", add_help=False
+    "bench", help="JAX vs PyTorch benchmark (nio_jax.bench; needs the torch extra)", add_help=False
   )
   sp.add_argument("bench_args", nargs=argparse.REMAINDER)
   sp.set_defaults(fn=cmd_bench)

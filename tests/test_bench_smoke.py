@@ -1,20 +1,25 @@
-"""Smoke test of benchmarks/bench.py: MLP, batch 8, one repetition (< 60 s on a free CPU)."""
+"""Smoke test of the benchmark (`nio_jax.bench`): MLP, batch 8, one repetition."""
 
 from __future__ import annotations
 
 import glob
 import json
 import os
+import subprocess
+import sys
+import time
 
 import pytest
+
+from nio_jax.bench import machine
 
 pytest.importorskip("torch")
 
 
 def test_bench_mlp_batch8(tmp_path):
-  from benchmarks import bench
+  from nio_jax.bench import engine
 
-  result = bench.main(
+  result = engine.main(
     [
       "--models",
       "mlp",
@@ -24,6 +29,8 @@ def test_bench_mlp_batch8(tmp_path):
       "1",
       "--parts",
       "gc,nio_b,train",
+      "--peak-size",
+      "256",
       "--out",
       str(tmp_path),
     ]
@@ -32,8 +39,12 @@ def test_bench_mlp_batch8(tmp_path):
   assert any(f.endswith(".json") for f in files) and any(f.endswith(".md") for f in files)
   assert any(f.endswith(".png") for f in files)
   data = json.load(open(glob.glob(str(tmp_path / "bench_*.json"))[0]))
+  env = data["env"]
   for key in ("jax", "jaxlib", "torch", "flax", "python", "date", "jax_backend", "dtype"):
-    assert key in data["env"]
+    assert key in env
+  assert env["cores"] >= 1 and len(env["load_at_start"]) == 3 and len(env["load_at_end"]) == 3
+  peak = data["peak"]
+  assert peak["n"] == 256 and peak["peak_gflops"] == max(peak["jax_gflops"], peak["torch_gflops"])
   (row,) = result["rows"]
   assert row["model"] == "mlp" and row["batch"] == 8
   assert not row["flagged"], row["gc_check"]
@@ -44,4 +55,45 @@ def test_bench_mlp_batch8(tmp_path):
     assert jax_keys and all("median_s" in ent[k] and "compile_s" in ent[k] for k in jax_keys)
     assert "median_s" in ent["torch"]
     assert all("ratio_vs_torch" in ent[k] for k in jax_keys)
+    for k in jax_keys:  # throughput = XLA's FLOP count / median time, share of the peak
+      v = ent[k]
+      assert v["gflop"] > 0
+      assert v["gflops"] == pytest.approx(v["gflop"] / v["median_s"], rel=0.01)
+      assert v["share_of_peak"] == pytest.approx(v["gflops"] / peak["peak_gflops"], rel=0.01)
+    m = ent["machine"]  # machine state around the part
+    assert len(m["load_before"]) == 3 and len(m["load_after"]) == 3 and m["cores"] >= 1
+    assert m["noisy"] == (m["other_share"] > machine.NOISE_SHARE)
+    assert row["noisy"] or not m["noisy"]
+    for k in [*jax_keys, "torch"]:  # peak memory from a fresh subprocess per part
+      mem = ent[k]["memory"]
+      assert "error" not in mem, mem
+      assert mem["baseline_mb"] > 50 and mem["rss_peak_mb"] >= 0  # both frameworks imported
   assert "ratio_vs_train_step" in row["parts"]["nio_b"]["torch"]
+  md = open(glob.glob(str(tmp_path / "bench_*.md"))[0]).read()
+  assert "Load average" in md and "GFLOP/s" in md and "JAX RSS MB" in md
+
+
+def test_other_share_and_noise_rule():
+  # 2 cores for 10 s: 20 CPU-s of machine; the bench used 9, the machine was busy 11: 2 by others.
+  assert machine.other_share(11.0, 9.0, 10.0, 2) == pytest.approx(0.1)
+  assert machine.is_noisy(machine.other_share(11.0, 9.0, 10.0, 2)) is True
+  assert machine.is_noisy(machine.other_share(9.5, 9.0, 10.0, 2)) is False  # 2.5 %
+  assert machine.other_share(8.0, 9.0, 10.0, 2) == 0.0  # clock granularity: never negative
+  assert machine.is_noisy(None) is None
+
+
+def test_cpu_window_sees_another_process():
+  if machine.busy_cpu_seconds() is None:
+    pytest.skip("no /proc/stat on this OS")
+  burn = "import time\nt = time.time()\nwhile time.time() - t < 3.0:\n  pass\n"
+  proc = subprocess.Popen([sys.executable, "-c", burn])  # another process, not waited for
+  try:
+    time.sleep(0.7)  # let it start
+    with machine.CpuWindow() as w:
+      time.sleep(1.5)  # this process idles
+  finally:
+    proc.wait()
+  rec = w.record()
+  assert rec["own_cpu_s"] < 0.5
+  assert rec["other_cpu_s"] > 1.0  # the burner ran ~1.5 CPU-s inside the window
+  assert rec["other_share"] > machine.NOISE_SHARE and rec["noisy"] is True

@@ -3,7 +3,9 @@
 import builtins
 import importlib.util
 import json
+import os
 import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -164,10 +166,40 @@ def test_malicious_override_is_a_string_never_code(tmp_path, monkeypatch, capsys
   assert not marker.exists()
 
 
-def test_bench_missing_script_exits_2(monkeypatch, capsys):
-  monkeypatch.setitem(sys.modules, "benchmarks.bench", None)  # import -> ImportError
-  assert cli.main(["bench", "--models", "mlp"]) == 2
-  assert "benchmarks/bench.py is not importable" in capsys.readouterr().err
+def test_bench_without_torch_names_the_extra(monkeypatch, capsys):
+  monkeypatch.setitem(sys.modules, "torch", None)  # import torch -> ImportError
+  assert cli.main(["bench", "--models", "mlp", "--out", "/nonexistent"]) == 2
+  assert "pip install 'nio_jax[torch]'" in capsys.readouterr().err
+
+
+def test_library_never_imports_torch():
+  """Every module of nio_jax except the benchmark subpackage imports without torch.
+
+  A fresh interpreter imports them all (torch is installed in the test environment, so an
+  import anywhere would show up in sys.modules); `nio_jax.bench` is the one exception, and only
+  `nio-jax bench` imports it.
+  """
+  code = (
+    "import importlib, pathlib, sys\n"
+    "import nio_jax\n"
+    "root = pathlib.Path(nio_jax.__file__).parent\n"
+    "files = [p.relative_to(root.parent).with_suffix('') for p in root.rglob('*.py')]\n"
+    "names = ['.'.join(f.parts).removesuffix('.__init__') for f in files]\n"
+    "names = sorted(n for n in names if not n.startswith('nio_jax.bench'))\n"
+    "for n in names:\n"
+    "  importlib.import_module(n)\n"
+    "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.'))\n"
+    "print(len(names), 'nio_jax.cli' in names, 'nio_jax.bench' in sys.modules, bad[:3])\n"
+  )
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+  out = subprocess.run(
+    [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  count, has_cli, bench_loaded, bad = out.stdout.split(maxsplit=3)
+  assert int(count) >= 20 and has_cli == "True"  # the walk really covered the package
+  assert bench_loaded == "False", "a library module imports nio_jax.bench"
+  assert bad.strip() == "[]", f"the library imported torch: {bad}"
 
 
 def test_console_script_and_help(capsys):

@@ -3,9 +3,6 @@ mode for BN models), and equal parameter counts for every registry entry."""
 
 from __future__ import annotations
 
-import os
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,10 +10,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from benchmarks.torch_baseline import models as tm  # noqa: E402
 from nio_jax import models  # noqa: E402
+from nio_jax.bench.torch_baseline import models as tm  # noqa: E402
 from tests.test_models import random_variables  # noqa: E402
 
 torch.set_num_threads(1)

@@ -1,7 +1,7 @@
 """PyTorch baseline of the NIO / GradInit algorithms, written like the released reference code.
 
 Everything here is a plain eager-PyTorch twin of what `nio_jax` computes, used by
-`benchmarks/bench.py` to time both frameworks on the same model, batch and weights and to
+`nio_jax/bench/engine.py` to time both frameworks on the same model, batch and weights and to
 check that they agree (GradCosine to 1e-3 relative).
 
 * sample-wise GradCosine: `torch.func.vmap(torch.func.grad(...))` over one-example batches

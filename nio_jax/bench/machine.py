@@ -1,0 +1,143 @@
+"""How busy the machine was, how much memory a process used, and what its matmul peak is.
+
+Torch-free, so the other scripts in ``benchmarks/`` can record the same figures.
+
+A timing is a result only when nothing else computed meanwhile. :class:`CpuWindow` measures,
+around one part of a benchmark, the CPU time the whole machine spent busy (``/proc/stat``)
+minus the CPU time of this process and its waited-for children (``os.times``). What remains
+was used by OTHER processes. The part is ``NOISY`` when that exceeds :data:`NOISE_SHARE` of
+the machine (wall time x cores), the rule of ``shared/tools/quiet``. The 1-, 5- and 15-minute
+load averages before and after are recorded too, but do not decide: the 1-minute average
+still counts this process' own previous part for a minute after it ended.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+# Share of the machine (wall x cores) that other processes may use during a part before the
+# part is marked NOISY (same rule as shared/tools/quiet).
+NOISE_SHARE = 0.05
+
+
+def cores() -> int:
+  """CPU cores this process may run on (its affinity mask where the OS has one)."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # macOS
+    return os.cpu_count() or 1
+
+
+def load_average() -> list[float] | None:
+  """The 1-, 5- and 15-minute load averages, rounded, or None where the OS has none."""
+  try:
+    return [round(x, 2) for x in os.getloadavg()]
+  except OSError:
+    return None
+
+
+def busy_cpu_seconds() -> float | None:
+  """CPU seconds the whole machine has spent not idle since boot (``/proc/stat``), or None."""
+  try:
+    with open("/proc/stat") as f:
+      fields = [int(v) for v in f.readline().split()[1:]]
+  except (OSError, ValueError):
+    return None
+  idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+  return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+  """CPU seconds of this process (all its threads) and of its waited-for children."""
+  t = os.times()
+  return t.user + t.system + t.children_user + t.children_system
+
+
+def other_share(busy_s: float, own_s: float, wall_s: float, num_cores: int) -> float:
+  """Share of the machine (``wall_s * num_cores``) used by other processes.
+
+  Args:
+    busy_s: CPU seconds the whole machine was busy during the window.
+    own_s: CPU seconds this process (and its children) used during the window.
+    wall_s: length of the window in seconds.
+    num_cores: cores of the machine.
+
+  Returns:
+    ``max(0, busy_s - own_s) / (wall_s * num_cores)``.
+  """
+  return max(0.0, busy_s - own_s) / max(wall_s * num_cores, 1e-9)
+
+
+def is_noisy(share: float | None) -> bool | None:
+  """True when other processes used more than :data:`NOISE_SHARE`; None when unmeasured."""
+  return None if share is None else share > NOISE_SHARE
+
+
+class CpuWindow:
+  """Measures how busy the machine was while a block ran: ``with CpuWindow() as w: ...``.
+
+  After the block, :meth:`record` gives the load averages before and after, the cores, the
+  wall time, this process' CPU time, the other processes' CPU time and share, and the
+  verdict ``noisy`` (None where ``/proc/stat`` is missing).
+  """
+
+  def __enter__(self) -> CpuWindow:
+    self.load_before = load_average()
+    self._busy0, self._own0, self._t0 = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._busy1, self._own1, self._t1 = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
+    self.load_after = load_average()
+
+  def record(self) -> dict:
+    """The window's figures (see the class docstring) as a JSON-ready dict."""
+    wall = self._t1 - self._t0
+    own = self._own1 - self._own0
+    n = cores()
+    rec = dict(
+      load_before=self.load_before,
+      load_after=self.load_after,
+      cores=n,
+      wall_s=round(wall, 3),
+      own_cpu_s=round(own, 3),
+    )
+    if self._busy0 is None or self._busy1 is None:
+      rec.update(other_cpu_s=None, other_share=None, noisy=None)
+      return rec
+    busy = self._busy1 - self._busy0
+    share = other_share(busy, own, wall, n)
+    rec.update(
+      other_cpu_s=round(max(0.0, busy - own), 3), other_share=round(share, 4), noisy=is_noisy(share)
+    )
+    return rec
+
+
+def maxrss_mb() -> float:
+  """This process' peak resident set size so far (``ru_maxrss``), in MiB."""
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return rss / 2**20 if sys.platform == "darwin" else rss / 1024.0  # bytes on macOS, else KiB
+
+
+def matmul_gflops(run: Callable[[], object], n: int, reps: int = 5) -> float:
+  """GFLOP/s of ``run()``, an n x n by n x n matmul that blocks until done (median of reps).
+
+  Args:
+    run: performs one matmul and waits for its result (already compiled / warmed up once).
+    n: the matrix size.
+    reps: repetitions; the median time counts.
+
+  Returns:
+    ``2 n^3 / median seconds / 1e9``.
+  """
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - t0)
+  return 2.0 * n**3 / statistics.median(times) / 1e9
