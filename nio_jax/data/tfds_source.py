@@ -64,9 +64,10 @@ def load_tfds_arrays(
   try:
     src = tfds.data_source(name, split=tsplit, data_dir=data_dir, download=download)
     n = len(src)
-    recs = (
-      src.__getitems__(range(n)) if hasattr(src, "__getitems__") else [src[i] for i in range(n)]
-    )
+    try:  # one batched read where the source has it
+      recs = src.__getitems__(range(n))
+    except (AttributeError, TypeError):  # no batched read (tfds.testing.mock_data's takes no self)
+      recs = [src[i] for i in range(n)]
     images = np.stack([np.asarray(r["image"], np.uint8) for r in recs])
     labels = np.asarray([_label_of(r) for r in recs], np.int32)
   except Exception as first_error:  # array_record not available: try tf.data
