@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -309,6 +310,37 @@ def _eval_rewritten(jaxpr, consts, args, mode):
   return [read(v) for v in jaxpr.outvars]
 
 
+# `rewrite_convs` and `im2col_bytes` read JAX's internal jaxpr (equation primitive names, the
+# params of pjit/scan/custom_* equations, `get_bind_params`), which JAX changes without notice
+# between releases. They run only on the JAX minor releases the suite tested them on.
+JAXPR_TESTED_JAX = ((0, 10),)
+ALLOW_UNTESTED_JAX_ENV = "NIO_JAX_ALLOW_UNTESTED_JAX"
+
+
+def check_jaxpr_internals() -> None:
+  """Raises unless the installed jax is a release the jaxpr rewrite was tested on.
+
+  Raises:
+    RuntimeError: `jax.__version__` is not in `JAXPR_TESTED_JAX` (and the environment
+      variable `NIO_JAX_ALLOW_UNTESTED_JAX` is not 1); the message says what to do instead.
+  """
+  version = jax.__version__
+  try:
+    minor = tuple(int(p) for p in version.split(".")[:2])
+  except ValueError:
+    minor = None
+  if minor in JAXPR_TESTED_JAX or os.environ.get(ALLOW_UNTESTED_JAX_ENV) == "1":
+    return
+  tested = ", ".join(f"{a}.{b}.x" for a, b in JAXPR_TESTED_JAX)
+  raise RuntimeError(
+    f"the convolution rewrite (rewrite_convs: the im2col/slices formulations) reads JAX's "
+    f"internal jaxpr and was tested on jax {tested} only; this is jax {version}. Choose a "
+    f"formulation without the conv rewrite, install the tested jax (pip install -c "
+    f"constraints.txt nio_jax, or 'jax>=0.10.2,<0.11'), or set {ALLOW_UNTESTED_JAX_ENV}=1 to "
+    f"run it untested."
+  )
+
+
 def rewrite_convs(fn: Callable, mode: str = "im2col") -> Callable:
   """`fn` with every convolution evaluated as `mode` ("slices" or "im2col") @ kernel.
 
@@ -316,6 +348,7 @@ def rewrite_convs(fn: Callable, mode: str = "im2col") -> Callable:
   matmul form of convolutions where the backend runs it faster (see `default_impl`).
   """
   errors.check_choice("mode", mode, CONV_MODES)
+  check_jaxpr_internals()
 
   def wrapped(*args):
     closed, out_shape = jax.make_jaxpr(fn, return_shape=True)(*args)
@@ -337,6 +370,7 @@ IM2COL_MAX_BYTES: int | None = 2 * 2**30
 
 def im2col_bytes(fn: Callable, *args) -> int:
   """Bytes of the im2col patches that `rewrite_convs(fn, "im2col")(*args)` would build."""
+  check_jaxpr_internals()
   closed = jax.make_jaxpr(fn)(*args)
 
   def walk(jaxpr, mult):
