@@ -70,6 +70,7 @@ def main(argv=None):
     "--no-force", action="store_true", help="do not simulate 8 CPU devices (use the real devices)"
   )
   args = ap.parse_args(argv)
+  load_at_start = [round(x, 2) for x in os.getloadavg()]
   counts = [int(c) for c in args.devices.split(",") if int(c) <= jax.device_count()]
 
   model = models.get("resnet20", depth=args.depth, width=args.width)
@@ -142,6 +143,8 @@ def main(argv=None):
     "dtype": "float32",
     "repeats": args.repeats,
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "load_at_start": load_at_start,
+    "load_at_end": [round(x, 2) for x in os.getloadavg()],
     "note": (
       "simulated CPU devices share the host cores: this measures the overhead of "
       "data-parallel partitioning, not a speedup"
@@ -164,7 +167,8 @@ def main(argv=None):
     f"Model {meta['model']} ({meta['param_count']} params), batch {meta['batch']} x "
     f"{'x'.join(map(str, meta['input']))}, {meta['dtype']}; jax {meta['jax']}, flax "
     f"{meta['flax']}; host CPUs {meta['host_cpus']} (affinity {meta['cpu_affinity']}); "
-    f"{meta['date']}. Median of {meta['repeats']} calls after a warm-up, milliseconds. "
+    f"{meta['date']}; load average (1, 5, 15 min) {meta['load_at_start']} at start, "
+    f"{meta['load_at_end']} at end. Median of {meta['repeats']} calls after a warm-up, milliseconds. "
     "`none` = no mesh (plain single-device jit).",
     "",
     "| devices | " + " | ".join(whats) + " |",
