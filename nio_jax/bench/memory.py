@@ -35,7 +35,8 @@ def measure(request: dict) -> dict:
 
   Returns:
     ``baseline_mb`` (RSS high-water after imports and inputs) and ``rss_peak_mb`` (growth
-    over it); for JAX also ``rss_after_compile_mb``; on a GPU ``torch_cuda_peak_mb``.
+    over it); for JAX also ``rss_after_compile_mb`` and, on an accelerator, ``device_peak_mb``
+    (the device allocator's high-water); for PyTorch on a GPU ``torch_cuda_peak_mb``.
 
   Raises:
     ValueError: unknown framework or JAX label.
@@ -82,6 +83,9 @@ def measure(request: dict) -> dict:
     rss_after_compile_mb=round(after_compile - base, 1),
     rss_peak_mb=round(machine.maxrss_mb() - base, 1),
   )
+  stats = jax.devices()[0].memory_stats()  # accelerators: the device allocator's high-water
+  if stats and "peak_bytes_in_use" in stats:
+    out["device_peak_mb"] = round(stats["peak_bytes_in_use"] / 2**20, 2)
   return out
 
 
