@@ -8,8 +8,16 @@ Where things are:
   * the NIO search in `nio_jax.nio_search`; the shared host loop in `nio_jax.search`;
   * Flax adapters (linen / NNX loss functions) in `nio_jax.flax_utils`;
   * GradInit, MetaInit, Fixup, Kaiming and `initialize` in `nio_jax.methods`;
-  * scale-out (Mesh, shard_batch, shard_map stats) in `nio_jax.distributed`.
+  * scale-out (Mesh, shard_batch, shard_map stats) in `nio_jax.distributed`;
+  * the XLA:CPU flags set at import (and how to turn them off) in `nio_jax.xla_defaults`.
 """
+
+# Before anything can create a JAX backend: XLA reads XLA_FLAGS once, at backend creation.
+from nio_jax import xla_defaults
+
+xla_defaults.BACKENDS_BEFORE_IMPORT = xla_defaults.backends_initialized()
+xla_defaults.apply()
+
 
 from nio_jax.cosine import GCStats, gc_brute_force, gc_from_grads, gradcosine
 from nio_jax.errors import NonFiniteError, ZeroGradientError

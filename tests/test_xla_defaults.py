@@ -1,0 +1,94 @@
+"""The XLA:CPU flags nio_jax sets at import: applied, never overriding the user, opt-out, exact."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from nio_jax import xla_defaults
+
+YNN = "--xla_cpu_experimental_ynn_fusion_type"
+
+
+def test_apply_appends_only_unset_flags():
+  env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  added = xla_defaults.apply(env)
+  assert added == list(xla_defaults.CPU_FLAGS)
+  assert env["XLA_FLAGS"].split() == [
+    "--xla_force_host_platform_device_count=2",
+    *xla_defaults.CPU_FLAGS,
+  ]
+  assert xla_defaults.apply(env) == []  # idempotent
+
+
+def test_user_setting_wins_and_opt_out():
+  env = {"XLA_FLAGS": f"{YNN}=dot"}
+  assert xla_defaults.apply(env) == []
+  assert env["XLA_FLAGS"] == f"{YNN}=dot"
+  env = {xla_defaults.OPT_OUT: "0"}
+  assert xla_defaults.apply(env) == []
+  assert "XLA_FLAGS" not in env
+
+
+def _child(code, **extra_env):
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", xla_defaults.OPT_OUT)}
+  env.update(extra_env, JAX_PLATFORMS="cpu")
+  out = subprocess.run(
+    [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+  )
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_import_sets_flags_before_backends_and_reports_late_import():
+  code = "import json, nio_jax; print(json.dumps(nio_jax.xla_defaults.status()))"
+  st = _child(code)
+  assert st["defaults_present"] == list(xla_defaults.CPU_FLAGS)
+  assert st["effective"] is True
+  late = (
+    "import json, jax.numpy as jnp; jnp.ones(1).block_until_ready(); import nio_jax; "
+    "print(json.dumps(nio_jax.xla_defaults.status()))"
+  )
+  assert _child(late)["effective"] is False
+  off = _child(code, NIO_JAX_XLA_DEFAULTS="0")
+  assert off["defaults_present"] == [] and YNN not in off["xla_flags"]
+
+
+_PRECISION = r"""
+import json, numpy as np
+import jax, jax.numpy as jnp, flax.linen as nn, optax
+jax.config.update("jax_enable_x64", True)
+import nio_jax  # noqa: F401  (sets the flags unless NIO_JAX_XLA_DEFAULTS=0)
+
+class Net(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    for c in (16, 16, 32, 32):
+      x = nn.Conv(c, (3, 3))(x)
+      x = nn.BatchNorm(use_running_average=False)(x)
+      x = nn.relu(x)
+    return nn.Dense(10)(x.mean((1, 2)))
+
+rng = np.random.default_rng(0)
+x = rng.standard_normal((32, 16, 16, 3)); y = rng.integers(0, 10, 32)
+net = Net()
+v = net.init(jax.random.PRNGKey(0), jnp.asarray(x, jnp.float32))
+def grads(dtype):
+  vv = jax.tree.map(lambda a: a.astype(dtype), v)
+  def loss(p):
+    out, _ = net.apply({"params": p, "batch_stats": vv["batch_stats"]}, jnp.asarray(x, dtype),
+                       mutable=["batch_stats"])
+    return optax.softmax_cross_entropy_with_integer_labels(out, y).mean()
+  return jax.jit(jax.grad(loss))(vv["params"])
+g32, g64 = grads(jnp.float32), grads(jnp.float64)
+err = max(float(jnp.max(jnp.abs(a.astype(jnp.float64) - b)))
+          for a, b in zip(jax.tree.leaves(g32), jax.tree.leaves(g64)))
+print(json.dumps({"rel": err / max(float(jnp.max(jnp.abs(b))) for b in jax.tree.leaves(g64))}))
+"""
+
+
+def test_default_flags_keep_float32_gradients_exact():
+  """Under nio_jax's defaults, f32 gradients of a BN conv net stay within 2e-6 of float64."""
+  rel = _child(_PRECISION)["rel"]
+  assert np.isfinite(rel) and rel < 2e-6, rel
