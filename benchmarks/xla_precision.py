@@ -15,12 +15,12 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-
-jax.config.update("jax_enable_x64", True)
 import optax
 
 from nio_jax import apply_scales, gradcosine, init_scales, models
 from nio_jax.flax_utils import linen_loss_fn
+
+jax.config.update("jax_enable_x64", True)
 
 out = {"flags": os.environ.get("XLA_FLAGS", "")}
 for norm in ("none", "bn"):
