@@ -116,7 +116,7 @@ def gradcosine_stats(
   return _stats(loss_fn, params, batch, num_chunks, overlap, wrt, impl, chunk_size)
 
 
-_stats_jit = jax.jit(_stats, static_argnums=(0, 3, 4, 5, 6, 7))
+_stats_jit = jax.jit(per_example.canonical_convs(_stats), static_argnums=(0, 3, 4, 5, 6, 7))
 
 
 def gradcosine(

@@ -162,7 +162,9 @@ def make_nio_step(
     constraint = jax.lax.stop_gradient(gn > cfg.gamma)
     return jnp.where(constraint, gn, obj), (stats, obj, constraint)
 
+  # canonical_convs: the scanned blocks' backward convolutions on XLA:CPU (see per_example).
   @jax.jit
+  @per_example.canonical_convs
   def step(params0, scales, opt_state, batch):
     grads, (stats, obj, constraint) = jax.grad(search_loss, has_aux=True)(scales, params0, batch)
     updates, opt_state = tx.update(grads, opt_state, scales, is_constraint=constraint)

@@ -280,7 +280,10 @@ def _eval_rewritten(jaxpr, consts, args, mode):
     inv = [read(v) for v in eqn.invars]
     name = eqn.primitive.name
     if name == "conv_general_dilated":
-      outs = [conv_as_matmul(*inv, **eqn.params, mode=mode)]
+      if mode == "canonical":
+        outs = [canonical_conv(*inv, **eqn.params)]
+      else:
+        outs = [conv_as_matmul(*inv, **eqn.params, mode=mode)]
     elif not any(_has_conv(j) for j in _sub_closed_jaxprs(eqn.params)):
       outs = _bind(eqn, inv)
     elif name in _INLINE and _INLINE[name] in eqn.params:
@@ -358,6 +361,116 @@ def rewrite_convs(fn: Callable, mode: str = "im2col") -> Callable:
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
   return wrapped
+
+
+# Canonical convolutions: XLA:CPU runs a convolution with its fast library kernel only when
+# its dimension numbers are the canonical NHWC / HWIO -> NHWC. Its `ConvCanonicalization`
+# pass rewrites the others into canonical form with transposes, but only in the entry
+# computation. The gradient of a convolution (input gradient: kernel `01oi`; kernel
+# gradient: `f01b_i01o->01bf`) inside a while-loop body, i.e. the backward pass of an
+# `nn.scan` stack, therefore falls back to XLA's generic loop-nest kernel, 10-30x slower.
+# `canonical_convs` does the canonicalisation itself, in the jaxpr, before XLA sees it.
+# One case remains: in a double backward (NIO, GradInit, MetaInit with plain convolutions),
+# XLA's simplifier swaps the operands of a convolution whose kernel is larger than its input
+# (the transpose of a kernel-gradient convolution) and the swapped one (`rhs_reversal`) is not
+# canonical again. The im2col forms (the NIO default on CPU) have no convolutions at all.
+
+
+def canonical_conv(
+  lhs,
+  rhs,
+  *,
+  window_strides,
+  padding,
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers,
+  feature_group_count=1,
+  batch_group_count=1,
+  precision=None,
+  preferred_element_type=None,
+  **unused,
+):
+  """`lax.conv_general_dilated` with operands transposed to (N, spatial..., C) and
+  (spatial..., I, O): the same convolution, computed in canonical dimension numbers.
+
+  Already canonical convolutions are returned as they are (no transposes).
+  """
+  del unused
+  ls, rs, os_ = dimension_numbers
+  nsp = lhs.ndim - 2
+  lhs_perm = (ls[0], *ls[2:], ls[1])
+  rhs_perm = (*rs[2:], rs[1], rs[0])
+  out_perm = (os_[0], *os_[2:], os_[1])
+  identity = tuple(range(nsp + 2))
+  x = lhs if lhs_perm == identity else jnp.transpose(lhs, lhs_perm)
+  w = rhs if rhs_perm == identity else jnp.transpose(rhs, rhs_perm)
+  spatial = tuple(range(1, nsp + 1))
+  dn = jax.lax.ConvDimensionNumbers(
+    lhs_spec=(0, nsp + 1, *spatial),
+    rhs_spec=(nsp + 1, nsp, *range(nsp)),
+    out_spec=(0, nsp + 1, *spatial),
+  )
+  y = jax.lax.conv_general_dilated(
+    x,
+    w,
+    window_strides,
+    padding,
+    lhs_dilation,
+    rhs_dilation,
+    dn,
+    feature_group_count,
+    batch_group_count,
+    precision,
+    preferred_element_type,
+  )
+  if out_perm == identity:
+    return y
+  return jnp.transpose(y, tuple(int(i) for i in np.argsort(out_perm)))
+
+
+def canonical_convs(fn: Callable, backends: tuple[str, ...] | None = ("cpu",)) -> Callable:
+  """`fn` with every convolution computed in canonical dimension numbers (`canonical_conv`).
+
+  Apply it to the *differentiated* function, outside every `jax.grad` / `jax.vjp` /
+  `jax.jvp` and just inside `jax.jit` (e.g. `jax.jit(canonical_convs(train_step))`): the
+  convolutions that need it are the ones autodiff creates. The values are the same
+  convolutions (same sums, same order of XLA's library kernel); only operand layouts change.
+  Recurses into jit, `scan` (flax `nn.scan`) and custom_jvp/vjp bodies; convolutions inside
+  `while_loop` / `cond` bodies are kept as they are.
+
+  Args:
+    fn: any function of pytrees of arrays.
+    backends: rewrite only when `jax.default_backend()` is one of these (default: XLA:CPU,
+      the backend whose scanned gradients need it); `None`: always.
+
+  Returns:
+    A function with the signature of `fn`.
+  """
+
+  def wrapped(*args, **kwargs):
+    if backends is not None and jax.default_backend() not in backends:
+      return fn(*args, **kwargs)
+    leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
+    # Array leaves are traced; anything else (a loss function, a config passed as a static
+    # argument of `jax.jit`) is closed over as it is.
+    dynamic = [isinstance(x, (jax.Array, np.ndarray, np.generic)) for x in leaves]
+
+    def flat_fn(*arrays):
+      it = iter(arrays)
+      full = [next(it) if d else x for x, d in zip(leaves, dynamic)]
+      a, k = jax.tree_util.tree_unflatten(treedef, full)
+      return fn(*a, **k)
+
+    arrays = [x for x, d in zip(leaves, dynamic) if d]
+    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*arrays)
+    if _has_conv(closed.jaxpr):
+      outs = _eval_rewritten(closed.jaxpr, closed.consts, arrays, "canonical")
+    else:
+      outs = jax.core.eval_jaxpr(closed.jaxpr, closed.consts, *arrays)
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
+
+  return functools.wraps(fn)(wrapped)
 
 
 # Memory guard of the im2col forms: the patches are k×k times wider than the conv inputs and
@@ -453,6 +566,7 @@ def _pullback_rows(f, primal, w, impl):
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "impl", "chunk_size", "wrt"))
+@canonical_convs
 def _per_example_grads_jit(loss_fn, params, batch, impl, chunk_size, wrt):
   _, sel_grads = _per_example_selected(loss_fn, params, batch, wrt, impl, chunk_size)
   return sel_grads

@@ -44,6 +44,7 @@ from nio_jax import config_utils as _config
 from nio_jax import errors
 from nio_jax import scales as scmod
 from nio_jax.methods.registry import register
+from nio_jax.per_example import canonical_convs
 from nio_jax.rescale_adam import rescale_adam
 from nio_jax.results import InitResult
 from nio_jax.search import peek, run_scale_search
@@ -285,6 +286,7 @@ def _scale_grad(loss_fn, cfg: GradInitConfig, params0, scales, s_batch, t_batch)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
+@canonical_convs
 def _gradinit_step(loss_fn, cfg, spec, params0, scales, opt_state, batch, next_batch):
   s_batch, t_batch = lookahead_batches(batch, next_batch, cfg.lookahead)
   grads, metrics = _scale_grad(loss_fn, cfg, params0, scales, s_batch, t_batch)

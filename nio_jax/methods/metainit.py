@@ -41,6 +41,7 @@ from nio_jax import config_utils as _config
 from nio_jax import errors
 from nio_jax import scales as scmod
 from nio_jax.methods.registry import register
+from nio_jax.per_example import canonical_convs
 from nio_jax.rescale_adam import rescale_adam
 from nio_jax.results import InitResult
 from nio_jax.search import peek, run_scale_search
@@ -257,6 +258,7 @@ def _make_tx(cfg: MetaInitConfig, spec: scmod.ScaleSpec):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
+@canonical_convs
 def _metainit_step(loss_fn, cfg, spec, params0, scales, state, batch):
   (gq, aux), grads = jax.value_and_grad(_gq_of_scales, argnums=2, has_aux=True)(
     loss_fn, cfg, scales, params0, batch

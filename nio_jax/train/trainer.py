@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 from nio_jax.errors import NonFiniteError
+from nio_jax.per_example import canonical_convs
 from nio_jax.train.checkpoint import Checkpointer
 from nio_jax.train.config import total_epochs, validate
 from nio_jax.train.metrics import MetricsLog, plot_curves, to_jsonable
@@ -667,7 +668,8 @@ def _build_steps(model, config, spe: int, has_bs: bool, no_norm: bool):
     return jnp.stack([jnp.sum(losses * m), jnp.sum(correct * m)])
 
   donate = () if jax.default_backend() == "cpu" else (0, 1)
-  p_train_step = jax.jit(train_step, donate_argnums=donate)
+  # canonical_convs: the scanned blocks' backward convolutions on XLA:CPU (see per_example).
+  p_train_step = jax.jit(canonical_convs(train_step), donate_argnums=donate)
   p_eval_step = jax.jit(eval_step)
   out = (p_train_step, p_eval_step, tx, schedule)
   if key is not None:
