@@ -54,6 +54,8 @@ class NIOConfig:
     grad_filter: predicate `(path, leaf) -> bool` for the leaves whose gradients enter GC;
       "default" = every leaf but batch-norm ones (released code), None = every leaf.
     select: predicate for the leaves whose scales are tuned; None = all non-zero leaves.
+    device_loop: run all steps in one compiled `lax.scan` over batches stacked beforehand
+      (no host round-trip per step; see `nio_jax.search.run_scale_search(on_device=...)`).
   """
 
   num_steps: int = 100
@@ -73,6 +75,7 @@ class NIOConfig:
   chunk_size: int | None = None
   grad_filter: Any = "default"
   select: Callable | None = None
+  device_loop: bool = False
 
   @classmethod
   def create(cls, config=None, **overrides) -> NIOConfig:
@@ -224,6 +227,8 @@ def nio(
     from nio_jax import distributed
 
     distributed.check_mesh(mesh, b)
+    if cfg.device_loop:
+      raise ValueError("device_loop=True is not supported with a mesh; use the host loop.")
   scales, spec = scmod.init_scales(
     params, select=cfg.select, min_scale=cfg.min_scale, min_scale_bias=cfg.min_scale_bias
   )
@@ -244,6 +249,7 @@ def nio(
     config=cfg.to_dict(),
     show_progress=progress,
     num_chunks=cfg.num_chunks,
+    on_device=cfg.device_loop,
   )
 
 

@@ -4,12 +4,13 @@ A search is a jitted `step(params0, scales, opt_state, batch) -> (scales, opt_st
 driven over an iterable of batches. This loop adds what must happen on the host: taking the
 batches, a progress bar, the per-step history, and the safety checks (non-finite values stop
 the search with the step number, and the params returned or attached to the error are always
-the last finite ones).
+the last finite ones). `device_loop` runs the same steps inside one `lax.scan` instead.
 """
 
 from __future__ import annotations
 
 import collections.abc
+import functools
 import itertools
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -113,6 +114,7 @@ def run_scale_search(
   min_batch: int = 2,
   num_chunks: int | None = None,
   postfix: tuple[str, ...] = ("gc", "grad_norm"),
+  on_device: bool = False,
 ) -> InitResult:
   """Runs `step_fn` for `num_steps` steps and returns an `InitResult`.
 
@@ -120,6 +122,13 @@ def run_scale_search(
   `metrics` is a flat dict of arrays; if it has `grad_norms`, a zero entry raises
   `ZeroGradientError`. Any non-finite metric or scale raises `NonFiniteError` whose
   `last_good` holds the result up to (not including) the failing step.
+
+  With `on_device=True` all `num_steps` steps run in one compiled `lax.scan` (`device_loop`)
+  over batches stacked beforehand: no host round-trip per step, the path for accelerators.
+  The result and the history equal the host loop's. Differences: every batch is taken from
+  `batches` and held in device memory before the first step; there is no progress bar; the
+  checks run in the graph, so a failing step freezes the state and the error (same type,
+  step and `last_good`) is raised after the whole scan has run.
   """
   rows: list[dict] = []
 
@@ -132,18 +141,10 @@ def run_scale_search(
       config=config,
     )
 
-  bar = progress_bar(
-    iterate_batches(batches, num_steps, per_step), num_steps, method, show_progress
-  )
-  b0 = None
-  for step, group in enumerate(bar):
-    b0 = check_step_batches(group, b0, min_batch)
-    new_scales, new_opt_state, metrics = step_fn(params0, scales, opt_state, *group)
-    m = jax.device_get(metrics)
+  def check(step, m, scales_finite):
+    """The host loop's safety checks of one step (raises), shared by both loops."""
     bad = [k for k, v in m.items() if not np.all(np.isfinite(np.asarray(v, np.float64)))]
-    if not bad and not all(
-      bool(jnp.all(jnp.isfinite(s))) for s in jax.tree_util.tree_leaves(new_scales)
-    ):
+    if not bad and not scales_finite:
       bad = ["scales"]
     if bad:
       raise errors.NonFiniteError(
@@ -164,8 +165,89 @@ def run_scale_search(
           "(Fixup), or a loss that ignores those examples.",
           zero,
         )
+
+  if on_device:
+    groups = list(iterate_batches(batches, num_steps, per_step))
+    b0 = None
+    for group in groups:
+      b0 = check_step_batches(group, b0, min_batch)
+    stacked = tuple(
+      jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[g[i] for g in groups])
+      for i in range(per_step)
+    )
+    scales, _, ms, finite, first_bad = device_loop(step_fn, params0, scales, opt_state, stacked)
+    ms, finite = jax.device_get((ms, finite))
+    last = num_steps if int(first_bad) < 0 else int(first_bad) + 1
+    for step in range(last):
+      m = {k: v[step] for k, v in ms.items()}
+      check(step, m, bool(finite[step]))
+      rows.append(m)
+    return result(scales)
+
+  bar = progress_bar(
+    iterate_batches(batches, num_steps, per_step), num_steps, method, show_progress
+  )
+  b0 = None
+  for step, group in enumerate(bar):
+    b0 = check_step_batches(group, b0, min_batch)
+    new_scales, new_opt_state, metrics = step_fn(params0, scales, opt_state, *group)
+    m = jax.device_get(metrics)
+    check(
+      step, m, all(bool(jnp.all(jnp.isfinite(s))) for s in jax.tree_util.tree_leaves(new_scales))
+    )
     rows.append(m)
     scales, opt_state = new_scales, new_opt_state
     if show_progress and hasattr(bar, "set_postfix"):
       bar.set_postfix({k: float(np.mean(m[k])) for k in postfix if k in m})
   return result(scales)
+
+
+def _step_failed(metrics: dict, scales_finite: jax.Array) -> jax.Array:
+  """In-graph version of the host loop's checks: any non-finite metric or scale, or an
+  exactly zero entry of `grad_norms`."""
+  ok = scales_finite
+  for v in metrics.values():
+    v = jnp.asarray(v)
+    if jnp.issubdtype(v.dtype, jnp.inexact):
+      ok &= jnp.all(jnp.isfinite(v))
+  if "grad_norms" in metrics:
+    ok &= jnp.all(jnp.asarray(metrics["grad_norms"]) != 0)
+  return ~ok
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def device_loop(step_fn: Callable, params0, scales, opt_state, stacked_groups):
+  """All steps of a search in one compiled `lax.scan` over pre-stacked batches.
+
+  Args:
+    step_fn: `step_fn(params0, scales, opt_state, *group) -> (scales, opt_state, metrics)`.
+    params0, scales, opt_state: as for `run_scale_search`.
+    stacked_groups: a tuple of `per_step` batches, each leaf with a leading step axis.
+
+  Returns:
+    `(scales, opt_state, metrics, scales_finite, first_bad)`: the state after the last good
+    step (the loop freezes it at the first step that fails a safety check), the metrics of
+    every step stacked on a leading axis, whether each step's new scales were finite, and
+    the index of the first failing step (-1 if none). Steps after a failure are computed on
+    the frozen state and discarded.
+  """
+
+  def body(carry, group):
+    scales, opt_state, first_bad, i = carry
+    new_scales, new_opt_state, metrics = step_fn(params0, scales, opt_state, *group)
+    finite = jnp.array(True)
+    for leaf in jax.tree_util.tree_leaves(new_scales):
+      finite &= jnp.all(jnp.isfinite(leaf))
+    first_bad = jnp.where((first_bad < 0) & _step_failed(metrics, finite), i, first_bad)
+    keep = first_bad < 0
+
+    def pick(new, old):
+      return jnp.where(keep, new, old)
+
+    scales = jax.tree_util.tree_map(pick, new_scales, scales)
+    opt_state = jax.tree_util.tree_map(pick, new_opt_state, opt_state)
+    return (scales, opt_state, first_bad, i + 1), (metrics, finite)
+
+  init = (scales, opt_state, jnp.array(-1, jnp.int32), jnp.array(0, jnp.int32))
+  (scales, opt_state, first_bad, _), (metrics, finite) = jax.lax.scan(body, init, stacked_groups)
+  return scales, opt_state, metrics, finite, first_bad

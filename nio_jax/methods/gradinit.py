@@ -124,6 +124,8 @@ class GradInitConfig:
     grad_filter: predicate `(path, leaf) -> bool` for the leaves whose gradient enters
       gn and the look-ahead step; None = every leaf (released code).
     select: predicate for the leaves whose scales are tuned; None = all non-zero leaves.
+    device_loop: run all steps in one compiled `lax.scan` over batches stacked beforehand
+      (no host round-trip per step; see `nio_jax.search.run_scale_search(on_device=...)`).
   """
 
   variant: str = "sgd"
@@ -143,6 +145,7 @@ class GradInitConfig:
   eps: float = 1e-8
   grad_filter: Callable | None = None
   select: Callable | None = None
+  device_loop: bool = False
 
   @classmethod
   def create(cls, config=None, **overrides) -> GradInitConfig:
@@ -392,6 +395,7 @@ def gradinit(
     show_progress=progress,
     min_batch=minimum,
     postfix=("objective", "grad_norm"),
+    on_device=cfg.device_loop,
   )
 
 

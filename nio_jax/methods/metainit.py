@@ -68,6 +68,8 @@ class MetaInitConfig:
     select: predicate for the leaves that are tuned; None = the variant's rule (≥ 2-dim
       leaves for sign_momentum, all non-zero leaves for rescale_adam). Zero-norm leaves are
       never tuned.
+    device_loop: run all steps in one compiled `lax.scan` over batches stacked beforehand
+      (no host round-trip per step; see `nio_jax.search.run_scale_search(on_device=...)`).
   """
 
   variant: str = "sign_momentum"
@@ -84,6 +86,7 @@ class MetaInitConfig:
   adam_eps: float = 1e-8
   grad_filter: Callable | None = None
   select: Callable | None = None
+  device_loop: bool = False
 
   @classmethod
   def create(cls, config=None, **overrides) -> MetaInitConfig:
@@ -363,4 +366,5 @@ def metainit(
     config=cfg.to_dict(),
     show_progress=progress,
     postfix=("gq", "grad_norm"),
+    on_device=cfg.device_loop,
   )
