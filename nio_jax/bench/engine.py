@@ -305,7 +305,10 @@ def part_fns(part: str, spec: dict, forms_sw, forms_b, tctx: dict | None):
       u, o = opt.update(g, o, p)
       return optax.apply_updates(p, u), o, new, l
 
-    jfns = {"default": (jax.jit(jtrain), (params, opt.init(params), bs, jbatch))}
+    # as the library's trainer: canonical convolutions on XLA:CPU (per_example.canonical_convs)
+    from nio_jax.per_example import canonical_convs  # noqa: PLC0415
+
+    jfns = {"default": (jax.jit(canonical_convs(jtrain)), (params, opt.init(params), bs, jbatch))}
     if tctx:
       step = TA.make_train_step(copy.deepcopy(tctx["model"]), 0.1)
       torch_fn = lambda: step(tctx["x"], tctx["y"])
