@@ -451,11 +451,16 @@ def save_variables(path, variables) -> pathlib.Path:
 
 
 def load_variables(path, target):
-  """Restores msgpack variables into the structure of `target` (shapes are checked)."""
+  """Restores msgpack variables into the structure of `target`, in either block layout
+  (scanned or unrolled; shapes are checked)."""
   import jax  # noqa: PLC0415
-  from flax import serialization  # noqa: PLC0415
 
-  restored = serialization.from_bytes(target, pathlib.Path(path).read_bytes())
+  from nio_jax.train.checkpoint import load_msgpack_variables  # noqa: PLC0415
+
+  try:
+    restored = load_msgpack_variables(path, target)
+  except ValueError as e:
+    raise CLIError(f"{path}: {e}") from None
   for a, b in zip(jax.tree_util.tree_leaves(target), jax.tree_util.tree_leaves(restored)):
     if getattr(a, "shape", None) != getattr(b, "shape", None):
       raise CLIError(
@@ -469,6 +474,8 @@ def load_checkpoint_variables(ckpt_dir, step: str, target):
   """`{"params", ["batch_stats"]}` of a trainer checkpoint (orbax, `step` or "latest")."""
   import jax  # noqa: PLC0415
   import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  from nio_jax.models import match_layout  # noqa: PLC0415
 
   ckpt_dir = pathlib.Path(ckpt_dir).absolute()
   steps = (
@@ -484,6 +491,10 @@ def load_checkpoint_variables(ckpt_dir, step: str, target):
   state = ocp.StandardCheckpointer().restore(ckpt_dir / str(s) / "state")
   v = {k: state[k] for k in ("params", "batch_stats") if k in state}
   want = {k: target[k] for k in v if k in target}
+  try:  # saved in the other block layout (scan vs unrolled): convert
+    v = match_layout(v, want)
+  except ValueError:
+    pass
   if jax.tree.structure(want) != jax.tree.structure(v):
     raise CLIError(f"checkpoint {s} in {ckpt_dir} does not match the model of this config")
   return v

@@ -165,9 +165,6 @@ def make_nio_step(
     constraint = jax.lax.stop_gradient(gn > cfg.gamma)
     return jnp.where(constraint, gn, obj), (stats, obj, constraint)
 
-  # canonical_convs: the scanned blocks' backward convolutions on XLA:CPU (see per_example).
-  @jax.jit
-  @per_example.canonical_convs
   def step(params0, scales, opt_state, batch):
     grads, (stats, obj, constraint) = jax.grad(search_loss, has_aux=True)(scales, params0, batch)
     updates, opt_state = tx.update(grads, opt_state, scales, is_constraint=constraint)
@@ -182,7 +179,12 @@ def make_nio_step(
     )
     return new_scales, opt_state, metrics
 
-  return step, tx
+  # canonical_convs: the scanned blocks' backward convolutions on XLA:CPU (see per_example).
+  # The im2col / slices forms leave no convolution to rewrite: the trace would be wasted.
+  impl = cfg.impl or gcmod.default_impl(cfg.num_chunks)
+  if not impl.endswith(("im2col", "slices")):
+    step = per_example.canonical_convs(step)
+  return jax.jit(step), tx
 
 
 def nio(

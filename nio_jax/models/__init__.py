@@ -8,7 +8,8 @@
 Every model: ``__call__(x, train: bool = False)`` -> logits; BN statistics in ``batch_stats``;
 dropout off. See ``docs/models.md`` for the init variant of each model and parameter counts.
 Scanned blocks live in modules named ``*_scan`` (leading block axis on every leaf); use
-:func:`unstack_blocks` / :func:`stack_blocks` to convert to/from the ``scan=False`` layout.
+:func:`unstack_blocks` / :func:`stack_blocks` to convert to/from the ``scan=False`` layout, and
+:func:`match_layout` to load a saved tree into a model of either layout.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import flax.linen as nn
 
-from ._common import count_params, stack_blocks, unstack_blocks
+from ._common import count_params, match_layout, stack_blocks, unstack_blocks
 from .cifar_resnet import (
   CIFAR_RESNET_DEPTHS,
   BasicBlock,
@@ -98,6 +99,7 @@ __all__ = [
   "count_params",
   "stack_blocks",
   "unstack_blocks",
+  "match_layout",
   "stack",
   "unstack",
   "fixup_multiplier",

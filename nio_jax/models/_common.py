@@ -233,3 +233,41 @@ def stack_blocks(tree: Any, num_unscanned: int = 1) -> Any:
 def count_params(params: Any) -> int:
   """Number of scalar entries in a pytree of arrays or ``ShapeDtypeStruct``s."""
   return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+
+def _structure(tree) -> Any:
+  return jax.tree_util.tree_structure(tree)
+
+
+def match_layout(tree: Any, like: Any) -> Any:
+  """``tree`` converted to the block layout of ``like`` (scanned ``<prefix>_scan`` or
+  unrolled ``<prefix>_block{i}``), for loading saved params, ``batch_stats``, checkpoints or
+  scales into a model built with the other ``scan`` setting.
+
+  Args:
+    tree: a nested mapping (variables, one collection, or a scales tree).
+    like: a nested mapping in the wanted layout (e.g. ``model.init(...)`` or
+      ``jax.eval_shape`` of it); only its keys are used.
+
+  Returns:
+    ``tree`` itself when its structure already equals ``like``'s, else its
+    ``unstack_blocks`` or ``stack_blocks`` conversion.
+
+  Raises:
+    ValueError: when neither layout of ``tree`` has the structure of ``like``.
+  """
+  want = _structure(like)
+  if _structure(tree) == want:
+    return tree
+  for convert in (unstack_blocks, stack_blocks, lambda t: stack_blocks(unstack_blocks(t))):
+    try:
+      out = convert(tree)
+    except (ValueError, IndexError):
+      continue
+    if _structure(out) == want:
+      return out
+  raise ValueError(
+    "saved tree does not match the model in either block layout (scanned '*_scan' or "
+    f"unrolled '*_block<i>'): saved top-level keys {sorted(map(str, tree))}, "
+    f"model's {sorted(map(str, like))}"
+  )

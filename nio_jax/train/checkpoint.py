@@ -73,3 +73,16 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def load_msgpack_variables(path: str | os.PathLike, target: PyTree) -> PyTree:
+  """Flax msgpack variables (`flax.serialization.to_bytes`) restored into the structure of
+  `target`, converted to `target`'s block layout first (`models.match_layout`: params saved
+  from a scanned model load into an unrolled one and back). Shapes are not checked here."""
+  from flax import serialization  # noqa: PLC0415
+
+  from nio_jax.models import match_layout  # noqa: PLC0415
+
+  state = serialization.msgpack_restore(pathlib.Path(path).read_bytes())
+  state = match_layout(state, serialization.to_state_dict(target))
+  return serialization.from_state_dict(target, state)
