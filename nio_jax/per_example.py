@@ -442,7 +442,8 @@ def canonical_convs(fn: Callable, backends: tuple[str, ...] | None = ("cpu",)) -
   Args:
     fn: any function of pytrees of arrays.
     backends: rewrite only when `jax.default_backend()` is one of these (default: XLA:CPU,
-      the backend whose scanned gradients need it); `None`: always.
+      the backend whose scanned gradients need it); `None`: always. On a JAX release the
+      jaxpr rewrite was not tested on (`check_jaxpr_internals`) `fn` runs unchanged.
 
   Returns:
     A function with the signature of `fn`.
@@ -450,6 +451,10 @@ def canonical_convs(fn: Callable, backends: tuple[str, ...] | None = ("cpu",)) -
 
   def wrapped(*args, **kwargs):
     if backends is not None and jax.default_backend() not in backends:
+      return fn(*args, **kwargs)
+    try:  # an optimisation only: on an untested JAX release keep the plain convolutions
+      check_jaxpr_internals()
+    except RuntimeError:
       return fn(*args, **kwargs)
     leaves, treedef = jax.tree_util.tree_flatten((args, kwargs))
     # Array leaves are traced; anything else (a loss function, a config passed as a static
