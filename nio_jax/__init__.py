@@ -4,6 +4,7 @@ Where things are:
   * GradCosine is computed in `nio_jax.cosine` (`gradcosine`, `gc_from_grads`);
   * per-example / sub-batch gradients in `nio_jax.per_example`;
   * scales meet params in `nio_jax.scales` (`init_scales`, `apply_scales`);
+  * what each leaf is (kernel, bias, batch norm, layer norm, ...) in `nio_jax.leaves`;
   * the scale optimiser (clip → split-moment Adam → bound) in `nio_jax.rescale_adam`;
   * the NIO search in `nio_jax.nio_search`; the shared host loop in `nio_jax.search`;
   * Flax adapters (linen / NNX loss functions) in `nio_jax.flax_utils`;
@@ -21,6 +22,7 @@ xla_defaults.apply()
 
 from nio_jax.cosine import GCStats, gc_brute_force, gc_from_grads, gradcosine
 from nio_jax.errors import NonFiniteError, ZeroGradientError
+from nio_jax.leaves import LeafKinds, default_grad_filter
 
 # The compared methods (after the core: they build on it).
 from nio_jax.methods import (  # noqa: E402
@@ -39,13 +41,14 @@ from nio_jax.nio_search import NIOConfig, make_nio_step, measure, nio, nio_objec
 from nio_jax.per_example import per_example_grads, subbatch_bounds, subbatch_weights
 from nio_jax.rescale_adam import freeze, project_min_scale, rescale_adam, scale_by_split_adam
 from nio_jax.results import InitResult
-from nio_jax.scales import ScaleSpec, apply_scales, default_grad_filter, init_scales
+from nio_jax.scales import ScaleSpec, apply_scales, init_scales
 
 __version__ = "0.1.0"
 
 __all__ = [
   "GCStats",
   "InitResult",
+  "LeafKinds",
   "NIOConfig",
   "NonFiniteError",
   "ScaleSpec",

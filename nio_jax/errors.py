@@ -2,6 +2,9 @@
 
 Every check raises `ValueError` or `TypeError` whose message names the offending argument
 and says how to fix it, so that bad input fails at the call site instead of deep inside JAX.
+Value checks (NaN/inf, zero norms) run with numpy on concrete values only and skip tracers,
+so the public functions that call them can be used inside `jax.jit`, `jax.vmap` and
+`jax.grad`; shape and dtype checks run everywhere.
 """
 
 from __future__ import annotations
@@ -65,10 +68,11 @@ def check_batch(batch, *, minimum: int = 2, what: str = "batch") -> int:
       "larger batch."
     )
   for leaf in jax.tree_util.tree_leaves(batch):
-    dt = np.asarray(leaf).dtype if not isinstance(leaf, jax.Array) else leaf.dtype
-    if jnp.issubdtype(dt, jnp.floating) and not isinstance(leaf, jax.core.Tracer):
-      if not bool(jnp.all(jnp.isfinite(leaf))):
-        raise ValueError(f"{what} contains NaN or inf values in a float input.")
+    if isinstance(leaf, jax.core.Tracer):
+      continue  # inside a transformation: only shapes can be checked
+    x = np.asarray(leaf)  # concrete: checked on the host, also inside an outer trace
+    if jnp.issubdtype(x.dtype, jnp.floating) and not bool(np.all(np.isfinite(x))):
+      raise ValueError(f"{what} contains NaN or inf values in a float input.")
   return b
 
 

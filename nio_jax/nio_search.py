@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nio_jax import config_utils, errors, per_example
+from nio_jax import config_utils, errors, leaves, per_example
 from nio_jax import cosine as gcmod
 from nio_jax import scales as scmod
 from nio_jax.rescale_adam import rescale_adam
@@ -52,7 +52,9 @@ class NIOConfig:
     impl: gradient formulation (see `per_example`); None = the measured default.
     chunk_size: sample-wise only: examples processed at a time (memory bound).
     grad_filter: predicate `(path, leaf) -> bool` for the leaves whose gradients enter GC;
-      "default" = every leaf but batch-norm ones (released code), None = every leaf.
+      "default" (or `nio_jax.default_grad_filter`) = the conv, dense and layer-norm leaves
+      (released code), decided by structure (`nio_jax.leaves.LeafKinds.grad_filter`; batch
+      norm is known from the Flax adapters, see `nio_jax.leaves`); None = every leaf.
     select: predicate for the leaves whose scales are tuned; None = all non-zero leaves.
     device_loop: run all steps in one compiled `lax.scan` over batches stacked beforehand
       (no host round-trip per step; see `nio_jax.search.run_scale_search(on_device=...)`).
@@ -107,9 +109,9 @@ class NIOConfig:
         per_example.SAMPLE_IMPLS if self.num_chunks is None else per_example.SUBBATCH_IMPLS,
       )
 
-  @property
-  def wrt(self):
-    return scmod.default_grad_filter if self.grad_filter == "default" else self.grad_filter
+  def wrt(self, loss_fn: Callable, params: PyTree, kinds=None):
+    """The `wrt` predicate of `grad_filter` for these params (see `leaves.resolve_grad_filter`)."""
+    return leaves.resolve_grad_filter(self.grad_filter, loss_fn, params, kinds)
 
   def to_dict(self) -> dict:
     return config_utils.to_plain_dict(self)
@@ -142,12 +144,13 @@ def make_nio_step(
   tx = rescale_adam(cfg.lr, spec, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, grad_clip=cfg.grad_clip)
 
   def search_loss(scales, params0, batch):
+    wrt = cfg.wrt(loss_fn, params0)  # static: from the tree's paths and shapes
     params = scmod.apply_scales(params0, scales)
     if mesh is not None and cfg.num_chunks is None:
       from nio_jax import distributed
 
       stats = distributed.samplewise_stats(
-        loss_fn, params, batch, mesh, wrt=cfg.wrt, impl=cfg.impl, chunk_size=cfg.chunk_size
+        loss_fn, params, batch, mesh, wrt=wrt, impl=cfg.impl, chunk_size=cfg.chunk_size
       )
     else:
       stats = gcmod.gradcosine_stats(
@@ -156,7 +159,7 @@ def make_nio_step(
         batch,
         num_chunks=cfg.num_chunks,
         overlap=cfg.overlap,
-        wrt=cfg.wrt,
+        wrt=wrt,
         impl=cfg.impl,
         chunk_size=cfg.chunk_size,
       )
@@ -232,7 +235,11 @@ def nio(
     if cfg.device_loop:
       raise ValueError("device_loop=True is not supported with a mesh; use the host loop.")
   scales, spec = scmod.init_scales(
-    params, select=cfg.select, min_scale=cfg.min_scale, min_scale_bias=cfg.min_scale_bias
+    params,
+    select=cfg.select,
+    min_scale=cfg.min_scale,
+    min_scale_bias=cfg.min_scale_bias,
+    kinds=leaves.leaf_kinds_for(loss_fn, params),
   )
   step, tx = make_nio_step(loss_fn, spec, cfg, mesh=mesh)
   if mesh is not None:
@@ -270,6 +277,9 @@ def measure(
 ) -> dict[str, float]:
   """GradCosine and gradient norm averaged over `num_batches` batches (before/after report).
 
+  `wrt="default"` takes the conv, dense and layer-norm leaves (structure, see
+  `nio_jax.leaves`), as the search does; None takes every leaf; or pass a predicate.
+
   Returns a dict with `gc`, `gc_std`, `grad_norm`, `grad_norm_std`, `loss`, `num_batches`.
   """
   if (
@@ -281,7 +291,7 @@ def measure(
   errors.check_params(params)
   errors.check_optional_int("chunk_size", chunk_size)
   errors.check_predicate("wrt", wrt, allow=("default",))
-  wrt_fn = scmod.default_grad_filter if wrt == "default" else wrt
+  wrt_fn = leaves.resolve_grad_filter(wrt, loss_fn, params)
   impl = impl or gcmod.default_impl(num_chunks)
   first, batches = peek(batches)
   b = errors.check_batch(first)

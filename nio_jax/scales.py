@@ -8,14 +8,17 @@ block index) gets a stacked scale of shape `[K]`, so every block is still addres
 separately.
 
 Leaf selection follows the released code (ALGORITHMS.md, "NIO search loop"): weights get the
-lower bound `min_scale` (0.01), biases (leaves named `bias`) get 0, and a leaf (or a block of
-a stacked leaf) whose initial norm is 0 is not tuned. A predicate on the leaf path overrides
-the selection.
+lower bound `min_scale` (0.01), biases (leaves whose own name contains "bias", NNX included:
+`nio_jax.leaves.is_bias`) get 0, and a leaf (or a block of a stacked leaf) whose initial norm
+is 0 is not tuned. A predicate on the leaf path overrides the selection. Which leaf is what
+(bias, batch norm, stacked, ...) is decided in `nio_jax.leaves`, the one home of those rules.
+
+Every public function here checks its input only where the values are concrete, so it can be
+used inside `jax.jit`, `jax.vmap` and `jax.grad` (the checks skip themselves on tracers).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -23,47 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nio_jax import errors
+from nio_jax import errors, leaves
+from nio_jax.leaves import LeafKinds, is_stacked, path_names
 
 PyTree = Any
-_STACKED = re.compile(r"(^|_)scan$")
-_BATCHNORM = re.compile(r"(?i)^(batchnorm(_\d+)?|bn\d*(_\d+)?|.*_bn\d*)$")
-
-
-def key_name(key) -> str:
-  for attr in ("key", "name", "idx"):
-    if hasattr(key, attr):
-      return str(getattr(key, attr))
-  return str(key)
-
-
-def path_names(path) -> tuple[str, ...]:
-  return tuple(key_name(k) for k in path)
-
-
-def is_stacked(path) -> bool:
-  """True for a leaf of an `nn.scan` stack: some key of its path ends in `_scan`."""
-  return any(_STACKED.search(n) for n in path_names(path))
-
-
-def is_bias(path) -> bool:
-  names = path_names(path)
-  return bool(names) and "bias" in names[-1].lower()
-
-
-def is_batchnorm(path) -> bool:
-  """True for leaves of a batch-norm layer (module named `BatchNorm_*`, `bn*` or `*_bn*`)."""
-  return any(_BATCHNORM.match(n) for n in path_names(path)[:-1])
-
-
-def default_grad_filter(path, leaf=None) -> bool:
-  """Leaves whose gradients enter GradCosine: every leaf except batch-norm ones.
-
-  The released NIO code takes gradients w.r.t. the weight and bias of every conv, dense and
-  layer-norm layer, i.e. everything except batch-norm affine parameters (which are still
-  *rescaled*, see `init_scales`).
-  """
-  return not is_batchnorm(path)
 
 
 class ScaleSpec(NamedTuple):
@@ -73,13 +39,17 @@ class ScaleSpec(NamedTuple):
     trainable: bool arrays; False where the scale stays fixed at 1 (zero-norm leaves and
       leaves rejected by the `select` predicate).
     min_scale: float arrays; the lower bound of the projection `s ← max(s, min_scale)`.
+    kinds: the `nio_jax.leaves.LeafKinds` of the params the scales belong to (what each leaf
+      is: bias, batch norm, layer norm, ...), or None when unknown. A pytree without leaves.
   """
 
   trainable: PyTree
   min_scale: PyTree
+  kinds: LeafKinds | None = None
 
 
-def _leaf_norms(path, leaf):
+def leaf_norms(path, leaf):
+  """The norm of a leaf (`[K]` block norms for a stacked leaf): what a scale multiplies."""
   x = jnp.asarray(leaf, jnp.float32)
   if is_stacked(path) and x.ndim >= 1:
     return jnp.sqrt(jnp.sum(jnp.reshape(x, (x.shape[0], -1)) ** 2, axis=1))
@@ -92,15 +62,23 @@ def init_scales(
   select: Callable[[tuple, Any], bool] | None = None,
   min_scale: float = 0.01,
   min_scale_bias: float = 0.0,
+  kinds: LeafKinds | None = None,
 ) -> tuple[PyTree, ScaleSpec]:
   """The scales a search tunes (all ones) and their `ScaleSpec`.
+
+  Works on concrete params and inside `jit` / `vmap` / `grad` (the "no scalable leaf" check
+  runs only when the params are concrete).
 
   Args:
     params: the parameter pytree `θ0`.
     select: optional predicate `(path, leaf) -> bool` on the params path; leaves it rejects
       keep scale 1. Default: every leaf.
-    min_scale: lower bound for weights (every leaf not named `bias`).
-    min_scale_bias: lower bound for biases.
+    min_scale: lower bound for weights (every leaf that is not a bias).
+    min_scale_bias: lower bound for biases (`nio_jax.leaves.is_bias`: the leaf's own name
+      contains "bias"; for NNX the name before `.value`).
+    kinds: the params' `LeafKinds` (the searches pass `nio_jax.leaves.leaf_kinds_for(loss_fn,
+      params)`, which knows the structure the Flax adapters hand over); None classifies
+      `params` alone (`nio_jax.leaves.classify`). Stored in `spec.kinds`.
 
   Returns:
     `(scales, spec)`: `scales` has the structure of `params`, each leaf a float32 scalar
@@ -109,27 +87,34 @@ def init_scales(
   errors.check_params(params)
   errors.check_positive("min_scale", min_scale, allow_zero=True)
   errors.check_positive("min_scale_bias", min_scale_bias, allow_zero=True)
+  if kinds is None:
+    kinds = leaves.classify(params)
+  elif not isinstance(kinds, LeafKinds):
+    raise TypeError(f"kinds must be a nio_jax.leaves.LeafKinds or None, got {kinds!r}.")
 
   def one(path, leaf):
-    norms = _leaf_norms(path, leaf)
+    norms = leaf_norms(path, leaf)
     return jnp.ones_like(norms)
 
   def trainable(path, leaf):
-    ok = _leaf_norms(path, leaf) > 0
+    ok = leaf_norms(path, leaf) > 0
     if select is not None and not select(path, leaf):
       ok = jnp.zeros_like(ok)
     return ok
 
   def bound(path, leaf):
-    b = min_scale_bias if is_bias(path) else min_scale
-    return jnp.full(jnp.shape(_leaf_norms(path, leaf)), b, jnp.float32)
+    b = min_scale_bias if kinds.is_bias(path) else min_scale
+    return jnp.full(jnp.shape(leaf_norms(path, leaf)), b, jnp.float32)
 
   scales = jax.tree_util.tree_map_with_path(one, params)
   spec = ScaleSpec(
     trainable=jax.tree_util.tree_map_with_path(trainable, params),
     min_scale=jax.tree_util.tree_map_with_path(bound, params),
+    kinds=kinds,
   )
-  if not any(bool(jnp.any(t)) for t in jax.tree_util.tree_leaves(spec.trainable)):
+  flags = jax.tree_util.tree_leaves(spec.trainable)
+  concrete = not any(isinstance(t, jax.core.Tracer) for t in flags)
+  if concrete and not any(bool(np.any(np.asarray(t))) for t in flags):
     raise ValueError(
       "params have no scalable leaf: every leaf has zero norm or was rejected "
       "by `select`. Initialise the model (e.g. model.init) before the search."

@@ -231,12 +231,14 @@ def part_fns(part: str, spec: dict, forms_sw, forms_b, tctx: dict | None):
   import jax.numpy as jnp
   import optax
 
+  from nio_jax import leaves
   from nio_jax import scales as scmod
 
   batch = spec["batch"]
   jbatch = {"image": jnp.asarray(spec["x"][:batch]), "label": jnp.asarray(spec["y"][:batch])}
   jnext = {"image": jnp.asarray(spec["x"][batch:]), "label": jnp.asarray(spec["y"][batch:])}
-  params, loss_fn, wrt = spec["params"], spec["loss_fn"], scmod.default_grad_filter
+  params, loss_fn = spec["params"], spec["loss_fn"]
+  wrt = leaves.resolve_grad_filter("default", loss_fn, params)  # what the search uses
   scales0, sspec = scmod.init_scales(params)
   TA = tctx["TA"] if tctx else None
   if part in ("pe", "gc", "nio_sw") and spec["has_bn"]:
@@ -456,7 +458,7 @@ def check_gradcosine(row, spec, parts, forms_sw, forms_b, tctx):
   """Both frameworks' GradCosine on the same weights; flags a row that disagrees."""
   import jax.numpy as jnp
 
-  from nio_jax import scales as scmod
+  from nio_jax import leaves
 
   batch = spec["batch"]
   jbatch = {"image": jnp.asarray(spec["x"][:batch]), "label": jnp.asarray(spec["y"][:batch])}
@@ -469,9 +471,8 @@ def check_gradcosine(row, spec, parts, forms_sw, forms_b, tctx):
       continue
     r = NIO_B_OVERLAP if d else 0.0
     form = forms_sw[0] if d is None else forms_b[0]
-    st = jax_gradcosine(
-      spec["loss_fn"], spec["params"], jbatch, d, r, scmod.default_grad_filter, form
-    )
+    wrt = leaves.resolve_grad_filter("default", spec["loss_fn"], spec["params"])
+    st = jax_gradcosine(spec["loss_fn"], spec["params"], jbatch, d, r, wrt, form)
     jgc = float(st.gc)
     ent = dict(jax_gc=jgc, jax_grad_norm=float(st.grad_norm))
     if tctx is not None:

@@ -5,12 +5,15 @@ Rules (L residual branches, m layers per branch):
   * the other branch layers (``conv1 .. conv{m-1}``), assumed He-initialised, are multiplied by
     ``L^(-1/(2m-2))`` (L^-1/2 for basic blocks, L^-1/4 for bottlenecks);
   * the classifier (``fc`` / ``head`` / ``classifier`` / ``linear``) weight and bias -> 0;
-  * scalar biases (array leaves named ``bias*`` directly in a branch or at the top level) -> 0,
-    scalar multipliers (array leaves named ``scale`` directly in a branch) -> 1.
+  * scalar biases (Fixup scalars that are biases, directly in a branch or at the top level)
+    -> 0, scalar multipliers (the other Fixup scalars directly in a branch) -> 1.
 
-A *branch* is any sub-tree whose key matches ``_block<i>`` or ends in ``scan`` (an ``nn.scan``
-stack; its leading axis counts the blocks), i.e. the layout of ``nio_jax.models``. Shortcut
-convs (e.g. ``downsample_conv``) and BN sub-dicts are left alone.
+Which leaves are Fixup scalars is decided in :mod:`nio_jax.leaves` (kind ``SCALAR``: a
+one-element parameter held directly by a module without a kernel; a bias when its name
+contains "bias"). A *branch* is any sub-tree whose key matches ``_block<i>`` or is stacked
+(``leaves.is_stacked``: an ``nn.scan`` stack whose leading axis counts the blocks), i.e. the
+layout of ``nio_jax.models``. Shortcut convs (e.g. ``downsample_conv``) and BN sub-dicts are
+left alone.
 
 The natural use is ``nio_jax.models.get("resnet110", variant="fixup")``, whose own init already
 is the Fixup init (``fixup_rescale=True``).  :func:`fixup_rules` turns the He-initialised params of
@@ -36,10 +39,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from nio_jax import leaves
+
 PyTree = Any
 
-BRANCH_RE = re.compile(r"(_block\d+$)|((^|_)scan$)")
-_SCAN_RE = re.compile(r"(^|_)scan$")
+BRANCH_RE = re.compile(r"_block\d+$")
 _CONV_RE = re.compile(r"^conv(\d+)$")
 CLASSIFIER_NAMES = ("fc", "head", "classifier", "linear")
 
@@ -57,13 +61,21 @@ def _first_leaf(tree):
   return jax.tree_util.tree_leaves(tree)[0]
 
 
+def _is_stack(key) -> bool:
+  return leaves.is_stacked((str(key),))
+
+
+def _is_branch(key) -> bool:
+  return bool(BRANCH_RE.search(str(key))) or _is_stack(key)
+
+
 def _branches(tree: Mapping, out: list):
   """Collect (branch_subtree, num_blocks) pairs."""
   for k, v in tree.items():
     if not isinstance(v, Mapping):
       continue
-    if BRANCH_RE.search(str(k)):
-      n = _first_leaf(v).shape[0] if _SCAN_RE.search(str(k)) else 1
+    if _is_branch(k):
+      n = _first_leaf(v).shape[0] if _is_stack(k) else 1
       out.append((v, n))
     else:
       _branches(v, out)
@@ -109,8 +121,15 @@ def fixup_rules(
   if not force and _is_fixup_already(params, m):
     return jax.tree_util.tree_map(lambda a: a, dict(params))
   mult = fixup_multiplier(L, m)
+  kinds = leaves.classify(params)
 
-  def branch(sub: Mapping) -> dict:
+  def scalar(path: tuple[str, ...]) -> str | None:
+    """ "bias" / "scale" for a Fixup scalar at `path`, else None."""
+    if kinds.kind(path) != leaves.SCALAR:
+      return None
+    return "bias" if leaves.is_bias(path) else "scale"
+
+  def branch(sub: Mapping, where: tuple[str, ...]) -> dict:
     out = {}
     for k, v in sub.items():
       cm = _CONV_RE.match(str(k))
@@ -122,31 +141,32 @@ def fixup_rules(
           out[k] = {kk: (vv * mult if kk == "kernel" else vv) for kk, vv in v.items()}
         else:
           raise ValueError(f"conv{i} in a branch of {m} layers")
-      elif not isinstance(v, Mapping) and str(k).startswith("bias"):
+      elif not isinstance(v, Mapping) and scalar((*where, str(k))) == "bias":
         out[k] = jnp.zeros_like(v)
-      elif not isinstance(v, Mapping) and str(k) == "scale":
+      elif not isinstance(v, Mapping) and scalar((*where, str(k))) == "scale":
         out[k] = jnp.ones_like(v)
       else:
         out[k] = v
     return out
 
-  def walk(tree: Mapping, top: bool) -> dict:
+  def walk(tree: Mapping, where: tuple[str, ...]) -> dict:
+    top = not where
     out = {}
     for k, v in tree.items():
       if isinstance(v, Mapping):
-        if BRANCH_RE.search(str(k)):
-          out[k] = branch(v)
+        if _is_branch(k):
+          out[k] = branch(v, (*where, str(k)))
         elif top and str(k) in classifier_names:
           out[k] = jax.tree_util.tree_map(jnp.zeros_like, v)
         else:
-          out[k] = walk(v, False)
-      elif top and str(k).startswith("bias"):
+          out[k] = walk(v, (*where, str(k)))
+      elif top and scalar((str(k),)) == "bias":
         out[k] = jnp.zeros_like(v)
       else:
         out[k] = v
     return out
 
-  return walk(params, True)
+  return walk(params, ())
 
 
 def fixup_init(*args, **kwargs):

@@ -21,6 +21,8 @@ Released-code semantics (zhuchen03/gradinit, `gradinit_utils.gradinit`), with
     clip ±`grad_clip`, Adam with split first moments / shared second moment, lower bound
     `min_scale` for weights and `min_scale_bias` for biases, zero-norm leaves skipped);
     `layernorm_max_scale` additionally caps layer-norm weight scales (IWSLT recipe: 100).
+    Which leaves are biases and layer-norm weights is decided by structure in
+    `nio_jax.leaves` (`ScaleSpec.kinds`; linen and NNX alike).
 
 Everything per step is one jitted function (`make_gradinit_step`); only the chosen branch's
 gradient is evaluated (`lax.cond`). The look-ahead loss is also recorded on constraint steps
@@ -31,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -41,7 +42,7 @@ import jax.numpy as jnp
 import optax
 
 from nio_jax import config_utils as _config
-from nio_jax import errors
+from nio_jax import errors, leaves
 from nio_jax import scales as scmod
 from nio_jax.methods.registry import register
 from nio_jax.per_example import canonical_convs
@@ -52,15 +53,6 @@ from nio_jax.search import peek, run_scale_search
 PyTree = Any
 VARIANTS = ("sgd", "adam")
 LOOKAHEADS = ("half", "disjoint", "thirds")
-
-_LAYERNORM = re.compile(r"(?i)(layer_?norm|^ln(_?\d+)?$|_ln\d*$)")
-
-
-def is_layernorm_weight(path, leaf=None) -> bool:
-  """A non-bias leaf of a layer-norm module (`LayerNorm_*`, `*layer_norm*`, `ln*`, `*_ln`)."""
-  names = scmod.path_names(path)
-  return (not scmod.is_bias(path)) and any(_LAYERNORM.search(n) for n in names[:-1])
-
 
 # CIFAR-10 recipes: launch/run_gradinit*.sh (η = 0.1, γ = 1, normalised gradient, min scale
 # 0.01, clip 1; `batch_size` = S, i.e. 2 × the reference's loader batch). Transformer:
@@ -240,9 +232,16 @@ def _make_tx(cfg: GradInitConfig, spec: scmod.ScaleSpec):
   tx = rescale_adam(cfg.lr, spec, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, grad_clip=cfg.grad_clip)
   if cfg.layernorm_max_scale is None:
     return tx
+  if spec.kinds is None:
+    raise ValueError(
+      "layernorm_max_scale needs to know the layer-norm leaves: build the ScaleSpec with "
+      "nio_jax.init_scales(params, kinds=...), which records them in spec.kinds."
+    )
   hi = jax.tree_util.tree_map_with_path(
     lambda p, m: jnp.full(
-      jnp.shape(m), cfg.layernorm_max_scale if is_layernorm_weight(p) else jnp.inf, jnp.float32
+      jnp.shape(m),
+      cfg.layernorm_max_scale if spec.kinds.is_layer_norm_scale(p) else jnp.inf,
+      jnp.float32,
     ),
     spec.min_scale,
   )
@@ -373,7 +372,11 @@ def gradinit(
     )
   errors.check_loss_fn(loss_fn, params, first)
   scales, spec = scmod.init_scales(
-    params, select=cfg.select, min_scale=cfg.min_scale, min_scale_bias=cfg.min_scale_bias
+    params,
+    select=cfg.select,
+    min_scale=cfg.min_scale,
+    min_scale_bias=cfg.min_scale_bias,
+    kinds=leaves.leaf_kinds_for(loss_fn, params),
   )
   step, tx, _ = make_gradinit_step(loss_fn, spec, cfg)
   if mesh is not None:

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nio_jax import config_utils as _config
-from nio_jax import errors
+from nio_jax import errors, leaves
 from nio_jax import scales as scmod
 from nio_jax.methods.registry import register
 from nio_jax.per_example import canonical_convs
@@ -244,7 +244,7 @@ class MomentumState(NamedTuple):
 
 def metainit_select(path, leaf) -> bool:
   """The paper's rule: tensors with at least 2 dimensions (per block for scanned stacks)."""
-  ndim = jnp.ndim(leaf) - (1 if scmod.is_stacked(path) and jnp.ndim(leaf) >= 1 else 0)
+  ndim = jnp.ndim(leaf) - (1 if leaves.is_stacked(path) and jnp.ndim(leaf) >= 1 else 0)
   return ndim >= 2
 
 
@@ -272,7 +272,7 @@ def _metainit_step(loss_fn, cfg, spec, params0, scales, state, batch):
     return jax.tree_util.tree_map(lambda s, u: s + u, scales, updates), state, metrics
 
   lr, mom = cfg.learning_rate, cfg.momentum
-  norms0 = jax.tree_util.tree_map_with_path(scmod._leaf_norms, params0)
+  norms0 = jax.tree_util.tree_map_with_path(scmod.leaf_norms, params0)
 
   def one(s, g, m, n0, t):
     d = jnp.sign(s * g)  # sign(<θ_l, ∇θ_l GQ> / ‖θ_l‖)
@@ -345,7 +345,11 @@ def metainit(
   if select is None and cfg.variant == "sign_momentum":
     select = metainit_select
   scales, spec = scmod.init_scales(
-    params, select=select, min_scale=cfg.min_scale, min_scale_bias=cfg.min_scale_bias
+    params,
+    select=select,
+    min_scale=cfg.min_scale,
+    min_scale_bias=cfg.min_scale_bias,
+    kinds=leaves.leaf_kinds_for(loss_fn, params),
   )
   step, init = make_metainit_step(loss_fn, spec, cfg)
   state = init(scales)

@@ -7,8 +7,6 @@ from nio_jax.train.metrics import MetricsLog, plot_curves, read_metrics
 from nio_jax.train.optim import (
   decay_mask,
   has_norm_layers,
-  is_norm_name,
-  is_norm_path,
   make_optimizer,
   param_labels,
 )
@@ -26,8 +24,6 @@ __all__ = [
   "default_config",
   "has_norm_layers",
   "init_loss_fn",
-  "is_norm_name",
-  "is_norm_path",
   "main_schedule",
   "make_optimizer",
   "make_schedule",

@@ -1,7 +1,9 @@
 """The SGD optimizer of the recipes, with path-based parameter groups.
 
 * Weight decay (coupled, as ``torch.optim.SGD(weight_decay=...)``) on every leaf except
-  normalisation layers (any path component that names a norm layer, see :func:`is_norm_path`).
+  normalisation layers. Which leaves those are is decided by structure in
+  :mod:`nio_jax.leaves` (a module holding only ``scale``/``bias``, batch norm and layer norm
+  alike), not by module names.
 * Models without normalisation layers ("no-norm recipe"): biases and scalar leaves (Fixup
   biases / multipliers, any leaf with one element or a name containing "scale") train at
   ``slow_lr_factor * lr`` (lr/10), and gradients are clipped at global norm 1.
@@ -9,64 +11,35 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 import jax
 import numpy as np
 import optax
 
+from nio_jax import leaves
 from nio_jax.train.schedules import make_schedule
 
 PyTree = Any
 
-_NORM_TOKEN = re.compile(r"(bn|ln|gn)\d*")
-_NORM_SUBSTR = re.compile(r"norm(?!al)")
-
-
-def is_norm_name(name: str) -> bool:
-  """``BatchNorm_0``, ``LayerNorm_1``, ``GroupNorm``, ``final_norm``, ``bn1``, ``shortcut_bn``,
-  ``ln_f``, ``gn2``... (a "norm" substring, or a ``bn``/``ln``/``gn`` token)."""
-  n = name.lower()
-  if _NORM_SUBSTR.search(n):
-    return True
-  return any(_NORM_TOKEN.fullmatch(t) for t in re.split(r"[^a-z0-9]+", n))
-
-
-def _names(path) -> list[str]:
-  out = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        out.append(str(getattr(k, attr)))
-        break
-    else:
-      out.append(str(k))
-  return out
-
-
-def is_norm_path(path) -> bool:
-  """True if a module on ``path`` (all but the leaf name) names a normalisation layer
-  (:func:`is_norm_name`)."""
-  names = _names(path)
-  return any(is_norm_name(n) for n in names[:-1])
-
 
 def has_norm_layers(params: PyTree) -> bool:
-  leaves = jax.tree_util.tree_leaves_with_path(params)
-  return any(is_norm_path(p) for p, _ in leaves)
+  """True if some leaf of ``params`` belongs to a normalisation layer (``leaves.classify``)."""
+  kinds = leaves.classify(params)
+  return any(kinds.is_norm(p) for p, _ in jax.tree_util.tree_leaves_with_path(params))
 
 
 def decay_mask(params: PyTree) -> PyTree:
-  """True where weight decay applies (every leaf except norm-layer leaves)."""
-  return jax.tree_util.tree_map_with_path(lambda p, _: not is_norm_path(p), params)
+  """True where weight decay applies (every leaf except normalisation-layer leaves)."""
+  kinds = leaves.classify(params)
+  return jax.tree_util.tree_map_with_path(lambda p, _: not kinds.is_norm(p), params)
 
 
 def is_slow_leaf(path, leaf) -> bool:
-  """Bias / scalar leaves of the no-norm recipe: leaf name ``bias`` (or containing "bias"
-  / "scale"), or a leaf with a single element."""
-  name = _names(path)[-1].lower() if path else ""
-  return "bias" in name or "scale" in name or int(np.size(leaf)) == 1
+  """Bias / scalar leaves of the no-norm recipe: a bias (``leaves.is_bias``), a leaf whose
+  name contains "scale", or a leaf with a single element."""
+  name = leaves.leaf_name(path).lower()
+  return leaves.is_bias(path) or "scale" in name or int(np.size(leaf)) == 1
 
 
 def param_labels(params: PyTree, slow_biases: bool) -> PyTree:

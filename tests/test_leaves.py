@@ -1,0 +1,215 @@
+"""Leaf classification by structure (`nio_jax.leaves`), checked against the module types.
+
+The ground truth is each linen module's class, recorded with `nn.intercept_methods` while the
+model is initialised (abstractly, `jax.eval_shape`): the classification itself never sees
+module types, only the params and `batch_stats` trees that the Flax adapter hands over.
+"""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import nio_jax
+from nio_jax import leaves, models
+from nio_jax.flax_utils import (
+  linen_leaf_kinds,
+  linen_loss_fn,
+  nnx_leaf_kinds,
+  nnx_loss_fn,
+)
+from nio_jax.models.nnx_models import NNXMLP
+
+# The smallest model each registry constructor allows (the architecture is what matters).
+SMALL = {
+  "vgg19": dict(width_mult=0.0625),
+  "vgg19_bn": dict(width_mult=0.0625),
+  "densenet100": dict(depth=10, growth_rate=4),
+  "wrn28_10": dict(depth=10, widen=1),
+  "resnet50": dict(layers=(1, 1, 1, 1), width=4),
+  "vit_tiny": dict(dim=16, depth=2, num_heads=2),
+  "vit_mini": dict(dim=16, depth=2, num_heads=2),
+  "swin_mini": dict(embed_dim=8, depths=(2, 2), num_heads=(2, 4), window=2),
+  "mlp": dict(hidden=(8,)),
+  "cnn_small": dict(channels=(4, 4), hidden=8),
+}
+INPUT = {"resnet50": (1, 32, 32, 3), "swin_mini": (1, 16, 16, 3)}
+LINEAR = (nn.Conv, nn.Dense, nn.DenseGeneral)
+
+
+def _cases():
+  out = [(n, {}) for n in models.names()]
+  out.append(("resnet20", dict(variant="fixup")))
+  return out
+
+
+def _init_with_types(name, extra):
+  model = models.get(name, **{**SMALL.get(name, {}), **extra})
+  shape = INPUT.get(name, (1, *models.input_shape(name)))
+  seen = {}
+
+  def record(f, args, kwargs, ctx):
+    seen[tuple(ctx.module.path)] = type(ctx.module)
+    return f(*args, **kwargs)
+
+  with nn.intercept_methods(record):
+    variables = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros(shape), train=False)
+    )
+  return model, variables, seen
+
+
+def _expected_kind(names, leaf, module_type):
+  bias = "bias" in names[-1]
+  if issubclass(module_type, nn.BatchNorm):
+    return leaves.BATCH_NORM_BIAS if bias else leaves.BATCH_NORM_SCALE
+  if issubclass(module_type, nn.LayerNorm):
+    return leaves.LAYER_NORM_BIAS if bias else leaves.LAYER_NORM_SCALE
+  if issubclass(module_type, LINEAR):
+    return leaves.KERNEL if names[-1] == "kernel" else leaves.BIAS
+  stacked = any(n.endswith("_scan") for n in names)
+  size = int(np.prod(leaf.shape[1:] if stacked else leaf.shape))
+  return leaves.SCALAR if size == 1 else leaves.OTHER
+
+
+@pytest.mark.parametrize("name,extra", _cases(), ids=lambda c: str(c) if c else "")
+def test_registry_leaf_kinds_follow_module_types(name, extra):
+  """Every registry model: each leaf's kind is what its module's class says, and the leaves
+  that enter GradCosine by default are exactly the conv/dense/layer-norm leaves."""
+  model, variables, seen = _init_with_types(name, extra)
+  params = variables["params"]
+  kinds = linen_leaf_kinds(variables)
+  loss_fn = linen_loss_fn(model, batch_stats=variables.get("batch_stats"))
+  gc_filter = leaves.resolve_grad_filter("default", loss_fn, params)
+  in_gc, expected_gc = set(), set()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    names = leaves.path_names(path)
+    module_type = seen[names[:-1]]
+    assert kinds.kind(path) == _expected_kind(names, leaf, module_type), names
+    if gc_filter(path, leaf):
+      in_gc.add(names)
+    if issubclass(module_type, (*LINEAR, nn.LayerNorm)):
+      expected_gc.add(names)
+  assert in_gc == expected_gc
+  # The default of the searches: "default" and nio_jax.default_grad_filter resolve alike.
+  same = leaves.resolve_grad_filter(nio_jax.default_grad_filter, loss_fn, params)
+  assert same == gc_filter
+
+
+def test_densenet_and_vit_share_names_but_not_kinds():
+  """DenseNet's `norm1`/`norm2` are batch norm, ViT's are layer norm: same names, and the
+  name rule (the fallback without structure) can only get one of them right."""
+  _, dn, _ = _init_with_types("densenet100", {})
+  _, vit, _ = _init_with_types("vit_mini", {})
+  dk, vk = linen_leaf_kinds(dn), linen_leaf_kinds(vit)
+  assert dk.kind(("block1_layer1", "norm1", "scale")) == leaves.BATCH_NORM_SCALE
+  assert vk.kind(("encoder_block0", "norm1", "scale")) == leaves.LAYER_NORM_SCALE
+  assert not dk.grad_filter(("block1_layer1", "norm1", "scale"))
+  assert vk.grad_filter(("encoder_block0", "norm1", "scale"))
+  # Without the batch_stats the two are indistinguishable: both read as layer norm.
+  bare = leaves.classify(dn["params"])
+  assert bare.kind(("block1_layer1", "norm1", "scale")) == leaves.LAYER_NORM_SCALE
+
+
+class DenseNetLike(nn.Module):
+  """DenseNet's names on a tiny net: batch norms called `norm1` and `norm_final`."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = nn.Conv(4, (3, 3), name="conv0")(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=not train, name="norm1")(x))
+    x = nn.Conv(4, (3, 3), name="conv1")(x)
+    x = nn.BatchNorm(use_running_average=not train, name="norm_final")(x)
+    return nn.Dense(3, name="classifier")(jnp.mean(nn.relu(x), (1, 2)))
+
+
+def test_search_gc_excludes_batchnorm_named_norm():
+  """The GC that `measure` and the NIO search report takes no batch-norm leaf, also where
+  the batch norms are named like DenseNet's (`norm1`, `norm_final`: the old name rule let
+  them in). The registry models are covered structurally above."""
+  model = DenseNetLike()
+  key = jax.random.PRNGKey(0)
+  batch = {"image": jax.random.normal(key, (4, 6, 6, 2)), "label": jnp.arange(4) % 3}
+  variables = model.init(key, batch["image"])
+  params = variables["params"]
+  loss_fn = linen_loss_fn(model, batch_stats=variables["batch_stats"])
+  conv_dense = lambda p, x: leaves.path_names(p)[0] in ("conv0", "conv1", "classifier")
+  kw = dict(num_batches=1, num_chunks=2, overlap=0.0, impl="loop")
+  got = nio_jax.measure(loss_fn, params, [batch], **kw)
+  want = nio_jax.measure(loss_fn, params, [batch], wrt=conv_dense, **kw)
+  with_bn = nio_jax.measure(loss_fn, params, [batch], wrt=None, **kw)
+  np.testing.assert_allclose(got["gc"], want["gc"], rtol=1e-5)
+  np.testing.assert_allclose(got["grad_norm"], want["grad_norm"], rtol=1e-5)
+  assert abs(got["grad_norm"] - with_bn["grad_norm"]) > 1e-3 * with_bn["grad_norm"]
+  cfg = dict(num_steps=1, num_chunks=2, overlap=0.0, impl="loop")
+  res = nio_jax.nio(loss_fn, params, [batch], cfg)
+  np.testing.assert_allclose(res.history["gc"][0], want["gc"], rtol=1e-5)
+  np.testing.assert_allclose(res.history["grad_norm"][0], want["grad_norm"], rtol=1e-5)
+
+
+def test_nnx_kinds_by_module_type():
+  """NNX: the module type decides (a BatchNorm named `norm1` is batch norm, a LayerNorm
+  named `bn` is layer norm), and NNX biases are biases despite the `.value` path key."""
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.conv = nnx.Conv(3, 4, (3, 3), rngs=rngs)
+      self.norm1 = nnx.BatchNorm(4, rngs=rngs)
+      self.bn = nnx.LayerNorm(4, rngs=rngs)
+      self.head = nnx.Linear(4, 2, rngs=rngs)
+
+    def __call__(self, x, train=False):
+      x = self.bn(self.norm1(self.conv(x)))
+      return self.head(x.mean((1, 2)))
+
+  net = Net(nnx.Rngs(0))
+  kinds = nnx_leaf_kinds(net)
+  got = dict(kinds.items())
+  assert got == {
+    "bn/bias": leaves.LAYER_NORM_BIAS,
+    "bn/scale": leaves.LAYER_NORM_SCALE,
+    "conv/bias": leaves.BIAS,
+    "conv/kernel": leaves.KERNEL,
+    "head/bias": leaves.BIAS,
+    "head/kernel": leaves.KERNEL,
+    "norm1/bias": leaves.BATCH_NORM_BIAS,
+    "norm1/scale": leaves.BATCH_NORM_SCALE,
+  }
+  loss_fn, params = nnx_loss_fn(net)
+  flt = leaves.resolve_grad_filter("default", loss_fn, params)
+  chosen = {"/".join(leaves.path_names(p)) for p, x in jax.tree_util.tree_leaves_with_path(params)}
+  chosen = {n for n in chosen if flt(tuple(n.split("/")))}
+  assert chosen == {n for n, k in got.items() if k in leaves.GRAD_KINDS}
+  _, spec = nio_jax.init_scales(params, kinds=kinds)
+  bounds = {"/".join(leaves.path_names(p)): float(b) for p, b in _items(spec.min_scale)}
+  assert bounds == {n: (0.0 if n.endswith("bias") else float(np.float32(0.01))) for n in got}
+
+
+def _items(tree):
+  return jax.tree_util.tree_leaves_with_path(tree)
+
+
+def test_nnx_bias_bound_without_adapter():
+  """`init_scales` on an NNX `State` alone: biases get `min_scale_bias` (the path ends in
+  `.value`, which is not the leaf's name)."""
+  model = NNXMLP(4, (3,), 2, rngs=nnx.Rngs(0))
+  params = nnx.state(model, nnx.Param)
+  _, spec = nio_jax.init_scales(params, min_scale=0.01, min_scale_bias=0.0)
+  for path, b in _items(spec.min_scale):
+    want = 0.0 if leaves.leaf_name(path) == "bias" else float(np.float32(0.01))
+    assert float(b) == want, path
+
+
+def test_leaf_kinds_errors_and_hash():
+  kinds = leaves.classify({"Dense_0": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}})
+  with pytest.raises(ValueError, match="not in the classified params tree"):
+    kinds.kind(("Dense_1", "kernel"))
+  with pytest.raises(ValueError, match="unknown module kind"):
+    leaves.classify({"a": {"w": jnp.ones(2)}}, {("a",): "conv"})
+  again = leaves.classify({"Dense_0": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)}})
+  assert kinds == again and hash(kinds) == hash(again)
+  assert kinds.grad_filter == again.grad_filter  # a stable static argument for jit
+  chex.assert_trees_all_equal(jax.tree_util.tree_leaves(kinds), [])
