@@ -213,3 +213,78 @@ def test_leaf_kinds_errors_and_hash():
   assert kinds == again and hash(kinds) == hash(again)
   assert kinds.grad_filter == again.grad_filter  # a stable static argument for jit
   chex.assert_trees_all_equal(jax.tree_util.tree_leaves(kinds), [])
+
+
+# ----------------------------------------------------------------------------------------
+# linen and NNX twins: the same search gives the same scales
+
+
+class LinenTwin(nn.Module):
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    normal = nn.initializers.normal(1.0)
+    x = nn.Dense(6, bias_init=normal, name="dense0")(x)
+    x = nn.LayerNorm(bias_init=normal, name="ln")(x)
+    return nn.Dense(3, bias_init=normal, name="head")(jnp.tanh(x))
+
+
+class NNXTwin(nnx.Module):
+  def __init__(self, rngs):
+    self.dense0 = nnx.Linear(4, 6, rngs=rngs)
+    self.ln = nnx.LayerNorm(6, rngs=rngs)
+    self.head = nnx.Linear(6, 3, rngs=rngs)
+
+  def __call__(self, x, train: bool = False):
+    return self.head(jnp.tanh(self.ln(self.dense0(x))))
+
+
+def _twins():
+  key = jax.random.PRNGKey(3)
+  x = jax.random.normal(key, (16, 4))
+  batches = [
+    {"image": x[:8], "label": jnp.arange(8) % 3},
+    {"image": x[8:], "label": (jnp.arange(8) + 1) % 3},
+  ]
+  linen = LinenTwin()
+  lp = linen.init(key, x)["params"]
+  net = NNXTwin(nnx.Rngs(0))
+  state = nnx.state(net, nnx.Param)
+  copied = jax.tree_util.tree_map_with_path(
+    lambda p, _: lp[leaves.path_names(p)[0]][leaves.path_names(p)[1]], state
+  )
+  nnx.update(net, copied)
+  l_loss = linen_loss_fn(linen)
+  n_loss, n_params = nnx_loss_fn(net)
+  np.testing.assert_allclose(l_loss(lp, batches[0]), n_loss(n_params, batches[0]), rtol=1e-6)
+  return (l_loss, lp), (n_loss, n_params), batches
+
+
+def _by_name(scales):
+  return {"/".join(leaves.path_names(p)): np.asarray(s) for p, s in _items(scales)}
+
+
+def test_linen_and_nnx_twins_nio_scales_equal():
+  """NIO on a linen model and its NNX twin: equal scales, including biases pushed to their
+  floor (0 for biases, the NNX `.value` path once gave them the weights' 0.01)."""
+  (l_loss, lp), (n_loss, n_params), batches = _twins()
+  cfg = dict(num_steps=4, num_chunks=2, overlap=0.0, lr=0.5, gamma=1e6, impl="loop")
+  a = _by_name(nio_jax.nio(l_loss, lp, batches, cfg).scales)
+  b = _by_name(nio_jax.nio(n_loss, n_params, batches, cfg).scales)
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-7, err_msg=k)
+  assert min(float(v) for k, v in a.items() if k.endswith("bias")) < 0.01  # the floor mattered
+
+
+def test_linen_and_nnx_twins_gradinit_scales_equal():
+  """GradInit with the layer-norm cap: the NNX layer-norm bias is a bias (floor 0, never
+  capped) and its scale a layer-norm weight (capped), as in linen: equal scales."""
+  (l_loss, lp), (n_loss, n_params), batches = _twins()
+  cfg = dict(num_steps=4, lr=0.5, eta=1.0, gamma=1e6, batch_size=None, layernorm_max_scale=1.02)
+  a = _by_name(nio_jax.gradinit(l_loss, lp, batches, cfg).scales)
+  b = _by_name(nio_jax.gradinit(n_loss, n_params, batches, cfg).scales)
+  for k in a:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-7, err_msg=k)
+  np.testing.assert_allclose(float(a["ln/scale"]), 1.02, rtol=1e-6)  # the cap bound
+  assert float(a["ln/bias"]) < 0.01  # the bias floor mattered (NNX once got 0.01)
+  assert max(float(a[k]) for k in a if k.endswith("bias")) > 1.02  # biases are not capped
