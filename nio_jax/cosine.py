@@ -50,13 +50,14 @@ def _safe_sqrt(x):
 
 
 def gc_from_grads(grads: list | PyTree) -> tuple[jax.Array, jax.Array]:
-  """(GC, norms) of a stack of gradients: every leaf has the leading axis D.
+  """(GC, norms) of a stack of gradients: every leaf has the leading axis D ≥ 2.
 
   Uses the identity GC = (‖Σ u_i‖² − D)/(D(D−1)). A zero gradient gives a zero unit vector
-  (no NaN); callers report it through `grad_norms == 0`.
+  (no NaN); callers report it through `grad_norms == 0`. Checks shapes only, so it composes
+  with `jit`, `vmap` and `grad`.
   """
+  d = errors.check_grad_stack(grads)
   leaves = jax.tree_util.tree_leaves(grads)
-  d = leaves[0].shape[0]
   f32 = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
   sq = sum(jnp.sum(jnp.reshape(f32(g), (d, -1)) ** 2, axis=1) for g in leaves)
   norms = _safe_sqrt(sq)
@@ -142,16 +143,19 @@ def gradcosine(
     overlap: overlap ratio `r ∈ [0, 1)` of the sub-batches (batch setting only).
     wrt: optional predicate `(path, leaf) -> bool` selecting the leaves whose gradients
       enter the cosine (the released NIO code uses conv/dense/layer-norm weights and biases,
-      see `nio_jax.scales.default_grad_filter`). `None` selects every leaf.
+      `nio_jax.leaves.LeafKinds.grad_filter`, what the searches pass). `None` selects every
+      leaf.
     impl: formulation, see `per_example.SAMPLE_IMPLS` / `SUBBATCH_IMPLS`; None picks the
       measured default.
     chunk_size: sample-wise only: process this many examples at a time.
-    check: when the values are concrete, raise `ZeroGradientError` if a gradient is zero
-      (its cosine is undefined). Set False inside your own transformations.
+    check: check the inputs (on concrete values only) and, when the result is concrete,
+      raise `ZeroGradientError` if a gradient is zero (its cosine is undefined). Inside
+      `jit` / `vmap` / `grad` the value checks skip themselves, so the defaults compose.
 
   Returns:
-    `GCStats(gc, grad_norms, loss)`. Differentiable w.r.t. `params`:
-    `jax.grad(lambda p: gradcosine(loss_fn, p, batch, check=False).gc)(params)`.
+    `GCStats(gc, grad_norms, loss)`. Differentiable w.r.t. `params`, and usable under
+    transformations with the default arguments, e.g.
+    `jax.jit(lambda s: gradcosine(loss_fn, apply_scales(params, s), batch).gc)(scales)`.
   """
   b = errors.check_batch(batch) if check else errors.batch_size(batch)
   errors.check_chunks(b, num_chunks, overlap)

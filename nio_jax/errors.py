@@ -201,6 +201,29 @@ def check_iterable(name: str, value) -> None:
     ) from None
 
 
+def check_grad_stack(grads) -> int:
+  """`grads` is a pytree of arrays sharing a leading axis D ≥ 2 (one row per gradient);
+  returns D. Shapes only, so it runs inside transformations too."""
+  leaves = jax.tree_util.tree_leaves(grads)
+  if not leaves:
+    raise ValueError("grads has no array leaves; expected a pytree of [D, ...] gradient stacks.")
+  sizes = set()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(grads):
+    shape = np.shape(leaf)
+    if len(shape) == 0:
+      raise ValueError(
+        f"grads leaf {jax.tree_util.keystr(path)} is a scalar; every leaf needs the leading "
+        "axis D (one row per per-example / sub-batch gradient)."
+      )
+    sizes.add(shape[0])
+  if len(sizes) != 1:
+    raise ValueError(f"grads leaves disagree on the number of gradients D: {sorted(sizes)}.")
+  d = sizes.pop()
+  if d < 2:
+    raise ValueError(f"grads holds {d} gradient(s); GradCosine compares at least 2.")
+  return d
+
+
 def check_scales(scales) -> None:
   """Scales are floating point and, when concrete, finite."""
   for path, s in jax.tree_util.tree_leaves_with_path(scales):
