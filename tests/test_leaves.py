@@ -291,3 +291,27 @@ def test_linen_and_nnx_twins_gradinit_scales_equal():
   np.testing.assert_allclose(float(a["ln/scale"]), 1.02, rtol=1e-6)  # the cap bound
   assert float(a["ln/bias"]) < 0.01  # the bias floor mattered (NNX once got 0.01)
   assert max(float(a[k]) for k in a if k.endswith("bias")) > 1.02  # biases are not capped
+
+
+def test_gradinit_and_metainit_resolve_default_grad_filter_by_structure():
+  """`grad_filter=nio_jax.default_grad_filter` means the structural GC leaves in GradInit and
+  MetaInit too (not the bare name rule, which would let DenseNet-named batch norms in)."""
+  model = DenseNetLike()
+  key = jax.random.PRNGKey(0)
+  batch = {"image": jax.random.normal(key, (4, 6, 6, 2)), "label": jnp.arange(4) % 3}
+  variables = model.init(key, batch["image"])
+  params = variables["params"]
+  loss_fn = linen_loss_fn(model, batch_stats=variables["batch_stats"])
+  conv_dense = lambda p, x: leaves.path_names(p)[0] in ("conv0", "conv1", "classifier")
+  gq = nio_jax.methods.gradient_quotient
+  a = gq(loss_fn, params, batch, grad_filter=nio_jax.default_grad_filter)
+  b = gq(loss_fn, params, batch, grad_filter=conv_dense)
+  c = gq(loss_fn, params, batch, grad_filter=None)
+  np.testing.assert_allclose(float(a[0]), float(b[0]), rtol=1e-6)
+  assert abs(float(a[1]["grad_norm"]) - float(c[1]["grad_norm"])) > 1e-4
+  cfg = dict(num_steps=1, batch_size=None, gamma=1e6)
+  r1 = nio_jax.gradinit(
+    loss_fn, params, [batch], {**cfg, "grad_filter": nio_jax.default_grad_filter}
+  )
+  r2 = nio_jax.gradinit(loss_fn, params, [batch], {**cfg, "grad_filter": conv_dense})
+  np.testing.assert_allclose(r1.history["grad_norm"], r2.history["grad_norm"], rtol=1e-6)

@@ -114,7 +114,8 @@ class GradInitConfig:
     grad_clip: clip of each scale's gradient (0 disables).
     b1, b2, eps: Adam constants.
     grad_filter: predicate `(path, leaf) -> bool` for the leaves whose gradient enters
-      gn and the look-ahead step; None = every leaf (released code).
+      gn and the look-ahead step; None = every leaf (released code);
+      `nio_jax.default_grad_filter` = NIO's conv/dense/layer-norm leaves, by structure.
     select: predicate for the leaves whose scales are tuned; None = all non-zero leaves.
     device_loop: run all steps in one compiled `lax.scan` over batches stacked beforehand
       (no host round-trip per step; see `nio_jax.search.run_scale_search(on_device=...)`).
@@ -250,7 +251,8 @@ def _make_tx(cfg: GradInitConfig, spec: scmod.ScaleSpec):
 
 def _scale_grad(loss_fn, cfg: GradInitConfig, params0, scales, s_batch, t_batch):
   eta, gamma = cfg.eta, cfg.gamma
-  mask = _config.static_mask(params0, cfg.grad_filter)
+  grad_filter = leaves.resolve_grad_filter(cfg.grad_filter, loss_fn, params0)
+  mask = _config.static_mask(params0, grad_filter)
 
   def mean_loss(params, batch):
     return jnp.mean(loss_fn(params, batch))

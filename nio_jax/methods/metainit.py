@@ -64,7 +64,8 @@ class MetaInitConfig:
     seed: PRNG seed of the random batches (shape-spec data only).
     min_scale / min_scale_bias / grad_clip / b1 / b2 / adam_eps: rescale_adam only.
     grad_filter: predicate `(path, leaf) -> bool` for the leaves that enter GQ (its N, g and
-      the Hessian block); None = every leaf (paper).
+      the Hessian block); None = every leaf (paper); `nio_jax.default_grad_filter` = NIO's
+      conv/dense/layer-norm leaves, by structure (`nio_jax.leaves`).
     select: predicate for the leaves that are tuned; None = the variant's rule (≥ 2-dim
       leaves for sign_momentum, all non-zero leaves for rescale_adam). Zero-norm leaves are
       never tuned.
@@ -143,6 +144,7 @@ def gradient_quotient(
   grad_filter: Callable | None = None,
 ):
   """`(GQ, aux)` at `params` on `batch`; aux = dict(loss, grad_norm=‖g‖₂). Differentiable."""
+  grad_filter = leaves.resolve_grad_filter(grad_filter, loss_fn, params)
   mask = _config.static_mask(params, grad_filter)
   n = sum(
     int(np.size(x))
