@@ -56,7 +56,8 @@ class ScaledModel:
     w0: dict name -> tensor, the initial weights (no grad).
     buffers: dict name -> tensor (batch-norm running stats), cloned per call.
     grad_names: the parameter names whose gradients enter GradCosine (conv/dense/LN weights
-      and biases; batch-norm affine parameters excluded, as in the released code).
+      and biases, as in the released code; batch-norm parameters, position embeddings and
+      other free parameters excluded).
     scales: dict name -> 0-d tensor (requires grad).
   """
 
@@ -64,15 +65,19 @@ class ScaledModel:
     self.model = model
     self.w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
     self.buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    bn_names = set()
+    # The released get_ordered_params: the weights and biases of Conv, Linear and LayerNorm
+    # modules (nio_jax.leaves.GRAD_KINDS on the JAX side).
+    gc_types = (torch.nn.modules.conv._ConvNd, torch.nn.Linear, torch.nn.LayerNorm)
+    gc_names = set()
     for mname, m in model.named_modules():
-      if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+      if isinstance(m, gc_types):
         for pn, _ in m.named_parameters(recurse=False):
-          bn_names.add(f"{mname}.{pn}" if mname else pn)
-    filt = grad_filter or (lambda n: n not in bn_names)
+          gc_names.add(f"{mname}.{pn}" if mname else pn)
+    filt = grad_filter or (lambda n: n in gc_names)
     self.grad_names = [n for n in self.w0 if filt(n)]
     self.scales = {n: torch.ones((), requires_grad=True) for n in self.w0}
-    self.min_scale = {n: (0.0 if n.endswith("bias") else 0.01) for n in self.w0}
+    leaf = lambda n: n.rsplit(".", 1)[-1]
+    self.min_scale = {n: (0.0 if "bias" in leaf(n) else 0.01) for n in self.w0}
     self.trainable = {n: bool(self.w0[n].norm() > 0) for n in self.w0}
 
   def params(self):
