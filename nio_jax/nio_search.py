@@ -109,9 +109,10 @@ class NIOConfig:
         per_example.SAMPLE_IMPLS if self.num_chunks is None else per_example.SUBBATCH_IMPLS,
       )
 
-  def wrt(self, loss_fn: Callable, params: PyTree, kinds=None):
-    """The `wrt` predicate of `grad_filter` for these params (see `leaves.resolve_grad_filter`)."""
-    return leaves.resolve_grad_filter(self.grad_filter, loss_fn, params, kinds)
+  def grad_filter_for(self, loss_fn: Callable, params: PyTree):
+    """The `wrt` predicate that `grad_filter` means for this loss and these params ("default"
+    becomes the structural filter; see `nio_jax.leaves.resolve_grad_filter`)."""
+    return leaves.resolve_grad_filter(self.grad_filter, loss_fn, params)
 
   def to_dict(self) -> dict:
     return config_utils.to_plain_dict(self)
@@ -144,7 +145,7 @@ def make_nio_step(
   tx = rescale_adam(cfg.lr, spec, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, grad_clip=cfg.grad_clip)
 
   def search_loss(scales, params0, batch):
-    wrt = cfg.wrt(loss_fn, params0)  # static: from the tree's paths and shapes
+    wrt = cfg.grad_filter_for(loss_fn, params0)  # static: from the tree's paths and shapes
     params = scmod.apply_scales(params0, scales)
     if mesh is not None and cfg.num_chunks is None:
       from nio_jax import distributed
