@@ -16,6 +16,7 @@ D = 4, r = 0.2, γ = 10, lr = 3e-3, 100 steps, objective `gc_gn_sqrt`, μ = 1.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -123,6 +124,55 @@ def nio_objective(stats: gcmod.GCStats, objective: str, gn_mul: float) -> jax.Ar
   raise ValueError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}.")
 
 
+def _search_loss(loss_fn, cfg: NIOConfig, mesh, scales, params0, batch):
+  params = scmod.apply_scales(params0, scales)
+  if mesh is not None and cfg.num_chunks is None:
+    from nio_jax import distributed
+
+    stats = distributed.samplewise_stats(
+      loss_fn, params, batch, mesh, wrt=cfg.wrt, impl=cfg.impl, chunk_size=cfg.chunk_size
+    )
+  else:
+    stats = gcmod.gradcosine_stats(
+      loss_fn,
+      params,
+      batch,
+      num_chunks=cfg.num_chunks,
+      overlap=cfg.overlap,
+      wrt=cfg.wrt,
+      impl=cfg.impl,
+      chunk_size=cfg.chunk_size,
+    )
+  gn = stats.grad_norm
+  obj = nio_objective(stats, cfg.objective, cfg.gn_mul)
+  constraint = jax.lax.stop_gradient(gn > cfg.gamma)
+  return jnp.where(constraint, gn, obj), (stats, obj, constraint)
+
+
+def _make_tx(cfg: NIOConfig, spec: scmod.ScaleSpec):
+  return rescale_adam(cfg.lr, spec, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, grad_clip=cfg.grad_clip)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _nio_step(loss_fn, cfg: NIOConfig, mesh, spec, params0, scales, opt_state, batch):
+  grads, (stats, obj, constraint) = jax.grad(
+    functools.partial(_search_loss, loss_fn, cfg, mesh), has_aux=True
+  )(scales, params0, batch)
+  updates, opt_state = _make_tx(cfg, spec).update(
+    grads, opt_state, scales, is_constraint=constraint
+  )
+  new_scales = jax.tree_util.tree_map(lambda s, u: s + u, scales, updates)
+  metrics = dict(
+    gc=stats.gc,
+    grad_norm=stats.grad_norm,
+    grad_norms=stats.grad_norms,
+    objective=obj,
+    constraint=constraint,
+    loss=stats.loss,
+  )
+  return new_scales, opt_state, metrics
+
+
 def make_nio_step(
   loss_fn: Callable, spec: scmod.ScaleSpec, config: NIOConfig | None = None, mesh=None
 ):
@@ -134,50 +184,19 @@ def make_nio_step(
   with `tx.init(scales)`. With a `mesh`, the sample-wise statistics are computed with
   `shard_map` over its `data` axis (`nio_jax.distributed.samplewise_stats`); the batch setting
   is partitioned by `jit` from the batch's sharding.
+
+  The step is one jitted function cached on (`loss_fn`, the step-relevant config, `mesh`),
+  as GradInit's and MetaInit's are: repeated searches (`nio()` calls) with the same loss
+  function object, shapes and settings compile once. Pass the same `loss_fn` object to
+  reuse the compilation (e.g. across seeds).
   """
   cfg = NIOConfig.create(config)
-  tx = rescale_adam(cfg.lr, spec, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, grad_clip=cfg.grad_clip)
+  key = dataclasses.replace(cfg, num_steps=1)  # what the step depends on
 
-  def search_loss(scales, params0, batch):
-    params = scmod.apply_scales(params0, scales)
-    if mesh is not None and cfg.num_chunks is None:
-      from nio_jax import distributed
-
-      stats = distributed.samplewise_stats(
-        loss_fn, params, batch, mesh, wrt=cfg.wrt, impl=cfg.impl, chunk_size=cfg.chunk_size
-      )
-    else:
-      stats = gcmod.gradcosine_stats(
-        loss_fn,
-        params,
-        batch,
-        num_chunks=cfg.num_chunks,
-        overlap=cfg.overlap,
-        wrt=cfg.wrt,
-        impl=cfg.impl,
-        chunk_size=cfg.chunk_size,
-      )
-    gn = stats.grad_norm
-    obj = nio_objective(stats, cfg.objective, cfg.gn_mul)
-    constraint = jax.lax.stop_gradient(gn > cfg.gamma)
-    return jnp.where(constraint, gn, obj), (stats, obj, constraint)
-
-  @jax.jit
   def step(params0, scales, opt_state, batch):
-    grads, (stats, obj, constraint) = jax.grad(search_loss, has_aux=True)(scales, params0, batch)
-    updates, opt_state = tx.update(grads, opt_state, scales, is_constraint=constraint)
-    new_scales = jax.tree_util.tree_map(lambda s, u: s + u, scales, updates)
-    metrics = dict(
-      gc=stats.gc,
-      grad_norm=stats.grad_norm,
-      grad_norms=stats.grad_norms,
-      objective=obj,
-      constraint=constraint,
-      loss=stats.loss,
-    )
-    return new_scales, opt_state, metrics
+    return _nio_step(loss_fn, key, mesh, spec, params0, scales, opt_state, batch)
 
-  return step, tx
+  return step, _make_tx(cfg, spec)
 
 
 def nio(
@@ -282,7 +301,7 @@ def measure(
     iterate_batches(batches, num_batches), num_batches, "measure", show_progress
   ):
     errors.check_batch(batch)
-    st = gcmod._stats_jit(loss_fn, params, batch, num_chunks, overlap, wrt_fn, impl, chunk_size)
+    st = gcmod.stats_jit(loss_fn, params, batch, num_chunks, overlap, wrt_fn, impl, chunk_size)
     gcmod.check_stats(st, num_chunks, step=len(rows))
     rows.append((float(st.gc), float(st.grad_norm), float(st.loss)))
   arr = np.asarray(rows)

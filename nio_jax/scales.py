@@ -79,7 +79,8 @@ class ScaleSpec(NamedTuple):
   min_scale: PyTree
 
 
-def _leaf_norms(path, leaf):
+def leaf_norms(path, leaf):
+  """L2 norm of a leaf; one per block for a scanned (stacked) leaf."""
   x = jnp.asarray(leaf, jnp.float32)
   if is_stacked(path) and x.ndim >= 1:
     return jnp.sqrt(jnp.sum(jnp.reshape(x, (x.shape[0], -1)) ** 2, axis=1))
@@ -111,18 +112,18 @@ def init_scales(
   errors.check_positive("min_scale_bias", min_scale_bias, allow_zero=True)
 
   def one(path, leaf):
-    norms = _leaf_norms(path, leaf)
+    norms = leaf_norms(path, leaf)
     return jnp.ones_like(norms)
 
   def trainable(path, leaf):
-    ok = _leaf_norms(path, leaf) > 0
+    ok = leaf_norms(path, leaf) > 0
     if select is not None and not select(path, leaf):
       ok = jnp.zeros_like(ok)
     return ok
 
   def bound(path, leaf):
     b = min_scale_bias if is_bias(path) else min_scale
-    return jnp.full(jnp.shape(_leaf_norms(path, leaf)), b, jnp.float32)
+    return jnp.full(jnp.shape(leaf_norms(path, leaf)), b, jnp.float32)
 
   scales = jax.tree_util.tree_map_with_path(one, params)
   spec = ScaleSpec(

@@ -267,7 +267,7 @@ def _metainit_step(loss_fn, cfg, spec, params0, scales, state, batch):
     return jax.tree_util.tree_map(lambda s, u: s + u, scales, updates), state, metrics
 
   lr, mom = cfg.learning_rate, cfg.momentum
-  norms0 = jax.tree_util.tree_map_with_path(scmod._leaf_norms, params0)
+  norms0 = jax.tree_util.tree_map_with_path(scmod.leaf_norms, params0)
 
   def one(s, g, m, n0, t):
     d = jnp.sign(s * g)  # sign(<θ_l, ∇θ_l GQ> / ‖θ_l‖)

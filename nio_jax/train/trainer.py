@@ -392,7 +392,7 @@ def _train(
   variables = dict(variables)
   has_bs = bool(jax.tree_util.tree_leaves(variables.get("batch_stats", {})))
   no_norm = resolve_no_norm(config, variables)
-  p_train_step, p_eval_step, tx, schedule = _build_steps(model, config, spe, has_bs, no_norm)
+  p_train_step, p_eval_step, tx, schedule = build_steps(model, config, spe, has_bs, no_norm)
 
   def make_state(v):
     # Fresh copies: the train step donates its state on accelerators, and the caller's
@@ -595,7 +595,7 @@ def _train(
 _STEP_CACHE: collections.OrderedDict[Any, tuple] = collections.OrderedDict()
 
 
-def _build_steps(model, config, spe: int, has_bs: bool, no_norm: bool):
+def build_steps(model, config, spe: int, has_bs: bool, no_norm: bool):
   """``(jitted train_step, jitted eval_step, tx, schedule)``, cached on (model, config,
   steps per epoch, ...) so that repeated / resumed runs in one process compile once."""
   try:
