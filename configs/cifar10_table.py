@@ -26,7 +26,7 @@ Init methods:
     objective gc_gn_sqrt); the GradInit table has no NIO column (published = None).
 """
 
-from nio_jax.cli import base_config
+from nio_jax.config import base_config
 
 ROWS = {
   # row: (label, registry model, model kwargs, GradInit recipe)

@@ -15,7 +15,7 @@ released settings (B = 64, D = 4, r = 0.2, γ = 10, lr 3e-3, 100 steps). Trainin
 recipe (`nio_jax.train.default_config()`, 200 epochs, batch 128, cosine, cutout).
 """
 
-from nio_jax.cli import base_config
+from nio_jax.config import base_config
 
 MODELS = {
   # name: (registry model, kwargs, GradInit recipe)

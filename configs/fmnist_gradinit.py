@@ -5,7 +5,7 @@ fresh half B2), then the same training as configs/fmnist_nio.py:
     nio-jax train --config configs/fmnist_gradinit.py
 """
 
-from nio_jax.cli import base_config
+from nio_jax.config import base_config
 
 
 def get_config():

@@ -4,7 +4,7 @@ as configs/fmnist_nio.py (the baseline to compare with):
     nio-jax train --config configs/fmnist_kaiming.py
 """
 
-from nio_jax.cli import base_config
+from nio_jax.config import base_config
 
 
 def get_config():

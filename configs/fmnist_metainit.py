@@ -5,7 +5,7 @@ the ≥2-dim weights, lr 0.1, momentum 0.9) on random Gaussian inputs with rando
     nio-jax train --config configs/fmnist_metainit.py
 """
 
-from nio_jax.cli import base_config
+from nio_jax.config import base_config
 
 
 def get_config():

@@ -15,7 +15,7 @@ lr 3e-3, 100 steps). GradInit (Adam variant): the IWSLT transformer recipe (η =
 thirds of each batch of 96 (780 iterations).
 """
 
-from nio_jax.cli import base_config
+from nio_jax.config import base_config
 
 ARMS = ("nio", "kaiming", "kaiming_warmup", "gradinit_adam")
 
