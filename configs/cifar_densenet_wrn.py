@@ -65,8 +65,4 @@ def get_config(arg: str | None = None):
   elif method == "nio":
     c.init.batch_size = 64
     c.init.config.num_steps = 100
-    c.init.config.num_chunks = 4
-    c.init.config.overlap = 0.2
-    c.init.config.gamma = 10.0
-    c.init.config.lr = 3e-3
   return c

@@ -32,13 +32,7 @@ def get_config(arg: str | None = None):
   c.init.method = {"kaiming_warmup": "kaiming"}.get(arm, arm)
   c.init.batch_size = 64
   c.init.measure_batches = 10
-  if arm == "nio":
-    c.init.config.num_steps = 100
-    c.init.config.num_chunks = 4
-    c.init.config.overlap = 0.2
-    c.init.config.gamma = 10.0
-    c.init.config.lr = 3e-3
-  elif arm == "gradinit_adam":
+  if arm == "gradinit_adam":
     c.init.batch_size = 96
   c.train.num_epochs = 100
   c.train.base_lr = 0.05

@@ -202,6 +202,13 @@ def load_config_file(spec: str) -> tuple[ml_collections.ConfigDict, str, str | N
   return cfg, str(p), arg
 
 
+def config_from(name: str, relative_to: str) -> ml_collections.ConfigDict:
+  """`get_config()` of the config file `name` next to `relative_to` (a config file's
+  `__file__`): how an experiment config starts from its dataset's base config, e.g.
+  `config_from("fmnist_base.py", __file__)`."""
+  return load_config_file(str(pathlib.Path(relative_to).resolve().parent / name))[0]
+
+
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   """Loads `spec`, applies `key=value` overrides and validates."""
   cfg, _, _ = load_config_file(spec)
