@@ -6,7 +6,9 @@ training images, batch 128, the full 10,000-image test set; searches on batches 
 GC / gradient-norm report over 3 batches; training: the repository's SGD recipe
 (`nio_jax.train.default_config()`; no-norm models: biases at lr/10, clip 1), 1 epoch.
 Method hyper-parameters are the method config classes' defaults (`NIOConfig`, ...) unless an
-experiment sets one.
+experiment sets one. On its own it runs NIO with the released settings:
+
+    nio-jax init --config configs/fmnist_base.py
 """
 
 from nio_jax.config import base_config

@@ -15,7 +15,7 @@ lr 3e-3, 100 steps). GradInit (Adam variant): the IWSLT transformer recipe (η =
 thirds of each batch of 96 (780 iterations).
 """
 
-from nio_jax.config import base_config
+from nio_jax.config import config_from
 
 ARMS = ("nio", "kaiming", "kaiming_warmup", "gradinit_adam")
 
@@ -24,14 +24,10 @@ def get_config(arg: str | None = None):
   arm = arg or "nio"
   if arm not in ARMS:
     raise ValueError(f"vit_nowarmup: argument {arg!r} must be one of {list(ARMS)}")
-  c = base_config()
+  c = config_from("cifar10_base.py", __file__)
   c.name = f"cifar10_vit_tiny_{arm}"
   c.model.name = "vit_tiny"
-  c.data.dataset = "cifar10"
-  c.data.batch_size = 128
   c.init.method = {"kaiming_warmup": "kaiming"}.get(arm, arm)
-  c.init.batch_size = 64
-  c.init.measure_batches = 10
   if arm == "gradinit_adam":
     c.init.batch_size = 96
   c.train.num_epochs = 100

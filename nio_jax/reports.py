@@ -25,6 +25,7 @@ def pyplot():
 
 
 def fmt(x, spec=".4f") -> str:
+  """`x` formatted with `spec` when a float, "-" when None, else `str(x)`."""
   if x is None:
     return "-"
   if isinstance(x, float):
@@ -32,9 +33,11 @@ def fmt(x, spec=".4f") -> str:
   return str(x)
 
 
-def before_after_table(before, after) -> str:
-  rows = ["| | GC (B-GC) | gradient norm | loss |", "|---|---|---|---|"]
-  for name, m in (("before", before), ("after", after)):
+def gc_table(measurements: dict, label: str = "") -> str:
+  """Markdown table of `nio_jax.measure` results `{row name: result or None}` (None rows are
+  left out; a result with "error" shows the error)."""
+  rows = [f"| {label} | GC (B-GC) | gradient norm | loss |", "|---|---|---|---|"]
+  for name, m in measurements.items():
     if m is None:
       continue
     if "error" in m:
@@ -45,6 +48,11 @@ def before_after_table(before, after) -> str:
       f"{m['grad_norm']:.4f} ± {m['grad_norm_std']:.4f} | {m['loss']:.4f} |"
     )
   return "\n".join(rows)
+
+
+def before_after_table(before, after) -> str:
+  """:func:`gc_table` of the GC report before and after an initialisation."""
+  return gc_table({"before": before, "after": after})
 
 
 def run_summary(d: pathlib.Path) -> dict:

@@ -52,6 +52,24 @@ def test_every_config_loads_and_validates():
     assert _module(pathlib.Path(spec.split(":")[0])).__doc__.count("nio-jax ") >= 1
   assert len(names) == len(specs), "two configs share a name (and so a default workdir)"
   assert sum(s.count("cifar10_table.py") for s in specs) == 5 * 6
+  # The schema lives in nio_jax.config, which every config file imports (no CLI import).
+  for path in CONFIGS:
+    src = path.read_text()
+    assert "from nio_jax.config import" in src and "nio_jax.cli" not in src, path.name
+
+
+def test_nio_settings_live_only_in_nio_config():
+  """No config file retypes a released NIO setting: what the NIO cells leave unset comes from
+  the NIOConfig defaults."""
+  import nio_jax
+
+  defaults = nio_jax.NIOConfig()
+  for spec in _config_specs():
+    cfg = ncfg.load_config(spec)
+    if cfg.init.method != "nio":
+      continue
+    for k, v in cfg.init.config.to_dict().items():
+      assert getattr(defaults, k) != v, f"{spec}: init.config.{k}={v!r} repeats the default"
 
 
 def test_cifar_table_cells_and_published_numbers():

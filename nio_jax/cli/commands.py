@@ -121,16 +121,7 @@ def cmd_measure(args) -> int:
       v = experiment.load_variables(src, run.variables)
     loss_fn, params = experiment.init_loss_fn(run, v)
     out[name] = experiment.measure_params(run, loss_fn, params, progress=progress)
-  rows = ["| params | GC (B-GC) | gradient norm | loss |", "|---|---|---|---|"]
-  for k, m in out.items():
-    if "error" in m:
-      rows.append(f"| {k} | error: {m['error']} | | |")
-    else:
-      rows.append(
-        f"| {k} | {m['gc']:.4f} ± {m['gc_std']:.4f} | {m['grad_norm']:.4f} ± "
-        f"{m['grad_norm_std']:.4f} | {m['loss']:.4f} |"
-      )
-  print("\n".join(rows))
+  print(reports.gc_table(out, "params"))
   if args.json:
     experiment.write_json(args.json, out)
   return 0
