@@ -383,8 +383,11 @@ def train_run(cfg, workdir, *, progress: bool | None = None) -> dict:
   after = None
   if "result" in holder:
     r = holder["result"]
+    unchanged = all(
+      a is b for a, b in zip(jax.tree.leaves(r.params), jax.tree.leaves(params0), strict=True)
+    )
     t = time.perf_counter()
-    after = measure_params(run, loss_fn, r.params, progress=progress)
+    after = before if unchanged else measure_params(run, loss_fn, r.params, progress=progress)
     measure_seconds += time.perf_counter() - t
     save_variables(workdir / "init_params.msgpack", {**run.variables, "params": r.params})
     save_init_outputs(workdir, run, r, holder["seconds"], holder["num_batches"], before, after)

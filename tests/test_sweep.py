@@ -108,3 +108,28 @@ def test_fmnist_grid_follows_the_protocol():
       assert round(cfg.train.warmup_epochs * 468) == 100
   assert cells[("mlp20", "kaiming")]["config"].model.kwargs.dense_init == "he_normal"
   assert len(cells[("mlp20", "kaiming")]["config"].model.kwargs.hidden) == 19
+
+
+_COMPILES: list = []
+
+
+def _count_compiles(name, *_, **__):
+  if name == "/jax/core/compile/backend_compile_duration":
+    _COMPILES.append(name)
+
+
+def test_later_seeds_of_a_cell_compile_nothing(tmp_path):
+  """The second seed of a cell reuses every compiled function of the first (search step,
+  GC measurement, train and eval steps, model init): XLA compiles nothing."""
+  import jax.monitoring
+
+  from nio_jax import experiment
+
+  _fmnist_or_skip()
+  cell = _mini_grid()["cells"][1]  # nio
+  experiment.train_run(sweep.run_config(cell, 0), tmp_path / "s0")
+  jax.monitoring.register_event_duration_secs_listener(_count_compiles)
+  _COMPILES.clear()
+  rec = experiment.train_run(sweep.run_config(cell, 1), tmp_path / "s1")
+  assert rec["search_steps"] == 2 and rec["step"] == 6
+  assert len(_COMPILES) == 0, f"{len(_COMPILES)} XLA compilations for the second seed"
