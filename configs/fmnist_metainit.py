@@ -13,6 +13,5 @@ def get_config():
   c.name = "fmnist_metainit"
   c.init.method = "metainit"
   c.init.data = "random"
-  c.init.config.variant = "sign_momentum"
   c.init.config.num_steps = 30
   return c

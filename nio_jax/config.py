@@ -44,7 +44,8 @@ def base_config() -> ml_collections.ConfigDict:
   Fields:
     name: run name; the default workdir is `runs/<name>`.
     workdir: output directory (None = `runs/<name>`).
-    seed: seed of the model init and the data order.
+    seed: seed of the model init and the data order (and of MetaInit's Gaussian inputs
+      under `init.data="random"`, unless `init.config.seed` is set).
     model.name / model.kwargs: `nio_jax.models.get(name, **kwargs)`; `num_classes` is
       taken from the dataset unless given.
     data: `nio_jax.data.make_loaders` arguments (`dataset`, `batch_size`, `train_subset`,
@@ -237,6 +238,8 @@ def method_config(cfg) -> Any:
           f"{', '.join(sorted(methods.GRADINIT_RECIPES))}"
         )
       values = {**methods.GRADINIT_RECIPES[recipe], **values}
+    if cfg.init.data == "random" and "seed" not in values:
+      values["seed"] = int(cfg.seed)  # the run's seed also draws MetaInit's Gaussian inputs
     if m.config_cls is not None and hasattr(m.config_cls, "create"):
       return m.config_cls.create(values)
     if m.name == "fixup":

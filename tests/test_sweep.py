@@ -8,7 +8,7 @@ import json
 import pytest
 
 from benchmarks import sweep
-from nio_jax.config import base_config
+from nio_jax.config import base_config, method_config
 
 
 def _fmnist_or_skip():
@@ -55,6 +55,9 @@ def _mini_grid():
       "config": cfg("gradinit", {"num_steps": 2, "lookahead": "thirds", "batch_size": None}),
     },
   ]
+  meta = cfg("metainit", {"num_steps": 2})
+  meta.init.data = "random"  # Gaussian inputs: the runner hands MetaInit a shape spec
+  cells.append({"model": "mlp", "method": "metainit", "seeds": [1], "config": meta})
   return {"name": "test_mini", "eval_steps": [2, 4], "cells": cells}
 
 
@@ -63,7 +66,7 @@ def test_mini_sweep_end_to_end_and_resume(tmp_path):
   _fmnist_or_skip()
   grid, root, res = _mini_grid(), tmp_path / "runs", tmp_path / "results"
   out = sweep.run_grid(grid, root, res, log=lambda *_: None)
-  assert out["statuses"] == ["finished"] * 5 and not out["missing"]
+  assert out["statuses"] == ["finished"] * 6 and not out["missing"]
   d = res / "sweep_test_mini"
   rec = json.loads((d / "runs" / "mlp__nio__seed1.json").read_text())
   assert set(rec["acc_steps"]) == {"2", "4", "6"} and rec["step"] == 6
@@ -74,6 +77,8 @@ def test_mini_sweep_end_to_end_and_resume(tmp_path):
   # GradInit with lookahead "thirds" takes one batch per step: 2 steps, 2 batches.
   gi = json.loads((root / "test_mini/mlp/gradinit/seed0/init_history.json").read_text())
   assert gi["num_batches"] == 2
+  mi = json.loads((d / "runs" / "mlp__metainit__seed1.json").read_text())
+  assert mi["search_steps"] == 2 and mi["before"]["gc"] != mi["after"]["gc"]
   row = out["table"]["mlp"]["kaiming"]
   assert row["seeds"] == [0, 1] and row["acc@2"][2] == 2 and row["acc_end"][1] >= 0
   md = (d / "table.md").read_text()
@@ -84,7 +89,7 @@ def test_mini_sweep_end_to_end_and_resume(tmp_path):
   # Re-run: every run is skipped; an unfinished run (no record) starts again from scratch.
   (root / "test_mini/mlp/kaiming/seed1/run_record.json").unlink()
   out2 = sweep.run_grid(grid, root, res, plots=False, log=lambda *_: None)
-  assert out2["statuses"] == ["skipped", "finished", "skipped", "skipped", "skipped"]
+  assert out2["statuses"] == ["skipped", "finished"] + ["skipped"] * 4
   assert (root / "test_mini/mlp/nio/seed0/run_record.json").stat().st_mtime_ns == mtime
   again = json.loads((root / "test_mini/mlp/kaiming/seed1/run_record.json").read_text())
   assert again["resumed"] is False and again["step"] == 6
@@ -104,6 +109,10 @@ def test_fmnist_grid_follows_the_protocol():
     assert cfg.max_steps == (None if model == "mlp20" else 300)
     if method in ("metainit", "gradinit", "nio"):
       assert cfg.init.config.num_steps == 100 and cfg.init.batch_size == 64
+    if method == "metainit":  # the paper's listing on Gaussian inputs drawn per seed
+      assert cfg.init.data == "random"
+      mcfg = method_config(sweep.run_config(cell, 2))
+      assert (mcfg.variant, mcfg.lr, mcfg.seed) == ("sign_momentum", None, 2)
     if method == "warmup":
       assert round(cfg.train.warmup_epochs * 468) == 100
   assert cells[("mlp20", "kaiming")]["config"].model.kwargs.dense_init == "he_normal"
