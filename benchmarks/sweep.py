@@ -287,8 +287,11 @@ def collect(grid: dict, root, results, plots: bool = True, log=print) -> dict:
 
 
 def _commit(paths: list[pathlib.Path], message: str, log=print) -> None:
+  """Commits `paths` only (other staged changes stay out of the commit)."""
   subprocess.run(["git", "add", *map(str, paths)], cwd=REPO, check=False)
-  r = subprocess.run(["git", "commit", "-qm", message], cwd=REPO, check=False)
+  r = subprocess.run(
+    ["git", "commit", "-qm", message, "--", *map(str, paths)], cwd=REPO, check=False
+  )
   log(f"[sweep] git commit: {'ok' if r.returncode == 0 else 'nothing to commit'}")
 
 

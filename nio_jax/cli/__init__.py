@@ -15,7 +15,8 @@ Outputs in the workdir (default `runs/<config.name>`): `init_params.msgpack` (fl
 serialization of the initialised variables, never pickle), `init_history.json`,
 `init_report.json` (GC / gradient norm before and after), `scales.json`, `run.json` (how
 the run was launched, used by `measure`), `config.json`; `train` adds the trainer's
-`metrics.jsonl`, `summary.json`, `curves.png`, `checkpoints/`, `final_params.msgpack` and
+`metrics.jsonl`, `summary.json`, `curves.png`, `checkpoints/`, `final_params.msgpack`,
+`run_record.json` (accuracies, GC report, search / training / evaluation wall times) and
 `report.md` with its plots.
 """
 
@@ -30,6 +31,7 @@ from nio_jax.config import ConfigError, split_overrides
 
 
 def make_parser() -> argparse.ArgumentParser:
+  """The argparse parser: one subparser per subcommand (overrides are split off first)."""
   p = argparse.ArgumentParser(
     prog="nio-jax",
     description="Learned neural-network initialisation (NIO/GradCosine, "
@@ -88,6 +90,14 @@ def make_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  """Entry point of `nio-jax`.
+
+  Args:
+    argv: the arguments (default `sys.argv[1:]`).
+
+  Returns:
+    The exit status: 0, or 2 for a user error (printed as `nio-jax: error: ...`).
+  """
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
     if argv[:1] == ["bench"]:  # everything after `bench` belongs to the benchmark script
