@@ -38,7 +38,7 @@ import numpy as np
 
 from nio_jax import experiment
 from nio_jax.config import validate_config
-from nio_jax.reports import pyplot
+from nio_jax.reports import pyplot, save_figure
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -240,11 +240,7 @@ def plot_curves(grid: dict, records: list[dict], out: pathlib.Path) -> list[path
     ax.set(xlabel="training step", ylabel="test accuracy (%)", title=f"{grid['name']}: {model}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    p = out / f"{model}_curves.png"
-    fig.savefig(p, dpi=90)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(save_figure(fig, out / f"{model}_curves.png", dpi=90))
   return paths
 
 

@@ -106,8 +106,7 @@ def get_config(arg: str | None = None):
   c = config_from("cifar10_base.py", __file__)
   c.name = f"cifar10_{row}_{col}"
   c.model.name = model
-  for k, v in kwargs.items():
-    c.model.kwargs[k] = v
+  c.model.kwargs.update(kwargs)
   c.init.method = method
   c.train.baseline = baseline
   if method == "gradinit":

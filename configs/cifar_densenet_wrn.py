@@ -47,8 +47,7 @@ def get_config(arg: str | None = None):
   c = config_from("cifar10_base.py", __file__)
   c.name = f"{dataset}_{name}_{method}"
   c.model.name = model
-  for k, v in kwargs.items():
-    c.model.kwargs[k] = v
+  c.model.kwargs.update(kwargs)
   c.data.dataset = dataset
   c.init.method = method
   if method == "gradinit":

@@ -24,6 +24,14 @@ def pyplot():
   return plt
 
 
+def save_figure(fig, path, dpi: int = 100) -> pathlib.Path:
+  """Lays out, writes and closes a matplotlib figure; returns its path."""
+  fig.tight_layout()
+  fig.savefig(path, dpi=dpi)
+  pyplot().close(fig)
+  return pathlib.Path(path)
+
+
 def fmt(x, spec=".4f") -> str:
   """`x` formatted with `spec` when a float, "-" when None, else `str(x)`."""
   if x is None:
@@ -145,10 +153,7 @@ def plot_training(rows, path) -> pathlib.Path | None:
   axes[1].set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
   for ax in axes:
     ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return pathlib.Path(path)
+  return save_figure(fig, path)
 
 
 def plot_search(rows, path) -> pathlib.Path | None:
@@ -170,10 +175,7 @@ def plot_search(rows, path) -> pathlib.Path | None:
       title={"gc": "GradCosine", "grad_norm": "gradient norm", "gq": "gradient quotient"}.get(k, k),
     )
     ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return pathlib.Path(path)
+  return save_figure(fig, path)
 
 
 def plot_scales(r, path) -> pathlib.Path | None:
@@ -195,10 +197,7 @@ def plot_scales(r, path) -> pathlib.Path | None:
   ax.set_xticks(np.arange(len(vals)))
   ax.set_xticklabels(names, rotation=90, fontsize=6 if len(vals) > 30 else 8)
   ax.set(ylabel="scale", title=f"per-layer scales after the search: {r['run']} ({r['method']})")
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return pathlib.Path(path)
+  return save_figure(fig, path)
 
 
 def report(dirs: Sequence[pathlib.Path], out: pathlib.Path) -> tuple[str, list[pathlib.Path]]:
