@@ -15,6 +15,7 @@ D = 4, r = 0.2, γ = 10, lr = 3e-3, 100 steps, objective `gc_gn_sqrt`, μ = 1.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from collections.abc import Callable, Iterable
@@ -153,14 +154,11 @@ def _make_tx(cfg: NIOConfig, spec: scmod.ScaleSpec):
   return rescale_adam(cfg.lr, spec, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, grad_clip=cfg.grad_clip)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _nio_step(loss_fn, cfg: NIOConfig, mesh, spec, params0, scales, opt_state, batch):
+def _nio_step(loss_fn, cfg: NIOConfig, mesh, tx, params0, scales, opt_state, batch):
   grads, (stats, obj, constraint) = jax.grad(
     functools.partial(_search_loss, loss_fn, cfg, mesh), has_aux=True
   )(scales, params0, batch)
-  updates, opt_state = _make_tx(cfg, spec).update(
-    grads, opt_state, scales, is_constraint=constraint
-  )
+  updates, opt_state = tx.update(grads, opt_state, scales, is_constraint=constraint)
   new_scales = jax.tree_util.tree_map(lambda s, u: s + u, scales, updates)
   metrics = dict(
     gc=stats.gc,
@@ -171,6 +169,17 @@ def _nio_step(loss_fn, cfg: NIOConfig, mesh, spec, params0, scales, opt_state, b
     loss=stats.loss,
   )
   return new_scales, opt_state, metrics
+
+
+_STEPS: collections.OrderedDict = collections.OrderedDict()
+_MAX_STEPS = 32
+
+
+def _spec_key(spec: scmod.ScaleSpec):
+  leaves, treedef = jax.tree_util.tree_flatten(spec)
+  return treedef, tuple(
+    (np.shape(x), str(np.asarray(x).dtype), np.asarray(x).tobytes()) for x in leaves
+  )
 
 
 def make_nio_step(
@@ -185,18 +194,27 @@ def make_nio_step(
   `shard_map` over its `data` axis (`nio_jax.distributed.samplewise_stats`); the batch setting
   is partitioned by `jit` from the batch's sharding.
 
-  The step is one jitted function cached on (`loss_fn`, the step-relevant config, `mesh`),
-  as GradInit's and MetaInit's are: repeated searches (`nio()` calls) with the same loss
+  The jitted step is cached on (`loss_fn`, the step-relevant config, `spec`, `mesh`), as
+  GradInit's and MetaInit's are: repeated searches (`nio()` calls) with the same loss
   function object, shapes and settings compile once. Pass the same `loss_fn` object to
   reuse the compilation (e.g. across seeds).
   """
   cfg = NIOConfig.create(config)
-  key = dataclasses.replace(cfg, num_steps=1)  # what the step depends on
-
-  def step(params0, scales, opt_state, batch):
-    return _nio_step(loss_fn, key, mesh, spec, params0, scales, opt_state, batch)
-
-  return step, _make_tx(cfg, spec)
+  tx = _make_tx(cfg, spec)
+  key = (loss_fn, dataclasses.replace(cfg, num_steps=1), mesh, _spec_key(spec))
+  try:
+    hash(key)
+  except TypeError:  # an unhashable loss function or predicate: no caching
+    key = None
+  if key is not None and key in _STEPS:
+    _STEPS.move_to_end(key)
+    return _STEPS[key], tx
+  step = jax.jit(functools.partial(_nio_step, loss_fn, cfg, mesh, tx))
+  if key is not None:
+    _STEPS[key] = step
+    while len(_STEPS) > _MAX_STEPS:
+      _STEPS.popitem(last=False)
+  return step, tx
 
 
 def nio(
