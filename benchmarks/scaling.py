@@ -88,7 +88,7 @@ def main(argv=None):
   cfg = default_config()
   cfg.batch_size, cfg.progress, cfg.plots = args.batch, False, False
   has_bs = bool(variables.get("batch_stats"))
-  train_step, _, tx, _ = trainer._build_steps(model, cfg, 100, has_bs, not has_bs)
+  train_step, _, tx, _ = trainer.build_steps(model, cfg, 100, has_bs, not has_bs)
   state = {
     "step": jnp.zeros((), jnp.int32),
     "params": params,

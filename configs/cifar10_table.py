@@ -26,7 +26,7 @@ Init methods:
     objective gc_gn_sqrt); the GradInit table has no NIO column (published = None).
 """
 
-from nio_jax.cli import base_config
+from nio_jax.config import config_from
 
 ROWS = {
   # row: (label, registry model, model kwargs, GradInit recipe)
@@ -103,16 +103,11 @@ def get_config(arg: str | None = None):
   _, model, kwargs, recipe = ROWS[row]
   _, method, baseline = COLUMNS[col]
 
-  c = base_config()
+  c = config_from("cifar10_base.py", __file__)
   c.name = f"cifar10_{row}_{col}"
   c.model.name = model
-  for k, v in kwargs.items():
-    c.model.kwargs[k] = v
-  c.data.dataset = "cifar10"
-  c.data.batch_size = 128
+  c.model.kwargs.update(kwargs)
   c.init.method = method
-  c.init.measure_batches = 10
-  c.train.num_epochs = 200
   c.train.baseline = baseline
   if method == "gradinit":
     c.init.recipe = recipe
@@ -122,14 +117,6 @@ def get_config(arg: str | None = None):
     c.init.config.lr = 1e-3
     c.init.config.num_steps = 390
     c.init.batch_size = 128
-  elif method == "nio":
-    c.init.batch_size = 64
-    c.init.config.num_steps = 100
-    c.init.config.num_chunks = 4
-    c.init.config.overlap = 0.2
-    c.init.config.gamma = 10.0
-    c.init.config.lr = 3e-3
-    c.init.config.objective = "gc_gn_sqrt"
   pub = PUBLISHED[row].get(col)
   if pub is not None:
     c.published.acc_1, c.published.acc_best = pub

@@ -15,7 +15,7 @@ released settings (B = 64, D = 4, r = 0.2, γ = 10, lr 3e-3, 100 steps). Trainin
 recipe (`nio_jax.train.default_config()`, 200 epochs, batch 128, cosine, cutout).
 """
 
-from nio_jax.cli import base_config
+from nio_jax.config import config_from
 
 MODELS = {
   # name: (registry model, kwargs, GradInit recipe)
@@ -44,29 +44,16 @@ def get_config(arg: str | None = None):
     )
   name, dataset, method = parts
   model, kwargs, recipe = MODELS[name]
-  c = base_config()
+  c = config_from("cifar10_base.py", __file__)
   c.name = f"{dataset}_{name}_{method}"
   c.model.name = model
-  for k, v in kwargs.items():
-    c.model.kwargs[k] = v
+  c.model.kwargs.update(kwargs)
   c.data.dataset = dataset
-  c.data.batch_size = 128
   c.init.method = method
-  c.init.measure_batches = 10
-  c.train.num_epochs = 200
   if method == "gradinit":
     c.init.recipe = recipe
-    c.init.batch_size = 64
   elif method == "metainit":
     c.init.config.variant = "rescale_adam"
     c.init.config.lr = 1e-3
     c.init.config.num_steps = 780
-    c.init.batch_size = 64
-  elif method == "nio":
-    c.init.batch_size = 64
-    c.init.config.num_steps = 100
-    c.init.config.num_chunks = 4
-    c.init.config.overlap = 0.2
-    c.init.config.gamma = 10.0
-    c.init.config.lr = 3e-3
   return c

@@ -5,23 +5,16 @@ no-norm recipe), 1 epoch on the first 10,000 training images:
     nio-jax train --config configs/fmnist_fixup.py
 """
 
-from nio_jax.cli import base_config
+from nio_jax.config import config_from
 
 
 def get_config():
-  c = base_config()
+  c = config_from("fmnist_base.py", __file__)
   c.name = "fmnist_fixup"
   c.model.name = "resnet20"
-  c.model.kwargs.depth = 8
-  c.model.kwargs.variant = "fixup"
-  c.model.kwargs.scan = False  # as in the recorded runs (docs/results.md)
-  c.data.dataset = "fashion_mnist"
+  c.model.kwargs = {"depth": 8, "variant": "fixup", "scan": False}  # as in the recorded runs
   c.data.pad_to_32 = True
-  c.data.batch_size = 128
   c.data.train_subset = 10000
   c.init.method = "fixup"
-  c.init.batch_size = 64
   c.init.measure_batches = 2
-  c.train.num_epochs = 1
-  c.train.eval_batch_size = 1000
   return c

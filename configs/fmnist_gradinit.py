@@ -5,26 +5,14 @@ fresh half B2), then the same training as configs/fmnist_nio.py:
     nio-jax train --config configs/fmnist_gradinit.py
 """
 
-from nio_jax.cli import base_config
+from nio_jax.config import config_from
 
 
 def get_config():
-  c = base_config()
+  c = config_from("fmnist_base.py", __file__)
   c.name = "fmnist_gradinit"
-  c.model.name = "cnn_small"
-  c.model.kwargs.channels = (16, 32)
-  c.model.kwargs.hidden = 64
-  c.data.train_subset = 30000
-  c.data.dataset = "fashion_mnist"
-  c.data.batch_size = 128
   c.init.method = "gradinit"
-  c.init.batch_size = 64
   c.init.config.num_steps = 30
-  c.init.config.eta = 0.1
-  c.init.config.gamma = 1.0
   c.init.config.lr = 1e-2
   c.init.config.batch_size = 64
-  c.init.measure_batches = 3
-  c.train.num_epochs = 1
-  c.train.eval_batch_size = 1000
   return c

@@ -5,24 +5,13 @@ the ≥2-dim weights, lr 0.1, momentum 0.9) on random Gaussian inputs with rando
     nio-jax train --config configs/fmnist_metainit.py
 """
 
-from nio_jax.cli import base_config
+from nio_jax.config import config_from
 
 
 def get_config():
-  c = base_config()
+  c = config_from("fmnist_base.py", __file__)
   c.name = "fmnist_metainit"
-  c.model.name = "cnn_small"
-  c.model.kwargs.channels = (16, 32)
-  c.model.kwargs.hidden = 64
-  c.data.train_subset = 30000
-  c.data.dataset = "fashion_mnist"
-  c.data.batch_size = 128
   c.init.method = "metainit"
   c.init.data = "random"
-  c.init.batch_size = 64
-  c.init.config.variant = "sign_momentum"
   c.init.config.num_steps = 30
-  c.init.measure_batches = 3
-  c.train.num_epochs = 1
-  c.train.eval_batch_size = 1000
   return c

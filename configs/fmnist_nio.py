@@ -15,27 +15,13 @@ the released update (RescaleAdam, objective gc_gn_sqrt); γ = 5 suits this small
 Training: the repository's SGD recipe (no-norm model: biases at lr/10, clip 1), 1 epoch.
 """
 
-from nio_jax.cli import base_config
+from nio_jax.config import config_from
 
 
 def get_config():
-  c = base_config()
+  c = config_from("fmnist_base.py", __file__)
   c.name = "fmnist_nio"
-  c.model.name = "cnn_small"
-  c.model.kwargs.channels = (16, 32)
-  c.model.kwargs.hidden = 64
-  c.data.dataset = "fashion_mnist"
-  c.data.batch_size = 128
   c.init.method = "nio"
-  c.init.batch_size = 64
   c.init.config.num_steps = 30
-  c.init.config.num_chunks = 4
-  c.init.config.overlap = 0.2
   c.init.config.gamma = 5.0
-  c.init.config.lr = 3e-3
-  c.init.measure_batches = 3
-  c.data.train_subset = 30000
-  c.train.num_epochs = 1
-  c.train.eval_batch_size = 1000
-  c.train.log_every = 50
   return c

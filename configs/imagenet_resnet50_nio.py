@@ -17,7 +17,7 @@ notes do not record the NIO paper's exact schedule). Data: TFDS `imagenet2012`
 so full-speed training needs a faster input pipeline (docs/training.md).
 """
 
-from nio_jax.cli import base_config
+from nio_jax.config import base_config
 
 
 def get_config(arg: str | None = None):
@@ -32,13 +32,7 @@ def get_config(arg: str | None = None):
   c.init.method = method
   c.init.batch_size = 64
   c.init.measure_batches = 10
-  if method == "nio":
-    c.init.config.num_steps = 100
-    c.init.config.num_chunks = 4
-    c.init.config.overlap = 0.2
-    c.init.config.gamma = 10.0
-    c.init.config.lr = 3e-3
-    c.init.config.objective = "gc_gn_sqrt"
+  if method == "nio":  # released NIO settings: the NIOConfig defaults
     c.published.acc_best = 76.65
     c.published.source = "NIO paper (Yang et al., 2022), ResNet-50 ImageNet top-1, 100 epochs"
   c.train.num_epochs = 100

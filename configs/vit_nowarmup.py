@@ -15,7 +15,7 @@ lr 3e-3, 100 steps). GradInit (Adam variant): the IWSLT transformer recipe (η =
 thirds of each batch of 96 (780 iterations).
 """
 
-from nio_jax.cli import base_config
+from nio_jax.config import config_from
 
 ARMS = ("nio", "kaiming", "kaiming_warmup", "gradinit_adam")
 
@@ -24,21 +24,11 @@ def get_config(arg: str | None = None):
   arm = arg or "nio"
   if arm not in ARMS:
     raise ValueError(f"vit_nowarmup: argument {arg!r} must be one of {list(ARMS)}")
-  c = base_config()
+  c = config_from("cifar10_base.py", __file__)
   c.name = f"cifar10_vit_tiny_{arm}"
   c.model.name = "vit_tiny"
-  c.data.dataset = "cifar10"
-  c.data.batch_size = 128
   c.init.method = {"kaiming_warmup": "kaiming"}.get(arm, arm)
-  c.init.batch_size = 64
-  c.init.measure_batches = 10
-  if arm == "nio":
-    c.init.config.num_steps = 100
-    c.init.config.num_chunks = 4
-    c.init.config.overlap = 0.2
-    c.init.config.gamma = 10.0
-    c.init.config.lr = 3e-3
-  elif arm == "gradinit_adam":
+  if arm == "gradinit_adam":
     c.init.batch_size = 96
   c.train.num_epochs = 100
   c.train.base_lr = 0.05

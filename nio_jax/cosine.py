@@ -44,7 +44,8 @@ class GCStats(NamedTuple):
     return jnp.mean(self.grad_norms)
 
 
-def _safe_sqrt(x):
+def safe_sqrt(x):
+  """`sqrt(x)` with 0 (and a zero gradient) where `x <= 0`: no NaN in the backward pass."""
   pos = x > 0
   return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
 
@@ -60,7 +61,7 @@ def gc_from_grads(grads: list | PyTree) -> tuple[jax.Array, jax.Array]:
   leaves = jax.tree_util.tree_leaves(grads)
   f32 = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
   sq = sum(jnp.sum(jnp.reshape(f32(g), (d, -1)) ** 2, axis=1) for g in leaves)
-  norms = _safe_sqrt(sq)
+  norms = safe_sqrt(sq)
   inv = jnp.where(norms > 0, 1.0 / jnp.where(norms > 0, norms, 1.0), 0.0)
   usum_sq = sum(
     jnp.sum(jnp.tensordot(inv, jnp.reshape(f32(g), (d, -1)), axes=1) ** 2) for g in leaves
@@ -117,7 +118,9 @@ def gradcosine_stats(
   return _stats(loss_fn, params, batch, num_chunks, overlap, wrt, impl, chunk_size)
 
 
-_stats_jit = jax.jit(per_example.canonical_convs(_stats), static_argnums=(0, 3, 4, 5, 6, 7))
+# `stats_jit(loss_fn, params, batch, num_chunks, overlap, wrt, impl, chunk_size)`: the jitted
+# statistics (`gradcosine`, `nio_jax.measure`), compiled once per loss_fn and setting.
+stats_jit = jax.jit(per_example.canonical_convs(_stats), static_argnums=(0, 3, 4, 5, 6, 7))
 
 
 def gradcosine(
@@ -166,7 +169,7 @@ def gradcosine(
   if check:
     errors.check_params(params)
     errors.check_loss_fn(loss_fn, params, batch)
-  stats = _stats_jit(loss_fn, params, batch, num_chunks, overlap, wrt, impl, chunk_size)
+  stats = stats_jit(loss_fn, params, batch, num_chunks, overlap, wrt, impl, chunk_size)
   if check and not isinstance(stats.gc, jax.core.Tracer):
     check_stats(stats, num_chunks)
   return stats

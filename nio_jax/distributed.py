@@ -128,7 +128,7 @@ def samplewise_stats(loss_fn, params, batch, mesh: Mesh, *, wrt=None, impl=None,
     n = leaves[0].shape[0]
     f32 = lambda x: jnp.reshape(x.astype(jnp.promote_types(x.dtype, jnp.float32)), (n, -1))
     sq = sum(jnp.sum(f32(g) ** 2, axis=1) for g in leaves)
-    norms = cosine._safe_sqrt(sq)
+    norms = cosine.safe_sqrt(sq)
     inv = jnp.where(norms > 0, 1.0 / jnp.where(norms > 0, norms, 1.0), 0.0)
     usum = [jax.lax.psum(jnp.tensordot(inv, f32(g), axes=1), AXIS) for g in leaves]
     loss_sum = jax.lax.psum(jnp.sum(jax.lax.stop_gradient(losses)), AXIS)

@@ -15,7 +15,9 @@ D = 4, r = 0.2, γ = 10, lr = 3e-3, 100 steps, objective `gc_gn_sqrt`, μ = 1.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -129,6 +131,64 @@ def nio_objective(stats: gcmod.GCStats, objective: str, gn_mul: float) -> jax.Ar
   raise ValueError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}.")
 
 
+def _search_loss(loss_fn, cfg: NIOConfig, mesh, scales, params0, batch):
+  wrt = cfg.grad_filter_for(loss_fn, params0)  # static: from the tree's paths and shapes
+  params = scmod.apply_scales(params0, scales)
+  if mesh is not None and cfg.num_chunks is None:
+    from nio_jax import distributed
+
+    stats = distributed.samplewise_stats(
+      loss_fn, params, batch, mesh, wrt=wrt, impl=cfg.impl, chunk_size=cfg.chunk_size
+    )
+  else:
+    stats = gcmod.gradcosine_stats(
+      loss_fn,
+      params,
+      batch,
+      num_chunks=cfg.num_chunks,
+      overlap=cfg.overlap,
+      wrt=wrt,
+      impl=cfg.impl,
+      chunk_size=cfg.chunk_size,
+    )
+  gn = stats.grad_norm
+  obj = nio_objective(stats, cfg.objective, cfg.gn_mul)
+  constraint = jax.lax.stop_gradient(gn > cfg.gamma)
+  return jnp.where(constraint, gn, obj), (stats, obj, constraint)
+
+
+def _make_tx(cfg: NIOConfig, spec: scmod.ScaleSpec):
+  return rescale_adam(cfg.lr, spec, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, grad_clip=cfg.grad_clip)
+
+
+def _nio_step(loss_fn, cfg: NIOConfig, mesh, tx, params0, scales, opt_state, batch):
+  grads, (stats, obj, constraint) = jax.grad(
+    functools.partial(_search_loss, loss_fn, cfg, mesh), has_aux=True
+  )(scales, params0, batch)
+  updates, opt_state = tx.update(grads, opt_state, scales, is_constraint=constraint)
+  new_scales = jax.tree_util.tree_map(lambda s, u: s + u, scales, updates)
+  metrics = dict(
+    gc=stats.gc,
+    grad_norm=stats.grad_norm,
+    grad_norms=stats.grad_norms,
+    objective=obj,
+    constraint=constraint,
+    loss=stats.loss,
+  )
+  return new_scales, opt_state, metrics
+
+
+_STEPS: collections.OrderedDict = collections.OrderedDict()
+_MAX_STEPS = 32
+
+
+def _spec_key(spec: scmod.ScaleSpec):
+  leaves, treedef = jax.tree_util.tree_flatten(spec)
+  return treedef, tuple(
+    (np.shape(x), str(np.asarray(x).dtype), np.asarray(x).tobytes()) for x in leaves
+  )
+
+
 def make_nio_step(
   loss_fn: Callable, spec: scmod.ScaleSpec, config: NIOConfig | None = None, mesh=None
 ):
@@ -140,55 +200,34 @@ def make_nio_step(
   with `tx.init(scales)`. With a `mesh`, the sample-wise statistics are computed with
   `shard_map` over its `data` axis (`nio_jax.distributed.samplewise_stats`); the batch setting
   is partitioned by `jit` from the batch's sharding.
+
+  The jitted step is cached on (`loss_fn`, the step-relevant config, `spec`, `mesh`), as
+  GradInit's and MetaInit's are: repeated searches (`nio()` calls) with the same loss
+  function object, shapes and settings compile once. Pass the same `loss_fn` object to
+  reuse the compilation (e.g. across seeds).
   """
   cfg = NIOConfig.create(config)
-  tx = rescale_adam(cfg.lr, spec, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, grad_clip=cfg.grad_clip)
-
-  def search_loss(scales, params0, batch):
-    wrt = cfg.grad_filter_for(loss_fn, params0)  # static: from the tree's paths and shapes
-    params = scmod.apply_scales(params0, scales)
-    if mesh is not None and cfg.num_chunks is None:
-      from nio_jax import distributed
-
-      stats = distributed.samplewise_stats(
-        loss_fn, params, batch, mesh, wrt=wrt, impl=cfg.impl, chunk_size=cfg.chunk_size
-      )
-    else:
-      stats = gcmod.gradcosine_stats(
-        loss_fn,
-        params,
-        batch,
-        num_chunks=cfg.num_chunks,
-        overlap=cfg.overlap,
-        wrt=wrt,
-        impl=cfg.impl,
-        chunk_size=cfg.chunk_size,
-      )
-    gn = stats.grad_norm
-    obj = nio_objective(stats, cfg.objective, cfg.gn_mul)
-    constraint = jax.lax.stop_gradient(gn > cfg.gamma)
-    return jnp.where(constraint, gn, obj), (stats, obj, constraint)
-
-  def step(params0, scales, opt_state, batch):
-    grads, (stats, obj, constraint) = jax.grad(search_loss, has_aux=True)(scales, params0, batch)
-    updates, opt_state = tx.update(grads, opt_state, scales, is_constraint=constraint)
-    new_scales = jax.tree_util.tree_map(lambda s, u: s + u, scales, updates)
-    metrics = dict(
-      gc=stats.gc,
-      grad_norm=stats.grad_norm,
-      grad_norms=stats.grad_norms,
-      objective=obj,
-      constraint=constraint,
-      loss=stats.loss,
-    )
-    return new_scales, opt_state, metrics
-
+  tx = _make_tx(cfg, spec)
+  key = (loss_fn, dataclasses.replace(cfg, num_steps=1), mesh, _spec_key(spec))
+  try:
+    hash(key)
+  except TypeError:  # an unhashable loss function or predicate: no caching
+    key = None
+  if key is not None and key in _STEPS:
+    _STEPS.move_to_end(key)
+    return _STEPS[key], tx
+  step = functools.partial(_nio_step, loss_fn, cfg, mesh, tx)
   # canonical_convs: the scanned blocks' backward convolutions on XLA:CPU (see per_example).
   # The im2col / slices forms leave no convolution to rewrite: the trace would be wasted.
   impl = cfg.impl or gcmod.default_impl(cfg.num_chunks)
   if not impl.endswith(("im2col", "slices")):
     step = per_example.canonical_convs(step)
-  return jax.jit(step), tx
+  step = jax.jit(step)
+  if key is not None:
+    _STEPS[key] = step
+    while len(_STEPS) > _MAX_STEPS:
+      _STEPS.popitem(last=False)
+  return step, tx
 
 
 def nio(
@@ -303,7 +342,7 @@ def measure(
     iterate_batches(batches, num_batches), num_batches, "measure", show_progress
   ):
     errors.check_batch(batch)
-    st = gcmod._stats_jit(loss_fn, params, batch, num_chunks, overlap, wrt_fn, impl, chunk_size)
+    st = gcmod.stats_jit(loss_fn, params, batch, num_chunks, overlap, wrt_fn, impl, chunk_size)
     gcmod.check_stats(st, num_chunks, step=len(rows))
     rows.append((float(st.gc), float(st.grad_norm), float(st.loss)))
   arr = np.asarray(rows)

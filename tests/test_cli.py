@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from nio_jax import cli
+from nio_jax import config as ncfg
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))
@@ -45,12 +46,30 @@ def test_every_config_loads_and_validates():
   specs = _config_specs()
   names = set()
   for spec in specs:
-    cfg = cli.load_config(spec)
+    cfg = ncfg.load_config(spec)
     names.add(cfg.name)
     assert cfg.train.batch_size == cfg.data.batch_size
     assert _module(pathlib.Path(spec.split(":")[0])).__doc__.count("nio-jax ") >= 1
   assert len(names) == len(specs), "two configs share a name (and so a default workdir)"
   assert sum(s.count("cifar10_table.py") for s in specs) == 5 * 6
+  # The schema lives in nio_jax.config, which every config file imports (no CLI import).
+  for path in CONFIGS:
+    src = path.read_text()
+    assert "from nio_jax.config import" in src and "nio_jax.cli" not in src, path.name
+
+
+def test_nio_settings_live_only_in_nio_config():
+  """No config file retypes a released NIO setting: what the NIO cells leave unset comes from
+  the NIOConfig defaults."""
+  import nio_jax
+
+  defaults = nio_jax.NIOConfig()
+  for spec in _config_specs():
+    cfg = ncfg.load_config(spec)
+    if cfg.init.method != "nio":
+      continue
+    for k, v in cfg.init.config.to_dict().items():
+      assert getattr(defaults, k) != v, f"{spec}: init.config.{k}={v!r} repeats the default"
 
 
 def test_cifar_table_cells_and_published_numbers():
@@ -58,33 +77,33 @@ def test_cifar_table_cells_and_published_numbers():
   cfg = mod.get_config("resnet110_bn,gradinit")
   assert (cfg.published.acc_1, cfg.published.acc_best) == (38.2, 95.4)
   assert cfg.init.recipe == "resnet110_bn" and cfg.model.kwargs.norm == "bn"
-  assert cli.method_config(cfg).lr == 1e-3
+  assert ncfg.method_config(cfg).lr == 1e-3
   cfg = mod.get_config("vgg19_bn,warmup")
   assert cfg.train.baseline == "extra_epoch_warmup" and cfg.init.method == "kaiming"
   assert (cfg.published.acc_1, cfg.published.acc_best) == (53.5, 94.7)
   assert mod.get_config("resnet1202_bn,const").train.baseline == "extra_epoch_constant"
   assert mod.get_config("resnet110,nio").published.acc_1 is None
-  with pytest.raises(cli.CLIError, match="resnet110_bn"):
-    cli.load_config(str(ROOT / "configs" / "cifar10_table.py") + ":resnet9,gradinit")
+  with pytest.raises(ncfg.ConfigError, match="resnet110_bn"):
+    ncfg.load_config(str(ROOT / "configs" / "cifar10_table.py") + ":resnet9,gradinit")
 
 
 def test_parse_value_literals_only():
-  assert cli.parse_value("3") == 3 and cli.parse_value("1e-3") == 1e-3
-  assert cli.parse_value("(16, 32)") == (16, 32)
-  assert cli.parse_value("true") is True and cli.parse_value("None") is None
-  assert cli.parse_value("'x'") == "x" and cli.parse_value("cnn_small") == "cnn_small"
+  assert ncfg.parse_value("3") == 3 and ncfg.parse_value("1e-3") == 1e-3
+  assert ncfg.parse_value("(16, 32)") == (16, 32)
+  assert ncfg.parse_value("true") is True and ncfg.parse_value("None") is None
+  assert ncfg.parse_value("'x'") == "x" and ncfg.parse_value("cnn_small") == "cnn_small"
   evil = "__import__('os').system('echo pwned')"
-  assert cli.parse_value(evil) == evil  # stays a string
-  assert cli.parse_override("--config.x=1".lstrip("-")) == ("x", 1)
-  with pytest.raises(cli.CLIError):
-    cli.parse_override("no_equals_sign")
-  with pytest.raises(cli.CLIError):
-    cli.parse_override("a.__class__ x=1")
+  assert ncfg.parse_value(evil) == evil  # stays a string
+  assert ncfg.parse_override("--config.x=1".lstrip("-")) == ("x", 1)
+  with pytest.raises(ncfg.ConfigError):
+    ncfg.parse_override("no_equals_sign")
+  with pytest.raises(ncfg.ConfigError):
+    ncfg.parse_override("a.__class__ x=1")
 
 
 def test_overrides_apply_and_check():
-  cfg = cli.base_config()
-  rest, ov = cli.split_overrides(
+  cfg = ncfg.base_config()
+  rest, ov = ncfg.split_overrides(
     [
       "train",
       "--config",
@@ -99,18 +118,18 @@ def test_overrides_apply_and_check():
   )
   assert rest == ["train", "--config", "c.py"]
   for item in ov:
-    cli.apply_override(cfg, *cli.parse_override(item))
+    ncfg.apply_override(cfg, *ncfg.parse_override(item))
   assert cfg.train.num_epochs == 3
   assert cfg.data.batch_size == 64 and cfg.train.batch_size == 64  # follows data.batch_size
   assert cfg.init.config.gamma == 2.5 and cfg.model.kwargs.hidden == (8,)
-  with pytest.raises(cli.CLIError, match="known under train: .*num_epochs"):
-    cli.apply_override(cfg, "train.num_epoch", 3)
-  with pytest.raises(cli.CLIError, match="known under the root: .*model"):
-    cli.apply_override(cfg, "modle.name", "mlp")
-  with pytest.raises(cli.CLIError, match="cannot set train.num_epochs"):
-    cli.apply_override(cfg, "train.num_epochs", "three")
-  cli.apply_override(cfg, "model.kwargs.hidden", 64)  # free-form dicts take any type
-  cli.apply_override(cfg, *cli.parse_override("model.kwargs={'channels': (8, 16)}"))
+  with pytest.raises(ncfg.ConfigError, match="known under train: .*num_epochs"):
+    ncfg.apply_override(cfg, "train.num_epoch", 3)
+  with pytest.raises(ncfg.ConfigError, match="known under the root: .*model"):
+    ncfg.apply_override(cfg, "modle.name", "mlp")
+  with pytest.raises(ncfg.ConfigError, match="cannot set train.num_epochs"):
+    ncfg.apply_override(cfg, "train.num_epochs", "three")
+  ncfg.apply_override(cfg, "model.kwargs.hidden", 64)  # free-form dicts take any type
+  ncfg.apply_override(cfg, *ncfg.parse_override("model.kwargs={'channels': (8, 16)}"))
   assert cfg.model.kwargs.to_dict() == {"channels": (8, 16)}
 
 
@@ -142,15 +161,15 @@ def test_malicious_override_is_a_string_never_code(tmp_path, monkeypatch, capsys
     raise AssertionError("eval/exec called on an override value")
 
   # Parsing and applying overrides must not evaluate anything.
-  cfg = cli.base_config()
+  cfg = ncfg.base_config()
   with monkeypatch.context() as m:
     m.setattr(builtins, "eval", no_eval)
     m.setattr(builtins, "exec", no_eval)
-    key, value = cli.parse_override(f"data.dataset={evil}")
-    cli.apply_override(cfg, key, value)
+    key, value = ncfg.parse_override(f"data.dataset={evil}")
+    ncfg.apply_override(cfg, key, value)
     assert cfg.data.dataset == evil
-    with pytest.raises(cli.CLIError):  # a string where an int belongs is rejected
-      cli.apply_override(cfg, *cli.parse_override(f"data.batch_size={evil}"))
+    with pytest.raises(ncfg.ConfigError):  # a string where an int belongs is rejected
+      ncfg.apply_override(cfg, *ncfg.parse_override(f"data.batch_size={evil}"))
   rc = cli.main(
     [
       "init",

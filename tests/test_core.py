@@ -374,3 +374,26 @@ def test_measure_averages_batches():
   gcs = [float(nio_jax.gradcosine(tm.mlp_loss, params, b).gc) for b in batches]
   assert m["gc"] == pytest.approx(np.mean(gcs), rel=1e-5)
   assert m["num_batches"] == 3
+
+
+def test_nio_step_compiles_once_across_calls():
+  """Repeated `nio()` calls with the same loss_fn, shapes and step settings reuse one
+  compiled step (counted by the traces of the loss function); a new step setting retraces."""
+  traces = []
+
+  def loss_fn(params, batch):
+    traces.append(1)  # runs only while jax traces the function
+    return tm.mlp_loss(params, batch)
+
+  batches = [tm.mlp_batch(jax.random.fold_in(KEY, i), b=8) for i in range(3)]
+  cfg = {"num_steps": 3, "num_chunks": 2, "overlap": 0.0}
+  nio_jax.nio(loss_fn, tm.mlp_params(KEY), batches, cfg)
+  first = len(traces)
+  assert first > 0
+  # Other params values (another seed) and another num_steps: no new trace.
+  r = nio_jax.nio(loss_fn, tm.mlp_params(jax.random.key(7)), batches, {**cfg, "num_steps": 2})
+  assert len(traces) == first, "nio() recompiled its step for the same shapes and settings"
+  assert len(r.history["gc"]) == 2
+  # A different step setting (gamma) is a different compiled step.
+  nio_jax.nio(loss_fn, tm.mlp_params(KEY), batches, {**cfg, "gamma": 3.0})
+  assert len(traces) > first

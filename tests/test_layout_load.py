@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from nio_jax import models, scales
-from nio_jax.cli import CLIError, load_checkpoint_variables, load_variables, save_variables
+from nio_jax.config import ConfigError
+from nio_jax.experiment import load_checkpoint_variables, load_variables, save_variables
 from nio_jax.train.checkpoint import Checkpointer
 
 X = jax.random.normal(jax.random.key(2), (2, 8, 8, 3))
@@ -66,5 +67,5 @@ def test_match_layout_rejects_another_model(tmp_path):
   with pytest.raises(ValueError, match="either block layout"):
     models.match_layout(v, {"params": {"x": 1}})
   path = save_variables(tmp_path / "p.msgpack", v)
-  with pytest.raises(CLIError):
+  with pytest.raises(ConfigError):
     load_variables(path, other)

@@ -274,3 +274,21 @@ def test_nnx_models_match_linen_and_train():
 
     g = jax.jit(jax.grad(loss))(params)
     assert all(np.isfinite(np.asarray(a)).all() for a in jax.tree_util.tree_leaves(g))
+
+
+def test_mlp_he_normal_init():
+  """MLP(dense_init="he_normal"): kernels N(0, 2/fan_in), zero biases (the torch default is
+  U(+-1/sqrt(fan_in)), variance 1/(3 fan_in), with non-zero biases)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  from nio_jax import models
+
+  m = models.get("mlp", hidden=(512, 512), dense_init="he_normal")
+  p = m.init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))["params"]
+  k = np.asarray(p["dense1"]["kernel"])
+  np.testing.assert_allclose(k.var(), 2.0 / 512, rtol=0.05)
+  assert not np.any(np.asarray(p["dense1"]["bias"]))
+  t = models.get("mlp", hidden=(512, 512)).init(jax.random.key(0), jnp.zeros((1, 28, 28, 1)))
+  np.testing.assert_allclose(np.asarray(t["params"]["dense1"]["kernel"]).var(), 1 / 1536, rtol=0.05)

@@ -371,3 +371,29 @@ def test_init_loss_fn_contract():
   assert jax.tree.structure(params) == jax.tree.structure(variables["params"])
   losses = loss_fn(params, loader.batch(0, 0))
   assert losses.shape == (32,) and np.isfinite(np.asarray(losses)).all()
+
+
+def test_eval_at_steps_and_time_split(tmp_path):
+  """`eval_at` evaluates after the given steps on its own test data (the accuracy equals an
+  evaluation of the params checkpointed at that step), a stop inside an epoch can be
+  evaluated too, and the wall time is split into training and evaluation."""
+  model, variables, loader, test = make_setup(bn=False)
+  cfg = tiny_config(num_epochs=1)
+  sub = test.subset(40)
+  res = train.train(
+    model, variables, loader, test, cfg, tmp_path, stop_after_step=5, eval_at={2: sub, 5: test}
+  )
+  assert sorted(res.step_evals) == [2, 5] and res.step == 5 and not res.finished
+  # The step-5 accuracy is that of the returned params on the whole test set.
+  logits = model.apply(
+    res.variables,
+    (test.images.astype(np.float32) / 255.0 - np.float32(0.2)) / np.float32(0.3),
+    train=False,
+  )
+  acc = float(np.mean(np.argmax(np.asarray(logits), -1) == test.labels))
+  assert res.step_evals[5] == pytest.approx(acc)
+  assert res.train_seconds > 0 and res.eval_seconds > 0 and res.init_seconds == 0.0
+  recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in recs if r["type"] == "step_eval"] == [2, 5]
+  with pytest.raises(ValueError, match="eval_at"):
+    train.train(model, variables, loader, test, cfg, tmp_path / "b", eval_at={0: test})

@@ -18,6 +18,7 @@ from nio_jax.methods import kaiming as _kaiming_module  # noqa: F401
 from nio_jax.methods import metainit as _metainit_module  # noqa: F401
 from nio_jax.methods.gradinit import (
   GRADINIT_RECIPES,
+  GradInitAdamConfig,
   GradInitConfig,
   gradinit,
   gradinit_adam,
@@ -36,6 +37,7 @@ from nio_jax.methods.registry import Method, available_methods, get_method, init
 
 __all__ = [
   "GRADINIT_RECIPES",
+  "GradInitAdamConfig",
   "GradInitConfig",
   "KaimingConfig",
   "Method",

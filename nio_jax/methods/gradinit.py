@@ -407,7 +407,36 @@ def gradinit(
 ADAM_DEFAULTS = dict(GRADINIT_RECIPES["transformer"])
 
 
-@register("gradinit_adam", config_cls=GradInitConfig)
+@dataclasses.dataclass(frozen=True)
+class GradInitAdamConfig(GradInitConfig):
+  """`GradInitConfig` of method "gradinit_adam": `create` starts from the only published
+  Adam recipe (IWSLT'14 Transformer, `ADAM_DEFAULTS`) instead of the SGD defaults, and
+  requires `variant="adam"`."""
+
+  @classmethod
+  def create(cls, config=None, **overrides) -> GradInitAdamConfig:
+    """From None (the Adam recipe), a GradInitConfig, a dict / ConfigDict of overrides of
+    the Adam recipe, or a recipe name."""
+    if isinstance(config, GradInitConfig) or isinstance(config, str):
+      values = _config.config_values(
+        GradInitConfig, config, overrides, "GradInit", GRADINIT_RECIPES
+      )
+    else:
+      values = {
+        **ADAM_DEFAULTS,
+        **_config.config_values(cls, config, overrides, "GradInit", GRADINIT_RECIPES),
+      }
+    cfg = cls(**values)
+    cfg.validate()
+    if cfg.variant != "adam":
+      raise ValueError(
+        f"method 'gradinit_adam' got variant={cfg.variant!r}; use method "
+        "'gradinit' for the SGD variant."
+      )
+    return cfg
+
+
+@register("gradinit_adam", config_cls=GradInitAdamConfig)
 def gradinit_adam(
   loss_fn: Callable,
   params: PyTree,
@@ -417,19 +446,9 @@ def gradinit_adam(
   progress: bool = False,
   mesh=None,
 ) -> InitResult:
-  """GradInit's Adam variant. Defaults: the only published Adam recipe (IWSLT'14
-  Transformer, `GRADINIT_RECIPES["transformer"]`); a dict config overrides those values."""
-  if config is None or isinstance(config, dict) or hasattr(config, "to_dict"):
-    values = dict(ADAM_DEFAULTS)
-    if config is not None:
-      values.update(dict(config.to_dict()) if hasattr(config, "to_dict") else dict(config))
-    cfg = GradInitConfig.create(values)
-  else:
-    cfg = GradInitConfig.create(config)
-  if cfg.variant != "adam":
-    raise ValueError(
-      f"method 'gradinit_adam' got variant={cfg.variant!r}; use method "
-      "'gradinit' for the SGD variant."
-    )
-  res = gradinit(loss_fn, params, batches, cfg, progress=progress, mesh=mesh)
+  """GradInit's Adam variant (`GradInitAdamConfig`: defaults are the only published Adam
+  recipe, IWSLT'14 Transformer, `GRADINIT_RECIPES["transformer"]`; a dict config overrides
+  those values)."""
+  cfg = GradInitAdamConfig.create(config)
+  res = gradinit(loss_fn, params, batches, GradInitConfig.create(cfg), progress=progress, mesh=mesh)
   return dataclasses.replace(res, method="gradinit_adam")

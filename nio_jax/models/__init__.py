@@ -74,26 +74,35 @@ def names() -> list[str]:
   return list(_REGISTRY)
 
 
+def registry_entry(name: str) -> tuple[Callable[..., nn.Module], dict[str, Any], tuple]:
+  """``(constructor, default kwargs, input shape)`` of a registered model (e.g. for the
+  PyTorch twins of ``nio_jax.bench``).
+
+  Raises:
+    ValueError: unknown name (the message lists the known ones).
+  """
+  if name not in _REGISTRY:
+    raise ValueError(f"unknown model {name!r}; known models: {', '.join(names())}")
+  ctor, defaults, shape = _REGISTRY[name]
+  return ctor, dict(defaults), shape
+
+
 def get(name: str, **kwargs) -> nn.Module:
   """Build a registered model; ``kwargs`` override its defaults (e.g. ``num_classes=100``,
   ``norm="none"``, ``variant="fixup"``, ``scan=False``, ``width=...``)."""
-  try:
-    ctor, defaults, _ = _REGISTRY[name]
-  except KeyError:
-    raise ValueError(f"unknown model {name!r}; known models: {', '.join(names())}") from None
+  ctor, defaults, _ = registry_entry(name)
   return ctor(**{**defaults, **kwargs})
 
 
 def input_shape(name: str) -> tuple[int, int, int]:
   """Default (H, W, C) input of a registered model (CIFAR 32x32x3, ImageNet 224x224x3,
   Fashion-MNIST 28x28x1); the models accept other sizes where the architecture allows."""
-  if name not in _REGISTRY:
-    raise ValueError(f"unknown model {name!r}; known models: {', '.join(names())}")
-  return _REGISTRY[name][2]
+  return registry_entry(name)[2]
 
 
 __all__ = [
   "get",
+  "registry_entry",
   "names",
   "input_shape",
   "count_params",

@@ -6,7 +6,9 @@
 
 Initialisation: PyTorch defaults for every layer (weights ``kaiming_uniform_(a=sqrt(5))`` =
 U(+-1/sqrt(fan_in)), biases U(+-1/sqrt(fan_in))), i.e. what a plain ``nn.Linear`` /
-``nn.Conv2d`` PyTorch model gets.
+``nn.Conv2d`` PyTorch model gets. ``MLP(dense_init="he_normal")`` instead draws every kernel from
+N(0, 2/fan_in) (He / Kaiming normal, fan-in, as the CIFAR nets' convolutions) with zero
+biases.
 """
 
 from __future__ import annotations
@@ -19,30 +21,35 @@ import flax.linen as nn
 
 from ._common import conv, torch_default_bias, torch_default_kernel
 
+DENSE_INITS = ("torch", "he_normal")
 
-def _tdense(features, fan_in, name, dtype):
-  return nn.Dense(
-    features,
-    kernel_init=torch_default_kernel,
-    bias_init=torch_default_bias(fan_in),
-    dtype=dtype,
-    name=name,
-  )
+
+def _tdense(features, fan_in, name, dtype, init="torch"):
+  if init == "he_normal":
+    kernel, bias = nn.initializers.he_normal(), nn.initializers.zeros
+  else:
+    kernel, bias = torch_default_kernel, torch_default_bias(fan_in)
+  return nn.Dense(features, kernel_init=kernel, bias_init=bias, dtype=dtype, name=name)
 
 
 class MLP(nn.Module):
+  """Plain ReLU MLP. ``dense_init``: "torch" (PyTorch's nn.Linear default) or "he_normal"."""
+
   hidden: Sequence[int] = (256, 256)
   num_classes: int = 10
   dtype: Any = None
+  dense_init: str = "torch"
 
   @nn.compact
   def __call__(self, x, train: bool = False):
+    if self.dense_init not in DENSE_INITS:
+      raise ValueError(f"MLP dense_init={self.dense_init!r}; known: {', '.join(DENSE_INITS)}")
     x = x.reshape(x.shape[0], -1)
     if self.dtype is not None:
       x = x.astype(self.dtype)
     for i, h in enumerate(self.hidden):
-      x = nn.relu(_tdense(h, x.shape[-1], f"dense{i}", self.dtype)(x))
-    return _tdense(self.num_classes, x.shape[-1], "head", self.dtype)(x)
+      x = nn.relu(_tdense(h, x.shape[-1], f"dense{i}", self.dtype, self.dense_init)(x))
+    return _tdense(self.num_classes, x.shape[-1], "head", self.dtype, self.dense_init)(x)
 
 
 class SmallCNN(nn.Module):

@@ -31,6 +31,7 @@ import numpy as np
 import optax
 
 from nio_jax.errors import NonFiniteError
+from nio_jax.flax_utils import linen_loss_fn
 from nio_jax.per_example import canonical_convs
 from nio_jax.train.checkpoint import Checkpointer
 from nio_jax.train.config import total_epochs, validate
@@ -82,6 +83,10 @@ class TrainResult:
     epochs_completed, step: position reached.
     evals: the per-epoch evaluation records.
     finished: False when the run stopped early (``stop_after_step``).
+    step_evals: test accuracy at the steps of ``eval_at`` (``{step: acc}``).
+    init_seconds: wall time of ``init_fn`` in this call (0 without one, or on resume).
+    train_seconds: wall time of the training steps in this call (evaluations excluded).
+    eval_seconds: wall time of the evaluations (epoch ends and ``eval_at``) in this call.
   """
 
   variables: dict
@@ -93,6 +98,10 @@ class TrainResult:
   step: int
   evals: list[dict]
   finished: bool
+  step_evals: dict = dataclasses.field(default_factory=dict)
+  init_seconds: float = 0.0
+  train_seconds: float = 0.0
+  eval_seconds: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,28 +185,10 @@ def init_loss_fn(
   """
   kwargs = {train_kwarg: True} if train_kwarg else {}
   bs = variables.get("batch_stats") or None
-  try:
-    from nio_jax.flax_utils import linen_loss_fn  # noqa: PLC0415
-  except ImportError:  # pragma: no cover - core module absent
-    linen_loss_fn = None
-  if linen_loss_fn is not None:
-    return linen_loss_fn(model, batch_stats=bs, apply_kwargs=kwargs), variables["params"]
-
-  def loss_fn(params, batch):  # pragma: no cover - same semantics as the core adapter
-    if bs is not None:
-      logits, _ = model.apply(
-        {"params": params, "batch_stats": bs}, batch["image"], mutable=["batch_stats"], **kwargs
-      )
-    else:
-      logits = model.apply({"params": params}, batch["image"], **kwargs)
-    return optax.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), batch["label"]
-    )
-
-  return loss_fn, variables["params"]
+  return linen_loss_fn(model, batch_stats=bs, apply_kwargs=kwargs), variables["params"]
 
 
-def _run_init(init_fn, model, variables, loader, config, workdir: pathlib.Path) -> dict:
+def _run_init(init_fn, model, variables, loader, config, workdir: pathlib.Path):
   loss_fn, params = init_loss_fn(model, variables, config.train_kwarg)
   batches = loader.batches(int(config.init_num_batches), stream=1)
   t0 = time.perf_counter()
@@ -218,7 +209,7 @@ def _run_init(init_fn, model, variables, loader, config, workdir: pathlib.Path) 
   (workdir / "init_history.json").write_text(json.dumps(to_jsonable(record)))
   if jax.tree.structure(variables["params"]) != jax.tree.structure(params):
     raise ValueError("init_fn returned params with a different tree structure")
-  return variables
+  return variables, seconds
 
 
 def train(
@@ -231,6 +222,7 @@ def train(
   *,
   init_fn: Callable | None = None,
   stop_after_step: int | None = None,
+  eval_at: dict | None = None,
   mesh=None,
 ) -> TrainResult:
   """Train a linen classifier with the recipe in ``config``; resume if ``workdir`` has a
@@ -256,7 +248,11 @@ def train(
       from an independent loader stream. E.g.
       ``init_fn=lambda f, p, b: nio_jax.nio(f, p, b, nio_cfg)``.
     stop_after_step: checkpoint and return once this global step is reached (simulates a
-      pre-emption; a later call resumes).
+      pre-emption, or ends a run inside an epoch; a later call resumes).
+    eval_at: optional ``{step: test_data}``: after global step ``step``, evaluate on that
+      test data (same kinds as ``test_data``; e.g. a fixed subset at early steps). The
+      accuracies are in ``TrainResult.step_evals`` and ``metrics.jsonl`` (type
+      ``step_eval``); their wall time counts as evaluation, not training.
     mesh: optional ``jax.sharding.Mesh`` with a ``data`` axis
       (:func:`nio_jax.distributed.make_mesh`): data-parallel training. Each batch is sharded
       over the ``data`` axis, params / optimizer state / batch statistics are replicated and
@@ -270,35 +266,26 @@ def train(
   """
   validate(config)
   _check_inputs(model, variables, train_loader, test_data, init_fn, stop_after_step, mesh)
+  for k in eval_at or {}:
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+      raise ValueError(f"eval_at keys must be global steps >= 1, got {k!r}")
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  spe = int(train_loader.steps_per_epoch)
-  epochs = total_epochs(config)
-  total_steps = epochs * spe
-  log_every = max(1, int(config.log_every))
-  ckpt_every = int(config.checkpoint_every_steps or 0)
-  log = MetricsLog(workdir / "metrics.jsonl")
   ckpt = Checkpointer(workdir / "checkpoints", int(config.max_to_keep))
-
+  job = _Job(
+    model=model,
+    variables=variables,
+    train_loader=train_loader,
+    test_data=test_data,
+    config=config,
+    workdir=workdir,
+    init_fn=init_fn,
+    stop_after_step=stop_after_step,
+    eval_at=dict(eval_at or {}),
+    mesh=mesh,
+  )
   try:
-    return _train(
-      model,
-      variables,
-      train_loader,
-      test_data,
-      config,
-      workdir,
-      init_fn,
-      stop_after_step,
-      spe,
-      epochs,
-      total_steps,
-      log_every,
-      ckpt_every,
-      log,
-      ckpt,
-      mesh,
-    )
+    return _train(job, MetricsLog(workdir / "metrics.jsonl"), ckpt)
   finally:
     ckpt.close()
 
@@ -370,30 +357,36 @@ def _check_inputs(model, variables, train_loader, test_data, init_fn, stop_after
       )
 
 
-def _train(
-  model,
-  variables,
-  train_loader,
-  test_data,
-  config,
-  workdir,
-  init_fn,
-  stop_after_step,
-  spe,
-  epochs,
-  total_steps,
-  log_every,
-  ckpt_every,
-  log,
-  ckpt,
-  mesh=None,
-):
+@dataclasses.dataclass(frozen=True)
+class _Job:
+  """The arguments of one :func:`train` call, as the loop reads them."""
+
+  model: Any
+  variables: PyTree
+  train_loader: Any
+  test_data: Any
+  config: Any
+  workdir: pathlib.Path
+  init_fn: Callable | None
+  stop_after_step: int | None
+  eval_at: dict
+  mesh: Any
+
+
+def _train(job: _Job, log: MetricsLog, ckpt: Checkpointer) -> TrainResult:
+  model, train_loader, config, workdir = job.model, job.train_loader, job.config, job.workdir
+  init_fn, stop_after_step, mesh = job.init_fn, job.stop_after_step, job.mesh
+  spe = int(train_loader.steps_per_epoch)
+  epochs = total_epochs(config)
+  total_steps = epochs * spe
+  log_every = max(1, int(config.log_every))
+  ckpt_every = int(config.checkpoint_every_steps or 0)
   from tqdm.auto import tqdm  # noqa: PLC0415
 
-  variables = dict(variables)
+  variables = dict(job.variables)
   has_bs = bool(jax.tree_util.tree_leaves(variables.get("batch_stats", {})))
   no_norm = resolve_no_norm(config, variables)
-  p_train_step, p_eval_step, tx, schedule = _build_steps(model, config, spe, has_bs, no_norm)
+  p_train_step, p_eval_step, tx, schedule = build_steps(model, config, spe, has_bs, no_norm)
 
   def make_state(v):
     # Fresh copies: the train step donates its state on accelerators, and the caller's
@@ -413,18 +406,20 @@ def _train(
 
   latest = ckpt.latest_step()
   resumed = latest is not None
+  init_seconds = 0.0
   if resumed:
     state, meta = ckpt.restore(latest, make_state(variables))
     log.truncate_after(int(latest))
   else:
     if init_fn is not None:
-      variables = _run_init(init_fn, model, variables, train_loader, config, workdir)
+      variables, init_seconds = _run_init(init_fn, model, variables, train_loader, config, workdir)
     state = make_state(variables)
     meta = {
       "acc_1": None,
       "acc_1_main": None,
       "acc_best": None,
       "evals": [],
+      "step_evals": {},
       "epoch_sums": [0.0, 0.0, 0.0],
     }
     log.reset()
@@ -448,14 +443,20 @@ def _train(
     state = distributed.replicate(state, mesh)
     put = functools.partial(distributed.shard_batch, mesh=mesh)
 
-  eval_data = _as_eval_data(test_data, int(config.eval_batch_size))
+  eval_bs = int(config.eval_batch_size)
+  eval_data = _as_eval_data(job.test_data, eval_bs)
+  step_eval_data = {int(k): _as_eval_data(v, eval_bs) for k, v in job.eval_at.items()}
+  step_evals = {int(k): v for k, v in meta.get("step_evals", {}).items()}
+  eval_seconds = [0.0]
 
-  def evaluate(st) -> tuple[float, float]:
+  def evaluate(st, data=eval_data) -> tuple[float, float]:
+    t = time.perf_counter()
     tot = jnp.zeros(2, jnp.float32)
-    for b in eval_data.batches():
+    for b in data.batches():
       tot = tot + p_eval_step(st["params"], st.get("batch_stats"), put(b))
     loss_sum, correct = np.asarray(tot, np.float64)
-    return loss_sum / eval_data.num_examples, correct / eval_data.num_examples
+    eval_seconds[0] += time.perf_counter() - t
+    return loss_sum / data.num_examples, correct / data.num_examples
 
   g = int(state["step"])
   epoch, s0 = divmod(g, spe)
@@ -472,6 +473,7 @@ def _train(
     desc=workdir.name,
   )
   t_window, g_window = time.perf_counter(), g
+  t_loop = time.perf_counter()
   finished = True
 
   def check_finite(st):
@@ -514,6 +516,11 @@ def _train(
             )
             acc = acc.at[0].set(0.0)
             t_window, g_window = now, g
+          if g in step_eval_data and g not in step_evals:
+            check_finite(state)
+            _, step_evals[g] = evaluate(state, step_eval_data[g])
+            meta["step_evals"] = {str(k): v for k, v in step_evals.items()}
+            log.write({"type": "step_eval", "step": g, "test_acc": step_evals[g]})
           end_of_epoch = g % spe == 0
           stop = stop_after_step is not None and g >= stop_after_step
           if not end_of_epoch and (stop or (ckpt_every and g % ckpt_every == 0)):
@@ -570,6 +577,7 @@ def _train(
         break
   finally:
     pbar.close()
+  loop_seconds = time.perf_counter() - t_loop
 
   ckpt.wait()
   out_vars = {"params": state["params"]}
@@ -586,6 +594,10 @@ def _train(
     step=g,
     evals=evals,
     finished=finished and g >= total_steps,
+    step_evals=dict(sorted(step_evals.items())),
+    init_seconds=init_seconds,
+    train_seconds=loop_seconds - eval_seconds[0],
+    eval_seconds=eval_seconds[0],
   )
   summary = {k: v for k, v in dataclasses.asdict(result).items() if k not in ("variables", "evals")}
   (workdir / "summary.json").write_text(json.dumps(to_jsonable(summary), indent=1))
@@ -596,7 +608,7 @@ def _train(
 _STEP_CACHE: collections.OrderedDict[Any, tuple] = collections.OrderedDict()
 
 
-def _build_steps(model, config, spe: int, has_bs: bool, no_norm: bool):
+def build_steps(model, config, spe: int, has_bs: bool, no_norm: bool):
   """``(jitted train_step, jitted eval_step, tx, schedule)``, cached on (model, config,
   steps per epoch, ...) so that repeated / resumed runs in one process compile once."""
   try:

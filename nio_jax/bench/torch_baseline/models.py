@@ -720,8 +720,7 @@ def get(name: str, **kwargs) -> nn.Module:
   """
   from nio_jax import models as fm
 
-  fm.get(name)  # raises ValueError for unknown names
-  ctor, defaults, shape = fm._REGISTRY[name]
+  ctor, defaults, shape = fm.registry_entry(name)  # ValueError for unknown names
   cls = _CTORS[ctor.__name__]
   kw = {**defaults, **kwargs}
   kw.pop("dtype", None)

@@ -1,0 +1,117 @@
+"""`nio-jax`: the command line of nio_jax, driven by `ml_collections` config files.
+
+    nio-jax init    --config configs/fmnist_nio.py [--set key=value ...] [--config.key=value ...]
+    nio-jax train   --config configs/cifar10_table.py:resnet110_bn,gradinit
+    nio-jax measure runs/fmnist_nio                 # GC / gradient norm of the saved params
+    nio-jax report  runs/fmnist_nio runs/fmnist_kaiming --out runs/report
+    nio-jax bench   --models resnet20 --batches 32  # nio_jax.bench (needs the torch extra)
+
+Config files, their schema and the `--set k=v` / `--config.k=v` override parser live in
+`nio_jax.config`; every subcommand runs through `nio_jax.experiment` (the same driver as
+`benchmarks/sweep.py`); reports and plots are `nio_jax.reports`. This package only parses
+arguments (here) and prints (`commands`).
+
+Outputs in the workdir (default `runs/<config.name>`): `init_params.msgpack` (flax msgpack
+serialization of the initialised variables, never pickle), `init_history.json`,
+`init_report.json` (GC / gradient norm before and after), `scales.json`, `run.json` (how
+the run was launched, used by `measure`), `config.json`; `train` adds the trainer's
+`metrics.jsonl`, `summary.json`, `curves.png`, `checkpoints/`, `final_params.msgpack`,
+`run_record.json` (accuracies, GC report, search / training / evaluation wall times) and
+`report.md` with its plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from nio_jax.cli.commands import cmd_bench, cmd_init, cmd_measure, cmd_report, cmd_train
+from nio_jax.config import ConfigError, split_overrides
+
+
+def make_parser() -> argparse.ArgumentParser:
+  """The argparse parser: one subparser per subcommand (overrides are split off first)."""
+  p = argparse.ArgumentParser(
+    prog="nio-jax",
+    description="Learned neural-network initialisation (NIO/GradCosine, "
+    "GradInit, MetaInit, Fixup, Kaiming) in JAX/Flax.",
+    epilog="Overrides: --set key=value or --config.key=value (values are Python literals "
+    "parsed with ast.literal_eval, else strings). See docs/cli.md.",
+  )
+  sub = p.add_subparsers(dest="command", required=True)
+
+  def common(sp, config_required=True):
+    sp.add_argument(
+      "--config",
+      required=config_required,
+      help="config file, optionally with an argument: configs/x.py[:arg]",
+    )
+    sp.add_argument("--workdir", default=None, help="output directory (default runs/<name>)")
+    sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+  sp = sub.add_parser("init", help="run the init method, save params and a GC report")
+  common(sp)
+  sp.set_defaults(fn=cmd_init)
+  sp = sub.add_parser("train", help="init + train, then a small report (table + plots)")
+  common(sp)
+  sp.set_defaults(fn=cmd_train)
+  sp = sub.add_parser("measure", help="GC / gradient norm of saved params")
+  sp.add_argument("run_dir", nargs="?", help="run directory (its run.json gives the config)")
+  sp.add_argument("--config", default=None, help="config file (instead of run_dir/run.json)")
+  sp.add_argument("--params", action="append", default=[], help="msgpack params file(s)")
+  sp.add_argument(
+    "--batches", type=int, default=None, help="number of batches (default init.measure_batches)"
+  )
+  sp.add_argument(
+    "--checkpoint",
+    action="append",
+    default=[],
+    metavar="STEP",
+    help="a trainer checkpoint of run_dir (a step, or 'latest'; step 0 holds "
+    "the initialised params)",
+  )
+  sp.add_argument("--fresh", action="store_true", help="also measure the model's own init")
+  sp.add_argument("--json", default=None, help="write the numbers to this JSON file")
+  sp.add_argument("--no-progress", action="store_true")
+  sp.set_defaults(fn=cmd_measure)
+  sp = sub.add_parser("report", help="markdown table + PNG plots from run directories")
+  sp.add_argument("run_dirs", nargs="+")
+  sp.add_argument(
+    "--out", default=None, help="output dir (default: the run dir, or runs/report for several)"
+  )
+  sp.set_defaults(fn=cmd_report)
+  sp = sub.add_parser(
+    "bench", help="JAX vs PyTorch benchmark (nio_jax.bench; needs the torch extra)", add_help=False
+  )
+  sp.add_argument("bench_args", nargs=argparse.REMAINDER)
+  sp.set_defaults(fn=cmd_bench)
+  return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Entry point of `nio-jax`.
+
+  Args:
+    argv: the arguments (default `sys.argv[1:]`).
+
+  Returns:
+    The exit status: 0, or 2 for a user error (printed as `nio-jax: error: ...`).
+  """
+  argv = list(sys.argv[1:] if argv is None else argv)
+  try:
+    if argv[:1] == ["bench"]:  # everything after `bench` belongs to the benchmark script
+      return cmd_bench(argparse.Namespace(bench_args=argv[1:]))
+    rest, overrides = split_overrides(argv)
+    args = make_parser().parse_args(rest)
+    args.overrides = overrides
+    if overrides and args.command in ("report",):
+      raise ConfigError("report takes no config overrides")
+    return int(args.fn(args) or 0)
+  except ConfigError as e:
+    print(f"nio-jax: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,155 @@
+"""The subcommands of `nio-jax`: each loads its config, calls `nio_jax.experiment` and prints."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import sys
+from typing import Any
+
+from nio_jax import experiment, reports
+from nio_jax.config import ConfigError, load_config
+
+
+def _workdir(cfg, arg: str | None) -> pathlib.Path:
+  w = arg or cfg.get("workdir") or os.path.join("runs", cfg.name)
+  p = pathlib.Path(w)
+  p.mkdir(parents=True, exist_ok=True)
+  return p
+
+
+def _absolute_spec(spec: str) -> str:
+  """`path.py[:arg]` with an absolute path (so `measure` works from any directory)."""
+  path, arg = spec, None
+  if ":" in spec and not os.path.exists(spec):
+    path, _, arg = spec.partition(":")
+  path = os.path.abspath(path)
+  return path if arg is None else f"{path}:{arg}"
+
+
+def _prepare(args, command: str):
+  """The config of `args` and its workdir, with `run.json` / `config.json` written."""
+  cfg = load_config(args.config, args.overrides)
+  if getattr(args, "no_progress", False):
+    cfg.train.progress = False
+  workdir = _workdir(cfg, args.workdir)
+  experiment.write_json(
+    workdir / "run.json",
+    {
+      "command": command,
+      "config": _absolute_spec(args.config),
+      "overrides": list(args.overrides),
+      "name": cfg.name,
+      "argv": sys.argv,
+    },
+  )
+  (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=1))
+  print(
+    f"[nio-jax] {cfg.name}: {cfg.model.name} on {cfg.data.dataset}, method "
+    f"{cfg.init.method}; workdir {workdir}",
+    flush=True,
+  )
+  return cfg, workdir
+
+
+def cmd_init(args) -> int:
+  cfg, workdir = _prepare(args, "init")
+  out = experiment.init_run(cfg, workdir, progress=not args.no_progress)
+  result = out["result"]
+  what = f"{result.num_steps} steps" if result.num_steps else "applied"
+  print(
+    f"\n{cfg.init.method}: {what} in {out['seconds']:.1f} s (incl. compilation)\n"
+    + reports.before_after_table(out["before"], out["after"])
+  )
+  print(f"\nparams: {out['params_path']}\nhistory: {workdir / 'init_history.json'}")
+  return 0
+
+
+def cmd_train(args) -> int:
+  cfg, workdir = _prepare(args, "train")
+  record = experiment.train_run(cfg, workdir)
+  if record["status"] != "finished":
+    raise ConfigError(
+      f"training {record['status']}; the last good checkpoint is in {workdir / 'checkpoints'}"
+    )
+  text, plots = reports.report([workdir], workdir)
+  print("\n" + text)
+  print("plots: " + ", ".join(str(p) for p in plots))
+  return 0
+
+
+def cmd_measure(args) -> int:
+  rundir = pathlib.Path(args.run_dir) if args.run_dir else None
+  if args.config:
+    cfg = load_config(args.config, args.overrides)
+  elif rundir is not None and (rundir / "run.json").exists():
+    info = json.loads((rundir / "run.json").read_text())
+    cfg = load_config(info["config"], list(info.get("overrides", [])) + list(args.overrides))
+  else:
+    raise ConfigError("measure needs a run directory with run.json, or --config")
+  if args.batches is not None:
+    cfg.init.measure_batches = int(args.batches)
+  if int(cfg.init.measure_batches) < 1:
+    cfg.init.measure_batches = 5
+  run = experiment.build(cfg)
+  sources: list[tuple[str, Any]] = [(str(p), p) for p in map(pathlib.Path, args.params)]
+  for step in args.checkpoint:
+    if rundir is None:
+      raise ConfigError("--checkpoint needs the run directory")
+    sources.append((f"checkpoint {step}", ("ckpt", step)))
+  if not sources and rundir is not None:
+    sources = [
+      (str(p), p)
+      for p in (rundir / "init_params.msgpack", rundir / "final_params.msgpack")
+      if p.exists()
+    ]
+  if not sources and not args.fresh:
+    raise ConfigError(
+      f"no saved params in {rundir} (init_params.msgpack / final_params.msgpack); "
+      "pass --params FILE or --checkpoint STEP"
+    )
+  out = {}
+  progress = not args.no_progress
+  if args.fresh:
+    loss_fn, params = experiment.init_loss_fn(run)
+    out["fresh (model init)"] = experiment.measure_params(run, loss_fn, params, progress=progress)
+  for name, src in sources:
+    if isinstance(src, tuple):
+      v = experiment.load_checkpoint_variables(rundir / "checkpoints", src[1], run.variables)
+    else:
+      v = experiment.load_variables(src, run.variables)
+    loss_fn, params = experiment.init_loss_fn(run, v)
+    out[name] = experiment.measure_params(run, loss_fn, params, progress=progress)
+  print(reports.gc_table(out, "params"))
+  if args.json:
+    experiment.write_json(args.json, out)
+  return 0
+
+
+def cmd_report(args) -> int:
+  dirs = [pathlib.Path(d) for d in args.run_dirs]
+  for d in dirs:
+    if not d.is_dir():
+      raise ConfigError(f"run directory {d} not found")
+  out = (
+    pathlib.Path(args.out)
+    if args.out
+    else (dirs[0] if len(dirs) == 1 else pathlib.Path("runs/report"))
+  )
+  text, plots = reports.report(dirs, out)
+  print(text)
+  print("plots: " + ", ".join(str(p) for p in plots))
+  return 0
+
+
+def cmd_bench(args) -> int:
+  """`nio-jax bench ...`: the JAX vs PyTorch benchmark (`nio_jax.bench`, torch extra)."""
+  from nio_jax.bench import TorchMissingError, engine  # noqa: PLC0415  (only this command)
+
+  try:
+    engine.main(list(args.bench_args))
+  except TorchMissingError as e:
+    print(f"nio-jax bench: {e}", file=sys.stderr)
+    return 2
+  return 0

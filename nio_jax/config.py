@@ -1,0 +1,331 @@
+"""Experiment configs: the schema every file in `configs/` builds on, loading a config file,
+and the `key=value` override parser of the command line.
+
+A config file defines `get_config()` (or `get_config(arg)`, selected with `path.py:arg`, as
+`ml_collections.config_flags` does) returning a ConfigDict built on :func:`base_config`
+(usually through a dataset's base file, e.g. `configs/fmnist_base.py`). Overrides
+`--set a.b=v` / `--config.a.b=v` parse `v` with `ast.literal_eval` (numbers, strings,
+tuples, dicts, True/False/None); anything that is not a Python literal stays a plain string.
+No override value is ever evaluated as code. The ConfigDict's types are enforced (a string
+for an int field is an error), and unknown keys are errors except under the open dicts
+`init.config` (method hyper-parameters, checked by the method's config class) and
+`model.kwargs` (constructor arguments of the model).
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from nio_jax import data, methods, models
+from nio_jax.train.config import default_config
+from nio_jax.train.config import validate as validate_train
+
+# Sub-dicts whose keys are free (checked later by the method config class / the model).
+OPEN_DICTS = ("init.config", "model.kwargs")
+INIT_DATA = ("real", "random")
+
+
+class ConfigError(Exception):
+  """A user error in a config or an override (the CLI prints it as `nio-jax: error: ...`
+  and exits with status 2)."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The schema every config file fills in (defaults: Fashion-MNIST, cnn_small, NIO).
+
+  Fields:
+    name: run name; the default workdir is `runs/<name>`.
+    workdir: output directory (None = `runs/<name>`).
+    seed: seed of the model init and the data order (and of MetaInit's Gaussian inputs
+      under `init.data="random"`, unless `init.config.seed` is set).
+    model.name / model.kwargs: `nio_jax.models.get(name, **kwargs)`; `num_classes` is
+      taken from the dataset unless given.
+    data: `nio_jax.data.make_loaders` arguments (`dataset`, `batch_size`, `train_subset`,
+      `test_subset`, `data_dir`, `source`, `pad_to_32`, `augment`, `prefetch`).
+    init.method: a registered method (`nio_jax.methods.available_methods()`).
+    init.recipe: GradInit recipe name (`GRADINIT_RECIPES`), merged under `init.config`.
+    init.config: the method's hyper-parameters (None/empty = the method's defaults).
+    init.batch_size: batch size of the init batches (None = data.batch_size).
+    init.num_batches: batches drawn for the method (None = steps x batches per step).
+    init.data: "real" (training batches) or "random" (MetaInit's Gaussian inputs).
+    init.measure_batches: batches of the GC / gradient-norm report (0 = no report);
+      init.measure_chunks / init.measure_overlap: its sub-batch setting (D, r).
+    eval.steps: global steps after which the test accuracy is also measured, on the first
+      `eval.subset` test images (None = all); the trainer evaluates every epoch end anyway.
+    max_steps: stop training after this many steps (None = all epochs); the last step is
+      then evaluated on the whole test set.
+    train: `nio_jax.train.default_config()` (the published CIFAR recipe);
+      `train.batch_size` follows `data.batch_size`.
+    published: the paper's numbers for this experiment (Acc_1 / Acc_best in %, source).
+  """
+  c = ml_collections.ConfigDict()
+  c.name = "run"
+  c.workdir = config_dict.placeholder(str)
+  c.seed = 0
+
+  c.model = ml_collections.ConfigDict()
+  c.model.name = "cnn_small"
+  c.model.kwargs = ml_collections.ConfigDict()
+
+  c.data = ml_collections.ConfigDict()
+  c.data.dataset = "fashion_mnist"
+  c.data.batch_size = 128
+  c.data.train_subset = config_dict.placeholder(int)
+  c.data.test_subset = config_dict.placeholder(int)
+  c.data.data_dir = config_dict.placeholder(str)
+  c.data.source = "auto"
+  c.data.pad_to_32 = False
+  c.data.augment = config_dict.placeholder(bool)
+  c.data.prefetch = 2
+
+  c.init = ml_collections.ConfigDict()
+  c.init.method = "nio"
+  c.init.recipe = config_dict.placeholder(str)
+  c.init.config = ml_collections.ConfigDict()
+  c.init.batch_size = config_dict.placeholder(int)
+  c.init.num_batches = config_dict.placeholder(int)
+  c.init.data = "real"
+  c.init.measure_batches = 5
+  c.init.measure_chunks = 4
+  c.init.measure_overlap = 0.2
+
+  # Evaluations besides the trainer's epoch ends, and an optional end inside an epoch.
+  c.eval = ml_collections.ConfigDict()
+  c.eval.steps = ()
+  c.eval.subset = config_dict.placeholder(int)
+  c.max_steps = config_dict.placeholder(int)
+
+  c.train = default_config()
+  c.train.batch_size = c.data.get_ref("batch_size")
+
+  c.published = ml_collections.ConfigDict()
+  c.published.acc_1 = config_dict.placeholder(float)
+  c.published.acc_best = config_dict.placeholder(float)
+  c.published.source = ""
+  return c
+
+
+def parse_value(text: str) -> Any:
+  """An override value: a Python literal via `ast.literal_eval`, else the string itself.
+
+  `true`/`false`/`none`/`null` (any case) are accepted too. Never evaluates code.
+  """
+  if not isinstance(text, str):
+    raise TypeError(f"override value must be a string, got {type(text).__name__}")
+  low = text.strip().lower()
+  if low in ("true", "false"):
+    return low == "true"
+  if low in ("none", "null"):
+    return None
+  try:
+    return ast.literal_eval(text.strip())
+  except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+    return text
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+  """`"a.b=v"` -> `("a.b", parse_value(v))`."""
+  if "=" not in item:
+    raise ConfigError(f"override {item!r} must look like key=value (e.g. train.num_epochs=2)")
+  key, _, value = item.partition("=")
+  key = key.strip()
+  if key.startswith("config."):
+    key = key[len("config.") :]
+  if not key or any(not part.isidentifier() for part in key.split(".")):
+    raise ConfigError(f"bad override key {key!r}: use dotted identifiers such as data.batch_size")
+  return key, parse_value(value)
+
+
+def _known(d) -> str:
+  return ", ".join(sorted(d.keys())) or "(none)"
+
+
+def apply_override(cfg: ml_collections.ConfigDict, key: str, value: Any) -> None:
+  """Sets `cfg.<key> = value` with ConfigDict type checking; unknown keys are errors outside
+  `OPEN_DICTS`."""
+  parts = key.split(".")
+  node = cfg
+  for i, part in enumerate(parts[:-1]):
+    if part not in node:
+      raise ConfigError(
+        f"unknown config key {'.'.join(parts[: i + 1])!r}; known under "
+        f"{'.'.join(parts[:i]) or 'the root'}: {_known(node)}"
+      )
+    node = node[part]
+    if not isinstance(node, ml_collections.ConfigDict):
+      raise ConfigError(f"config key {'.'.join(parts[: i + 1])!r} is a value, not a group")
+  parent, last = ".".join(parts[:-1]), parts[-1]
+  if last not in node and parent not in OPEN_DICTS:
+    raise ConfigError(
+      f"unknown config key {key!r}; known under {parent or 'the root'}: {_known(node)}"
+    )
+  if isinstance(value, dict):
+    value = ml_collections.ConfigDict(value)
+  try:
+    node[last] = value
+  except (TypeError, ValueError, KeyError, AttributeError) as e:
+    if parent not in OPEN_DICTS and key not in OPEN_DICTS:
+      raise ConfigError(f"cannot set {key}={value!r}: {e}") from None
+    # Free-form dicts (method hyper-parameters, model kwargs) take any type: replace.
+    del node[last]
+    node[last] = value
+
+
+def load_config_file(spec: str) -> tuple[ml_collections.ConfigDict, str, str | None]:
+  """`path.py` or `path.py:arg` -> (config, path, arg). The file is Python (like
+  ml_collections config files); its `get_config([arg])` builds the config."""
+  path, arg = spec, None
+  if ":" in spec and not os.path.exists(spec):
+    path, _, arg = spec.partition(":")
+  p = pathlib.Path(path)
+  if not p.is_file():
+    raise ConfigError(f"config file {path!r} not found")
+  name = "nio_jax_config_" + "".join(ch if ch.isalnum() else "_" for ch in p.stem)
+  mod_spec = importlib.util.spec_from_file_location(name, p)
+  module = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"config file {path!r} has no get_config()")
+  try:
+    cfg = module.get_config(arg) if arg is not None else module.get_config()
+  except (ValueError, KeyError) as e:
+    raise ConfigError(f"{path}: {e}") from None
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict")
+  return cfg, str(p), arg
+
+
+def config_from(name: str, relative_to: str) -> ml_collections.ConfigDict:
+  """`get_config()` of the config file `name` next to `relative_to` (a config file's
+  `__file__`): how an experiment config starts from its dataset's base config, e.g.
+  `config_from("fmnist_base.py", __file__)`."""
+  return load_config_file(str(pathlib.Path(relative_to).resolve().parent / name))[0]
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+  """Loads `spec`, applies `key=value` overrides and validates."""
+  cfg, _, _ = load_config_file(spec)
+  for item in overrides:
+    apply_override(cfg, *parse_override(item))
+  validate_config(cfg)
+  return cfg
+
+
+def method_config(cfg) -> Any:
+  """The method config to pass to `nio_jax.methods.initialize` (validated): the method's
+  config class built from `init.config` (a GradInit `init.recipe` merged under it)."""
+  try:
+    m = methods.get_method(cfg.init.method)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  values = cfg.init.config.to_dict()
+  recipe = cfg.init.get("recipe")
+  try:
+    if recipe is not None:
+      if not (m.config_cls and issubclass(m.config_cls, methods.GradInitConfig)):
+        raise ConfigError(f"init.recipe={recipe!r} is a GradInit recipe; method is {m.name!r}")
+      if recipe not in methods.GRADINIT_RECIPES:
+        raise ConfigError(
+          f"unknown GradInit recipe {recipe!r}; known: "
+          f"{', '.join(sorted(methods.GRADINIT_RECIPES))}"
+        )
+      values = {**methods.GRADINIT_RECIPES[recipe], **values}
+    if cfg.init.data == "random" and "seed" not in values:
+      values["seed"] = int(cfg.seed)  # the run's seed also draws MetaInit's Gaussian inputs
+    if m.config_cls is not None and hasattr(m.config_cls, "create"):
+      return m.config_cls.create(values)
+    if m.name == "fixup":
+      allowed = {"num_branches", "layers_per_branch", "force"}  # nio_jax.methods.fixup
+      unknown = sorted(set(values) - allowed)
+      if unknown:
+        raise ValueError(f"unknown Fixup config key(s) {unknown}; known: {sorted(allowed)}")
+  except (ValueError, TypeError) as e:
+    raise ConfigError(f"init.config for method {m.name!r}: {e}") from None
+  return values or None
+
+
+def search_batches(cfg, mcfg) -> int:
+  """Batches the configured method consumes: `init.num_batches`, else the method config's
+  `num_steps x batches_per_step` (GradInit: 2 per step, 1 with `lookahead="thirds"`)."""
+  if cfg.init.get("num_batches"):
+    return int(cfg.init.num_batches)
+  steps = getattr(mcfg, "num_steps", None)
+  if steps is None and isinstance(mcfg, dict):
+    steps = mcfg.get("num_steps")
+  per = int(getattr(mcfg, "batches_per_step", 1) or 1)
+  return int(steps or 1) * per
+
+
+def validate_config(cfg) -> None:
+  """Raises ConfigError (with the known names) for an unknown model, dataset or method, or a bad
+  value; the method config and the training config are validated by their own classes."""
+  for group in ("model", "data", "init", "train"):
+    if group not in cfg:
+      raise ConfigError(f"config has no {group!r} group; build it on nio_jax.config.base_config()")
+  if cfg.model.name not in models.names():
+    raise ConfigError(
+      f"unknown model {cfg.model.name!r}; known models: {', '.join(models.names())}"
+    )
+  if cfg.data.dataset not in data.DATASETS:
+    raise ConfigError(
+      f"unknown dataset {cfg.data.dataset!r}; known datasets: {', '.join(data.DATASETS)}"
+    )
+  if cfg.init.data not in INIT_DATA:
+    raise ConfigError(f"init.data must be one of {INIT_DATA}, got {cfg.init.data!r}")
+  if cfg.init.data == "random" and cfg.init.method != "metainit":
+    raise ConfigError("init.data='random' (Gaussian inputs) is for method 'metainit' only")
+  for k in ("batch_size",):
+    if int(cfg.data[k]) < 1:
+      raise ConfigError(f"data.{k} must be >= 1")
+  if int(cfg.init.measure_batches) < 0:
+    raise ConfigError("init.measure_batches must be >= 0")
+  if "eval" in cfg:
+    steps = tuple(cfg.eval.steps or ())
+    if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in steps):
+      raise ConfigError(f"eval.steps must be global steps >= 1, got {steps!r}")
+    if cfg.eval.subset is not None and int(cfg.eval.subset) < 1:
+      raise ConfigError("eval.subset must be >= 1 (or None for the whole test set)")
+  if cfg.get("max_steps") is not None and int(cfg.max_steps) < 1:
+    raise ConfigError("max_steps must be >= 1 (or None for all epochs)")
+  method_config(cfg)
+  try:
+    validate_train(cfg.train)
+  except ValueError as e:
+    raise ConfigError(f"train: {e}") from None
+
+
+def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """Pulls `--config.k=v`, `--config.k v`, `--set k=v`, `--set=k=v` out of argv."""
+  rest, overrides = [], []
+  i, argv = 0, list(argv)
+  while i < len(argv):
+    a = argv[i]
+    if a == "--":
+      rest += argv[i:]
+      break
+    if a.startswith("--config."):
+      body = a[2:]
+      if "=" not in body:
+        if i + 1 >= len(argv):
+          raise ConfigError(f"{a} needs a value")
+        body, i = f"{body}={argv[i + 1]}", i + 1
+      overrides.append(body)
+    elif a in ("--set", "-s"):
+      if i + 1 >= len(argv):
+        raise ConfigError("--set needs key=value")
+      overrides.append(argv[i + 1])
+      i += 1
+    elif a.startswith("--set="):
+      overrides.append(a[len("--set=") :])
+    else:
+      rest.append(a)
+    i += 1
+  return rest, overrides

@@ -1,0 +1,237 @@
+"""Reports of run directories: a markdown table (accuracies, timings, GC before/after) and
+PNG plots (training curves, search curves, learned per-layer scales). Used by
+`nio-jax report` and at the end of `nio-jax train`."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from nio_jax.experiment import read_json
+from nio_jax.train.metrics import read_metrics
+
+
+def pyplot():
+  """matplotlib.pyplot with a non-interactive backend (imported on first use: optional)."""
+  import matplotlib  # noqa: PLC0415
+
+  matplotlib.use("Agg", force=False)
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  return plt
+
+
+def save_figure(fig, path, dpi: int = 100) -> pathlib.Path:
+  """Lays out, writes and closes a matplotlib figure; returns its path."""
+  fig.tight_layout()
+  fig.savefig(path, dpi=dpi)
+  pyplot().close(fig)
+  return pathlib.Path(path)
+
+
+def fmt(x, spec=".4f") -> str:
+  """`x` formatted with `spec` when a float, "-" when None, else `str(x)`."""
+  if x is None:
+    return "-"
+  if isinstance(x, float):
+    return format(x, spec)
+  return str(x)
+
+
+def gc_table(measurements: dict, label: str = "") -> str:
+  """Markdown table of `nio_jax.measure` results `{row name: result or None}` (None rows are
+  left out; a result with "error" shows the error)."""
+  rows = [f"| {label} | GC (B-GC) | gradient norm | loss |", "|---|---|---|---|"]
+  for name, m in measurements.items():
+    if m is None:
+      continue
+    if "error" in m:
+      rows.append(f"| {name} | error: {m['error']} | | |")
+      continue
+    rows.append(
+      f"| {name} | {m['gc']:.4f} ± {m['gc_std']:.4f} | "
+      f"{m['grad_norm']:.4f} ± {m['grad_norm_std']:.4f} | {m['loss']:.4f} |"
+    )
+  return "\n".join(rows)
+
+
+def before_after_table(before, after) -> str:
+  """:func:`gc_table` of the GC report before and after an initialisation."""
+  return gc_table({"before": before, "after": after})
+
+
+def run_summary(d: pathlib.Path) -> dict:
+  """What a run directory's logs say (every field may be missing)."""
+  cfg = read_json(d / "config.json") or {}
+  recs = read_metrics(d / "metrics.jsonl")
+  evals = [r for r in recs if r.get("type") == "eval"]
+  summ = read_json(d / "summary.json") or {}
+  hist = read_json(d / "init_history.json") or {}
+  rep = read_json(d / "init_report.json") or {}
+  times = [r["epoch_time"] for r in evals if r.get("epoch_time") is not None]
+  pub = cfg.get("published") or {}
+  pct = lambda v: None if v is None else 100.0 * v  # noqa: E731
+  return {
+    "run": d.name,
+    "dir": str(d),
+    "model": (cfg.get("model") or {}).get("name", rep.get("model")),
+    "dataset": (cfg.get("data") or {}).get("dataset", rep.get("dataset")),
+    "method": (cfg.get("init") or {}).get("method", hist.get("method")),
+    "baseline": (cfg.get("train") or {}).get("baseline"),
+    "init_s": hist.get("seconds", rep.get("seconds")),
+    "epoch1_s": times[0] if times else None,
+    "epoch_s": (
+      sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else (times[0] if times else None)
+    ),
+    "epochs": len(evals),
+    "acc_1": pct(summ.get("acc_1", evals[0]["test_acc"] if evals else None)),
+    "acc_best": pct(summ.get("acc_best", max((r["test_acc"] for r in evals), default=None))),
+    "final": pct(summ.get("final_test_acc", evals[-1]["test_acc"] if evals else None)),
+    "before": rep.get("before"),
+    "after": rep.get("after"),
+    "pub_acc_1": pub.get("acc_1"),
+    "pub_acc_best": pub.get("acc_best"),
+    "history": hist.get("history") or {},
+    "evals": evals,
+    "train": [r for r in recs if r.get("type") == "train"],
+    "scales": read_json(d / "scales.json"),
+  }
+
+
+def _gc(m, key):
+  if not m or "error" in m:
+    return None
+  return m.get(key)
+
+
+def summary_table(rows: list[dict]) -> str:
+  head = (
+    "| run | model | data | method | baseline | init (s) | epoch 1 (s) | epoch (s) | "
+    "Acc_1 (%) | Acc_best (%) | final (%) | GC before→after | grad norm before→after | "
+    "published Acc_1/Acc_best |"
+  )
+  lines = [head, "|" + "---|" * 14]
+  for r in rows:
+    gc = f"{fmt(_gc(r['before'], 'gc'), '.3f')}→{fmt(_gc(r['after'], 'gc'), '.3f')}"
+    gn = f"{fmt(_gc(r['before'], 'grad_norm'), '.3f')}→{fmt(_gc(r['after'], 'grad_norm'), '.3f')}"
+    pub = (
+      f"{fmt(r['pub_acc_1'], '.1f')}/{fmt(r['pub_acc_best'], '.1f')}"
+      if r["pub_acc_1"] is not None or r["pub_acc_best"] is not None
+      else "-"
+    )
+    lines.append(
+      f"| {r['run']} | {fmt(r['model'])} | {fmt(r['dataset'])} | {fmt(r['method'])} | "
+      f"{fmt(r['baseline'])} | {fmt(r['init_s'], '.1f')} | {fmt(r['epoch1_s'], '.1f')} | "
+      f"{fmt(r['epoch_s'], '.1f')} | {fmt(r['acc_1'], '.2f')} | {fmt(r['acc_best'], '.2f')} | "
+      f"{fmt(r['final'], '.2f')} | {gc} | {gn} | {pub} |"
+    )
+  return "\n".join(lines)
+
+
+def plot_training(rows, path) -> pathlib.Path | None:
+  rows = [r for r in rows if r["evals"] or r["train"]]
+  if not rows:
+    return None
+  plt = pyplot()
+  fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+  for r in rows:
+    if r["train"]:
+      axes[0].plot(
+        [t["epoch"] for t in r["train"]], [t["loss"] for t in r["train"]], lw=1, label=r["run"]
+      )
+    if r["evals"]:
+      axes[1].plot(
+        [e["epoch"] for e in r["evals"]],
+        [100 * e["test_acc"] for e in r["evals"]],
+        "o-",
+        label=r["run"],
+      )
+  axes[0].set(xlabel="epoch", ylabel="training loss", title="training loss")
+  axes[1].set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
+  for ax in axes:
+    ax.legend(fontsize=8)
+  return save_figure(fig, path)
+
+
+def plot_search(rows, path) -> pathlib.Path | None:
+  keys = ("gc", "grad_norm", "objective", "gq", "loss")
+  rows = [r for r in rows if any(k in r["history"] for k in keys)]
+  if not rows:
+    return None
+  present = [k for k in keys if any(k in r["history"] for r in rows)]
+  plt = pyplot()
+  fig, axes = plt.subplots(1, len(present), figsize=(4.2 * len(present), 3.6), squeeze=False)
+  for ax, k in zip(axes[0], present):
+    for r in rows:
+      if k in r["history"]:
+        v = np.asarray(r["history"][k], np.float64)
+        v = v.reshape(v.shape[0], -1).mean(-1) if v.ndim > 1 else v
+        ax.plot(np.arange(len(v)), v, lw=1.2, label=f"{r['run']} ({r['method']})")
+    ax.set(
+      xlabel="search step",
+      title={"gc": "GradCosine", "grad_norm": "gradient norm", "gq": "gradient quotient"}.get(k, k),
+    )
+    ax.legend(fontsize=7)
+  return save_figure(fig, path)
+
+
+def plot_scales(r, path) -> pathlib.Path | None:
+  sc = r.get("scales")
+  if not sc:
+    return None
+  names, vals = [], []
+  for k, v in sc.items():
+    a = np.asarray(v, np.float64).ravel()
+    if a.size == 1:
+      names.append(k), vals.append(float(a[0]))
+    else:
+      for i, x in enumerate(a):
+        names.append(f"{k}[{i}]"), vals.append(float(x))
+  plt = pyplot()
+  fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * len(vals) + 2), 4.2))
+  ax.bar(np.arange(len(vals)), vals)
+  ax.axhline(1.0, color="k", lw=0.8, ls="--")
+  ax.set_xticks(np.arange(len(vals)))
+  ax.set_xticklabels(names, rotation=90, fontsize=6 if len(vals) > 30 else 8)
+  ax.set(ylabel="scale", title=f"per-layer scales after the search: {r['run']} ({r['method']})")
+  return save_figure(fig, path)
+
+
+def report(dirs: Sequence[pathlib.Path], out: pathlib.Path) -> tuple[str, list[pathlib.Path]]:
+  """Markdown table + PNGs (training curves, search curves, per-layer scales) for run dirs;
+  writes `out/report.md` and returns (markdown, plot paths)."""
+  out = pathlib.Path(out)
+  out.mkdir(parents=True, exist_ok=True)
+  rows = [run_summary(pathlib.Path(d)) for d in dirs]
+  plots = []
+  p = plot_training(rows, out / "report_training.png")
+  plots += [p] if p else []
+  p = plot_search(rows, out / "report_search.png")
+  plots += [p] if p else []
+  for r in rows:
+    p = plot_scales(
+      r, out / (f"report_scales_{r['run']}.png" if len(rows) > 1 else "report_scales.png")
+    )
+    plots += [p] if p else []
+  for d in dirs:
+    c = pathlib.Path(d) / "curves.png"
+    if c.exists():
+      plots.append(c)
+  text = (
+    "## Runs\n\n" + summary_table(rows) + "\n\nAcc in %. init (s) = wall time of the "
+    "initialisation method including compilation; epoch 1 includes compilation, epoch = "
+    "median of the later epochs.\n"
+  )
+  for r in rows:
+    if r["before"] or r["after"]:
+      text += (
+        f"\n### {r['run']}: before / after {r['method']}\n\n"
+        + before_after_table(r["before"], r["after"])
+        + "\n"
+      )
+  text += "\n" + "\n".join(f"![{p.name}]({os.path.relpath(p, out)})" for p in plots) + "\n"
+  (out / "report.md").write_text(text)
+  return text, plots
