@@ -415,6 +415,8 @@ def _train(
   if resumed:
     state, meta = ckpt.restore(latest, make_state(variables))
     log.truncate_after(int(latest))
+    # The log continues (records up to the checkpoint are kept) and says where it resumed.
+    log.write({"type": "resume", "step": int(latest)})
   else:
     if init_fn is not None:
       variables = _run_init(init_fn, model, variables, train_loader, config, workdir)
