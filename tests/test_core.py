@@ -251,8 +251,16 @@ def _hand_rescale_adam(grads_seq, kinds, lr, s0=1.0, lo=0.01, b1=0.9, b2=0.999, 
   return s
 
 
-def test_rescale_adam_equals_hand_rule_with_split_moments():
-  grads = [0.3, -2.5, 0.7, 0.05, -0.4]
+@pytest.mark.parametrize(
+  "grads",
+  [
+    [0.3, -2.5, 0.7, 0.05, -0.4],
+    # gradients near sqrt(eps): ε outside the square root matters (inside it: ~30 % off)
+    [1e-4, -2e-4, 5e-5, 1e-4, -3e-5],
+  ],
+  ids=["unit", "tiny"],
+)
+def test_rescale_adam_equals_hand_rule_with_split_moments(grads):
   kinds = [False, True, False, True, False]
   spec = nio_jax.ScaleSpec(trainable={"w": jnp.array(True)}, min_scale={"w": jnp.float32(0.01)})
   tx = nio_jax.rescale_adam(0.1, spec)
