@@ -57,6 +57,43 @@ def timeit(fn, repeats):
   return float(np.median(ts)), float(np.min(ts))
 
 
+def render_markdown(data: dict) -> str:
+  """The table of one JSON file (`{"meta", "rows"}`); the .md holds only this."""
+  meta, rows = data["meta"], data["rows"]
+  whats = list(dict.fromkeys(r["what"] for r in rows))
+  devs = list(dict.fromkeys(r["devices"] for r in rows))
+  t = {(r["devices"], r["what"]): r["median_s"] for r in rows}
+  lines = [
+    f"# Data-parallel scaling ({meta['platform']}, {meta['device_kind']})",
+    "",
+    f"{meta['note']}.",
+    "",
+    f"Model {meta['model']} ({meta['param_count']} params), batch {meta['batch']} x "
+    f"{'x'.join(map(str, meta['input']))}, {meta['dtype']}; jax {meta['jax']}, flax "
+    f"{meta['flax']}; host CPUs {meta['host_cpus']} (affinity {meta['cpu_affinity']}); "
+    f"{meta['date']}"
+    + (
+      f"; load average (1, 5, 15 min) {meta['load_at_start']} at start, "
+      f"{meta['load_at_end']} at end"
+      if "load_at_start" in meta
+      else ""
+    )
+    + f". Median of {meta['repeats']} calls after a warm-up, milliseconds. "
+    "`none` = no mesh (plain single-device jit).",
+    "",
+    "| devices | " + " | ".join(whats) + " |",
+    "|---" * (len(whats) + 1) + "|",
+  ]
+  for d in devs:
+    lines.append(f"| {d} | " + " | ".join(f"{1e3 * t[(d, w)]:.1f}" for w in whats) + " |")
+  lines += [
+    "",
+    "Regenerate: `python -m benchmarks.scaling` (re-render: `python -m benchmarks.scaling "
+    "--render <json>`); reading: docs/performance.md.",
+  ]
+  return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--devices", default="1,2,4,8")
@@ -69,7 +106,14 @@ def main(argv=None):
   ap.add_argument(
     "--no-force", action="store_true", help="do not simulate 8 CPU devices (use the real devices)"
   )
+  ap.add_argument("--render", default=None, help="only rewrite the .md of this JSON file")
   args = ap.parse_args(argv)
+  if args.render:
+    with open(args.render) as f:
+      text = render_markdown(json.load(f))
+    with open(args.render[: -len(".json")] + ".md", "w") as f:
+      f.write(text)
+    return
   load_at_start = [round(x, 2) for x in os.getloadavg()]
   counts = [int(c) for c in args.devices.split(",") if int(c) <= jax.device_count()]
 
@@ -156,30 +200,10 @@ def main(argv=None):
   base = os.path.join(args.out, f"scaling_{jax.default_backend()}")
   with open(base + ".json", "w") as f:
     json.dump({"meta": meta, "rows": rows}, f, indent=1)
-  whats = list(dict.fromkeys(r["what"] for r in rows))
-  devs = list(dict.fromkeys(r["devices"] for r in rows))
-  t = {(r["devices"], r["what"]): r["median_s"] for r in rows}
-  lines = [
-    f"# Data-parallel scaling ({meta['platform']}, {meta['device_kind']})",
-    "",
-    f"{meta['note']}.",
-    "",
-    f"Model {meta['model']} ({meta['param_count']} params), batch {meta['batch']} x "
-    f"{'x'.join(map(str, meta['input']))}, {meta['dtype']}; jax {meta['jax']}, flax "
-    f"{meta['flax']}; host CPUs {meta['host_cpus']} (affinity {meta['cpu_affinity']}); "
-    f"{meta['date']}; load average (1, 5, 15 min) {meta['load_at_start']} at start, "
-    f"{meta['load_at_end']} at end. Median of {meta['repeats']} calls after a warm-up, milliseconds. "
-    "`none` = no mesh (plain single-device jit).",
-    "",
-    "| devices | " + " | ".join(whats) + " |",
-    "|---" * (len(whats) + 1) + "|",
-  ]
-  for d in devs:
-    lines.append(f"| {d} | " + " | ".join(f"{1e3 * t[(d, w)]:.1f}" for w in whats) + " |")
-  lines += ["", "Regenerate: `python -m benchmarks.scaling`."]
+  text = render_markdown({"meta": meta, "rows": rows})
   with open(base + ".md", "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+    f.write(text)
+  print(text)
 
 
 if __name__ == "__main__":

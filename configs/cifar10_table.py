@@ -20,8 +20,8 @@ Init methods:
     390 iterations, |S| = 128, scale lr per model). ResNet-1202 has no released recipe; the
     ResNet-110-BN one (τ = 1e-3) is used.
   * metainit: the GradInit authors' MetaInit baseline: RescaleAdam on the gradient quotient
-    over real CIFAR batches (lr 1e-3, min scale 0.01, clip 1); the number of iterations is not
-    stated in our notes, 390 (as GradInit) is an assumption.
+    over real CIFAR batches (lr 1e-3, min scale 0.01, clip 1), one pass over CIFAR-10 at batch
+    128 as their `metainit` does: 391 iterations (docs/methods.md, MetaInit).
   * nio: the released NIO settings (B = 64, D = 4, r = 0.2, γ = 10, lr 3e-3, 100 steps,
     objective gc_gn_sqrt); the GradInit table has no NIO column (published = None).
 """
@@ -115,7 +115,7 @@ def get_config(arg: str | None = None):
   elif method == "metainit":
     c.init.config.variant = "rescale_adam"
     c.init.config.lr = 1e-3
-    c.init.config.num_steps = 390
+    c.init.config.num_steps = 391  # one pass: ceil(50000 / 128)
     c.init.batch_size = 128
   pub = PUBLISHED[row].get(col)
   if pub is not None:

@@ -10,7 +10,8 @@ metainit, gradinit, nio. `cells()` lists all 24 combinations.
 
 Init: gradinit = the released recipe (DenseNet-100: τ = 5e-3 without BN / 1e-2 with BN;
 WRN-28-10: τ = 3e-3; 780 iterations at |S| = 64; η = 0.1, γ = 1); metainit = the GradInit
-authors' RescaleAdam baseline on real batches (780 iterations: assumption); nio = the
+authors' RescaleAdam baseline on real batches, one pass over the training set as their
+`metainit` does (782 iterations at the batch 64 used here); nio = the
 released settings (B = 64, D = 4, r = 0.2, γ = 10, lr 3e-3, 100 steps). Training: the CIFAR
 recipe (`nio_jax.train.default_config()`, 200 epochs, batch 128, cosine, cutout).
 """
@@ -55,5 +56,5 @@ def get_config(arg: str | None = None):
   elif method == "metainit":
     c.init.config.variant = "rescale_adam"
     c.init.config.lr = 1e-3
-    c.init.config.num_steps = 780
+    c.init.config.num_steps = 782  # one pass: ceil(50000 / 64)
   return c

@@ -7,6 +7,7 @@ of `<step>.orbax-checkpoint-tmp-*` to `<step>`) is slowed down so the first kill
 deterministically *inside* a save: the data are written but not committed. A second child is
 killed at a random moment (seeded). A third resumes to the end."""
 
+import json
 import os
 import pathlib
 import random
@@ -76,6 +77,29 @@ def _finalised_steps(ckdir):
   return sorted(int(p.name) for p in ckdir.iterdir() if p.name.isdigit())
 
 
+def _records(wd):
+  from nio_jax.train import read_metrics
+
+  return read_metrics(wd / "metrics.jsonl")
+
+
+def _resumes(wd):
+  return [r["step"] for r in _records(wd) if r["type"] == "resume"]
+
+
+def _kept_prefix(log_text, step):
+  """The lines of a log up to `step`: what a resume from `step` must keep verbatim."""
+  keep = []
+  for ln in log_text.splitlines(keepends=True):
+    try:
+      rec = json.loads(ln)
+    except json.JSONDecodeError:  # a line cut by the kill
+      continue
+    if rec.get("step", -1) <= step:
+      keep.append(ln)
+  return "".join(keep)
+
+
 def test_sigkill_during_checkpoint_write_then_resume_is_bit_for_bit(tmp_path):
   ref = _child(tmp_path / "reference", tmp_path / "reference.npz", 0.0)  # runs alongside
   wd, ck = tmp_path / "run", tmp_path / "run" / "checkpoints"
@@ -90,6 +114,9 @@ def test_sigkill_during_checkpoint_write_then_resume_is_bit_for_bit(tmp_path):
   assert int(step) not in _finalised_steps(ck)
   assert _finalised_steps(ck)[-1] == int(step) - 1  # the last complete checkpoint survived
 
+  survivor = _finalised_steps(ck)[-1]
+  log_1 = (wd / "metrics.jsonl").read_text()
+
   # 2. Resume, and kill at a random moment (seeded) after a few more steps.
   rng = random.Random(0)
   p = _child(wd, tmp_path / "unused.npz", 0.0)
@@ -97,7 +124,11 @@ def test_sigkill_during_checkpoint_write_then_resume_is_bit_for_bit(tmp_path):
   time.sleep(rng.uniform(0.0, 0.5))
   p.send_signal(signal.SIGKILL)
   p.wait()
+  assert _resumes(wd) == [survivor]  # from the checkpoint that survived the first kill
+  assert _kept_prefix(log_1, survivor) in (wd / "metrics.jsonl").read_text()
   assert _finalised_steps(ck)  # something complete to resume from
+  survivor_2 = _finalised_steps(ck)[-1]
+  assert survivor_2 > survivor  # the second child made progress before its kill
 
   # 3. Resume to the end in a fresh process.
   p = _child(wd, tmp_path / "resumed.npz", 0.0)
@@ -105,6 +136,12 @@ def test_sigkill_during_checkpoint_write_then_resume_is_bit_for_bit(tmp_path):
   assert p.returncode == 0, err[-3000:]
   assert "DONE 12" in out
   assert not [q for q in ck.iterdir() if "orbax-checkpoint-tmp" in q.name]  # cleaned up
+  # The log is one continued run: one config record, one resume record per restart (from the
+  # last complete checkpoint), every training step exactly once.
+  recs = _records(wd)
+  assert _resumes(wd) == [survivor, survivor_2]
+  assert [r["type"] for r in recs].count("config") == 1
+  assert [r["step"] for r in recs if r["type"] == "train"] == list(range(1, 13))
 
   out, err = ref.communicate(timeout=600)
   assert ref.returncode == 0, err[-3000:]

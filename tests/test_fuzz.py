@@ -6,7 +6,6 @@ errors (`ValueError` / `TypeError` and their subclasses `NonFiniteError`, `ZeroG
 
 import math
 import pathlib
-import re
 import traceback
 
 import hypothesis.strategies as st
@@ -62,16 +61,18 @@ def cases(draw):
     overlap = draw(st.one_of(st.floats(-0.5, 1.5), st.just(math.nan)))
   else:
     overlap = 0.0 if num_chunks is None else draw(st.sampled_from([0.0, 0.2, 0.5]))
-  ok = [1e-3, 0.05, 10.0, 1e6]
+  # Valid draws use moderate values (a huge lr may legitimately end in NonFiniteError,
+  # which belongs to the "hyper" draws).
+  ok = [1e-3, 0.05, 10.0]
   gamma = draw(st.sampled_from(ODD if fault == "hyper" else ok))
-  lr = draw(st.sampled_from(ODD if fault == "hyper" else ok))
+  lr = draw(st.sampled_from(ODD if fault == "hyper" else [1e-3, 0.05]))
   steps = draw(st.integers(1, 2))
   method = draw(
     st.sampled_from(
       ["gradcosine", "measure", "nio", "gradinit", "gradinit_adam", "metainit", "per_example_grads"]
     )
   )
-  return method, params, batch, num_chunks, overlap, gamma, lr, steps
+  return fault, (method, params, batch, num_chunks, overlap, gamma, lr, steps)
 
 
 def _run(method, params, batch, num_chunks, overlap, gamma, lr, steps):
@@ -109,18 +110,31 @@ def _run(method, params, batch, num_chunks, overlap, gamma, lr, steps):
   return methods.initialize(method, loss, params, [batch], cfg)
 
 
+# Faults that make every entry point's input invalid: the call must raise.
+ALWAYS_INVALID = ("input", "int_params")
+
+
 @settings(
-  max_examples=25,
+  max_examples=60,
   deadline=None,
   derandomize=True,
   database=None,
   suppress_health_check=list(HealthCheck),
 )
 @given(cases())
-def test_fuzz_entry_points_return_finite_or_raise_documented_errors(case):
+def test_fuzz_entry_points_return_finite_or_raise_documented_errors(drawn):
+  """Valid draws (no fault) must succeed with finite results; draws with a fault either
+  raise a documented error from a nio_jax check or (when the drawn value happens to be
+  acceptable, e.g. overlap 0.2) succeed; NaN inputs and integer params must raise."""
+  fault, case = drawn
+  batch_size = case[2]["y"].shape[0]
   try:
     out = _run(*case)
   except (ValueError, TypeError) as e:
+    assert fault is not None, (
+      f"valid input ({case[0]}, B={batch_size}, num_chunks={case[3]}) raised "
+      f"{type(e).__name__}: {e}"
+    )
     assert _raised_by_library(e), (
       f"{type(e).__name__} from inside a dependency, not a nio_jax check: {e}\n"
       + "".join(traceback.format_exception(e)[-6:])
@@ -128,6 +142,8 @@ def test_fuzz_entry_points_return_finite_or_raise_documented_errors(case):
     if isinstance(e, errors.NonFiniteError) and e.last_good is not None:
       _assert_finite(e.last_good.params)
     return
+  assert fault not in ALWAYS_INVALID, f"{case[0]} accepted fault {fault!r}"
+  assert fault != "batch" or batch_size >= 2, f"{case[0]} accepted a batch of {batch_size}"
   if isinstance(out, nio_jax.InitResult):
     _assert_finite((out.params, out.scales))
   elif isinstance(out, dict) and "gc" in out:  # measure
@@ -476,15 +492,16 @@ BEGIN, END = (
 
 
 def test_bad_input_table_in_docs_is_what_the_library_raises():
-  rows = bad_input_table()
-  # Lists of known names (models, config keys, methods) grow as the library does; the rest
-  # of every message must be exactly what the README and the doc say.
-  norm = lambda t: re.sub(r"known[^|]*", "known ...", t)  # noqa: E731
+  """Whole messages, every row (lists of known names included: when they grow, regenerate
+  the table with `python -m tests.test_fuzz`)."""
+  want = markdown_table(bad_input_table()).splitlines()
   for path in (DOC, README):
     doc = path.read_text()
-    table = doc[doc.index(BEGIN) + len(BEGIN) : doc.index(END)].strip()
-    assert norm(table) == norm(markdown_table(rows)), (
-      f"{path.name} is stale: run python -m tests.test_fuzz"
+    got = doc[doc.index(BEGIN) + len(BEGIN) : doc.index(END)].strip().splitlines()
+    stale = [f"doc: {a}\nnow: {b}" for a, b in zip(got, want) if a != b]
+    assert len(got) == len(want) and not stale, (
+      f"{path.name} is stale ({len(got)} rows vs {len(want)}; run python -m tests.test_fuzz):\n"
+      + "\n".join(stale[:5])
     )
 
 

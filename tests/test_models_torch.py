@@ -42,14 +42,15 @@ def torch_logits(tmodel, x):
 
 
 CASES = [
-  ("resnet20", dict(depth=8, width=4), (8, 8, 3)),
-  ("resnet20", dict(depth=8, width=4, norm="none"), (8, 8, 3)),
-  ("resnet20", dict(depth=8, width=4, variant="fixup"), (8, 8, 3)),
+  ("resnet20", dict(depth=14, width=4), (8, 8, 3)),  # 2 blocks per stage: scanned
+  ("resnet20", dict(depth=14, width=4, norm="none"), (8, 8, 3)),
+  ("resnet20", dict(depth=14, width=4, variant="fixup"), (8, 8, 3)),
   ("vgg19", dict(width_mult=1 / 16), (32, 32, 3)),
   ("vgg19_bn", dict(width_mult=1 / 16), (32, 32, 3)),
   ("densenet100", dict(depth=10, growth_rate=4), (8, 8, 3)),
   ("densenet100", dict(depth=10, growth_rate=4, norm="none"), (8, 8, 3)),
-  ("wrn28_10", dict(depth=10, widen=1), (8, 8, 3)),
+  ("wrn28_10", dict(depth=16, widen=1), (8, 8, 3)),  # 2 blocks per stage
+  ("wrn28_10", dict(depth=16, widen=1, norm="none"), (8, 8, 3)),
   ("resnet50", dict(width=4, num_classes=10), (64, 64, 3)),
   ("vit_tiny", dict(dim=16, depth=2, num_heads=2), (32, 32, 3)),
   ("vit_mini", dict(dim=16, depth=2, num_heads=2), (32, 32, 3)),

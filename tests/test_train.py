@@ -249,8 +249,18 @@ def test_resume_is_bit_for_bit(tmp_path):
     # "kill": nothing survives in memory; a new call restores from the checkpoint
     if stop == 8:  # as in a fresh process, recompile the step functions too
       trainer._STEP_CACHE.clear()
+    log_before = (wd / "metrics.jsonl").read_text()
     resumed = train.train(model, variables, loader, test_set, cfg, wd)
     assert resumed.finished and resumed.step == straight.step
+    # It resumed from the checkpoint of step `stop`, and the log continues: the lines written
+    # before the stop are kept verbatim (a restart from scratch would rewrite them).
+    log_after = (wd / "metrics.jsonl").read_text()
+    assert log_after.startswith(log_before)
+    recs = train.read_metrics(wd / "metrics.jsonl")
+    assert [r["step"] for r in recs if r["type"] == "resume"] == [stop]
+    assert [r["type"] for r in recs].count("config") == 1
+    steps = [r["step"] for r in recs if r["type"] == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] == straight.step
     assert_trees_equal(resumed.variables, straight.variables)
     assert resumed.acc_best == straight.acc_best and resumed.acc_1 == straight.acc_1
     ev_r = [r for r in train.read_metrics(wd / "metrics.jsonl") if r["type"] == "eval"]

@@ -17,7 +17,9 @@ Variants (`MetaInitConfig.variant`):
     norm per leaf.
   * "rescale_adam" (the GradInit authors' MetaInit baseline, `gradinit_utils.metainit`):
     the scales of every non-zero leaf follow `nio_jax.rescale_adam` (objective steps only)
-    on GQ, lr default 1e-3 (their `--gradinit-lr` default), min scale 0.01, clip 1.
+    on GQ, lr default 1e-3 (their `--gradinit-lr` default), min scale 0.01, clip 1, and
+    391 steps: their `metainit` makes one pass over its loader, CIFAR-10's 50,000 training
+    images at the default batch 128 (⌈50000/128⌉ = 391). For other data use ⌈N/B⌉.
 
 Data: the paper uses random Gaussian inputs with random labels; pass a shape spec such as
 `{"image": (B, H, W, C), "num_classes": 10}` (every tuple entry becomes a N(0, 1) input of
@@ -49,6 +51,11 @@ from nio_jax.search import peek, run_scale_search
 PyTree = Any
 VARIANTS = ("sign_momentum", "rescale_adam")
 _DEFAULT_LR = {"sign_momentum": 0.1, "rescale_adam": 1e-3}
+# sign_momentum: the paper's 500 steps. rescale_adam: the GradInit authors' `metainit` runs
+# one pass over its loader (train_cifar.py, zhuchen03/gradinit at 777c407: CIFAR-10 train,
+# batch = `--batchsize` 128 for every model, since the per-architecture batch sizes there
+# test arch names that no longer exist), ⌈50000/128⌉ = 391 steps.
+_DEFAULT_STEPS = {"sign_momentum": 500, "rescale_adam": 391}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +64,8 @@ class MetaInitConfig:
 
   Attributes:
     variant: "sign_momentum" (paper) or "rescale_adam" (GradInit authors' baseline).
-    num_steps: iterations.
+    num_steps: iterations; None = 500 for sign_momentum (paper), 391 for rescale_adam (one
+      pass of the authors' CIFAR-10 loader at batch 128; use ⌈N/B⌉ for other data).
     lr: learning rate; None = 0.1 for sign_momentum, 1e-3 for rescale_adam.
     momentum: sign_momentum only.
     eps: ε of the gradient quotient.
@@ -74,7 +82,7 @@ class MetaInitConfig:
   """
 
   variant: str = "sign_momentum"
-  num_steps: int = 500
+  num_steps: int | None = None
   lr: float | None = None
   momentum: float = 0.9
   eps: float = 1e-5
@@ -88,6 +96,10 @@ class MetaInitConfig:
   grad_filter: Callable | None = None
   select: Callable | None = None
   device_loop: bool = False
+
+  def __post_init__(self):
+    if self.num_steps is None and self.variant in _DEFAULT_STEPS:
+      object.__setattr__(self, "num_steps", _DEFAULT_STEPS[self.variant])
 
   @classmethod
   def create(cls, config=None, **overrides) -> MetaInitConfig:

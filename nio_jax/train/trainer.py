@@ -410,6 +410,8 @@ def _train(job: _Job, log: MetricsLog, ckpt: Checkpointer) -> TrainResult:
   if resumed:
     state, meta = ckpt.restore(latest, make_state(variables))
     log.truncate_after(int(latest))
+    # The log continues (records up to the checkpoint are kept) and says where it resumed.
+    log.write({"type": "resume", "step": int(latest)})
   else:
     if init_fn is not None:
       variables, init_seconds = _run_init(init_fn, model, variables, train_loader, config, workdir)
