@@ -1,15 +1,17 @@
 """XLA:CPU flags that nio_jax turns on at import, and how to turn them off.
 
 `import nio_jax` appends `CPU_FLAGS` to the `XLA_FLAGS` environment variable, which XLA reads
-once, when JAX creates its first backend. The flag routes dot, elementwise and reduce fusions
-on XLA:CPU through YNNPACK (`--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce`).
+once, when JAX creates its first backend. The flag routes reduce fusions on XLA:CPU through
+YNNPACK (`--xla_cpu_experimental_ynn_fusion_type=reduce`).
 
-Why it is a default (measurements in docs/performance.md, `benchmarks/results/`):
-  * it is the faster path for the training step and the NIO step on XLA:CPU (jaxlib 0.10.2);
-  * it is at least as exact: float32 gradients of ResNet-20 (B=16) are within 1.7e-7 (no BN)
-    and 9.8e-7 (BN) of float64, relative to the largest gradient entry, against 1.6e-7 and
-    1.9e-3 with XLA's own CPU fusions (the BN statistics' reductions). `tests/test_xla_defaults.py`
-    checks the bound on a small BN network.
+What was measured (`benchmarks/xla_flags.py`, `benchmarks/xla_precision.py`; figures in
+docs/performance.md):
+  * YNN's `dot` and `eltwise` fusions are NOT used: under them `relu(NaN)` becomes 0, so a
+    batch of NaN images gives a finite loss and divergence would pass the non-finite checks
+    (`tests/test_xla_defaults.py` reproduces it);
+  * the `reduce` fusion keeps IEEE NaN propagation and float32 gradients as exact as XLA's
+    own fusions (checked against float64 by the tests), and it is the default only while it
+    measures at least as fast as XLA's own reductions on an idle machine.
 
 Guarantees and limits:
   * a flag the user already set (by name, in `XLA_FLAGS`) is never overridden;
@@ -24,7 +26,7 @@ from __future__ import annotations
 import os
 from collections.abc import MutableMapping
 
-CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce",)
+CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=reduce",)
 OPT_OUT = "NIO_JAX_XLA_DEFAULTS"
 
 

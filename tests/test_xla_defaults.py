@@ -92,3 +92,31 @@ def test_default_flags_keep_float32_gradients_exact():
   """Under nio_jax's defaults, f32 gradients of a BN conv net stay within 2e-6 of float64."""
   rel = _child(_PRECISION)["rel"]
   assert np.isfinite(rel) and rel < 2e-6, rel
+
+
+_NAN = r"""
+import json, jax, jax.numpy as jnp, flax.linen as nn, optax
+import nio_jax  # noqa: F401
+
+class Net(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    x = nn.relu(nn.Conv(8, (3, 3), strides=2)(x))
+    return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+x = jnp.full((32, 12, 12, 1), jnp.nan, jnp.float32)
+net = Net()
+p = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 12, 12, 1)))
+loss = lambda p: optax.softmax_cross_entropy_with_integer_labels(
+  net.apply(p, x), jnp.zeros(32, jnp.int32)).mean()
+print(json.dumps({"loss_is_nan": bool(jnp.isnan(jax.jit(loss)(p))),
+                  "grad_loss_is_nan": bool(jnp.isnan(jax.jit(jax.value_and_grad(loss))(p)[0]))}))
+"""
+
+
+def test_default_flags_keep_nan_propagating():
+  """NaN images give a NaN loss under the defaults (YNN's dot/eltwise fusions turn relu(NaN)
+  into 0, a finite loss, which would hide divergence from the non-finite checks)."""
+  assert _child(_NAN) == {"loss_is_nan": True, "grad_loss_is_nan": True}
+  bad = f"{YNN}=dot,eltwise,reduce"
+  assert _child(_NAN, XLA_FLAGS=bad)["loss_is_nan"] is False  # the hazard this test guards
