@@ -80,47 +80,42 @@ def gc_brute_force(grads) -> jax.Array:
   return (jnp.sum(cos) - jnp.trace(cos)) / (d * d - d)
 
 
-def _stats(loss_fn, params, batch, num_chunks, overlap, wrt, impl, chunk_size):
+def _stats(loss_fn, params, batch, num_chunks, overlap, wrt, pullback, conv, chunk_size):
   if num_chunks is None:
-    losses, grads = per_example.sample_grads_selected(loss_fn, params, batch, wrt, impl, chunk_size)
+    losses, grads = per_example.sample_grads_selected(
+      loss_fn, params, batch, wrt, pullback, conv, chunk_size
+    )
   else:
     losses, grads = per_example.subbatch_grads_selected(
-      loss_fn, params, batch, num_chunks, overlap, wrt, impl
+      loss_fn, params, batch, num_chunks, overlap, wrt, pullback, conv
     )
   gc, norms = gc_from_grads(grads)
   loss = jnp.mean(jax.lax.stop_gradient(losses))
   return GCStats(gc=gc, grad_norms=norms, loss=loss)
 
 
-def default_impl(num_chunks, backend: str | None = None) -> str:
-  """The formulation chosen when the caller does not pick one (measured in benchmarks/).
-
-  Args:
-    num_chunks: None for the sample-wise setting, else the number of sub-batches D.
-    backend: "cpu", "gpu", "tpu", ...; None = `jax.default_backend()`.
-  """
-  backend = backend or jax.default_backend()
-  if backend == "cpu":
-    # XLA:CPU runs the convolutions of second-order autodiff (grouped convolutions from
-    # vmap(grad), backward-filter convolutions of the double backward) far slower than
-    # matmuls: convolutions become im2col @ kernel (docs/performance.md, ResNet-20 B=32:
-    # NIO step, batch setting, 5.6x faster than "loop").
-    return "im2col" if num_chunks is None else "loop_im2col"
-  # Not measured on accelerators in this project yet: the textbook forms.
-  return "vmap" if num_chunks is None else "loop"
-
-
 def gradcosine_stats(
-  loss_fn, params, batch, *, num_chunks=None, overlap=0.0, wrt=None, impl=None, chunk_size=None
+  loss_fn,
+  params,
+  batch,
+  *,
+  num_chunks=None,
+  overlap=0.0,
+  wrt=None,
+  pullback="auto",
+  conv="auto",
+  chunk_size=None,
+  impl=None,
 ) -> GCStats:
   """Traceable core of `gradcosine` with no host-side checks (use inside jit/grad)."""
-  impl = impl or default_impl(num_chunks)
-  return _stats(loss_fn, params, batch, num_chunks, overlap, wrt, impl, chunk_size)
+  pullback, conv = per_example.resolve_formulation(num_chunks, pullback, conv, impl)
+  return _stats(loss_fn, params, batch, num_chunks, overlap, wrt, pullback, conv, chunk_size)
 
 
-# `stats_jit(loss_fn, params, batch, num_chunks, overlap, wrt, impl, chunk_size)`: the jitted
-# statistics (`gradcosine`, `nio_jax.measure`), compiled once per loss_fn and setting.
-stats_jit = jax.jit(per_example.canonical_convs(_stats), static_argnums=(0, 3, 4, 5, 6, 7))
+# `stats_jit(loss_fn, params, batch, num_chunks, overlap, wrt, pullback, conv, chunk_size)`:
+# the jitted statistics (`gradcosine`, `nio_jax.measure`), compiled once per loss_fn and
+# setting; `pullback` / `conv` resolved (`per_example.resolve_formulation`).
+stats_jit = jax.jit(per_example.canonical_convs(_stats), static_argnums=(0, 3, 4, 5, 6, 7, 8))
 
 
 def gradcosine(
@@ -131,9 +126,11 @@ def gradcosine(
   num_chunks: int | None = None,
   overlap: float = 0.0,
   wrt: Callable | None = None,
-  impl: str | None = None,
+  pullback: str = "auto",
+  conv: str = "auto",
   chunk_size: int | None = None,
   check: bool = True,
+  impl: str | None = None,
 ) -> GCStats:
   """GradCosine of `loss_fn` at `params` on `batch`, and the gradient norms it uses.
 
@@ -148,28 +145,32 @@ def gradcosine(
       enter the cosine (the released NIO code uses conv/dense/layer-norm weights and biases,
       `nio_jax.leaves.LeafKinds.grad_filter`, what the searches pass). `None` selects every
       leaf.
-    impl: formulation, see `per_example.SAMPLE_IMPLS` / `SUBBATCH_IMPLS`; None picks the
-      measured default.
-    chunk_size: sample-wise only: process this many examples at a time.
+    pullback: how the D gradients are pulled back, see `per_example.SAMPLE_PULLBACKS` /
+      `SUBBATCH_PULLBACKS`; "auto" = `per_example.default_formulation`.
+    conv: how convolutions are evaluated, one of `per_example.CONVS` or "auto".
+    chunk_size: sample-wise only: process this many examples (or rows) at a time.
     check: check the inputs (on concrete values only) and, when the result is concrete,
       raise `ZeroGradientError` if a gradient is zero (its cosine is undefined). Inside
       `jit` / `vmap` / `grad` the value checks skip themselves, so the defaults compose.
+    impl: deprecated single-string form of earlier versions (`per_example.LEGACY_IMPLS`);
+      mapped to `(pullback, conv)` with a `DeprecationWarning`.
 
   Returns:
     `GCStats(gc, grad_norms, loss)`. Differentiable w.r.t. `params`, and usable under
     transformations with the default arguments, e.g.
     `jax.jit(lambda s: gradcosine(loss_fn, apply_scales(params, s), batch).gc)(scales)`.
+
+  Raises:
+    ValueError: bad input, an unknown or invalid pullback / conv (the message names the
+      option and its valid values), or pullback="segments" with cross-example coupling.
   """
   b = errors.check_batch(batch) if check else errors.batch_size(batch)
   errors.check_chunks(b, num_chunks, overlap)
-  impl = impl or default_impl(num_chunks)
-  errors.check_choice(
-    "impl", impl, per_example.SAMPLE_IMPLS if num_chunks is None else per_example.SUBBATCH_IMPLS
-  )
+  pullback, conv = per_example.resolve_formulation(num_chunks, pullback, conv, impl)
   if check:
     errors.check_params(params)
     errors.check_loss_fn(loss_fn, params, batch)
-  stats = stats_jit(loss_fn, params, batch, num_chunks, overlap, wrt, impl, chunk_size)
+  stats = stats_jit(loss_fn, params, batch, num_chunks, overlap, wrt, pullback, conv, chunk_size)
   if check and not isinstance(stats.gc, jax.core.Tracer):
     check_stats(stats, num_chunks)
   return stats

@@ -104,7 +104,18 @@ def initialize_multihost(**kwargs) -> None:
       raise
 
 
-def samplewise_stats(loss_fn, params, batch, mesh: Mesh, *, wrt=None, impl=None, chunk_size=None):
+def samplewise_stats(
+  loss_fn,
+  params,
+  batch,
+  mesh: Mesh,
+  *,
+  wrt=None,
+  pullback="auto",
+  conv="auto",
+  chunk_size=None,
+  impl=None,
+):
   """Sample-wise `GCStats` computed data-parallel with `shard_map` (traceable, differentiable).
 
   Each device computes the per-example gradients of its own examples, their norms and its
@@ -116,14 +127,19 @@ def samplewise_stats(loss_fn, params, batch, mesh: Mesh, *, wrt=None, impl=None,
   (errors of the size of the gradients themselves; reproduced in
   tests/test_distributed.py::test_gspmd_vmap_conv_grads_are_checked). `shard_map` keeps every
   per-example computation on one device.
+
+  `pullback` / `conv` (and the deprecated `impl`) are as in `nio_jax.cosine.gradcosine`,
+  sample-wise setting.
   """
   from nio_jax import cosine, per_example
 
-  impl = impl or cosine.default_impl(None)
+  pullback, conv = per_example.resolve_formulation(None, pullback, conv, impl)
   b = jax.tree_util.tree_leaves(batch)[0].shape[0]
 
   def local(p, bt):
-    losses, grads = per_example.sample_grads_selected(loss_fn, p, bt, wrt, impl, chunk_size)
+    losses, grads = per_example.sample_grads_selected(
+      loss_fn, p, bt, wrt, pullback, conv, chunk_size
+    )
     leaves = jax.tree_util.tree_leaves(grads)
     n = leaves[0].shape[0]
     f32 = lambda x: jnp.reshape(x.astype(jnp.promote_types(x.dtype, jnp.float32)), (n, -1))

@@ -51,7 +51,11 @@ class NIOConfig:
     min_scale / min_scale_bias: lower bounds of weight / bias scales.
     grad_clip: clip of each scale's gradient (0 disables).
     b1, b2, eps: Adam constants.
-    impl: gradient formulation (see `per_example`); None = the measured default.
+    pullback: how the D gradients are pulled back (`per_example.SAMPLE_PULLBACKS` /
+      `SUBBATCH_PULLBACKS`); "auto" = the measured default of the backend.
+    conv: how convolutions are evaluated (`per_example.CONVS`: "none", "slices",
+      "im2col"); "auto" = the measured default of the backend. The deprecated key `impl`
+      (one string for both) is still accepted by `create` and mapped to the pair.
     chunk_size: sample-wise only: examples processed at a time (memory bound).
     grad_filter: predicate `(path, leaf) -> bool` for the leaves whose gradients enter GC;
       "default" (or `nio_jax.default_grad_filter`) = the conv, dense and layer-norm leaves
@@ -75,7 +79,8 @@ class NIOConfig:
   b1: float = 0.9
   b2: float = 0.999
   eps: float = 1e-8
-  impl: str | None = None
+  pullback: str = "auto"
+  conv: str = "auto"
   chunk_size: int | None = None
   grad_filter: Any = "default"
   select: Callable | None = None
@@ -84,6 +89,7 @@ class NIOConfig:
   @classmethod
   def create(cls, config=None, **overrides) -> NIOConfig:
     """From None (defaults), a NIOConfig, a dict or an ml_collections ConfigDict."""
+    config, overrides = _translate_impl(cls, config, overrides)
     values = config_utils.config_values(cls, config, overrides, "NIO")
     cfg = cls(**values)
     cfg.validate()
@@ -104,12 +110,7 @@ class NIOConfig:
     errors.check_optional_int("chunk_size", self.chunk_size)
     errors.check_predicate("grad_filter", self.grad_filter, allow=("default",))
     errors.check_predicate("select", self.select)
-    if self.impl is not None:
-      errors.check_choice(
-        "impl",
-        self.impl,
-        per_example.SAMPLE_IMPLS if self.num_chunks is None else per_example.SUBBATCH_IMPLS,
-      )
+    per_example.resolve_formulation(self.num_chunks, self.pullback, self.conv)
 
   def grad_filter_for(self, loss_fn: Callable, params: PyTree):
     """The `wrt` predicate that `grad_filter` means for this loss and these params ("default"
@@ -118,6 +119,33 @@ class NIOConfig:
 
   def to_dict(self) -> dict:
     return config_utils.to_plain_dict(self)
+
+
+def _translate_impl(cls, config, overrides: dict):
+  """Maps the deprecated `impl` key (config or overrides) to `pullback` / `conv`."""
+  if hasattr(config, "to_dict") and not isinstance(config, cls):
+    config = dict(config.to_dict())
+  in_config = isinstance(config, dict) and "impl" in config
+  if not in_config and "impl" not in overrides:
+    return config, overrides
+  config = dict(config) if isinstance(config, dict) else config
+  overrides = dict(overrides)
+  impl = overrides.pop("impl") if "impl" in overrides else config.pop("impl")
+  if in_config:
+    config.pop("impl", None)
+  if impl is None:
+    return config, overrides
+  merged = {f.name: f.default for f in dataclasses.fields(cls)}
+  if isinstance(config, cls):
+    merged.update(config.to_dict())
+  elif isinstance(config, dict):
+    merged.update(config)
+  merged.update(overrides)
+  pullback, conv = per_example.resolve_formulation(
+    merged["num_chunks"], merged["pullback"], merged["conv"], impl
+  )
+  overrides.update(pullback=pullback, conv=conv)
+  return config, overrides
 
 
 def nio_objective(stats: gcmod.GCStats, objective: str, gn_mul: float) -> jax.Array:
@@ -138,7 +166,14 @@ def _search_loss(loss_fn, cfg: NIOConfig, mesh, scales, params0, batch):
     from nio_jax import distributed
 
     stats = distributed.samplewise_stats(
-      loss_fn, params, batch, mesh, wrt=wrt, impl=cfg.impl, chunk_size=cfg.chunk_size
+      loss_fn,
+      params,
+      batch,
+      mesh,
+      wrt=wrt,
+      pullback=cfg.pullback,
+      conv=cfg.conv,
+      chunk_size=cfg.chunk_size,
     )
   else:
     stats = gcmod.gradcosine_stats(
@@ -148,7 +183,8 @@ def _search_loss(loss_fn, cfg: NIOConfig, mesh, scales, params0, batch):
       num_chunks=cfg.num_chunks,
       overlap=cfg.overlap,
       wrt=wrt,
-      impl=cfg.impl,
+      pullback=cfg.pullback,
+      conv=cfg.conv,
       chunk_size=cfg.chunk_size,
     )
   gn = stats.grad_norm
@@ -219,8 +255,8 @@ def make_nio_step(
   step = functools.partial(_nio_step, loss_fn, cfg, mesh, tx)
   # canonical_convs: the scanned blocks' backward convolutions on XLA:CPU (see per_example).
   # The im2col / slices forms leave no convolution to rewrite: the trace would be wasted.
-  impl = cfg.impl or gcmod.default_impl(cfg.num_chunks)
-  if not impl.endswith(("im2col", "slices")):
+  _, conv = per_example.resolve_formulation(cfg.num_chunks, cfg.pullback, cfg.conv)
+  if conv == "none":
     step = per_example.canonical_convs(step)
   step = jax.jit(step)
   if key is not None:
@@ -311,14 +347,17 @@ def measure(
   num_chunks: int | None = 4,
   overlap: float = 0.2,
   wrt: Any = "default",
-  impl: str | None = None,
+  pullback: str = "auto",
+  conv: str = "auto",
   chunk_size: int | None = None,
   show_progress: bool = False,
+  impl: str | None = None,
 ) -> dict[str, float]:
   """GradCosine and gradient norm averaged over `num_batches` batches (before/after report).
 
   `wrt="default"` takes the conv, dense and layer-norm leaves (structure, see
   `nio_jax.leaves`), as the search does; None takes every leaf; or pass a predicate.
+  `pullback` / `conv` (and the deprecated `impl`) are as in `nio_jax.cosine.gradcosine`.
 
   Returns a dict with `gc`, `gc_std`, `grad_norm`, `grad_norm_std`, `loss`, `num_batches`.
   """
@@ -332,7 +371,7 @@ def measure(
   errors.check_optional_int("chunk_size", chunk_size)
   errors.check_predicate("wrt", wrt, allow=("default",))
   wrt_fn = leaves.resolve_grad_filter(wrt, loss_fn, params)
-  impl = impl or gcmod.default_impl(num_chunks)
+  pullback, conv = per_example.resolve_formulation(num_chunks, pullback, conv, impl)
   first, batches = peek(batches)
   b = errors.check_batch(first)
   errors.check_chunks(b, num_chunks, overlap)
@@ -342,7 +381,9 @@ def measure(
     iterate_batches(batches, num_batches), num_batches, "measure", show_progress
   ):
     errors.check_batch(batch)
-    st = gcmod.stats_jit(loss_fn, params, batch, num_chunks, overlap, wrt_fn, impl, chunk_size)
+    st = gcmod.stats_jit(
+      loss_fn, params, batch, num_chunks, overlap, wrt_fn, pullback, conv, chunk_size
+    )
     gcmod.check_stats(st, num_chunks, step=len(rows))
     rows.append((float(st.gc), float(st.grad_norm), float(st.loss)))
   arr = np.asarray(rows)

@@ -20,8 +20,9 @@ from __future__ import annotations
 import functools
 import itertools
 import os
+import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,41 +33,121 @@ from nio_jax import errors
 PyTree = Any
 LossFn = Callable[[PyTree, PyTree], jax.Array]
 
-# How the D gradients are pulled back through the shared forward in the batch setting.
-#   "vmap": vmap of the VJP over the D cotangent rows (one batched backward).
-#   "loop": D separate backward passes unrolled in the trace (no batched convolutions;
-#           the fastest on XLA:CPU for small D, see benchmarks/).
-#   "map":  lax.map over the D cotangents (compiles one backward; for large D).
-#   "loop_im2col" / "vmap_im2col": the same with every convolution evaluated as im2col @ kernel
-#           (see `rewrite_convs`).
-#   "segments": NO shared forward: the batch is cut at every sub-batch boundary into disjoint
-#           segments (7 for D = 4, r = 0.2), each segment gets its own forward and backward
-#           (together one training step's work instead of one forward + D backwards), and
-#           each sub-batch gradient is the weighted sum of its segments' gradients. Exact ONLY
-#           for models without cross-example coupling (no batch-norm): with batch norm every
-#           segment would use its own statistics, which is not the released semantics.
-#           Never picked by default; choose it explicitly for normalisation-free models.
-#   "segments_im2col": both.
-SUBBATCH_IMPLS = (
-  "vmap",
-  "loop",
-  "map",
-  "loop_im2col",
-  "vmap_im2col",
-  "segments",
-  "segments_im2col",
-)
-# How per-example gradients are computed in the sample-wise setting.
-#   "vmap":  jax.vmap(jax.grad) over single-example batches (the textbook form);
-#   "map":   lax.map over examples of jax.grad (no grouped convolutions, less memory);
-#   "vjp":   the batch-setting machinery with D = B, r = 0 (one forward over the batch; the
-#            right choice for models with cross-example coupling such as batch-norm).
-#   "slices": vmap(grad) of the loss with every convolution rewritten as k×k shifted slices of
-#            the input times the kernel (`rewrite_convs(mode="slices")`): the per-example
-#            weight gradients become batched matmuls instead of grouped convolutions.
-#   "im2col": the same with one matmul on the concatenated k×k slices (im2col patches).
-SAMPLE_IMPLS = ("vmap", "map", "vjp", "slices", "im2col")
-CONV_MODES = ("slices", "im2col")
+# A formulation is two orthogonal choices, with the same meaning in both settings (the
+# sample-wise setting is the batch setting with D = B one-example sub-batches, r = 0):
+#
+# `pullback`: how the D gradients are pulled back.
+#   One forward over the whole batch, D cotangent rows pulled back through its VJP (exact with
+#   cross-example coupling such as batch norm; valid in both settings):
+#   "vjp":  vmap of the VJP over the D rows (one batched backward).
+#   "loop": D separate backward passes unrolled in the trace (no batched convolutions; the
+#           fastest on XLA:CPU for small D, see docs/performance.md).
+#   "scan": lax.map over the D rows (compiles one backward; for large D).
+#   Each gradient through its own forward (exact only without cross-example coupling):
+#   "vmap": jax.vmap(jax.grad) over one-example batches (sample-wise only: the sub-batches
+#           must have equal sizes); `chunk_size` turns it into lax.map over vmapped chunks.
+#   "map":  lax.map of jax.grad over the examples, one at a time (sample-wise only).
+#   "segments": the batch is cut at every sub-batch boundary into disjoint segments (6 for
+#           D = 4, r = 0.2); each segment gets one forward and backward (together one
+#           training step's work instead of one forward + D backwards), and each sub-batch
+#           gradient is the weighted sum of its segments' gradients (batch setting only).
+#           With batch norm every segment would use its own statistics, which is not the
+#           released semantics: refused when the loss reduces over the batch axis.
+# `conv`: how convolutions are evaluated (`rewrite_convs`): "none" (as written), "slices"
+#   (k×k shifted slices @ kernel) or "im2col" (one matmul on the concatenated slices). Every
+#   pullback combines with every conv mode.
+# "auto" for either picks the backend's measured default (`default_formulation`).
+PULLBACKS = ("vjp", "loop", "scan", "vmap", "map", "segments")
+SAMPLE_PULLBACKS = ("vjp", "loop", "scan", "vmap", "map")
+SUBBATCH_PULLBACKS = ("vjp", "loop", "scan", "segments")
+CONV_MODES = ("slices", "im2col")  # the rewrites of `rewrite_convs`
+CONVS = ("none", *CONV_MODES)
+
+# The former single `impl=` string of each setting and the (pullback, conv) pair it meant.
+LEGACY_IMPLS = {
+  "sample": {
+    "vmap": ("vmap", "none"),
+    "map": ("map", "none"),
+    "vjp": ("vjp", "none"),
+    "slices": ("vmap", "slices"),
+    "im2col": ("vmap", "im2col"),
+  },
+  "batch": {
+    "vmap": ("vjp", "none"),
+    "loop": ("loop", "none"),
+    "map": ("scan", "none"),
+    "loop_im2col": ("loop", "im2col"),
+    "vmap_im2col": ("vjp", "im2col"),
+    "segments": ("segments", "none"),
+    "segments_im2col": ("segments", "im2col"),
+  },
+}
+
+
+def default_formulation(num_chunks, backend: str | None = None) -> tuple[str, str]:
+  """`(pullback, conv)` chosen by "auto" (measured in benchmarks/, docs/performance.md).
+
+  Args:
+    num_chunks: None for the sample-wise setting, else the number of sub-batches D.
+    backend: "cpu", "gpu", "tpu", ...; None = `jax.default_backend()`.
+
+  Returns:
+    On CPU `("vmap", "im2col")` sample-wise and `("loop", "im2col")` in the batch setting:
+    XLA:CPU runs the convolutions of second-order autodiff (grouped convolutions from
+    vmap(grad), backward-filter convolutions of the double backward) far slower than
+    matmuls. Elsewhere (not measured in this project yet) the textbook forms
+    `("vmap", "none")` and `("loop", "none")`. The im2col memory guard
+    (`IM2COL_MAX_BYTES`) may still chunk the work or, past it, use plain convolutions.
+  """
+  backend = backend or jax.default_backend()
+  pullback = "vmap" if num_chunks is None else "loop"
+  return pullback, "im2col" if backend == "cpu" else "none"
+
+
+def resolve_formulation(
+  num_chunks, pullback: str = "auto", conv: str = "auto", impl: str | None = None
+) -> tuple[str, str]:
+  """The concrete `(pullback, conv)` for a setting, with "auto" resolved and names checked.
+
+  Args:
+    num_chunks: None for the sample-wise setting, else D.
+    pullback: one of `SAMPLE_PULLBACKS` / `SUBBATCH_PULLBACKS`, or "auto".
+    conv: one of `CONVS`, or "auto".
+    impl: deprecated single string of earlier versions (`LEGACY_IMPLS`); mapped to the pair
+      with a `DeprecationWarning`. Cannot be combined with a non-"auto" pullback or conv.
+
+  Raises:
+    ValueError: an unknown name, or a pullback that does not exist in this setting (the
+      message names the option and its valid values).
+  """
+  setting = "sample" if num_chunks is None else "batch"
+  if impl is not None:
+    legacy = LEGACY_IMPLS[setting]
+    errors.check_choice(f"impl ({setting} setting, deprecated)", impl, tuple(legacy))
+    if pullback not in ("auto", None) or conv not in ("auto", None):
+      raise ValueError(
+        f"impl={impl!r} (deprecated) cannot be combined with pullback={pullback!r} / "
+        f"conv={conv!r}; pass pullback= and conv= only."
+      )
+    warnings.warn(
+      f"impl={impl!r} is deprecated; use pullback={legacy[impl][0]!r}, conv={legacy[impl][1]!r}.",
+      DeprecationWarning,
+      stacklevel=3,
+    )
+    return legacy[impl]
+  auto_p, auto_c = default_formulation(num_chunks)
+  pullback = auto_p if pullback in ("auto", None) else pullback
+  conv = auto_c if conv in ("auto", None) else conv
+  valid = SAMPLE_PULLBACKS if num_chunks is None else SUBBATCH_PULLBACKS
+  if pullback in PULLBACKS and pullback not in valid:
+    where = "sample-wise (num_chunks=None)" if num_chunks is None else "batch"
+    raise ValueError(
+      f"pullback={pullback!r} does not exist in the {where} setting; valid there: "
+      f"{', '.join(valid)}, auto."
+    )
+  errors.check_choice("pullback", pullback, (*valid, "auto"))
+  errors.check_choice("conv", conv, (*CONVS, "auto"))
+  return pullback, conv
 
 
 def subbatch_bounds(batch_size: int, num_chunks: int, overlap: float) -> list[tuple[int, int]]:
@@ -348,7 +429,7 @@ def rewrite_convs(fn: Callable, mode: str = "im2col") -> Callable:
   """`fn` with every convolution evaluated as `mode` ("slices" or "im2col") @ kernel.
 
   Same values (up to float summation order) and same derivatives; use it to choose the
-  matmul form of convolutions where the backend runs it faster (see `default_impl`).
+  matmul form of convolutions where the backend runs it faster (see `default_formulation`).
   """
   errors.check_choice("mode", mode, CONV_MODES)
   check_jaxpr_internals()
@@ -478,12 +559,19 @@ def canonical_convs(fn: Callable, backends: tuple[str, ...] | None = ("cpu",)) -
   return functools.wraps(fn)(wrapped)
 
 
-# Memory guard of the im2col forms: the patches are k×k times wider than the conv inputs and
-# autodiff keeps them (XLA's temp memory of the ResNet-20 B=32 batch-setting NIO step was
-# ≈6x the forward patches: 1.3 GB). Above this many bytes of forward patches the batch
-# setting falls back to the plain-convolution form and the sample-wise setting processes the
-# examples in chunks. Set to None to disable.
-IM2COL_MAX_BYTES: int | None = 2 * 2**30
+# Memory guard of the im2col form: the patches are k×k times wider than the conv inputs, and
+# autodiff keeps them and their cotangents (XLA's temp memory of the ResNet-20 B=32
+# batch-setting NIO step was ≈6x the forward patches: 1.3 GB). `plan_formulation` estimates
+# the patch bytes alive at once from `im2col_bytes` (P, the forward patches of the whole
+# batch):
+#   * one forward + D rows pulled back together ("vjp", "loop", "scan"): P·(1 + D);
+#   * own forward per example ("vmap", "map"), c examples at a time: 2·P·c/B;
+#   * "segments" (one training step's work): 2·P.
+# Above this budget the D rows (or the examples) are processed in groups that fit, each group
+# under `jax.checkpoint` so that the NIO step's second-order pass does not keep every group's
+# intermediates; when not even one row / example fits, convolutions stay plain. Set to None
+# to disable.
+IM2COL_MAX_BYTES: int | None = 8 * 2**30
 
 
 def im2col_bytes(fn: Callable, *args) -> int:
@@ -509,8 +597,104 @@ def im2col_bytes(fn: Callable, *args) -> int:
   return walk(closed.jaxpr, 1)
 
 
-def _im2col_fits(fn, *args) -> bool:
-  return IM2COL_MAX_BYTES is None or im2col_bytes(fn, *args) <= IM2COL_MAX_BYTES
+class Plan(NamedTuple):
+  """How a formulation runs after the im2col memory guard (`plan_formulation`).
+
+  Attributes:
+    pullback: as requested.
+    conv: as requested, or "none" when even one row / example of im2col does not fit.
+    group: rows ("vjp", "loop", "scan") or examples ("vmap", "map") processed at a time,
+      each group under `jax.checkpoint`; None = all at once.
+  """
+
+  pullback: str
+  conv: str
+  group: int | None = None
+
+
+def plan_formulation(loss_fn, params, batch, num_chunks, pullback, conv) -> Plan:
+  """Applies the im2col memory guard (`IM2COL_MAX_BYTES`) to a resolved `(pullback, conv)`."""
+  budget = IM2COL_MAX_BYTES
+  if conv != "im2col" or budget is None:
+    return Plan(pullback, conv)
+  b = errors.batch_size(batch)
+  patches = im2col_bytes(loss_fn, params, batch)
+  if patches == 0:
+    return Plan(pullback, conv)
+  if pullback == "segments":
+    return Plan(pullback, conv if 2 * patches <= budget else "none")
+  if pullback in ("vmap", "map"):
+    fit = int(b * budget // (2 * patches))  # examples whose patches fit at once
+    n = b
+  else:
+    fit = int(budget // patches) - 1  # rows pulled back together next to the forward
+    n = b if num_chunks is None else num_chunks
+  if fit >= n:
+    return Plan(pullback, conv)
+  if fit >= 1:
+    return Plan(pullback, conv, fit)
+  return Plan(pullback, "none")
+
+
+# Reductions that, over the batch axis, couple the examples (batch norm's statistics).
+_REDUCTIONS = (
+  "reduce_sum",
+  "reduce_max",
+  "reduce_min",
+  "reduce_prod",
+  "reduce_and",
+  "reduce_or",
+  "argmax",
+  "argmin",
+)
+
+
+def _batch_reductions(jaxpr, b: int, path=()) -> set:
+  found = set()
+  for k, eqn in enumerate(jaxpr.eqns):
+    if eqn.primitive.name in _REDUCTIONS:
+      aval = eqn.invars[0].aval
+      if 0 in tuple(eqn.params.get("axes", ())) and aval.ndim and aval.shape[0] == b:
+        found.add((*path, k))
+    for j, sub in enumerate(_sub_closed_jaxprs(eqn.params)):
+      found |= _batch_reductions(sub, b, (*path, k, j))
+  return found
+
+
+def couples_examples(loss_fn: LossFn, params: PyTree, batch: PyTree) -> bool:
+  """Whether `loss_fn` reduces over the batch axis (cross-example coupling, e.g. batch norm).
+
+  Found from the jaxpr, without running the model: a reduction over axis 0 of an operand
+  whose leading size follows the batch size (traced at B and at B + 1, so that a parameter
+  that happens to have B rows is not mistaken for the batch).
+  """
+  b = errors.batch_size(batch)
+  wider = jax.tree_util.tree_map(
+    lambda x: jax.ShapeDtypeStruct((x.shape[0] + 1, *x.shape[1:]), x.dtype), batch
+  )
+  at_b = _batch_reductions(jax.make_jaxpr(loss_fn)(params, batch).jaxpr, b)
+  if not at_b:
+    return False
+  return bool(at_b & _batch_reductions(jax.make_jaxpr(loss_fn)(params, wider).jaxpr, b + 1))
+
+
+def _in_groups(fn, xs, group, remat):
+  """`fn` over the leading axis of `xs`, `group` at a time (`lax.map`), results concatenated."""
+  n = jax.tree_util.tree_leaves(xs)[0].shape[0]
+  if group is None or group >= n:
+    return fn(xs)
+  body = jax.checkpoint(fn) if remat else fn
+  full = n // group * group
+  head = jax.tree_util.tree_map(
+    lambda x: jnp.reshape(x[:full], (n // group, group, *x.shape[1:])), xs
+  )
+  out = jax.tree_util.tree_map(
+    lambda y: jnp.reshape(y, (full, *y.shape[2:])), jax.lax.map(body, head)
+  )
+  if full < n:
+    tail = body(jax.tree_util.tree_map(lambda x: x[full:], xs))
+    out = jax.tree_util.tree_map(lambda a, t: jnp.concatenate([a, t]), out, tail)
+  return out
 
 
 def _example(batch, i):
@@ -529,51 +713,55 @@ def check_loss_fn(loss_fn: LossFn, params: PyTree, batch: PyTree) -> None:
   errors.check_loss_fn(loss_fn, params, batch)
 
 
-def _per_example_selected(loss_fn, params, batch, wrt, impl, chunk_size):
-  if impl in CONV_MODES:
-    if IM2COL_MAX_BYTES is not None:
-      need = im2col_bytes(loss_fn, params, batch)
-      b = errors.batch_size(batch)
-      if need > IM2COL_MAX_BYTES:  # bound the memory by processing examples in chunks
-        fit = max(1, int(b * IM2COL_MAX_BYTES // need))
-        chunk_size = fit if chunk_size is None else min(chunk_size, fit)
-    loss_fn, impl = rewrite_convs(loss_fn, impl), "vmap"
+def _per_example_selected(loss_fn, params, batch, wrt, pullback, conv, chunk_size):
+  plan = plan_formulation(loss_fn, params, batch, None, pullback, conv)
+  if plan.conv != "none":
+    loss_fn = rewrite_convs(loss_fn, plan.conv)
   sel, rebuild, _ = select_leaves(params, wrt)
   b = errors.batch_size(batch)
+  group, remat = chunk_size, False
+  if plan.group is not None and (group is None or plan.group < group):
+    group, remat = plan.group, True
+
+  if pullback in ("vjp", "loop", "scan"):
+    w = jnp.eye(b, dtype=jnp.float32)
+    return _pullback_rows(lambda s: loss_fn(rebuild(s), batch), sel, w, pullback, group, remat)
 
   def loss_sel(sel_leaves, example):
     return _single_loss(loss_fn, rebuild(sel_leaves), example)
 
   g1 = jax.value_and_grad(loss_sel)
-
-  if impl == "vjp":
-    w = jnp.eye(b, dtype=jnp.float32)
-    return _pullback_rows(lambda s: loss_fn(rebuild(s), batch), sel, w, "vmap")
-
   batch1 = jax.tree_util.tree_map(lambda x: x[:, None], batch)  # [B, 1, ...]
-  if impl == "vmap" and (chunk_size is None or chunk_size >= b):
-    return jax.vmap(g1, in_axes=(None, 0))(sel, batch1)
-  # "map", or chunked "vmap": lax.map over chunks of `chunk_size` vmapped examples.
-  return jax.lax.map(lambda ex: g1(sel, ex), batch1, batch_size=chunk_size)
+  if pullback == "map":
+    one = lambda ex1: jax.lax.map(lambda ex: g1(sel, ex), ex1)
+  else:  # "vmap"
+    one = lambda ex1: jax.vmap(g1, in_axes=(None, 0))(sel, ex1)
+  return _in_groups(one, batch1, group, remat)
 
 
-def _pullback_rows(f, primal, w, impl):
-  """(losses, grads): each row of `w` [D, B] pulled back through one VJP of `f -> [B]`."""
+def _pullback_rows(f, primal, w, pullback, group=None, remat=False):
+  """(losses, grads): each row of `w` [D, B] pulled back through one VJP of `f -> [B]`.
+
+  `group` rows at a time (`lax.map` over groups, each under `jax.checkpoint` if `remat`).
+  """
   losses, vjp = jax.vjp(f, primal)
   w = jnp.asarray(np.asarray(w, losses.dtype) if isinstance(w, np.ndarray) else w, losses.dtype)
-  if impl == "vmap":
-    (g,) = jax.vmap(vjp)(w)
-    return losses, g
-  if impl == "map":
-    return losses, jax.lax.map(lambda row: vjp(row)[0], w)
-  rows = [vjp(w[i])[0] for i in range(w.shape[0])]
-  return losses, jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *rows)
+
+  def rows(ws):
+    if pullback == "vjp":
+      return jax.vmap(vjp)(ws)[0]
+    if pullback == "scan":
+      return jax.lax.map(lambda row: vjp(row)[0], ws)
+    gs = [vjp(ws[i])[0] for i in range(ws.shape[0])]  # "loop"
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *gs)
+
+  return losses, _in_groups(rows, w, group, remat)
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "impl", "chunk_size", "wrt"))
+@functools.partial(jax.jit, static_argnames=("loss_fn", "pullback", "conv", "chunk_size", "wrt"))
 @canonical_convs
-def _per_example_grads_jit(loss_fn, params, batch, impl, chunk_size, wrt):
-  _, sel_grads = _per_example_selected(loss_fn, params, batch, wrt, impl, chunk_size)
+def _per_example_grads_jit(loss_fn, params, batch, pullback, conv, chunk_size, wrt):
+  _, sel_grads = _per_example_selected(loss_fn, params, batch, wrt, pullback, conv, chunk_size)
   return sel_grads
 
 
@@ -582,34 +770,45 @@ def per_example_grads(
   params: PyTree,
   batch: PyTree,
   *,
-  impl: str = "vmap",
+  pullback: str | None = None,
+  conv: str | None = None,
   chunk_size: int | None = None,
   wrt: Callable[[tuple, Any], bool] | None = None,
+  impl: str | None = None,
 ) -> PyTree:
   """Per-example gradients `∇θ ℓ_i(θ)`, a pytree like `params` with a leading batch axis.
 
-  Computed with `vmap(grad)` over one-example batches under `jit`.
+  Computed under `jit`, by default with `vmap(grad)` over one-example batches.
 
   Args:
     loss_fn: `loss_fn(params, batch) -> [B]` per-example losses.
     params: pytree of float arrays.
     batch: pytree of arrays with a shared leading batch axis `B`.
-    impl: one of `SAMPLE_IMPLS` ("vmap", "map", "vjp").
-    chunk_size: if set, examples are processed `chunk_size` at a time (`lax.map` over
-      `vmap`), which bounds peak memory by the chunk instead of the batch.
+    pullback: one of `SAMPLE_PULLBACKS` or "auto" (see the top of this module); None =
+      "vmap".
+    conv: one of `CONVS` or "auto"; None = "none".
+    chunk_size: if set, examples (or cotangent rows) are processed `chunk_size` at a time
+      (`lax.map` over `vmap`).
     wrt: optional predicate `(path, leaf) -> bool`; leaves it rejects get no gradient and
       are returned as zeros.
+    impl: deprecated single-string form (`LEGACY_IMPLS["sample"]`); use pullback/conv.
 
   Returns:
     A pytree with the structure of `params`; every leaf has shape `[B, *leaf.shape]`.
+
+  Raises:
+    ValueError: an unknown or invalid pullback / conv, or a bad chunk_size.
   """
-  errors.check_choice("impl", impl, SAMPLE_IMPLS)
+  if impl is None:
+    pullback, conv = resolve_formulation(None, pullback or "vmap", conv or "none")
+  else:
+    pullback, conv = resolve_formulation(None, pullback, conv, impl)
   errors.check_params(params)
   b = errors.check_batch(batch, minimum=1)
   if chunk_size is not None and (chunk_size < 1 or chunk_size > b):
     raise ValueError(f"chunk_size={chunk_size} must be in [1, batch size {b}].")
   check_loss_fn(loss_fn, params, batch)
-  sel_grads = _per_example_grads_jit(loss_fn, params, batch, impl, chunk_size, wrt)
+  sel_grads = _per_example_grads_jit(loss_fn, params, batch, pullback, conv, chunk_size, wrt)
   _, _, idx = select_leaves(params, wrt)
   leaves, treedef = jax.tree_util.tree_flatten(params)
   out = [jnp.zeros((b,) + jnp.shape(x), jnp.result_type(x)) for x in leaves]
@@ -648,21 +847,46 @@ def _segment_grads(loss_fn, sel, rebuild, batch, num_chunks, overlap):
   return jnp.concatenate(losses), grads
 
 
-def subbatch_grads_selected(loss_fn, params, batch, num_chunks, overlap, wrt=None, impl="loop"):
-  """(losses [B], sub-batch gradients of the selected leaves as `[D, ...]` arrays)."""
-  if impl.endswith("_im2col"):
-    base = impl[: -len("_im2col")]
-    if _im2col_fits(loss_fn, params, batch):
-      loss_fn = rewrite_convs(loss_fn, "im2col")
-    impl = base  # too big: plain convolutions (IM2COL_MAX_BYTES)
+def check_segments(loss_fn, params, batch) -> None:
+  """Refuses `pullback="segments"` for a loss that couples the examples (batch norm).
+
+  Raises:
+    ValueError: `couples_examples` found a reduction over the batch axis.
+  """
+  if couples_examples(loss_fn, params, batch):
+    raise ValueError(
+      "pullback='segments' is exact only for models without cross-example coupling, and "
+      "loss_fn reduces over the batch axis (batch norm?): each segment would use its own "
+      "statistics. Use pullback='loop', 'vjp' or 'scan' (one forward over the whole batch)."
+    )
+
+
+def subbatch_grads_selected(
+  loss_fn, params, batch, num_chunks, overlap, wrt=None, pullback="loop", conv="none"
+):
+  """(losses [B], sub-batch gradients of the selected leaves as `[D, ...]` arrays).
+
+  `pullback` / `conv` are resolved names (`resolve_formulation`); traceable.
+  """
+  if pullback == "segments":
+    check_segments(loss_fn, params, batch)
+  plan = plan_formulation(loss_fn, params, batch, num_chunks, pullback, conv)
+  if plan.conv != "none":
+    loss_fn = rewrite_convs(loss_fn, plan.conv)
   sel, rebuild, _ = select_leaves(params, wrt)
   b = errors.batch_size(batch)
-  if impl == "segments":
+  if pullback == "segments":
     return _segment_grads(loss_fn, sel, rebuild, batch, num_chunks, overlap)
   w = subbatch_weights(b, num_chunks, overlap, np.float64)  # cast to the losses' dtype later
-  return _pullback_rows(lambda s: loss_fn(rebuild(s), batch), sel, w, impl)
+  f = lambda s: loss_fn(rebuild(s), batch)
+  return _pullback_rows(f, sel, w, pullback, plan.group, plan.group is not None)
 
 
-def sample_grads_selected(loss_fn, params, batch, wrt=None, impl="vmap", chunk_size=None):
-  """(losses [B], per-example gradients of the selected leaves as `[B, ...]` arrays)."""
-  return _per_example_selected(loss_fn, params, batch, wrt, impl, chunk_size)
+def sample_grads_selected(
+  loss_fn, params, batch, wrt=None, pullback="vmap", conv="none", chunk_size=None
+):
+  """(losses [B], per-example gradients of the selected leaves as `[B, ...]` arrays).
+
+  `pullback` / `conv` are resolved names (`resolve_formulation`); traceable.
+  """
+  return _per_example_selected(loss_fn, params, batch, wrt, pullback, conv, chunk_size)

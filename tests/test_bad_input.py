@@ -115,6 +115,10 @@ def test_mismatched_batch_leaves():
     ({"num_chunks": 1}, "at least 2"),
     ({"typo": 1}, "unknown NIO config"),
     ({"impl": "magic"}, "impl"),
+    ({"pullback": "magic"}, "unknown pullback 'magic'; known: vjp, loop, scan, segments, auto"),
+    ({"pullback": "vmap"}, "pullback='vmap' does not exist in the batch setting"),
+    ({"num_chunks": None, "pullback": "segments"}, "valid there: vjp, loop, scan, vmap, map"),
+    ({"conv": "fft"}, "unknown conv 'fft'; known: none, slices, im2col, auto"),
   ],
 )
 def test_bad_config(bad, match):

@@ -54,10 +54,12 @@ CASES = [
 
 
 @pytest.mark.parametrize("name,mkp,loss,mkb", CASES, ids=[c[0] for c in CASES])
-@pytest.mark.parametrize("impl,chunk", [("vmap", None), ("vmap", 3), ("map", None), ("vjp", None)])
-def test_per_example_grads_equal_loop_of_grad(name, mkp, loss, mkb, impl, chunk):
+@pytest.mark.parametrize(
+  "pullback,chunk", [("vmap", None), ("vmap", 3), ("map", None), ("vjp", None), ("vjp", 4)]
+)
+def test_per_example_grads_equal_loop_of_grad(name, mkp, loss, mkb, pullback, chunk):
   params, batch = mkp(KEY), mkb(jax.random.PRNGKey(1), b=6)
-  got = nio_jax.per_example_grads(loss, params, batch, impl=impl, chunk_size=chunk)
+  got = nio_jax.per_example_grads(loss, params, batch, pullback=pullback, chunk_size=chunk)
   want = loop_grads(loss, params, batch)
   chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
 
@@ -124,12 +126,14 @@ def test_subbatch_bounds_published_example():
   assert nio_jax.subbatch_bounds(64, 4, 0.2) == [(0, 19), (12, 38), (25, 57), (38, 64)]
 
 
-@pytest.mark.parametrize("impl", per_example.SUBBATCH_IMPLS)
+@pytest.mark.parametrize("pullback", per_example.SUBBATCH_PULLBACKS)
 @pytest.mark.parametrize("name,mkp,loss,mkb", CASES, ids=[c[0] for c in CASES])
-def test_batch_setting_equals_loop_over_subbatch_means(name, mkp, loss, mkb, impl):
+def test_batch_setting_equals_loop_over_subbatch_means(name, mkp, loss, mkb, pullback):
   params, batch = mkp(KEY), mkb(jax.random.PRNGKey(3), b=12)
   d, r = 4, 0.2
-  stats = nio_jax.gradcosine(loss, params, batch, num_chunks=d, overlap=r, impl=impl)
+  stats = nio_jax.gradcosine(
+    loss, params, batch, num_chunks=d, overlap=r, pullback=pullback, conv="none"
+  )
   grads = []
   for a, e in nio_jax.subbatch_bounds(12, d, r):
     sub = jax.tree_util.tree_map(lambda x: x[a:e], batch)

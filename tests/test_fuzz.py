@@ -223,7 +223,13 @@ def _bad_input_cases():
     ),
     ("gradcosine", "loss_fn not callable", lambda: nio_jax.gradcosine(3, P, B)),
     ("gradcosine", "integer params", lambda: nio_jax.gradcosine(L, Pint, B)),
-    ("gradcosine", "unknown impl", lambda: nio_jax.gradcosine(L, P, B, impl="magic")),
+    ("gradcosine", "unknown pullback", lambda: nio_jax.gradcosine(L, P, B, pullback="magic")),
+    ("gradcosine", "unknown conv", lambda: nio_jax.gradcosine(L, P, B, conv="magic")),
+    (
+      "gradcosine",
+      "pullback of the other setting",
+      lambda: nio_jax.gradcosine(L, P, B, pullback="segments"),
+    ),
     (
       "gradcosine",
       "an example with zero gradient",

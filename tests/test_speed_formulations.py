@@ -1,4 +1,4 @@
-"""Every speed formulation (`impl`) computes the same numbers as the plain definitions.
+"""Every formulation (`pullback` x `conv`) computes the same numbers as the plain definitions.
 
 Reference values: a Python loop of `jax.grad` per example (sample-wise), a Python loop of
 `jax.grad` of each sub-batch mean through the same loss (batch setting), and the brute-force
@@ -8,12 +8,15 @@ convolutions (the cases the conv rewrite must get right).
 
 from __future__ import annotations
 
+import warnings
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import nio_jax
 from nio_jax import cosine, per_example
 
 
@@ -74,62 +77,83 @@ def test_rewrite_convs_same_values_and_grads(mode):
     np.testing.assert_allclose(_flat(g1), _flat(g0), rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("impl", per_example.SAMPLE_IMPLS)
-def test_sample_impls_equal_loop_of_grads(impl):
+def _loop_sample_grads(loss_fn, params, batch, b):
+  return [
+    jax.grad(lambda p, i=i: loss_fn(p, jax.tree_util.tree_map(lambda a: a[i : i + 1], batch))[0])(
+      params
+    )
+    for i in range(b)
+  ]
+
+
+def _assert_rows_equal(got, ref):
+  for i, r in enumerate(ref):
+    np.testing.assert_allclose(_flat([g[i] for g in got]), _flat(r), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("conv", per_example.CONVS)
+@pytest.mark.parametrize("pullback", per_example.SAMPLE_PULLBACKS)
+def test_sample_formulations_equal_loop_of_grads(pullback, conv):
   with jax.enable_x64(True):
     loss_fn, params, batch = _setup()
-    ref = [
-      jax.grad(lambda p, i=i: loss_fn(p, jax.tree_util.tree_map(lambda a: a[i : i + 1], batch))[0])(
-        params
-      )
-      for i in range(6)
-    ]
-    _, got = per_example.sample_grads_selected(loss_fn, params, batch, impl=impl)
-    for i in range(6):
-      np.testing.assert_allclose(_flat([g[i] for g in got]), _flat(ref[i]), rtol=1e-9, atol=1e-12)
+    ref = _loop_sample_grads(loss_fn, params, batch, 6)
+    _, got = per_example.sample_grads_selected(loss_fn, params, batch, pullback=pullback, conv=conv)
+    _assert_rows_equal(got, ref)
     gc_ref = cosine.gc_brute_force(jax.tree_util.tree_map(lambda *g: jnp.stack(g), *ref))
-    st = cosine.gradcosine(loss_fn, params, batch, impl=impl)
+    st = cosine.gradcosine(loss_fn, params, batch, pullback=pullback, conv=conv)
     np.testing.assert_allclose(st.gc, gc_ref, rtol=1e-9)
 
 
 @pytest.mark.parametrize("bn", [False, True])
-@pytest.mark.parametrize("impl", per_example.SUBBATCH_IMPLS)
-def test_subbatch_impls_equal_loop_of_grads(impl, bn):
-  if impl.startswith("segments") and bn:
-    pytest.skip("segments is documented as exact only without cross-example coupling")
+@pytest.mark.parametrize("conv", per_example.CONVS)
+@pytest.mark.parametrize("pullback", per_example.SUBBATCH_PULLBACKS)
+def test_subbatch_formulations_equal_loop_of_grads(pullback, conv, bn):
   with jax.enable_x64(True):
     loss_fn, params, batch = _setup(bn=bn, b=10)
+    if pullback == "segments" and bn:  # not exact with batch norm: refused, named
+      with pytest.raises(ValueError, match="pullback='segments' is exact only .* batch norm"):
+        cosine.gradcosine(loss_fn, params, batch, num_chunks=3, overlap=0.2, pullback=pullback)
+      return
     bounds = per_example.subbatch_bounds(10, 3, 0.2)
     ref = [jax.grad(lambda p, a=a, e=e: loss_fn(p, batch)[a:e].mean())(params) for a, e in bounds]
-    _, got = per_example.subbatch_grads_selected(loss_fn, params, batch, 3, 0.2, impl=impl)
-    for i in range(3):
-      np.testing.assert_allclose(_flat([g[i] for g in got]), _flat(ref[i]), rtol=1e-9, atol=1e-12)
+    _, got = per_example.subbatch_grads_selected(
+      loss_fn, params, batch, 3, 0.2, pullback=pullback, conv=conv
+    )
+    _assert_rows_equal(got, ref)
     gc_ref = cosine.gc_brute_force(jax.tree_util.tree_map(lambda *g: jnp.stack(g), *ref))
-    st = cosine.gradcosine(loss_fn, params, batch, num_chunks=3, overlap=0.2, impl=impl)
+    st = cosine.gradcosine(
+      loss_fn, params, batch, num_chunks=3, overlap=0.2, pullback=pullback, conv=conv
+    )
     np.testing.assert_allclose(st.gc, gc_ref, rtol=1e-9)
 
 
 @pytest.mark.parametrize(
-  "setting,impls", [(None, ("vmap", "im2col", "slices")), (3, ("loop", "segments", "loop_im2col"))]
+  "setting,forms",
+  [
+    (None, (("vmap", "none"), ("vmap", "im2col"), ("vjp", "slices"), ("map", "im2col"))),
+    (3, (("loop", "none"), ("segments", "im2col"), ("loop", "im2col"), ("scan", "slices"))),
+  ],
 )
-def test_second_order_same_across_impls(setting, impls):
-  """The NIO step differentiates GC w.r.t. the params: same gradient for every impl."""
+def test_second_order_same_across_formulations(setting, forms):
+  """The NIO step differentiates GC w.r.t. the params: same gradient for every formulation."""
   with jax.enable_x64(True):
     loss_fn, params, batch = _setup(b=10)
     ov = 0.0 if setting is None else 0.2
 
-    def grad_gc(impl):
+    def grad_gc(pullback, conv):
       return _flat(
         jax.grad(
           lambda p: (
-            cosine.gradcosine_stats(loss_fn, p, batch, num_chunks=setting, overlap=ov, impl=impl).gc
+            cosine.gradcosine_stats(
+              loss_fn, p, batch, num_chunks=setting, overlap=ov, pullback=pullback, conv=conv
+            ).gc
           )
         )(params)
       )
 
-    ref = grad_gc(impls[0])
-    for impl in impls[1:]:
-      np.testing.assert_allclose(grad_gc(impl), ref, rtol=1e-8, atol=1e-12)
+    ref = grad_gc(*forms[0])
+    for form in forms[1:]:
+      np.testing.assert_allclose(grad_gc(*form), ref, rtol=1e-8, atol=1e-12)
 
 
 def test_segment_bounds_cover_batch():
@@ -139,25 +163,173 @@ def test_segment_bounds_cover_batch():
     assert all(s[1] == t[0] for s, t in zip(segs[:-1], segs[1:]))
 
 
-def test_default_impl_is_valid_for_every_backend():
-  for backend in ("cpu", "gpu", "tpu", None):
-    assert cosine.default_impl(None, backend=backend) in per_example.SAMPLE_IMPLS
-    assert cosine.default_impl(4, backend=backend) in per_example.SUBBATCH_IMPLS
-    assert not cosine.default_impl(4, backend=backend).startswith("segments")  # BN-unsafe
+def test_default_formulation_per_backend_as_documented():
+  """docs/performance.md: im2col on CPU, plain convs elsewhere; never segments (BN-unsafe)."""
+  assert per_example.default_formulation(None, backend="cpu") == ("vmap", "im2col")
+  assert per_example.default_formulation(4, backend="cpu") == ("loop", "im2col")
+  for backend in ("gpu", "tpu"):
+    assert per_example.default_formulation(None, backend=backend) == ("vmap", "none")
+    assert per_example.default_formulation(4, backend=backend) == ("loop", "none")
+  here = jax.default_backend()
+  for d in (None, 4):
+    assert per_example.resolve_formulation(d, "auto", "auto") == per_example.default_formulation(
+      d, backend=here
+    )
+    # "auto" for one option keeps the other as given
+    assert per_example.resolve_formulation(d, "scan", "auto") == (
+      "scan",
+      per_example.default_formulation(d, backend=here)[1],
+    )
+  assert nio_jax.NIOConfig().pullback == "auto" and nio_jax.NIOConfig().conv == "auto"
 
 
-def test_im2col_memory_guard_keeps_values(monkeypatch):
-  """Above IM2COL_MAX_BYTES: batch setting falls back to plain convs, sample-wise chunks."""
+@pytest.mark.parametrize(
+  "num_chunks,pullback,conv,match",
+  [
+    (None, "segments", "none", "pullback='segments' does not exist in the sample-wise"),
+    (4, "vmap", "none", "pullback='vmap' does not exist in the batch setting; valid there: vjp"),
+    (4, "map", "none", "does not exist in the batch setting; valid there: vjp, loop, scan"),
+    (4, "grad", "none", "unknown pullback 'grad'; known: vjp, loop, scan, segments, auto"),
+    (None, "vjp", "fft", "unknown conv 'fft'; known: none, slices, im2col, auto"),
+  ],
+)
+def test_invalid_formulations_name_option_and_valid_values(num_chunks, pullback, conv, match):
+  with pytest.raises(ValueError, match=match):
+    per_example.resolve_formulation(num_chunks, pullback, conv)
+  loss_fn, params, batch = _setup(b=8)
+  with pytest.raises(ValueError, match=match):
+    cosine.gradcosine(loss_fn, params, batch, num_chunks=num_chunks, pullback=pullback, conv=conv)
+
+
+def test_deprecated_impl_maps_to_the_pair_with_a_warning():
+  for setting, table in per_example.LEGACY_IMPLS.items():
+    d = None if setting == "sample" else 4
+    for impl, pair in table.items():
+      with pytest.warns(DeprecationWarning, match=f"use pullback={pair[0]!r}, conv={pair[1]!r}"):
+        assert per_example.resolve_formulation(d, impl=impl) == pair
+  with pytest.raises(ValueError, match="cannot be combined"):
+    per_example.resolve_formulation(4, "scan", "auto", impl="loop")
+  with pytest.raises(ValueError, match="unknown impl .batch setting, deprecated. 'im2col'"):
+    per_example.resolve_formulation(4, impl="im2col")  # a sample-wise name
+  with pytest.warns(DeprecationWarning):
+    cfg = nio_jax.NIOConfig.create({"impl": "segments_im2col"})
+  assert (cfg.pullback, cfg.conv) == ("segments", "im2col")
+  with pytest.warns(DeprecationWarning):
+    cfg = nio_jax.NIOConfig.create(num_chunks=None, overlap=0.0, impl="map")
+  assert (cfg.pullback, cfg.conv) == ("map", "none")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    nio_jax.NIOConfig.create({"pullback": "scan", "conv": "slices"})  # no warning
+  # same numbers through the alias
+  with jax.enable_x64(True):
+    loss_fn, params, batch = _setup(b=8)
+    with pytest.warns(DeprecationWarning):
+      old = cosine.gradcosine(loss_fn, params, batch, num_chunks=3, impl="vmap_im2col").gc
+    new = cosine.gradcosine(loss_fn, params, batch, num_chunks=3, pullback="vjp", conv="im2col")
+    assert float(old) == float(new.gc)
+
+
+def test_couples_examples_finds_batch_norm_only():
+  with jax.enable_x64(True):
+    for bn in (False, True):
+      loss_fn, params, batch = _setup(bn=bn, b=6)
+      assert per_example.couples_examples(loss_fn, params, batch) is bn
+  # a parameter with B rows reduced over its first axis is not the batch axis
+  w = jnp.ones((4, 3))
+  loss = lambda p, b: (b["x"] @ p["w"]).sum(-1) + jnp.sum(p["w"], axis=0).sum()
+  assert not per_example.couples_examples(loss, {"w": w}, {"x": jnp.ones((4, 4))})
+  # a loss normalised by the batch mean couples the examples
+  coupled = lambda p, b: (b["x"] @ p["w"]).sum(-1) - jnp.mean(b["x"] @ p["w"])
+  assert per_example.couples_examples(coupled, {"w": w}, {"x": jnp.ones((4, 4))})
+
+
+def _has_remat(fn, *args):
+  return "checkpoint" in str(jax.make_jaxpr(fn)(*args)) or "remat" in str(jax.make_jaxpr(fn)(*args))
+
+
+def test_im2col_memory_guard_groups_then_falls_back(monkeypatch):
+  """Over IM2COL_MAX_BYTES the work is split into groups that fit (under jax.checkpoint), and
+  only when one row / example does not fit do convolutions stay plain; values unchanged."""
   with jax.enable_x64(True):
     loss_fn, params, batch = _setup(b=6)
     need = per_example.im2col_bytes(loss_fn, params, batch)
     assert need > 0
-    ref_s = cosine.gradcosine(loss_fn, params, batch, impl="vmap").gc
-    ref_b = cosine.gradcosine(loss_fn, params, batch, num_chunks=3, overlap=0.2, impl="loop").gc
-    monkeypatch.setattr(per_example, "IM2COL_MAX_BYTES", need // 3)
-    got_s = cosine.gradcosine_stats(loss_fn, params, batch, impl="im2col").gc
-    got_b = cosine.gradcosine_stats(
-      loss_fn, params, batch, num_chunks=3, overlap=0.2, impl="loop_im2col"
-    ).gc
-    np.testing.assert_allclose(got_s, ref_s, rtol=1e-9)
-    np.testing.assert_allclose(got_b, ref_b, rtol=1e-9)
+    plan = lambda d, pb: per_example.plan_formulation(loss_fn, params, batch, d, pb, "im2col")
+    # default budget: tiny model, nothing to split
+    assert plan(3, "loop") == per_example.Plan("loop", "im2col", None)
+    assert plan(None, "vmap") == per_example.Plan("vmap", "im2col", None)
+    ref_s = _loop_sample_grads(loss_fn, params, batch, 6)
+    bounds = per_example.subbatch_bounds(6, 3, 0.2)
+    ref_b = [jax.grad(lambda p, a=a, e=e: loss_fn(p, batch)[a:e].mean())(params) for a, e in bounds]
+
+    # Batch setting, budget for the forward patches + 2 rows: D=3 rows in groups of 2.
+    monkeypatch.setattr(per_example, "IM2COL_MAX_BYTES", 3 * need)
+    for pb in ("loop", "vjp", "scan"):
+      assert plan(3, pb) == per_example.Plan(pb, "im2col", 2)
+      _, got = per_example.subbatch_grads_selected(
+        loss_fn, params, batch, 3, 0.2, pullback=pb, conv="im2col"
+      )
+      _assert_rows_equal(got, ref_b)
+    assert plan(3, "segments") == per_example.Plan("segments", "im2col", None)  # 2·P fits
+    stats = lambda p, d, pb: (
+      cosine.gradcosine_stats(  # noqa: E731
+        loss_fn,
+        p,
+        batch,
+        num_chunks=d,
+        overlap=0.0 if d is None else 0.2,
+        pullback=pb,
+        conv="im2col",
+      ).gc
+    )
+    assert _has_remat(lambda p: stats(p, 3, "loop"), params)
+    # Sample-wise, examples whose patches and cotangents fit: 2·P·c/B <= 3·P  =>  c = 9 >= 6.
+    assert plan(None, "vmap") == per_example.Plan("vmap", "im2col", None)
+    monkeypatch.setattr(per_example, "IM2COL_MAX_BYTES", need // 2)  # 2·P·c/6 <= P/2: c = 1
+    assert plan(None, "vmap") == per_example.Plan("vmap", "im2col", 1)
+    assert plan(None, "map") == per_example.Plan("map", "im2col", 1)
+    for pb in ("vmap", "map"):
+      _, got = per_example.sample_grads_selected(loss_fn, params, batch, pullback=pb, conv="im2col")
+      _assert_rows_equal(got, ref_s)
+    assert _has_remat(lambda p: stats(p, None, "vmap"), params)
+    # ... while one row next to the forward patches (P·2) does not fit: plain convolutions.
+    for pb in ("loop", "vjp", "scan", "segments"):
+      assert plan(3, pb) == per_example.Plan(pb, "none", None)
+    assert plan(None, "vjp") == per_example.Plan("vjp", "none", None)
+    assert not _has_remat(lambda p: stats(p, 3, "loop"), params)
+    _, got = per_example.subbatch_grads_selected(
+      loss_fn, params, batch, 3, 0.2, pullback="loop", conv="im2col"
+    )
+    _assert_rows_equal(got, ref_b)
+    # Below one example's patches: plain convolutions sample-wise too.
+    monkeypatch.setattr(per_example, "IM2COL_MAX_BYTES", need // 100)
+    assert plan(None, "vmap") == per_example.Plan("vmap", "none", None)
+
+
+@pytest.mark.parametrize("setting", [None, 3])
+def test_grouped_second_order_equals_ungrouped(monkeypatch, setting):
+  """The NIO step's second-order pass through the remat groups gives the same gradient."""
+  with jax.enable_x64(True):
+    loss_fn, params, batch = _setup(b=6)
+    ov = 0.0 if setting is None else 0.2
+    pb = "vmap" if setting is None else "loop"
+
+    def grad_gc():
+      return _flat(
+        jax.grad(
+          lambda p: (
+            cosine.gradcosine_stats(
+              loss_fn, p, batch, num_chunks=setting, overlap=ov, pullback=pb, conv="im2col"
+            ).gc
+          )
+        )(params)
+      )
+
+    ref = grad_gc()
+    need = per_example.im2col_bytes(loss_fn, params, batch)
+    monkeypatch.setattr(per_example, "IM2COL_MAX_BYTES", 3 * need if setting else need // 2)
+    assert per_example.plan_formulation(loss_fn, params, batch, setting, pb, "im2col").group in (
+      1,
+      2,
+    )
+    np.testing.assert_allclose(grad_gc(), ref, rtol=1e-8, atol=1e-12)

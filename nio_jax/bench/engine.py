@@ -94,13 +94,31 @@ def _block(out):
 # The library's formulation option: the only place the bench names it.
 
 
+# A formulation `form` is the string "pullback/conv" (e.g. "loop/im2col"), the label of its
+# row; the command line gives the pullbacks and conv modes, and every pair is timed.
+
+
+def formulations(pullbacks, convs, num_chunks, backend: str) -> list[str]:
+  """Every "pullback/conv" pair of the two lists, "auto" resolved as the library does."""
+  from nio_jax import per_example
+
+  auto_p, auto_c = per_example.default_formulation(num_chunks, backend=backend)
+  return [
+    f"{auto_p if p == 'auto' else p}/{auto_c if c == 'auto' else c}"
+    for p in pullbacks or ["auto"]
+    for c in convs or ["auto"]
+  ]
+
+
 def default_formulations(backend: str) -> tuple[list[str], list[str]]:
   """The library's default formulation for the sample-wise and the batch setting."""
-  from nio_jax import cosine
+  return formulations([], [], None, backend), formulations([], [], NIO_B_CHUNKS, backend)
 
-  return [cosine.default_impl(None, backend=backend)], [
-    cosine.default_impl(NIO_B_CHUNKS, backend=backend)
-  ]
+
+def split_form(form: str) -> dict:
+  """`{"pullback": ..., "conv": ...}` of a "pullback/conv" label."""
+  pullback, conv = form.split("/")
+  return dict(pullback=pullback, conv=conv)
 
 
 def jax_gradcosine(loss_fn, params, batch, num_chunks, overlap, wrt, form):
@@ -108,7 +126,7 @@ def jax_gradcosine(loss_fn, params, batch, num_chunks, overlap, wrt, form):
   from nio_jax import cosine
 
   return cosine.gradcosine(
-    loss_fn, params, batch, num_chunks=num_chunks, overlap=overlap, wrt=wrt, impl=form
+    loss_fn, params, batch, num_chunks=num_chunks, overlap=overlap, wrt=wrt, **split_form(form)
   )
 
 
@@ -118,7 +136,10 @@ def jax_per_example_fn(loss_fn, wrt, form):
 
   from nio_jax import per_example
 
-  return jax.jit(lambda p, b: per_example.sample_grads_selected(loss_fn, p, b, wrt, form)[1])
+  f = split_form(form)
+  return jax.jit(
+    lambda p, b: per_example.sample_grads_selected(loss_fn, p, b, wrt, f["pullback"], f["conv"])[1]
+  )
 
 
 def jax_gc_fn(loss_fn, wrt, form):
@@ -127,14 +148,16 @@ def jax_gc_fn(loss_fn, wrt, form):
 
   from nio_jax import cosine
 
-  return jax.jit(lambda p, b: cosine.gradcosine_stats(loss_fn, p, b, wrt=wrt, impl=form).gc)
+  return jax.jit(
+    lambda p, b: cosine.gradcosine_stats(loss_fn, p, b, wrt=wrt, **split_form(form)).gc
+  )
 
 
 def jax_nio_config(num_chunks, overlap, form):
   """The NIOConfig of one NIO step with formulation `form`."""
   from nio_jax import nio_search
 
-  return nio_search.NIOConfig(num_chunks=num_chunks, overlap=overlap, impl=form)
+  return nio_search.NIOConfig(num_chunks=num_chunks, overlap=overlap, **split_form(form))
 
 
 # ------------------------------------------------------------------------------------------
@@ -264,8 +287,12 @@ def part_fns(part: str, spec: dict, forms_sw, forms_b, tctx: dict | None):
     d, r = (None, 0.0) if part == "nio_sw" else (NIO_B_CHUNKS, NIO_B_OVERLAP)
     jfns = {}
     for f in forms_sw if d is None else forms_b:
+      if spec["has_bn"] and split_form(f)["pullback"] == "segments":
+        continue  # refused with batch norm (not exact); the row notes it
       step, txo = nio_search.make_nio_step(loss_fn, sspec, jax_nio_config(d, r, f))
       jfns[f] = (step, (params, scales0, txo.init(scales0), jbatch))
+    if not jfns:
+      raise PartSkipped("pullback=segments is refused for a model with batch norm (not exact)")
     if tctx:
       sm = TA.ScaledModel(tctx["model"])
       opt = TA.RescaleAdam(sm, 3e-3)
@@ -471,6 +498,8 @@ def check_gradcosine(row, spec, parts, forms_sw, forms_b, tctx):
       continue
     r = NIO_B_OVERLAP if d else 0.0
     form = forms_sw[0] if d is None else forms_b[0]
+    if spec["has_bn"] and split_form(form)["pullback"] == "segments":
+      form = "loop/" + split_form(form)["conv"]  # segments is refused with batch norm
     wrt = leaves.resolve_grad_filter("default", spec["loss_fn"], spec["params"])
     st = jax_gradcosine(spec["loss_fn"], spec["params"], jbatch, d, r, wrt, form)
     jgc = float(st.gc)
@@ -545,7 +574,9 @@ def time_part(row, part, jfns, torch_fn, tdev, tdev_why, args) -> dict:
 def add_memory(ent, row, part, args, tdev):
   """Peak memory of each framework in this part, each in a fresh subprocess."""
   base = dict(model=row.d["model"], batch=row.d["batch"], part=part, seed=args.seed)
-  base.update(torch_threads=args.torch_threads, forms_sw=args.impl_sw, forms_b=args.impl_b)
+  base.update(
+    torch_threads=args.torch_threads, forms_sw=row.d["forms_sw"], forms_b=row.d["forms_b"]
+  )
   for k, v in ent.items():
     if not (k.startswith("jax[") or k == "torch") or "median_s" not in v:
       continue
@@ -587,9 +618,12 @@ def run_row(name, batch, parts, args, tdev, tdev_why, peak):
     sum(np.prod(p.shape) for p in jax.tree_util.tree_leaves(spec["params"]))
   )
   row.d["has_bn"] = spec["has_bn"]
-  dsw, db = default_formulations(jax.default_backend())
-  forms_sw, forms_b = args.impl_sw or dsw, args.impl_b or db
-  row.d["impl_sw"], row.d["impl_b"] = forms_sw, forms_b
+  backend = jax.default_backend()
+  forms_sw = formulations(args.pullback_sw, args.conv_sw, None, backend)
+  forms_b = formulations(args.pullback_b, args.conv_b, NIO_B_CHUNKS, backend)
+  row.d["forms_sw"], row.d["forms_b"] = forms_sw, forms_b
+  if spec["has_bn"] and any(split_form(f)["pullback"] == "segments" for f in forms_b):
+    row.note("pullback=segments not timed: refused with batch norm (not exact)")
   tctx = build_torch(spec, tdev) if tdev is not None else None
   if tctx is None:
     row.note(f"PyTorch absent: {tdev_why}")
@@ -734,7 +768,7 @@ def markdown(result) -> str:
   if noisy:
     lines += [f"**NOISY parts (not results): {', '.join(noisy)}.**", ""]
   lines += [
-    "| model | B | part | impl | JAX s | torch s | JAX/torch | step/train (JAX) | "
+    "| model | B | part | pullback/conv | JAX s | torch s | JAX/torch | step/train (JAX) | "
     "step/train (torch) | GFLOP | JAX GFLOP/s (% peak) | torch GFLOP/s (% peak) | lower s | "
     "compile s | XLA temp+arg MB | JAX RSS MB | torch RSS MB | machine | GC check |",
     "|" + "---|" * 19,
@@ -818,12 +852,17 @@ def parse(argv, default_out: str = "bench_results"):
   )
   ap.add_argument("--batches", default="32", help="comma list, e.g. 32,64,128")
   ap.add_argument("--parts", default=",".join(ALL_PARTS), help=f"comma list of {ALL_PARTS}")
-  ap.add_argument(
-    "--impl-sw",
-    default="",
-    help="JAX sample-wise formulations to time (comma list; default: the library's default_impl)",
-  )
-  ap.add_argument("--impl-b", default="", help="JAX batch-setting formulations to time")
+  for setting, name in (("sw", "sample-wise"), ("b", "batch-setting")):
+    ap.add_argument(
+      f"--pullback-{setting}",
+      default="auto",
+      help=f"JAX {name} pullbacks to time (comma list; 'auto' = the library's default)",
+    )
+    ap.add_argument(
+      f"--conv-{setting}",
+      default="auto",
+      help=f"JAX {name} conv modes (none,slices,im2col,auto); every pullback x conv is timed",
+    )
   ap.add_argument("--reps", type=int, default=3)
   ap.add_argument(
     "--budget",
@@ -855,8 +894,18 @@ def parse(argv, default_out: str = "bench_results"):
   a.models = list(ALL_MODELS) if a.models == "all" else [m for m in a.models.split(",") if m]
   a.batches = [int(b) for b in a.batches.split(",") if b]
   a.parts = [p for p in a.parts.split(",") if p]
-  a.impl_sw = [s for s in a.impl_sw.split(",") if s]
-  a.impl_b = [s for s in a.impl_b.split(",") if s]
+  from nio_jax import per_example  # noqa: PLC0415  (after --help)
+
+  for key, valid in (
+    ("pullback_sw", (*per_example.SAMPLE_PULLBACKS, "auto")),
+    ("pullback_b", (*per_example.SUBBATCH_PULLBACKS, "auto")),
+    ("conv_sw", (*per_example.CONVS, "auto")),
+    ("conv_b", (*per_example.CONVS, "auto")),
+  ):
+    setattr(a, key, [s for s in getattr(a, key).split(",") if s] or ["auto"])
+    for v in getattr(a, key):
+      if v not in valid:
+        ap.error(f"unknown --{key.replace('_', '-')} {v!r}; valid: {', '.join(valid)}")
   for p in a.parts:
     if p not in ALL_PARTS:
       ap.error(f"unknown part {p!r}; known: {ALL_PARTS}")
