@@ -117,7 +117,10 @@ def test_mismatched_batch_leaves():
     ({"impl": "magic"}, "impl"),
     ({"pullback": "magic"}, "unknown pullback 'magic'; known: vjp, loop, scan, segments, auto"),
     ({"pullback": "vmap"}, "pullback='vmap' does not exist in the batch setting"),
-    ({"num_chunks": None, "pullback": "segments"}, "valid there: vjp, loop, scan, vmap, map"),
+    (
+      {"num_chunks": None, "overlap": 0.0, "pullback": "segments"},
+      "valid there: vjp, loop, scan, vmap, map",
+    ),
     ({"conv": "fft"}, "unknown conv 'fft'; known: none, slices, im2col, auto"),
   ],
 )

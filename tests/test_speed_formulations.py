@@ -111,7 +111,7 @@ def test_subbatch_formulations_equal_loop_of_grads(pullback, conv, bn):
   with jax.enable_x64(True):
     loss_fn, params, batch = _setup(bn=bn, b=10)
     if pullback == "segments" and bn:  # not exact with batch norm: refused, named
-      with pytest.raises(ValueError, match="pullback='segments' is exact only .* batch norm"):
+      with pytest.raises(ValueError, match="pullback='segments' is exact only .*batch norm"):
         cosine.gradcosine(loss_fn, params, batch, num_chunks=3, overlap=0.2, pullback=pullback)
       return
     bounds = per_example.subbatch_bounds(10, 3, 0.2)
