@@ -29,6 +29,10 @@ def test_bench_mlp_batch8(tmp_path):
       "1",
       "--parts",
       "gc,nio_b,train",
+      "--pullback-b",
+      "loop,scan",
+      "--conv-b",
+      "none",
       "--peak-size",
       "256",
       "--out",
@@ -69,8 +73,37 @@ def test_bench_mlp_batch8(tmp_path):
       assert "error" not in mem, mem
       assert mem["baseline_mb"] > 50 and mem["rss_peak_mb"] >= 0  # both frameworks imported
   assert "ratio_vs_train_step" in row["parts"]["nio_b"]["torch"]
+  # every pullback x conv of the command is timed, labelled "pullback/conv"
+  assert row["forms_b"] == ["loop/none", "scan/none"]
+  assert sorted(k for k in row["parts"]["nio_b"] if k.startswith("jax[")) == [
+    "jax[loop/none]",
+    "jax[scan/none]",
+  ]
   md = open(glob.glob(str(tmp_path / "bench_*.md"))[0]).read()
   assert "Load average" in md and "GFLOP/s" in md and "JAX RSS MB" in md
+
+
+def test_formulation_options(capsys):
+  """--pullback-*/--conv-* are crossed, "auto" resolves as the library's default, bad names
+  are refused with the valid values."""
+  from nio_jax import per_example
+  from nio_jax.bench import engine
+
+  a = engine.parse(["--pullback-b", "loop,segments", "--conv-b", "none,im2col"])
+  assert engine.formulations(a.pullback_b, a.conv_b, 4, "cpu") == [
+    "loop/none",
+    "loop/im2col",
+    "segments/none",
+    "segments/im2col",
+  ]
+  p, c = per_example.default_formulation(None, backend="gpu")
+  assert engine.formulations(a.pullback_sw, a.conv_sw, None, "gpu") == [f"{p}/{c}"]
+  assert engine.split_form("vjp/slices") == {"pullback": "vjp", "conv": "slices"}
+  with pytest.raises(SystemExit):
+    engine.parse(["--pullback-b", "vmap"])
+  assert "unknown --pullback-b 'vmap'; valid: vjp, loop, scan, segments, auto" in (
+    capsys.readouterr().err
+  )
 
 
 def test_other_share_and_noise_rule():
