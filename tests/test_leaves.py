@@ -137,14 +137,14 @@ def test_search_gc_excludes_batchnorm_named_norm():
   params = variables["params"]
   loss_fn = linen_loss_fn(model, batch_stats=variables["batch_stats"])
   conv_dense = lambda p, x: leaves.path_names(p)[0] in ("conv0", "conv1", "classifier")
-  kw = dict(num_batches=1, num_chunks=2, overlap=0.0, impl="loop")
+  kw = dict(num_batches=1, num_chunks=2, overlap=0.0, pullback="loop", conv="none")
   got = nio_jax.measure(loss_fn, params, [batch], **kw)
   want = nio_jax.measure(loss_fn, params, [batch], wrt=conv_dense, **kw)
   with_bn = nio_jax.measure(loss_fn, params, [batch], wrt=None, **kw)
   np.testing.assert_allclose(got["gc"], want["gc"], rtol=1e-5)
   np.testing.assert_allclose(got["grad_norm"], want["grad_norm"], rtol=1e-5)
   assert abs(got["grad_norm"] - with_bn["grad_norm"]) > 1e-3 * with_bn["grad_norm"]
-  cfg = dict(num_steps=1, num_chunks=2, overlap=0.0, impl="loop")
+  cfg = dict(num_steps=1, num_chunks=2, overlap=0.0, pullback="loop", conv="none")
   res = nio_jax.nio(loss_fn, params, [batch], cfg)
   np.testing.assert_allclose(res.history["gc"][0], want["gc"], rtol=1e-5)
   # The trainer / CLI loss (train.init_loss_fn) hands over the same structure.
@@ -270,7 +270,9 @@ def test_linen_and_nnx_twins_nio_scales_equal():
   """NIO on a linen model and its NNX twin: equal scales, including biases pushed to their
   floor (0 for biases, the NNX `.value` path once gave them the weights' 0.01)."""
   (l_loss, lp), (n_loss, n_params), batches = _twins()
-  cfg = dict(num_steps=4, num_chunks=2, overlap=0.0, lr=0.5, gamma=1e6, impl="loop")
+  cfg = dict(
+    num_steps=4, num_chunks=2, overlap=0.0, lr=0.5, gamma=1e6, pullback="loop", conv="none"
+  )
   a = _by_name(nio_jax.nio(l_loss, lp, batches, cfg).scales)
   b = _by_name(nio_jax.nio(n_loss, n_params, batches, cfg).scales)
   assert a.keys() == b.keys()
