@@ -719,10 +719,11 @@ def _per_example_selected(loss_fn, params, batch, wrt, pullback, conv, chunk_siz
     loss_fn = rewrite_convs(loss_fn, plan.conv)
   sel, rebuild, _ = select_leaves(params, wrt)
   b = errors.batch_size(batch)
-  # Sample-wise chunks are not rematerialised: with the XLA:CPU YNN fusions that
-  # `nio_jax.xla_defaults` turns on, the second-order gradient through a `jax.checkpoint`ed
-  # chunk inside `lax.map` came out wrong (up to 0.18 absolute on the tests' tiny net in
-  # float64), while the same chunks without remat, or with the fusions off, are exact.
+  # Sample-wise chunks are not rematerialised: with the XLA:CPU YNN fusions
+  # (`--xla_cpu_experimental_ynn_fusion_type=dot,eltwise,reduce`, once `nio_jax.xla_defaults`)
+  # the second-order gradient through a `jax.checkpoint`ed chunk inside `lax.map` came out
+  # wrong (up to 0.18 absolute on the tests' tiny net in float64), while the same chunks
+  # without remat, or with the fusions off, are exact.
   group, remat = chunk_size, False
   if plan.group is not None and (group is None or plan.group < group):
     group = plan.group
