@@ -121,6 +121,28 @@ def batch_norm(train: bool, name: str | None = None, *, momentum: float = 0.9, d
   )
 
 
+def check_norm(norm: str) -> bool:
+  """Checks a model's ``norm`` (``"bn"`` or ``"none"``); returns whether it uses batch norm.
+
+  Raises:
+    ValueError: any other value.
+  """
+  if norm not in ("bn", "none"):
+    raise ValueError(f"norm must be 'bn' or 'none', got {norm!r}")
+  return norm == "bn"
+
+
+def maybe_batch_norm(
+  x: jax.Array, use_bn: bool, train: bool, name: str, *, momentum: float = 0.9, dtype: Any = None
+) -> jax.Array:
+  """``batch_norm(train, name)(x)`` when ``use_bn``, else ``x`` unchanged: the optional BN of
+  the models with ``norm="bn" | "none"``. Call it inside a compact ``__call__``: the BN module
+  (and its ``name``) belongs to the calling module."""
+  if not use_bn:
+    return x
+  return batch_norm(train, name, momentum=momentum, dtype=dtype)(x)
+
+
 def zero_pad_channels(x: jax.Array, features: int) -> jax.Array:
   """Option-A shortcut padding: append zero channels up to ``features``."""
   extra = features - x.shape[-1]
