@@ -121,6 +121,23 @@ def batch_norm(train: bool, name: str | None = None, *, momentum: float = 0.9, d
   )
 
 
+def patch_embed(features: int, patch_size: int, in_channels: int, *, dtype: Any = None) -> nn.Conv:
+  """The ViT / Swin patch embedding ``patch_embed``: a ``patch_size`` x ``patch_size`` conv with
+  that stride and PyTorch's default init (``nn.Conv2d``: bias bound from
+  ``fan_in = patch_size**2 * in_channels``)."""
+  p = patch_size
+  return nn.Conv(
+    features,
+    (p, p),
+    strides=(p, p),
+    padding="VALID",
+    kernel_init=torch_default_kernel,
+    bias_init=torch_default_bias(p * p * in_channels),
+    dtype=dtype,
+    name="patch_embed",
+  )
+
+
 def check_norm(norm: str) -> bool:
   """Checks a model's ``norm`` (``"bn"`` or ``"none"``); returns whether it uses batch norm.
 
