@@ -160,6 +160,26 @@ def maybe_batch_norm(
   return batch_norm(train, name, momentum=momentum, dtype=dtype)(x)
 
 
+def bn_relu_pool(
+  x: jax.Array, use_bn: bool, train: bool, name: str, *, momentum: float = 0.9, dtype: Any = None
+) -> jax.Array:
+  """The pre-activation models' head before the classifier: optional final BN ``name``
+  (``maybe_batch_norm``), ReLU, global average pooling ``[N, H, W, C] -> [N, C]``."""
+  x = maybe_batch_norm(x, use_bn, train, name, momentum=momentum, dtype=dtype)
+  return jnp.mean(nn.relu(x), axis=(1, 2))
+
+
+def blocks_per_stage_6n4(depth: int, model: str) -> int:
+  """``n`` of a three-stage model of depth ``6n + 4`` (DenseNet-BC, WRN).
+
+  Raises:
+    ValueError: naming ``model``, when ``depth`` is not ``6n + 4``.
+  """
+  if (depth - 4) % 6 != 0:
+    raise ValueError(f"{model} depth must be 6n+4, got {depth}")
+  return (depth - 4) // 6
+
+
 def zero_pad_channels(x: jax.Array, features: int) -> jax.Array:
   """Option-A shortcut padding: append zero channels up to ``features``."""
   extra = features - x.shape[-1]

@@ -22,7 +22,15 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ._common import check_norm, conv, maybe_batch_norm, torch_default_kernel, zeros
+from ._common import (
+  blocks_per_stage_6n4,
+  bn_relu_pool,
+  check_norm,
+  conv,
+  maybe_batch_norm,
+  torch_default_kernel,
+  zeros,
+)
 
 
 class DenseLayer(nn.Module):
@@ -74,9 +82,7 @@ class DenseNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     use_bn = check_norm(self.norm)
-    if (self.depth - 4) % 6 != 0:
-      raise ValueError(f"DenseNet-BC depth must be 6n+4, got {self.depth}")
-    n = (self.depth - 4) // 6
+    n = blocks_per_stage_6n4(self.depth, "DenseNet-BC")
     if self.dtype is not None:
       x = x.astype(self.dtype)
     feats = self.num_init_features or 2 * self.growth_rate
@@ -95,8 +101,7 @@ class DenseNet(nn.Module):
       if b != 2:
         feats = int(feats * self.compression)
         x = Transition(feats, self.norm, train, self.dtype, name=f"transition{b + 1}")(x)
-    x = maybe_batch_norm(x, use_bn, train, "norm_final", dtype=self.dtype)
-    x = jnp.mean(nn.relu(x), axis=(1, 2))
+    x = bn_relu_pool(x, use_bn, train, "norm_final", dtype=self.dtype)
     return nn.Dense(
       self.num_classes,
       kernel_init=torch_default_kernel,

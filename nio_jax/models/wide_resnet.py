@@ -19,9 +19,10 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax.numpy as jnp
 
 from ._common import (
+  blocks_per_stage_6n4,
+  bn_relu_pool,
   check_norm,
   conv,
   maybe_batch_norm,
@@ -75,9 +76,7 @@ class WideResNet(nn.Module):
   @nn.compact
   def __call__(self, x, train: bool = False):
     use_bn = check_norm(self.norm)
-    if (self.depth - 4) % 6 != 0:
-      raise ValueError(f"WRN depth must be 6n+4, got {self.depth}")
-    n = (self.depth - 4) // 6
+    n = blocks_per_stage_6n4(self.depth, "WRN")
     if self.dtype is not None:
       x = x.astype(self.dtype)
     x = _tconv(16, 3, 1, "conv1", self.dtype)(x)
@@ -88,8 +87,7 @@ class WideResNet(nn.Module):
       x = stack_tail(
         WideBasic, n, f"stage{s + 1}", x, scan=self.scan, features=feats, stride=1, **kw
       )
-    x = maybe_batch_norm(x, use_bn, train, "bn_final", momentum=0.1, dtype=self.dtype)
-    x = jnp.mean(nn.relu(x), axis=(1, 2))
+    x = bn_relu_pool(x, use_bn, train, "bn_final", momentum=0.1, dtype=self.dtype)
     return nn.Dense(
       self.num_classes,
       kernel_init=torch_default_kernel,
