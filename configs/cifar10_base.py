@@ -11,7 +11,11 @@ settings) unless an experiment sets one. On its own (cnn_small: the schema's def
     nio-jax init --config configs/cifar10_base.py
 """
 
+import math
+
 from nio_jax.config import base_config
+
+TRAIN_SIZE = 50_000  # training images of CIFAR-10 and CIFAR-100
 
 
 def get_config():
@@ -22,4 +26,49 @@ def get_config():
   c.init.batch_size = 64
   c.init.measure_batches = 10
   c.train.num_epochs = 200
+  return c
+
+
+def experiment(
+  name: str,
+  model: str,
+  model_kwargs: dict,
+  method: str,
+  recipe: str,
+  *,
+  dataset: str = "cifar10",
+  search_batch_size: int | None = None,
+):
+  """The base config with a model and an init method set as the GradInit authors' CIFAR
+  experiments run them (`cifar10_table.py`, `cifar_densenet_wrn.py`).
+
+  Args:
+    name: the config's name (its default workdir).
+    model: registry model name; `model_kwargs` update its kwargs.
+    model_kwargs: model kwargs.
+    method: init method. GradInit runs the model's released `recipe`; MetaInit the GradInit
+      authors' RescaleAdam baseline (lr 1e-3) on real batches for one pass over the
+      training set at `init.batch_size`; other methods keep their config defaults.
+    recipe: the model's GradInit recipe (`nio_jax.methods.GRADINIT_RECIPES`).
+    dataset: "cifar10" or "cifar100".
+    search_batch_size: `init.batch_size` of the GradInit / MetaInit searches (None: the
+      base's 64).
+
+  Returns:
+    The config.
+  """
+  c = get_config()
+  c.name = name
+  c.data.dataset = dataset
+  c.model.name = model
+  c.model.kwargs.update(model_kwargs)
+  c.init.method = method
+  if method in ("gradinit", "metainit") and search_batch_size is not None:
+    c.init.batch_size = search_batch_size
+  if method == "gradinit":
+    c.init.recipe = recipe
+  elif method == "metainit":
+    c.init.config.variant = "rescale_adam"
+    c.init.config.lr = 1e-3
+    c.init.config.num_steps = math.ceil(TRAIN_SIZE / c.init.batch_size)  # one pass
   return c

@@ -26,7 +26,7 @@ Init methods:
     objective gc_gn_sqrt); the GradInit table has no NIO column (published = None).
 """
 
-from nio_jax.config import config_from
+from nio_jax.config import config_module
 
 ROWS = {
   # row: (label, registry model, model kwargs, GradInit recipe)
@@ -103,20 +103,11 @@ def get_config(arg: str | None = None):
   _, model, kwargs, recipe = ROWS[row]
   _, method, baseline = COLUMNS[col]
 
-  c = config_from("cifar10_base.py", __file__)
-  c.name = f"cifar10_{row}_{col}"
-  c.model.name = model
-  c.model.kwargs.update(kwargs)
-  c.init.method = method
+  # |S| = 128 of the recipes; MetaInit: one pass = ceil(50000 / 128) = 391 steps.
+  c = config_module("cifar10_base.py", __file__).experiment(
+    f"cifar10_{row}_{col}", model, kwargs, method, recipe, search_batch_size=128
+  )
   c.train.baseline = baseline
-  if method == "gradinit":
-    c.init.recipe = recipe
-    c.init.batch_size = 128  # |S| of the recipe
-  elif method == "metainit":
-    c.init.config.variant = "rescale_adam"
-    c.init.config.lr = 1e-3
-    c.init.config.num_steps = 391  # one pass: ceil(50000 / 128)
-    c.init.batch_size = 128
   pub = PUBLISHED[row].get(col)
   if pub is not None:
     c.published.acc_1, c.published.acc_best = pub

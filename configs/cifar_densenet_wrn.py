@@ -16,7 +16,7 @@ released settings (B = 64, D = 4, r = 0.2, γ = 10, lr 3e-3, 100 steps). Trainin
 recipe (`nio_jax.train.default_config()`, 200 epochs, batch 128, cosine, cutout).
 """
 
-from nio_jax.config import config_from
+from nio_jax.config import config_module
 
 MODELS = {
   # name: (registry model, kwargs, GradInit recipe)
@@ -45,16 +45,7 @@ def get_config(arg: str | None = None):
     )
   name, dataset, method = parts
   model, kwargs, recipe = MODELS[name]
-  c = config_from("cifar10_base.py", __file__)
-  c.name = f"{dataset}_{name}_{method}"
-  c.model.name = model
-  c.model.kwargs.update(kwargs)
-  c.data.dataset = dataset
-  c.init.method = method
-  if method == "gradinit":
-    c.init.recipe = recipe
-  elif method == "metainit":
-    c.init.config.variant = "rescale_adam"
-    c.init.config.lr = 1e-3
-    c.init.config.num_steps = 782  # one pass: ceil(50000 / 64)
-  return c
+  # MetaInit: one pass at the base's |S| = 64 = ceil(50000 / 64) = 782 steps.
+  return config_module("cifar10_base.py", __file__).experiment(
+    f"{dataset}_{name}_{method}", model, kwargs, method, recipe, dataset=dataset
+  )

@@ -186,12 +186,7 @@ def load_config_file(spec: str) -> tuple[ml_collections.ConfigDict, str, str | N
   if ":" in spec and not os.path.exists(spec):
     path, _, arg = spec.partition(":")
   p = pathlib.Path(path)
-  if not p.is_file():
-    raise ConfigError(f"config file {path!r} not found")
-  name = "nio_jax_config_" + "".join(ch if ch.isalnum() else "_" for ch in p.stem)
-  mod_spec = importlib.util.spec_from_file_location(name, p)
-  module = importlib.util.module_from_spec(mod_spec)
-  mod_spec.loader.exec_module(module)
+  module = _exec_config_file(path)
   if not hasattr(module, "get_config"):
     raise ConfigError(f"config file {path!r} has no get_config()")
   try:
@@ -201,6 +196,29 @@ def load_config_file(spec: str) -> tuple[ml_collections.ConfigDict, str, str | N
   if not isinstance(cfg, ml_collections.ConfigDict):
     raise ConfigError(f"{path}: get_config() must return an ml_collections.ConfigDict")
   return cfg, str(p), arg
+
+
+def _exec_config_file(path: str):
+  """The config file `path` run as a module of its own (config files are not a package)."""
+  p = pathlib.Path(path)
+  if not p.is_file():
+    raise ConfigError(f"config file {path!r} not found")
+  name = "nio_jax_config_" + "".join(ch if ch.isalnum() else "_" for ch in p.stem)
+  mod_spec = importlib.util.spec_from_file_location(name, p)
+  module = importlib.util.module_from_spec(mod_spec)
+  mod_spec.loader.exec_module(module)
+  return module
+
+
+def config_module(name: str, relative_to: str):
+  """The config file `name` next to `relative_to` (a config file's `__file__`) as a module:
+  for an experiment config that calls a helper of its base config, e.g.
+  `config_module("cifar10_base.py", __file__).experiment(...)`.
+
+  Raises:
+    ConfigError: the file does not exist.
+  """
+  return _exec_config_file(str(pathlib.Path(relative_to).resolve().parent / name))
 
 
 def config_from(name: str, relative_to: str) -> ml_collections.ConfigDict:

@@ -100,12 +100,19 @@ def check_params(params, what: str = "params") -> None:
   if not leaves:
     raise ValueError(f"{what} has no array leaves.")
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    dt = jnp.result_type(leaf)
-    if not jnp.issubdtype(dt, jnp.floating):
-      raise TypeError(
-        f"{what} leaf {jax.tree_util.keystr(path)} has dtype {dt}; parameters must be floating "
-        "point (integer leaves cannot be scaled or differentiated)."
-      )
+    _check_floating(
+      path,
+      leaf,
+      f"{what} leaf",
+      "parameters must be floating point (integer leaves cannot be scaled or differentiated).",
+    )
+
+
+def _check_floating(path, leaf, subject: str, rule: str) -> None:
+  """TypeError `"<subject> <path> has dtype <dt>; <rule>"` unless `leaf` is floating point."""
+  dt = jnp.result_type(leaf)
+  if not jnp.issubdtype(dt, jnp.floating):
+    raise TypeError(f"{subject} {jax.tree_util.keystr(path)} has dtype {dt}; {rule}")
 
 
 def check_same_structure(a, b, name_a: str, name_b: str) -> None:
@@ -227,12 +234,12 @@ def check_grad_stack(grads) -> int:
 def check_scales(scales) -> None:
   """Scales are floating point and, when concrete, finite."""
   for path, s in jax.tree_util.tree_leaves_with_path(scales):
-    dt = jnp.result_type(s)
-    if not jnp.issubdtype(dt, jnp.floating):
-      raise TypeError(
-        f"scale {jax.tree_util.keystr(path)} has dtype {dt}; scales must be "
-        "floating point (build them with nio_jax.init_scales(params))."
-      )
+    _check_floating(
+      path,
+      s,
+      "scale",
+      "scales must be floating point (build them with nio_jax.init_scales(params)).",
+    )
     if not isinstance(s, jax.core.Tracer) and not bool(np.all(np.isfinite(np.asarray(s)))):
       raise ValueError(
         f"scale {jax.tree_util.keystr(path)} is NaN or inf; scales must be "

@@ -30,7 +30,15 @@ from nio_jax import cosine as gcmod
 from nio_jax import scales as scmod
 from nio_jax.rescale_adam import rescale_adam
 from nio_jax.results import InitResult
-from nio_jax.search import iterate_batches, peek, progress_bar, run_scale_search
+from nio_jax.search import (
+  check_search_inputs,
+  init_search_scales,
+  iterate_batches,
+  peek,
+  progress_bar,
+  run_scale_search,
+  shard_search,
+)
 
 PyTree = Any
 OBJECTIVES = ("gc", "gc_gn", "gc_gn_sqrt")
@@ -299,30 +307,18 @@ def nio(
     gradient is exactly zero. Params are never returned with NaNs.
   """
   cfg = NIOConfig.create(config)
-  errors.check_params(params)
-  first, batches = peek(batches)
-  b = errors.check_batch(first)
-  errors.check_chunks(b, cfg.num_chunks, cfg.overlap)
-  errors.check_loss_fn(loss_fn, params, first)
-  if mesh is not None:
-    from nio_jax import distributed
-
-    distributed.check_mesh(mesh, b)
-    if cfg.device_loop:
-      raise ValueError("device_loop=True is not supported with a mesh; use the host loop.")
-  scales, spec = scmod.init_scales(
+  _, batches = check_search_inputs(
+    loss_fn,
     params,
-    select=cfg.select,
-    min_scale=cfg.min_scale,
-    min_scale_bias=cfg.min_scale_bias,
-    kinds=leaves.leaf_kinds_for(loss_fn, params),
+    batches,
+    check_size=lambda b: errors.check_chunks(b, cfg.num_chunks, cfg.overlap),
+    mesh=mesh,
   )
+  if mesh is not None and cfg.device_loop:
+    raise ValueError("device_loop=True is not supported with a mesh; use the host loop.")
+  scales, spec = init_search_scales(loss_fn, params, cfg, select=cfg.select)
   step, tx = make_nio_step(loss_fn, spec, cfg, mesh=mesh)
-  if mesh is not None:
-    from nio_jax import distributed
-
-    params, scales = distributed.replicate((params, scales), mesh)
-    batches = distributed.sharded_batches(batches, mesh)
+  (params, scales), batches = shard_search(mesh, (params, scales), batches)
   return run_scale_search(
     step,
     params,

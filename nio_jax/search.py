@@ -19,7 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nio_jax import errors
+from nio_jax import errors, leaves
+from nio_jax import scales as scmod
 from nio_jax.results import InitResult, stack_history
 from nio_jax.scales import apply_scales
 
@@ -77,6 +78,74 @@ def peek(batches: Iterable):
   except StopIteration:
     raise ValueError("`batches` is empty.") from None
   return first, itertools.chain([first], it)
+
+
+def check_search_inputs(
+  loss_fn: Callable,
+  params: PyTree,
+  batches: Iterable,
+  *,
+  first: Any = None,
+  minimum: int = 2,
+  check_size: Callable[[int], None] | None = None,
+  mesh=None,
+):
+  """The input checks every scale search runs first, in one order.
+
+  Checks `params`, takes the first batch (`peek`, unless `first` is given), checks its batch
+  size (at least `minimum`, then the method's own `check_size(b)`), that `loss_fn` returns
+  per-example losses on it, and that `mesh` (if any) can split it.
+
+  Returns:
+    `(b, batches)`: the batch size and an iterable that still yields every batch.
+
+  Raises:
+    ValueError / TypeError naming the bad input.
+  """
+  errors.check_params(params)
+  if first is None:
+    first, batches = peek(batches)
+  b = errors.check_batch(first, minimum=minimum)
+  if check_size is not None:
+    check_size(b)
+  errors.check_loss_fn(loss_fn, params, first)
+  if mesh is not None:
+    from nio_jax import distributed  # noqa: PLC0415 (only searches with a mesh need it)
+
+    distributed.check_mesh(mesh, b)
+  return b, batches
+
+
+def init_search_scales(loss_fn: Callable, params: PyTree, cfg, *, select: Any):
+  """`scales.init_scales` with a search config's `min_scale` and `min_scale_bias`.
+
+  Args:
+    loss_fn: the search's loss function (gives the leaf kinds, `leaves.leaf_kinds_for`).
+    params: initial parameters θ0.
+    cfg: the method's config (`min_scale`, `min_scale_bias`).
+    select: the leaf predicate (usually `cfg.select`; a method may resolve its own default).
+
+  Returns:
+    `(scales, spec)` as `scales.init_scales`.
+  """
+  return scmod.init_scales(
+    params,
+    select=select,
+    min_scale=cfg.min_scale,
+    min_scale_bias=cfg.min_scale_bias,
+    kinds=leaves.leaf_kinds_for(loss_fn, params),
+  )
+
+
+def shard_search(mesh, trees, batches):
+  """`(trees, batches)` placed for a data-parallel search: `trees` (params, scales, optimiser
+  state...) replicated over `mesh`, each batch sharded over its `data` axis; unchanged when
+  `mesh` is None."""
+  if mesh is None:
+    return trees, batches
+  from nio_jax import distributed  # noqa: PLC0415
+
+  return distributed.replicate(trees, mesh), distributed.sharded_batches(batches, mesh)
 
 
 def progress_bar(iterable, total: int, desc: str, enabled: bool):

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from nio_jax.data.datasets import DATASET_STATS, ArrayDataset
+from nio_jax.data.datasets import ArrayDataset
 
 
 class UnsafePickleError(pickle.UnpicklingError):
@@ -196,13 +196,4 @@ def load_cifar(
   labels = np.concatenate([p[1] for p in parts])
   if labels.min(initial=0) < 0 or labels.max(initial=0) >= num_classes:
     raise ValueError(f"{d}: labels outside [0, {num_classes})")
-  mean, std = DATASET_STATS[name]
-  return ArrayDataset(
-    images=images,
-    labels=labels,
-    num_classes=num_classes,
-    mean=mean,
-    std=std,
-    name=name,
-    split=split,
-  )
+  return ArrayDataset.named(name, split, images, labels, num_classes)

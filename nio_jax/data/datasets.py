@@ -64,6 +64,42 @@ class ArrayDataset:
     if len(self.mean) != c or len(self.std) != c:
       raise ValueError(f"mean/std need {c} channels, got {self.mean} / {self.std}")
 
+  @classmethod
+  def named(
+    cls,
+    name: str,
+    split: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int | None = None,
+  ) -> ArrayDataset:
+    """A dataset with the registered normalisation of ``name`` (``DATASET_STATS``).
+
+    Args:
+      name: dataset name; one not in ``DATASET_STATS`` gets mean = std = 0.5 per channel.
+      split: ``"train"`` or ``"test"``.
+      images: ``uint8 [N, H, W, C]``.
+      labels: ``[N]`` integer labels.
+      num_classes: None = ``NUM_CLASSES[name]``, or ``max(labels) + 1`` for an unregistered
+        name.
+
+    Returns:
+      The checked ``ArrayDataset``.
+    """
+    c = images.shape[-1]
+    mean, std = DATASET_STATS.get(name, ((0.5,) * c, (0.5,) * c))
+    if num_classes is None:
+      num_classes = NUM_CLASSES.get(name, int(labels.max()) + 1)
+    return cls(
+      images=images,
+      labels=labels,
+      num_classes=num_classes,
+      mean=mean,
+      std=std,
+      name=name,
+      split=split,
+    )
+
   def __len__(self) -> int:
     return int(self.images.shape[0])
 

@@ -12,7 +12,7 @@ import pathlib
 
 import numpy as np
 
-from nio_jax.data.datasets import DATASET_STATS, ArrayDataset, pad_images
+from nio_jax.data.datasets import ArrayDataset, pad_images
 
 APT_HINT = "apt-get update && apt-get install -y dataset-fashion-mnist"
 
@@ -109,13 +109,4 @@ def load_fashion_mnist(
   images = images[..., None]
   if pad_to_32:
     images = pad_images(images, 32)
-  mean, std = DATASET_STATS["fashion_mnist"]
-  return ArrayDataset(
-    images=images,
-    labels=labels.astype(np.int32),
-    num_classes=10,
-    mean=mean,
-    std=std,
-    name="fashion_mnist",
-    split=split,
-  )
+  return ArrayDataset.named("fashion_mnist", split, images, labels.astype(np.int32), 10)

@@ -89,17 +89,7 @@ def load_tfds_arrays(
     from nio_jax.data.datasets import pad_images  # noqa: PLC0415
 
     images = pad_images(images, 32)
-  mean, std = DATASET_STATS.get(name, ((0.5,) * images.shape[-1], (0.5,) * images.shape[-1]))
-  num_classes = NUM_CLASSES.get(name, int(labels.max()) + 1)
-  return ArrayDataset(
-    images=images,
-    labels=labels,
-    num_classes=num_classes,
-    mean=mean,
-    std=std,
-    name=name,
-    split=split,
-  )
+  return ArrayDataset.named(name, split, images, labels)
 
 
 class TFDSImageSource:

@@ -48,7 +48,12 @@ from nio_jax.methods.registry import register
 from nio_jax.per_example import canonical_convs
 from nio_jax.rescale_adam import rescale_adam
 from nio_jax.results import InitResult
-from nio_jax.search import peek, run_scale_search
+from nio_jax.search import (
+  check_search_inputs,
+  init_search_scales,
+  run_scale_search,
+  shard_search,
+)
 
 PyTree = Any
 VARIANTS = ("sgd", "adam")
@@ -357,36 +362,27 @@ def gradinit(
     becomes NaN/inf.
   """
   cfg = GradInitConfig.create(config)
-  errors.check_params(params)
-  first, batches = peek(batches)
   minimum = 3 if cfg.lookahead == "thirds" else 2
-  b = errors.check_batch(first, minimum=minimum)
-  if cfg.lookahead == "half" and b % 2:
-    raise ValueError(
-      f"GradInit splits each batch into two halves; the batch size {b} is odd. "
-      "Use an even batch size."
-    )
-  if cfg.batch_size is not None and b != cfg.batch_size:
-    warnings.warn(
-      f"GradInit config expects batches of {cfg.batch_size} examples (|S|), got "
-      f"{b}; set batch_size=None to silence this.",
-      stacklevel=2,
-    )
-  errors.check_loss_fn(loss_fn, params, first)
-  scales, spec = scmod.init_scales(
-    params,
-    select=cfg.select,
-    min_scale=cfg.min_scale,
-    min_scale_bias=cfg.min_scale_bias,
-    kinds=leaves.leaf_kinds_for(loss_fn, params),
-  )
-  step, tx, _ = make_gradinit_step(loss_fn, spec, cfg)
-  if mesh is not None:
-    from nio_jax import distributed
 
-    distributed.check_mesh(mesh, b)
-    params, scales = distributed.replicate((params, scales), mesh)
-    batches = distributed.sharded_batches(batches, mesh)
+  def check_size(b):
+    if cfg.lookahead == "half" and b % 2:
+      raise ValueError(
+        f"GradInit splits each batch into two halves; the batch size {b} is odd. "
+        "Use an even batch size."
+      )
+    if cfg.batch_size is not None and b != cfg.batch_size:
+      warnings.warn(
+        f"GradInit config expects batches of {cfg.batch_size} examples (|S|), got "
+        f"{b}; set batch_size=None to silence this.",
+        stacklevel=4,
+      )
+
+  _, batches = check_search_inputs(
+    loss_fn, params, batches, minimum=minimum, check_size=check_size, mesh=mesh
+  )
+  scales, spec = init_search_scales(loss_fn, params, cfg, select=cfg.select)
+  step, tx, _ = make_gradinit_step(loss_fn, spec, cfg)
+  (params, scales), batches = shard_search(mesh, (params, scales), batches)
   return run_scale_search(
     step,
     params,

@@ -46,7 +46,7 @@ from nio_jax.methods.registry import register
 from nio_jax.per_example import canonical_convs
 from nio_jax.rescale_adam import rescale_adam
 from nio_jax.results import InitResult
-from nio_jax.search import peek, run_scale_search
+from nio_jax.search import check_search_inputs, init_search_scales, run_scale_search, shard_search
 
 PyTree = Any
 VARIANTS = ("sign_momentum", "rescale_adam")
@@ -347,32 +347,19 @@ def metainit(
     `grad_norm`.
   """
   cfg = MetaInitConfig.create(config)
-  errors.check_params(params)
+  data, first = batches_or_shape, None
   if is_shape_spec(batches_or_shape):
+    errors.check_params(params)  # before the spec is read, as for real batches
     data = random_batches(batches_or_shape, cfg.seed, cfg.num_steps)
     first = random_batch(batches_or_shape, jax.random.PRNGKey(cfg.seed))
-  else:
-    first, data = peek(batches_or_shape)
-  b = errors.check_batch(first)
-  errors.check_loss_fn(loss_fn, params, first)
+  _, data = check_search_inputs(loss_fn, params, data, first=first, mesh=mesh)
   select = cfg.select
   if select is None and cfg.variant == "sign_momentum":
     select = metainit_select
-  scales, spec = scmod.init_scales(
-    params,
-    select=select,
-    min_scale=cfg.min_scale,
-    min_scale_bias=cfg.min_scale_bias,
-    kinds=leaves.leaf_kinds_for(loss_fn, params),
-  )
+  scales, spec = init_search_scales(loss_fn, params, cfg, select=select)
   step, init = make_metainit_step(loss_fn, spec, cfg)
   state = init(scales)
-  if mesh is not None:
-    from nio_jax import distributed
-
-    distributed.check_mesh(mesh, b)
-    params, scales, state = distributed.replicate((params, scales, state), mesh)
-    data = distributed.sharded_batches(data, mesh)
+  (params, scales, state), data = shard_search(mesh, (params, scales, state), data)
   return run_scale_search(
     step,
     params,

@@ -121,6 +121,65 @@ def batch_norm(train: bool, name: str | None = None, *, momentum: float = 0.9, d
   )
 
 
+def patch_embed(features: int, patch_size: int, in_channels: int, *, dtype: Any = None) -> nn.Conv:
+  """The ViT / Swin patch embedding ``patch_embed``: a ``patch_size`` x ``patch_size`` conv with
+  that stride and PyTorch's default init (``nn.Conv2d``: bias bound from
+  ``fan_in = patch_size**2 * in_channels``)."""
+  p = patch_size
+  return nn.Conv(
+    features,
+    (p, p),
+    strides=(p, p),
+    padding="VALID",
+    kernel_init=torch_default_kernel,
+    bias_init=torch_default_bias(p * p * in_channels),
+    dtype=dtype,
+    name="patch_embed",
+  )
+
+
+def check_norm(norm: str) -> bool:
+  """Checks a model's ``norm`` (``"bn"`` or ``"none"``); returns whether it uses batch norm.
+
+  Raises:
+    ValueError: any other value.
+  """
+  if norm not in ("bn", "none"):
+    raise ValueError(f"norm must be 'bn' or 'none', got {norm!r}")
+  return norm == "bn"
+
+
+def maybe_batch_norm(
+  x: jax.Array, use_bn: bool, train: bool, name: str, *, momentum: float = 0.9, dtype: Any = None
+) -> jax.Array:
+  """``batch_norm(train, name)(x)`` when ``use_bn``, else ``x`` unchanged: the optional BN of
+  the models with ``norm="bn" | "none"``. Call it inside a compact ``__call__``: the BN module
+  (and its ``name``) belongs to the calling module."""
+  if not use_bn:
+    return x
+  return batch_norm(train, name, momentum=momentum, dtype=dtype)(x)
+
+
+def bn_relu_pool(
+  x: jax.Array, use_bn: bool, train: bool, name: str, *, momentum: float = 0.9, dtype: Any = None
+) -> jax.Array:
+  """The pre-activation models' head before the classifier: optional final BN ``name``
+  (``maybe_batch_norm``), ReLU, global average pooling ``[N, H, W, C] -> [N, C]``."""
+  x = maybe_batch_norm(x, use_bn, train, name, momentum=momentum, dtype=dtype)
+  return jnp.mean(nn.relu(x), axis=(1, 2))
+
+
+def blocks_per_stage_6n4(depth: int, model: str) -> int:
+  """``n`` of a three-stage model of depth ``6n + 4`` (DenseNet-BC, WRN).
+
+  Raises:
+    ValueError: naming ``model``, when ``depth`` is not ``6n + 4``.
+  """
+  if (depth - 4) % 6 != 0:
+    raise ValueError(f"{model} depth must be 6n+4, got {depth}")
+  return (depth - 4) // 6
+
+
 def zero_pad_channels(x: jax.Array, features: int) -> jax.Array:
   """Option-A shortcut padding: append zero channels up to ``features``."""
   extra = features - x.shape[-1]

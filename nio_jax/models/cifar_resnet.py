@@ -37,10 +37,11 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from ._common import (
-  batch_norm,
+  check_norm,
   conv,
   he_normal_fan_out,
   he_normal_fan_out_scaled,
+  maybe_batch_norm,
   ones,
   stack_tail,
   torch_default_kernel,
@@ -71,17 +72,14 @@ class BasicBlock(nn.Module):
   def __call__(self, x):
     use_bn = self.norm == "bn"
     out = conv(self.features, 3, self.stride, bias=not use_bn, name="conv1", dtype=self.dtype)(x)
-    if use_bn:
-      out = batch_norm(self.train, "bn1", dtype=self.dtype)(out)
+    out = maybe_batch_norm(out, use_bn, self.train, "bn1", dtype=self.dtype)
     out = nn.relu(out)
     out = conv(self.features, 3, 1, bias=not use_bn, name="conv2", dtype=self.dtype)(out)
-    if use_bn:
-      out = batch_norm(self.train, "bn2", dtype=self.dtype)(out)
+    out = maybe_batch_norm(out, use_bn, self.train, "bn2", dtype=self.dtype)
     shortcut = x
     if self.stride != 1:
       shortcut = x[:, :: self.stride, :: self.stride, :]
-      if use_bn:
-        shortcut = batch_norm(self.train, "shortcut_bn", dtype=self.dtype)(shortcut)
+      shortcut = maybe_batch_norm(shortcut, use_bn, self.train, "shortcut_bn", dtype=self.dtype)
     shortcut = zero_pad_channels(shortcut, self.features)
     return nn.relu(out + shortcut), None
 
@@ -156,8 +154,7 @@ class CifarResNet(nn.Module):
         raise ValueError("variant='fixup' has no normalisation; use norm='none' or leave it")
       return "none"
     norm = "bn" if norm is None else norm
-    if norm not in ("bn", "none"):
-      raise ValueError(f"norm must be 'bn' or 'none', got {norm!r}")
+    check_norm(norm)
     return norm
 
   @property
@@ -177,8 +174,7 @@ class CifarResNet(nn.Module):
       x = x.astype(dtype)
 
     x = conv(self.width, 3, 1, bias=not use_bn and not fixup, name="conv1", dtype=dtype)(x)
-    if use_bn:
-      x = batch_norm(train, "bn1", dtype=dtype)(x)
+    x = maybe_batch_norm(x, use_bn, train, "bn1", dtype=dtype)
     if fixup:
       x = x + self.param("bias1", zeros, (1,)).astype(x.dtype)
     x = nn.relu(x)

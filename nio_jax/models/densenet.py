@@ -22,7 +22,15 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-from ._common import batch_norm, conv, torch_default_kernel, zeros
+from ._common import (
+  blocks_per_stage_6n4,
+  bn_relu_pool,
+  check_norm,
+  conv,
+  maybe_batch_norm,
+  torch_default_kernel,
+  zeros,
+)
 
 
 class DenseLayer(nn.Module):
@@ -35,14 +43,11 @@ class DenseLayer(nn.Module):
   @nn.compact
   def __call__(self, x):
     use_bn = self.norm == "bn"
-    h = x
-    if use_bn:
-      h = batch_norm(self.train, "norm1", dtype=self.dtype)(h)
+    h = maybe_batch_norm(x, use_bn, self.train, "norm1", dtype=self.dtype)
     h = conv(self.bn_size * self.growth_rate, 1, bias=not use_bn, name="conv1", dtype=self.dtype)(
       nn.relu(h)
     )
-    if use_bn:
-      h = batch_norm(self.train, "norm2", dtype=self.dtype)(h)
+    h = maybe_batch_norm(h, use_bn, self.train, "norm2", dtype=self.dtype)
     h = conv(self.growth_rate, 3, bias=not use_bn, name="conv2", dtype=self.dtype)(nn.relu(h))
     return jnp.concatenate([x, h], axis=-1)
 
@@ -56,8 +61,7 @@ class Transition(nn.Module):
   @nn.compact
   def __call__(self, x):
     use_bn = self.norm == "bn"
-    if use_bn:
-      x = batch_norm(self.train, "norm", dtype=self.dtype)(x)
+    x = maybe_batch_norm(x, use_bn, self.train, "norm", dtype=self.dtype)
     x = conv(self.features, 1, bias=not use_bn, name="conv", dtype=self.dtype)(nn.relu(x))
     return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
@@ -77,12 +81,8 @@ class DenseNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    if self.norm not in ("bn", "none"):
-      raise ValueError(f"norm must be 'bn' or 'none', got {self.norm!r}")
-    if (self.depth - 4) % 6 != 0:
-      raise ValueError(f"DenseNet-BC depth must be 6n+4, got {self.depth}")
-    n = (self.depth - 4) // 6
-    use_bn = self.norm == "bn"
+    use_bn = check_norm(self.norm)
+    n = blocks_per_stage_6n4(self.depth, "DenseNet-BC")
     if self.dtype is not None:
       x = x.astype(self.dtype)
     feats = self.num_init_features or 2 * self.growth_rate
@@ -101,9 +101,7 @@ class DenseNet(nn.Module):
       if b != 2:
         feats = int(feats * self.compression)
         x = Transition(feats, self.norm, train, self.dtype, name=f"transition{b + 1}")(x)
-    if use_bn:
-      x = batch_norm(train, "norm_final", dtype=self.dtype)(x)
-    x = jnp.mean(nn.relu(x), axis=(1, 2))
+    x = bn_relu_pool(x, use_bn, train, "norm_final", dtype=self.dtype)
     return nn.Dense(
       self.num_classes,
       kernel_init=torch_default_kernel,

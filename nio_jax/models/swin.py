@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._common import normal_init, torch_default_bias, torch_default_kernel, zeros
+from ._common import normal_init, patch_embed, zeros
 
 _W = normal_init(0.02)
 
@@ -154,17 +154,7 @@ class Swin(nn.Module):
   def __call__(self, x, train: bool = False):
     if self.dtype is not None:
       x = x.astype(self.dtype)
-    p = self.patch_size
-    x = nn.Conv(
-      self.embed_dim,
-      (p, p),
-      strides=(p, p),
-      padding="VALID",
-      kernel_init=torch_default_kernel,
-      bias_init=torch_default_bias(p * p * x.shape[-1]),
-      dtype=self.dtype,
-      name="patch_embed",
-    )(x)
+    x = patch_embed(self.embed_dim, self.patch_size, x.shape[-1], dtype=self.dtype)(x)
     x = nn.LayerNorm(1e-5, dtype=self.dtype, name="patch_norm")(x)
     for s, (depth, heads) in enumerate(zip(self.depths, self.num_heads)):
       if s > 0:

@@ -16,7 +16,7 @@ from typing import Any
 
 import flax.linen as nn
 
-from ._common import batch_norm, conv, normal_init, zeros
+from ._common import check_norm, conv, maybe_batch_norm, normal_init, zeros
 
 VGG_CFGS = {
   "vgg11": (64, "M", 128, "M", 256, 256, "M", 512, 512, "M", 512, 512, "M"),
@@ -63,8 +63,7 @@ class VGG(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    if self.norm not in ("bn", "none"):
-      raise ValueError(f"norm must be 'bn' or 'none', got {self.norm!r}")
+    use_bn = check_norm(self.norm)
     if self.dtype is not None:
       x = x.astype(self.dtype)
     i = 0
@@ -73,8 +72,7 @@ class VGG(nn.Module):
         x = nn.max_pool(x, (2, 2), strides=(2, 2))
       else:
         x = conv(v, 3, 1, bias=True, name=f"conv{i}", dtype=self.dtype)(x)
-        if self.norm == "bn":
-          x = batch_norm(train, f"bn{i}", dtype=self.dtype)(x)
+        x = maybe_batch_norm(x, use_bn, train, f"bn{i}", dtype=self.dtype)
         x = nn.relu(x)
         i += 1
     x = x.reshape(x.shape[0], -1)  # 1x1 spatial for 32x32 inputs

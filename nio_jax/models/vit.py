@@ -22,7 +22,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ._common import normal_init, stack_tail, torch_default_bias, torch_default_kernel, zeros
+from ._common import (
+  normal_init,
+  patch_embed,
+  stack_tail,
+  zeros,
+)
 
 _W = normal_init(0.02)
 
@@ -100,18 +105,7 @@ class ViT(nn.Module):
       raise ValueError("dim must be divisible by num_heads")
     if self.dtype is not None:
       x = x.astype(self.dtype)
-    p = self.patch_size
-    fan_in = p * p * x.shape[-1]
-    x = nn.Conv(
-      self.dim,
-      (p, p),
-      strides=(p, p),
-      padding="VALID",
-      kernel_init=torch_default_kernel,
-      bias_init=torch_default_bias(fan_in),
-      dtype=self.dtype,
-      name="patch_embed",
-    )(x)
+    x = patch_embed(self.dim, self.patch_size, x.shape[-1], dtype=self.dtype)(x)
     b = x.shape[0]
     x = x.reshape(b, -1, self.dim)
     if self.pool == "cls":

@@ -19,9 +19,17 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax.numpy as jnp
 
-from ._common import batch_norm, conv, stack_tail, torch_default_bias, torch_default_kernel
+from ._common import (
+  blocks_per_stage_6n4,
+  bn_relu_pool,
+  check_norm,
+  conv,
+  maybe_batch_norm,
+  stack_tail,
+  torch_default_bias,
+  torch_default_kernel,
+)
 
 
 def _tconv(features, kernel, stride, name, dtype):
@@ -42,12 +50,11 @@ class WideBasic(nn.Module):
   @nn.compact
   def __call__(self, x):
     use_bn = self.norm == "bn"
-    h = batch_norm(self.train, "bn1", dtype=self.dtype)(x) if use_bn else x
+    h = maybe_batch_norm(x, use_bn, self.train, "bn1", dtype=self.dtype)
     h = _tconv(self.features, 3, 1, "conv1", self.dtype)(nn.relu(h))
     if self.dropout_rate > 0:
       h = nn.Dropout(self.dropout_rate, deterministic=not self.train)(h)
-    if use_bn:
-      h = batch_norm(self.train, "bn2", dtype=self.dtype)(h)
+    h = maybe_batch_norm(h, use_bn, self.train, "bn2", dtype=self.dtype)
     h = _tconv(self.features, 3, self.stride, "conv2", self.dtype)(nn.relu(h))
     if self.stride != 1 or x.shape[-1] != self.features:
       x = _tconv(self.features, 1, self.stride, "shortcut", self.dtype)(x)
@@ -68,11 +75,8 @@ class WideResNet(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    if self.norm not in ("bn", "none"):
-      raise ValueError(f"norm must be 'bn' or 'none', got {self.norm!r}")
-    if (self.depth - 4) % 6 != 0:
-      raise ValueError(f"WRN depth must be 6n+4, got {self.depth}")
-    n = (self.depth - 4) // 6
+    use_bn = check_norm(self.norm)
+    n = blocks_per_stage_6n4(self.depth, "WRN")
     if self.dtype is not None:
       x = x.astype(self.dtype)
     x = _tconv(16, 3, 1, "conv1", self.dtype)(x)
@@ -83,9 +87,7 @@ class WideResNet(nn.Module):
       x = stack_tail(
         WideBasic, n, f"stage{s + 1}", x, scan=self.scan, features=feats, stride=1, **kw
       )
-    if self.norm == "bn":
-      x = batch_norm(train, "bn_final", momentum=0.1, dtype=self.dtype)(x)
-    x = jnp.mean(nn.relu(x), axis=(1, 2))
+    x = bn_relu_pool(x, use_bn, train, "bn_final", momentum=0.1, dtype=self.dtype)
     return nn.Dense(
       self.num_classes,
       kernel_init=torch_default_kernel,

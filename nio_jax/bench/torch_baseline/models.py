@@ -37,6 +37,19 @@ def _zero(t):
     nn.init.zeros_(t)
 
 
+def _init_conv_bn(model: nn.Module, skip_conv=None):
+  """The GradInit reference's init of the CNNs: conv weights He fan-out normal with zero
+  biases, BN weight 1 and bias 0 (module order, so the RNG draws are the reference's).
+  `skip_conv(name)` True leaves that conv as it is (Fixup's branch convs)."""
+  for name, m in model.named_modules():
+    if isinstance(m, nn.Conv2d) and not (skip_conv is not None and skip_conv(name)):
+      _he_fan_out(m.weight)
+      _zero(m.bias)
+    elif isinstance(m, nn.BatchNorm2d):
+      nn.init.ones_(m.weight)
+      nn.init.zeros_(m.bias)
+
+
 def conv(cin, cout, k, stride=1, padding=None, bias=False):
   return nn.Conv2d(
     cin, cout, k, stride=stride, padding=k // 2 if padding is None else padding, bias=bias
@@ -48,6 +61,21 @@ def _pad_channels(x, features):
   if extra == 0:
     return x
   return torch.cat([x, x.new_zeros((x.shape[0], extra) + tuple(x.shape[2:]))], 1)
+
+
+def _run_blocks(module: nn.Module, names, x):
+  """Applies `module`'s sub-modules `names` to `x` in order (flat attribute names, so the
+  state-dict keys match the Flax params)."""
+  for name in names:
+    x = getattr(module, name)(x)
+  return x
+
+
+def _bn_relu_pool(x, bn):
+  """Optional final BN (`bn` None: none), ReLU and global average pooling of NCHW `x`."""
+  if bn is not None:
+    x = bn(x)
+  return F.relu(x).mean((2, 3))
 
 
 def _flatten_nhwc(x):
@@ -155,13 +183,7 @@ class CifarResNet(nn.Module):
       self.bias2 = nn.Parameter(torch.zeros(1))
     self.fc = nn.Linear(cin, num_classes)
     # init (reference)
-    for name, m in self.named_modules():
-      if isinstance(m, nn.Conv2d) and not (fixup and "_block" in name):
-        _he_fan_out(m.weight)
-        _zero(m.bias)
-      elif isinstance(m, nn.BatchNorm2d):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
+    _init_conv_bn(self, skip_conv=lambda name: fixup and "_block" in name)
     _zero(self.fc.bias)
     if fixup and fixup_rescale:
       _zero(self.fc.weight)
@@ -173,9 +195,7 @@ class CifarResNet(nn.Module):
     if self.fixup:
       x = x + self.bias1
     x = F.relu(x)
-    for b in self.blocks:
-      x = getattr(self, b)(x)
-    x = x.mean((2, 3))
+    x = _run_blocks(self, self.blocks, x).mean((2, 3))
     if self.fixup:
       x = x + self.bias2
     return self.fc(x)
@@ -298,22 +318,12 @@ class DenseNet(nn.Module):
     if use_bn:
       self.norm_final = nn.BatchNorm2d(feats)
     self.classifier = nn.Linear(feats, num_classes)
-    for m in self.modules():
-      if isinstance(m, nn.Conv2d):
-        _he_fan_out(m.weight)
-        _zero(m.bias)
-      elif isinstance(m, nn.BatchNorm2d):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
+    _init_conv_bn(self)
     _zero(self.classifier.bias)
 
   def forward(self, x):
-    x = self.conv0(x)
-    for name in self.seq:
-      x = getattr(self, name)(x)
-    if self.use_bn:
-      x = self.norm_final(x)
-    return self.classifier(F.relu(x).mean((2, 3)))
+    x = _run_blocks(self, self.seq, self.conv0(x))
+    return self.classifier(_bn_relu_pool(x, self.norm_final if self.use_bn else None))
 
 
 # ------------------------------------------------------------------------------------------
@@ -372,12 +382,8 @@ class WideResNet(nn.Module):
         _zero(m.bias)
 
   def forward(self, x):
-    x = self.conv1(x)
-    for b in self.blocks:
-      x = getattr(self, b)(x)
-    if self.use_bn:
-      x = self.bn_final(x)
-    return self.linear(F.relu(x).mean((2, 3)))
+    x = _run_blocks(self, self.blocks, self.conv1(x))
+    return self.linear(_bn_relu_pool(x, self.bn_final if self.use_bn else None))
 
 
 # ------------------------------------------------------------------------------------------
@@ -425,19 +431,12 @@ class ResNetImageNet(nn.Module):
         self.blocks.append(name)
         cin = planes * 4
     self.fc = nn.Linear(cin, num_classes)
-    for m in self.modules():
-      if isinstance(m, nn.Conv2d):
-        _he_fan_out(m.weight)
-      elif isinstance(m, nn.BatchNorm2d):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
+    _init_conv_bn(self)  # (its convs have no bias)
 
   def forward(self, x):
     x = F.relu(self.bn1(self.conv1(x)))
     x = F.max_pool2d(x, 3, 2, 1)
-    for b in self.blocks:
-      x = getattr(self, b)(x)
-    return self.fc(x.mean((2, 3)))
+    return self.fc(_run_blocks(self, self.blocks, x).mean((2, 3)))
 
 
 # ------------------------------------------------------------------------------------------
@@ -526,9 +525,7 @@ class ViT(nn.Module):
     if self.pool == "cls":
       x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], 1)
     x = x + self.pos_embed
-    for b in self.blocks:
-      x = getattr(self, b)(x)
-    x = self.norm(x)
+    x = self.norm(_run_blocks(self, self.blocks, x))
     x = x[:, 0] if self.pool == "cls" else x.mean(1)
     return self.head(x)
 
@@ -649,8 +646,7 @@ class Swin(nn.Module):
 
   def forward(self, x):
     x = self.patch_norm(self.patch_embed(x).permute(0, 2, 3, 1))
-    for name in self.seq:
-      x = getattr(self, name)(x)
+    x = _run_blocks(self, self.seq, x)
     return self.head(self.norm(x).mean((1, 2)))
 
 
