@@ -130,3 +130,23 @@ def test_cpu_window_sees_another_process():
   assert rec["own_cpu_s"] < 0.5
   assert rec["other_cpu_s"] > 1.0  # the burner ran ~1.5 CPU-s inside the window
   assert rec["other_share"] > machine.NOISE_SHARE and rec["noisy"] is True
+
+
+def test_child_peak_memory_is_not_the_parents():
+  """A fresh process' high-water starts afresh: `ru_maxrss` inherited the forking parent's
+  size on Linux, which turned every per-part memory figure of the bench into 0."""
+  import subprocess
+  import sys
+
+  import numpy as np
+
+  from nio_jax.bench import machine
+
+  hold = np.ones((400, 1024, 1024), np.uint8)  # the parent holds 400 MB
+  code = "from nio_jax.bench import machine; print(machine.maxrss_mb())"
+  child = float(
+    subprocess.run(
+      [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()[-1]
+  )
+  assert machine.maxrss_mb() > 400 and child < machine.maxrss_mb() - 300, (child, hold.size)
