@@ -43,6 +43,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import flax  # noqa: E402
 
+from benchmarks import rerender  # noqa: E402
 from nio_jax import models  # noqa: E402
 from nio_jax.per_example import canonical_convs  # noqa: E402
 
@@ -172,10 +173,7 @@ def main(argv=None):
   ap.add_argument("--render", default=None, help="only rewrite the .md of this JSON file")
   args = ap.parse_args(argv)
   if args.render:
-    with open(args.render) as f:
-      text = render_markdown(json.load(f))
-    with open(args.render[: -len(".json")] + ".md", "w") as f:
-      f.write(text)
+    rerender(args.render, render_markdown)
     return
 
   dtype = jnp.dtype(args.dtype)

@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import nio_jax  # noqa: E402
+from benchmarks import rerender  # noqa: E402
 from nio_jax import distributed, models  # noqa: E402
 from nio_jax import scales as scmod
 from nio_jax.flax_utils import linen_loss_fn  # noqa: E402
@@ -109,10 +110,7 @@ def main(argv=None):
   ap.add_argument("--render", default=None, help="only rewrite the .md of this JSON file")
   args = ap.parse_args(argv)
   if args.render:
-    with open(args.render) as f:
-      text = render_markdown(json.load(f))
-    with open(args.render[: -len(".json")] + ".md", "w") as f:
-      f.write(text)
+    rerender(args.render, render_markdown)
     return
   load_at_start = [round(x, 2) for x in os.getloadavg()]
   counts = [int(c) for c in args.devices.split(",") if int(c) <= jax.device_count()]
