@@ -54,7 +54,8 @@ SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_data_parallel_nio_equals_single_device():
+def run_on_8_devices(script: str) -> str:
+  """Runs `script` in a fresh interpreter with 8 simulated CPU devices; returns its stdout."""
   env = dict(
     os.environ,
     XLA_FLAGS="--xla_force_host_platform_device_count=8",
@@ -62,10 +63,14 @@ def test_data_parallel_nio_equals_single_device():
     PYTHONPATH=str(ROOT),
   )
   out = subprocess.run(
-    [sys.executable, "-c", SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+    [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
   )
   assert out.returncode == 0, out.stderr[-3000:]
-  assert "OK" in out.stdout
+  return out.stdout
+
+
+def test_data_parallel_nio_equals_single_device():
+  assert "OK" in run_on_8_devices(SCRIPT)
 
 
 GSPMD_SCRIPT = textwrap.dedent("""
@@ -110,22 +115,8 @@ def test_gspmd_vmap_conv_grads_are_checked():
   `shard_map` in `distributed.samplewise_stats` stays: canonical_convs is CPU-only, and the
   raw form shows the partitioner is still wrong. When a JAX upgrade fixes GSPMD, the first
   assertion fails: then the shard_map can go."""
-  env = dict(
-    os.environ,
-    XLA_FLAGS="--xla_force_host_platform_device_count=8",
-    JAX_PLATFORMS="cpu",
-    PYTHONPATH=str(ROOT),
-  )
-  out = subprocess.run(
-    [sys.executable, "-c", GSPMD_SCRIPT],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=900,
-  )
-  assert out.returncode == 0, out.stderr[-3000:]
-  err = json.loads(out.stdout.split("ERR", 1)[1])
+  stdout = run_on_8_devices(GSPMD_SCRIPT)
+  err = json.loads(stdout.split("ERR", 1)[1])
   print("GSPMD per-example kernel gradients, max relative error:", err)
   # The JAX bug: plain vmap(grad(conv)) kernels partitioned by GSPMD are wrong by O(1).
   assert err["raw/conv0"] > 0.5 and err["raw/conv1"] > 0.5, err
@@ -195,19 +186,5 @@ SCALE_OUT_SCRIPT = textwrap.dedent("""
 
 
 def test_data_parallel_gradinit_metainit_and_training_equal_single_device():
-  env = dict(
-    os.environ,
-    XLA_FLAGS="--xla_force_host_platform_device_count=8",
-    JAX_PLATFORMS="cpu",
-    PYTHONPATH=str(ROOT),
-  )
-  out = subprocess.run(
-    [sys.executable, "-c", SCALE_OUT_SCRIPT],
-    cwd=ROOT,
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=900,
-  )
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert "OK" in out.stdout
+  stdout = run_on_8_devices(SCALE_OUT_SCRIPT)
+  assert "OK" in stdout
