@@ -94,6 +94,16 @@ def _stats(loss_fn, params, batch, num_chunks, overlap, wrt, pullback, conv, chu
   return GCStats(gc=gc, grad_norms=norms, loss=loss)
 
 
+def resolve_for_loss(loss_fn, params, batch, num_chunks, pullback, conv, impl=None):
+  """`per_example.resolve_formulation`, with the batch setting's "auto" pullback chosen for
+  this loss (`per_example.auto_subbatch_pullback`: "segments" where exact, on CPU)."""
+  auto = pullback in ("auto", None) and impl is None
+  pullback, conv = per_example.resolve_formulation(num_chunks, pullback, conv, impl)
+  if auto and num_chunks is not None:
+    pullback = per_example.auto_subbatch_pullback(loss_fn, params, batch)
+  return pullback, conv
+
+
 def gradcosine_stats(
   loss_fn,
   params,
@@ -108,7 +118,7 @@ def gradcosine_stats(
   impl=None,
 ) -> GCStats:
   """Traceable core of `gradcosine` with no host-side checks (use inside jit/grad)."""
-  pullback, conv = per_example.resolve_formulation(num_chunks, pullback, conv, impl)
+  pullback, conv = resolve_for_loss(loss_fn, params, batch, num_chunks, pullback, conv, impl)
   return _stats(loss_fn, params, batch, num_chunks, overlap, wrt, pullback, conv, chunk_size)
 
 
@@ -166,10 +176,10 @@ def gradcosine(
   """
   b = errors.check_batch(batch) if check else errors.batch_size(batch)
   errors.check_chunks(b, num_chunks, overlap)
-  pullback, conv = per_example.resolve_formulation(num_chunks, pullback, conv, impl)
   if check:
     errors.check_params(params)
     errors.check_loss_fn(loss_fn, params, batch)
+  pullback, conv = resolve_for_loss(loss_fn, params, batch, num_chunks, pullback, conv, impl)
   stats = stats_jit(loss_fn, params, batch, num_chunks, overlap, wrt, pullback, conv, chunk_size)
   if check and not isinstance(stats.gc, jax.core.Tracer):
     check_stats(stats, num_chunks)

@@ -150,6 +150,21 @@ def resolve_formulation(
   return pullback, conv
 
 
+def auto_subbatch_pullback(loss_fn, params, batch, backend: str | None = None) -> str:
+  """The pullback that `pullback="auto"` runs in the batch setting for this loss.
+
+  On CPU, `"segments"` where it is exact (the loss has no cross-example coupling:
+  `couples_examples`), because it was measured faster there (docs/performance.md); with
+  coupling (batch norm) and on other backends, `default_formulation`'s pullback. Traceable:
+  it reads the loss's jaxpr only.
+  """
+  backend = backend or jax.default_backend()
+  default = default_formulation(2, backend)[0]
+  if backend != "cpu" or couples_examples(loss_fn, params, batch):
+    return default
+  return "segments"
+
+
 def subbatch_bounds(batch_size: int, num_chunks: int, overlap: float) -> list[tuple[int, int]]:
   """Half-open `[start, end)` of each sub-batch, exactly as the released NIO code slices.
 

@@ -150,3 +150,22 @@ def test_child_peak_memory_is_not_the_parents():
     ).stdout.split()[-1]
   )
   assert machine.maxrss_mb() > 400 and child < machine.maxrss_mb() - 300, (child, hold.size)
+
+
+def test_saturated_logits_get_scaled_inputs(monkeypatch):
+  """A model without normalisation whose logits at init are wider than LOGIT_STD_MAX gets its
+  (synthetic) inputs scaled to unit-std logits, the same inputs for both frameworks."""
+  import jax.numpy as jnp
+  import numpy as np
+
+  from nio_jax.bench import engine
+
+  plain = engine.build("mlp", 8)
+  assert plain["input_scale"] == 1.0  # MLP logits are O(1): untouched
+  monkeypatch.setattr(engine, "LOGIT_STD_MAX", 1e-3)
+  spec = engine.build("mlp", 8)
+  f = spec["input_scale"]
+  assert 0 < f < 1e4 and f != 1.0
+  np.testing.assert_allclose(spec["x"], (plain["x"] * f).astype(np.float32))
+  std0 = jnp.std(plain["model"].apply(plain["variables"], jnp.asarray(plain["x"][:8]), train=False))
+  np.testing.assert_allclose(f, 1.0 / float(std0), rtol=1e-6)

@@ -69,3 +69,32 @@ def test_match_layout_rejects_another_model(tmp_path):
   path = save_variables(tmp_path / "p.msgpack", v)
   with pytest.raises(ConfigError):
     load_variables(path, other)
+
+
+def test_resume_in_the_other_layout_names_the_problem_and_keeps_the_checkpoint(tmp_path):
+  """Resuming a run with another `scan` setting would need the optimizer state converted as
+  well: the trainer refuses with an error that names the layouts, and the checkpoint stays."""
+  from nio_jax import data, train  # noqa: PLC0415
+
+  rng = np.random.default_rng(0)
+  imgs = rng.integers(0, 255, (64, 8, 8, 3), dtype=np.uint8)
+  ds = data.ArrayDataset(imgs, rng.integers(0, 10, 64), 10, (0.5,) * 3, (0.25,) * 3, "s", "train")
+  loader = data.Loader(ds, 16, seed=0, transform=data.Transform(ds.mean, ds.std))
+  cfg = train.default_config()
+  cfg.update(num_epochs=1, batch_size=16, log_every=1, progress=False, plots=False)
+  m_scan, v_scan = build(True, norm="none")
+  first = train.train(m_scan, v_scan, loader, ds, cfg, tmp_path, stop_after_step=2)
+  assert first.step == 2
+  ck = Checkpointer(tmp_path / "checkpoints")
+  steps = ck.all_steps()
+  ck.close()
+  m_unr, _ = build(False, norm="none")
+  v_unr = models.match_layout(v_scan, m_unr.init(jax.random.key(0), X))
+  with pytest.raises(ValueError, match="scanned block layout, and this model is unrolled"):
+    train.train(m_unr, v_unr, loader, ds, cfg, tmp_path)
+  ck = Checkpointer(tmp_path / "checkpoints")
+  assert ck.all_steps() == steps and 2 in steps
+  ck.close()
+  # the checkpoint's params still load into the unrolled model for a new run
+  v = load_checkpoint_variables(tmp_path / "checkpoints", "latest", v_unr)
+  assert jax.tree.structure(v["params"]) == jax.tree.structure(v_unr["params"])

@@ -164,7 +164,8 @@ def test_segment_bounds_cover_batch():
 
 
 def test_default_formulation_per_backend_as_documented():
-  """docs/performance.md: im2col on CPU, plain convs elsewhere; never segments (BN-unsafe)."""
+  """docs/performance.md: im2col on CPU, plain convs elsewhere. (The batch setting's "auto"
+  pullback also depends on the loss: `test_auto_batch_pullback_is_segments_only_where_exact`.)"""
   assert per_example.default_formulation(None, backend="cpu") == ("vmap", "im2col")
   assert per_example.default_formulation(4, backend="cpu") == ("loop", "im2col")
   for backend in ("gpu", "tpu"):
@@ -241,6 +242,34 @@ def test_couples_examples_finds_batch_norm_only():
   # a loss normalised by the batch mean couples the examples
   coupled = lambda p, b: (b["x"] @ p["w"]).sum(-1) - jnp.mean(b["x"] @ p["w"])
   assert per_example.couples_examples(coupled, {"w": w}, {"x": jnp.ones((4, 4))})
+
+
+def test_auto_batch_pullback_is_segments_only_where_exact_on_cpu():
+  """docs/performance.md: in the batch setting "auto" runs `segments` on CPU for a loss
+  without cross-example coupling, `loop` with batch norm and on other backends; the value
+  of GradCosine (and of its gradient) is the explicit formulation's."""
+  with jax.enable_x64(True):
+    for bn, want_cpu in ((False, "segments"), (True, "loop")):
+      loss_fn, params, batch = _setup(bn=bn, b=8)
+      assert per_example.auto_subbatch_pullback(loss_fn, params, batch, "cpu") == want_cpu
+      for backend in ("gpu", "tpu"):
+        assert per_example.auto_subbatch_pullback(loss_fn, params, batch, backend) == "loop"
+      here = per_example.auto_subbatch_pullback(loss_fn, params, batch)
+      assert cosine.resolve_for_loss(loss_fn, params, batch, 3, "auto", "none") == (here, "none")
+      # an explicit pullback stays as given, and the sample-wise setting is unaffected
+      assert cosine.resolve_for_loss(loss_fn, params, batch, 3, "vjp", "none")[0] == "vjp"
+      assert cosine.resolve_for_loss(loss_fn, params, batch, None, "auto", "none")[0] == "vmap"
+
+      def gc(p, pullback, loss_fn=loss_fn, batch=batch):
+        return cosine.gradcosine_stats(
+          loss_fn, p, batch, num_chunks=3, overlap=0.2, pullback=pullback, conv="none"
+        ).gc
+
+      auto, loop = gc(params, "auto"), gc(params, "loop")
+      np.testing.assert_allclose(auto, loop, rtol=1e-10)
+      g_auto = jax.grad(gc)(params, "auto")
+      g_loop = jax.grad(gc)(params, "loop")
+      np.testing.assert_allclose(_flat(g_auto), _flat(g_loop), rtol=1e-8, atol=1e-12)
 
 
 def _has_remat(fn, *args):

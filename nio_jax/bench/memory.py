@@ -51,7 +51,7 @@ def measure(request: dict) -> dict:
     raise ValueError(f"framework must be 'jax' or 'torch', got {framework!r}")
   device = request.get("device") or "cpu"
   spec = engine.build(request["model"], int(request["batch"]), int(request.get("seed", 0)))
-  dsw, db = engine.default_formulations(jax.default_backend())
+  dsw, db = engine.default_formulations(jax.default_backend(), spec)
   tctx = engine.build_torch(spec, device) if framework == "torch" else None
   jfns, torch_fn = engine.part_fns(
     request["part"], spec, request.get("forms_sw") or dsw, request.get("forms_b") or db, tctx

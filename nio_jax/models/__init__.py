@@ -19,7 +19,7 @@ from typing import Any
 
 import flax.linen as nn
 
-from ._common import count_params, match_layout, stack_blocks, unstack_blocks
+from ._common import block_layout, count_params, match_layout, stack_blocks, unstack_blocks
 from .cifar_resnet import (
   CIFAR_RESNET_DEPTHS,
   BasicBlock,
@@ -108,6 +108,7 @@ __all__ = [
   "count_params",
   "stack_blocks",
   "unstack_blocks",
+  "block_layout",
   "match_layout",
   "stack",
   "unstack",

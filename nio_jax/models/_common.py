@@ -289,6 +289,24 @@ def stack_blocks(tree: Any, num_unscanned: int = 1) -> Any:
   return out
 
 
+def block_layout(tree: Any) -> str | None:
+  """``"scanned"`` when a nested mapping holds a ``<prefix>_scan`` key, else ``"unrolled"``
+  when it holds a ``<prefix>_block<i>`` key, else None (a model without block stacks)."""
+  found: set[str] = set()
+
+  def walk(t):
+    if isinstance(t, Mapping):
+      for k, v in t.items():
+        if _SCAN_RE.match(str(k)):
+          found.add("scanned")
+        elif _BLOCK_RE.match(str(k)):
+          found.add("unrolled")
+        walk(v)
+
+  walk(tree)
+  return "scanned" if "scanned" in found else "unrolled" if found else None
+
+
 def count_params(params: Any) -> int:
   """Number of scalar entries in a pytree of arrays or ``ShapeDtypeStruct``s."""
   return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))

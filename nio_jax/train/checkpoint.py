@@ -61,11 +61,38 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    out = self.manager.restore(
-      int(step),
-      args=ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()),
-    )
+    try:
+      out = self.manager.restore(
+        int(step),
+        args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+        ),
+      )
+    except Exception as e:
+      self._raise_if_other_layout(int(step), target, e)
+      raise
     return out["state"], dict(out["meta"])
+
+  def _raise_if_other_layout(self, step: int, target: PyTree, error: Exception) -> None:
+    """A clear error, instead of orbax's, when the checkpoint's params are in the other block
+    layout than ``target``'s (a run resumed with another ``scan`` setting). Resuming would
+    need the optimizer state converted too; the checkpoint is left untouched."""
+    from nio_jax.models import block_layout  # noqa: PLC0415
+
+    want = block_layout(target.get("params") if isinstance(target, dict) else None)
+    try:
+      raw = ocp.StandardCheckpointer().restore(self.directory / str(step) / "state")
+      saved = block_layout(raw["params"])
+    except Exception:  # noqa: BLE001 - unreadable: orbax's own error stands
+      return
+    if want and saved and want != saved:
+      raise ValueError(
+        f"checkpoint {step} in {self.directory} holds params in the {saved} block layout, "
+        f"and this model is {want} (its `scan` setting differs). Resume with the setting the "
+        "run was started with; or start a new run from the checkpoint's params, which load "
+        "into either layout (`nio_jax.experiment.load_checkpoint_variables`, "
+        "`nio-jax measure RUN_DIR --checkpoint STEP`). The checkpoint is left as it is."
+      ) from error
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
