@@ -81,6 +81,9 @@ def gc_brute_force(grads) -> jax.Array:
 
 
 def _stats(loss_fn, params, batch, num_chunks, overlap, wrt, pullback, conv, chunk_size):
+  # "auto" is resolved here, at trace time, because the batch setting's choice depends on the
+  # loss (`resolve_for_loss`); a compiled `stats_jit` has it resolved once.
+  pullback, conv = resolve_for_loss(loss_fn, params, batch, num_chunks, pullback, conv)
   if num_chunks is None:
     losses, grads = per_example.sample_grads_selected(
       loss_fn, params, batch, wrt, pullback, conv, chunk_size
@@ -94,14 +97,22 @@ def _stats(loss_fn, params, batch, num_chunks, overlap, wrt, pullback, conv, chu
   return GCStats(gc=gc, grad_norms=norms, loss=loss)
 
 
-def resolve_for_loss(loss_fn, params, batch, num_chunks, pullback, conv, impl=None):
+def resolve_for_loss(loss_fn, params, batch, num_chunks, pullback, conv):
   """`per_example.resolve_formulation`, with the batch setting's "auto" pullback chosen for
   this loss (`per_example.auto_subbatch_pullback`: "segments" where exact, on CPU)."""
-  auto = pullback in ("auto", None) and impl is None
-  pullback, conv = per_example.resolve_formulation(num_chunks, pullback, conv, impl)
+  auto = pullback in ("auto", None)
+  pullback, conv = per_example.resolve_formulation(num_chunks, pullback, conv)
   if auto and num_chunks is not None:
     pullback = per_example.auto_subbatch_pullback(loss_fn, params, batch)
   return pullback, conv
+
+
+def checked_formulation(num_chunks, pullback="auto", conv="auto", impl=None):
+  """`(pullback, conv)` with the names checked and a deprecated `impl` mapped to its pair
+  (`per_example.resolve_formulation` raises on bad input), "auto" kept: `_stats` resolves it
+  for the loss when it is traced."""
+  resolved = per_example.resolve_formulation(num_chunks, pullback, conv, impl)
+  return resolved if impl is not None else (pullback or "auto", conv or "auto")
 
 
 def gradcosine_stats(
@@ -118,13 +129,13 @@ def gradcosine_stats(
   impl=None,
 ) -> GCStats:
   """Traceable core of `gradcosine` with no host-side checks (use inside jit/grad)."""
-  pullback, conv = resolve_for_loss(loss_fn, params, batch, num_chunks, pullback, conv, impl)
+  pullback, conv = checked_formulation(num_chunks, pullback, conv, impl)
   return _stats(loss_fn, params, batch, num_chunks, overlap, wrt, pullback, conv, chunk_size)
 
 
 # `stats_jit(loss_fn, params, batch, num_chunks, overlap, wrt, pullback, conv, chunk_size)`:
 # the jitted statistics (`gradcosine`, `nio_jax.measure`), compiled once per loss_fn and
-# setting; `pullback` / `conv` resolved (`per_example.resolve_formulation`).
+# setting; `pullback` / `conv` checked (`checked_formulation`), "auto" resolved in `_stats`.
 stats_jit = jax.jit(per_example.canonical_convs(_stats), static_argnums=(0, 3, 4, 5, 6, 7, 8))
 
 
@@ -176,10 +187,10 @@ def gradcosine(
   """
   b = errors.check_batch(batch) if check else errors.batch_size(batch)
   errors.check_chunks(b, num_chunks, overlap)
+  pullback, conv = checked_formulation(num_chunks, pullback, conv, impl)
   if check:
     errors.check_params(params)
     errors.check_loss_fn(loss_fn, params, batch)
-  pullback, conv = resolve_for_loss(loss_fn, params, batch, num_chunks, pullback, conv, impl)
   stats = stats_jit(loss_fn, params, batch, num_chunks, overlap, wrt, pullback, conv, chunk_size)
   if check and not isinstance(stats.gc, jax.core.Tracer):
     check_stats(stats, num_chunks)

@@ -367,7 +367,7 @@ def measure(
   errors.check_optional_int("chunk_size", chunk_size)
   errors.check_predicate("wrt", wrt, allow=("default",))
   wrt_fn = leaves.resolve_grad_filter(wrt, loss_fn, params)
-  pullback, conv = per_example.resolve_formulation(num_chunks, pullback, conv, impl)
+  pullback, conv = gcmod.checked_formulation(num_chunks, pullback, conv, impl)
   first, batches = peek(batches)
   b = errors.check_batch(first)
   errors.check_chunks(b, num_chunks, overlap)

@@ -81,8 +81,9 @@ class Checkpointer:
 
     want = block_layout(target.get("params") if isinstance(target, dict) else None)
     try:
-      raw = ocp.StandardCheckpointer().restore(self.directory / str(step) / "state")
-      saved = block_layout(raw["params"])
+      # the saved tree's metadata: its keys, without reading any array
+      meta = ocp.StandardCheckpointer().metadata(self.directory / str(step) / "state")
+      saved = block_layout(meta.item_metadata["params"])
     except Exception:  # noqa: BLE001 - unreadable: orbax's own error stands
       return
     if want and saved and want != saved:
