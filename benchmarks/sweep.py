@@ -70,6 +70,12 @@ def run_dir(root: pathlib.Path, grid: dict, cell: dict, seed: int) -> pathlib.Pa
   return pathlib.Path(root) / grid["name"] / cell["model"] / cell["method"] / f"seed{seed}"
 
 
+def _result_path(results, grid: dict, cell: dict, seed: int) -> pathlib.Path:
+  """The committed raw record of one run."""
+  name = f"{cell['model']}__{cell['method']}__seed{seed}.json"
+  return pathlib.Path(results) / f"sweep_{grid['name']}" / "runs" / name
+
+
 def run_one(grid: dict, cell: dict, seed: int, root, results, log=print) -> dict:
   """One run (skipped when finished, started afresh when unfinished); its record."""
   wd = run_dir(root, grid, cell, seed)
@@ -85,9 +91,9 @@ def run_one(grid: dict, cell: dict, seed: int, root, results, log=print) -> dict
   rec = {**rec, "cell_model": cell["model"], "cell_method": cell["method"]}
   rec["run_seconds"] = time.perf_counter() - t0
   experiment.write_json(wd / experiment.RECORD, rec)
-  out = pathlib.Path(results) / f"sweep_{grid['name']}" / "runs"
-  out.mkdir(parents=True, exist_ok=True)
-  experiment.write_json(out / f"{cell['model']}__{cell['method']}__seed{seed}.json", rec)
+  out = _result_path(results, grid, cell, seed)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  experiment.write_json(out, rec)
   log(
     f"[sweep] done {tag}: {rec['status']}, acc {rec['acc_steps']} final "
     f"{rec['final_test_acc']}; search {rec.get('search_seconds') or 0:.1f}s train "
@@ -116,11 +122,15 @@ def _cell(m, s, n, scale=100.0, digits=1) -> str:
   return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}" if n > 1 else f"{m * scale:.{digits}f}"
 
 
-def _records(grid, root) -> tuple[list[dict], list[str]]:
+def _records(grid, root, results=None) -> tuple[list[dict], list[str]]:
+  """Finished runs' records: from the run directory under `root`, else (a fresh clone, whose
+  `runs/` is gone) from the committed per-run JSON under `results`."""
   recs, missing = [], []
   for cell in grid["cells"]:
     for seed in cell["seeds"]:
       r = experiment.read_json(run_dir(root, grid, cell, seed) / experiment.RECORD)
+      if (r is None or not r.get("finished")) and results is not None:
+        r = experiment.read_json(_result_path(results, grid, cell, seed))
       if r is None or not r.get("finished"):
         missing.append(f"{cell['model']}/{cell['method']}/seed{seed}")
       else:
@@ -270,7 +280,7 @@ def collect(grid: dict, root, results, plots: bool = True, log=print) -> dict:
   """Writes `table.md`, `table.json` and the curve plots from the finished runs."""
   out = pathlib.Path(results) / f"sweep_{grid['name']}"
   out.mkdir(parents=True, exist_ok=True)
-  records, missing = _records(grid, root)
+  records, missing = _records(grid, root, results)
   tab = table(grid, records)
   (out / "table.md").write_text(markdown(grid, tab, missing))
   experiment.write_json(
