@@ -111,9 +111,14 @@ def summarise(events: list[dict], instrs: dict[str, dict], reps: int) -> dict:
   """Per-kind and per-instruction summed event time (ms per step) of the HLO thunks."""
   by_kind: collections.Counter = collections.Counter()
   by_instr: collections.Counter = collections.Counter()
+  unmatched: collections.Counter = collections.Counter()
   for e in events:
     name = e.get("name", "")
-    if name.startswith("end: ") or name not in instrs:
+    if name.startswith("end: "):
+      continue
+    if name not in instrs:
+      if not name.startswith("$"):  # "$..." are Python frames of the host
+        unmatched[name] += float(e.get("dur", 0.0)) / 1e3 / reps
       continue
     k = kind_of(instrs[name])
     if k is None:
@@ -138,6 +143,9 @@ def summarise(events: list[dict], instrs: dict[str, dict], reps: int) -> dict:
       )
       for n, v in by_instr.most_common(12)
     ],
+    # runtime events that are not HLO instructions (PjRt, thunk executor, ...): they nest
+    # and overlap, so they are listed for reading, not summed into the shares
+    other_events=[dict(name=n, ms=round(v, 3)) for n, v in unmatched.most_common(12)],
   )
 
 
@@ -215,6 +223,8 @@ def markdown(res: dict) -> str:
       f"`{k['op_name']}` |"
       for k in j["top"]
     ]
+    lines += ["", "| JAX: runtime events (not HLO; nested, not summed) | ms/step |", "|---|---|"]
+    lines += [f"| {k['name'][:80]} | {k['ms']:.1f} |" for k in j.get("other_events", [])]
     if t:
       lines += ["", "| PyTorch: aten op (self CPU) | ms/step | share |", "|---|---|---|"]
       lines += [f"| {k['op']} | {k['ms']:.1f} | {100 * k['share']:.1f} % |" for k in t["top"]]
@@ -251,7 +261,11 @@ def main(argv=None) -> dict:
     batch=a.batch,
     backend=backend,
     command="python -m benchmarks.profile_step " + " ".join(argv or sys.argv[1:]),
-    versions=engine.environment().get("versions"),
+    versions={
+      k: v
+      for k, v in engine.environment().items()
+      if k in ("python", "jax", "jaxlib", "flax", "torch", "torch_threads", "xla_flags")
+    },
     cores=os.cpu_count(),
     load_before=[round(x, 2) for x in os.getloadavg()],
     parts={},
