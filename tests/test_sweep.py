@@ -4,6 +4,7 @@ re-run skips finished runs; an interrupted run starts afresh. Also: the issue-13
 configs all validate, with the protocol's numbers."""
 
 import json
+import shutil
 
 import pytest
 
@@ -93,6 +94,13 @@ def test_mini_sweep_end_to_end_and_resume(tmp_path):
   assert (root / "test_mini/mlp/nio/seed0/run_record.json").stat().st_mtime_ns == mtime
   again = json.loads((root / "test_mini/mlp/kaiming/seed1/run_record.json").read_text())
   assert again["resumed"] is False and again["step"] == 6
+
+  # A fresh clone has the committed per-run JSON but no run directories: collect still
+  # builds the whole table from them.
+  shutil.rmtree(root)
+  col = sweep.collect(grid, root, res, plots=False, log=lambda *_: None)
+  assert not col["missing"] and col["table"]["mlp"]["nio"]["seeds"] == [0, 1]
+  assert col["table"]["mlp"]["kaiming"]["acc@2"] == out2["table"]["mlp"]["kaiming"]["acc@2"]
 
 
 def test_fmnist_grid_follows_the_protocol():
