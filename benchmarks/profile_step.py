@@ -229,6 +229,9 @@ def markdown(res: dict) -> str:
       lines += ["", "| PyTorch: aten op (self CPU) | ms/step | share |", "|---|---|---|"]
       lines += [f"| {k['op']} | {k['ms']:.1f} | {100 * k['share']:.1f} % |" for k in t["top"]]
     lines.append("")
+  if res.get("quiet"):  # added to the JSON afterwards from `../shared/tools/quiet`'s verdict
+    lines.append(f"`../shared/tools/quiet` on this run: `{res['quiet']}`.")
+    lines.append("")
   return "\n".join(lines)
 
 

@@ -56,3 +56,17 @@ def test_summarise_skips_containers_and_end_markers():
   res = ps.summarise(events, instrs, reps=2)
   assert res["total_ms"] == 1.0  # 2 ms over 2 steps; the while and host events are not summed
   assert [k["kind"] for k in res["kinds"]] == ["convolution (forward)"]
+
+
+def test_committed_profiles_are_rendered_from_their_json():
+  """Each committed profile_*.md holds only what `markdown` renders from its JSON."""
+  import json
+  import pathlib
+
+  results = pathlib.Path(ps.__file__).parent / "results"
+  paths = sorted(results.glob("profile_*.json"))
+  assert paths, "no committed profile"
+  for path in paths:
+    res = json.loads(path.read_text())
+    assert path.with_suffix(".md").read_text() == ps.markdown(res), path.name
+    assert res["parts"] and all(p["jax"]["kinds"] for p in res["parts"].values())
