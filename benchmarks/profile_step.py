@@ -71,10 +71,8 @@ def hlo_index(hlo_text: str) -> dict[str, dict]:
   return instrs
 
 
-def kind_of(info: dict | None) -> str | None:
+def kind_of(info: dict) -> str | None:
   """The category a thunk's time is summed under, or None for a control-flow container."""
-  if info is None:
-    return "other (unmatched)"
   op = info["opcode"]
   if op in CONTAINERS:
     return None
@@ -116,14 +114,14 @@ def summarise(events: list[dict], instrs: dict[str, dict], reps: int) -> dict:
     name = e.get("name", "")
     if name.startswith("end: "):
       continue
+    ms = float(e.get("dur", 0.0)) / 1e3 / reps
     if name not in instrs:
       if not name.startswith("$"):  # "$..." are Python frames of the host
-        unmatched[name] += float(e.get("dur", 0.0)) / 1e3 / reps
+        unmatched[name] += ms
       continue
     k = kind_of(instrs[name])
     if k is None:
       continue
-    ms = float(e.get("dur", 0.0)) / 1e3 / reps
     by_kind[k] += ms
     by_instr[name] += ms
   total = sum(by_kind.values())
@@ -236,7 +234,6 @@ def markdown(res: dict) -> str:
 
 
 def main(argv=None) -> dict:
-  import os
   import sys
 
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -250,7 +247,7 @@ def main(argv=None) -> dict:
 
   import jax
 
-  from nio_jax.bench import engine
+  from nio_jax.bench import engine, machine
 
   backend = jax.default_backend()
   spec = engine.build(a.model, a.batch)
@@ -269,8 +266,8 @@ def main(argv=None) -> dict:
       for k, v in engine.environment().items()
       if k in ("python", "jax", "jaxlib", "flax", "torch", "torch_threads", "xla_flags")
     },
-    cores=os.cpu_count(),
-    load_before=[round(x, 2) for x in os.getloadavg()],
+    cores=machine.cores(),
+    load_before=machine.load_average(),
     parts={},
   )
   for part in a.parts.split(","):
@@ -285,13 +282,14 @@ def main(argv=None) -> dict:
     if torch_fn is not None:
       ent["torch"] = profile_torch(torch_fn, a.reps)
     res["parts"][part] = ent
-  res["load_after"] = [round(x, 2) for x in os.getloadavg()]
+  res["load_after"] = machine.load_average()
   out = pathlib.Path(a.out)
   out.mkdir(parents=True, exist_ok=True)
   stem = out / f"profile_{a.model}_b{a.batch}_{backend}"
   stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
-  stem.with_suffix(".md").write_text(markdown(res))
-  print(markdown(res))
+  md = markdown(res)
+  stem.with_suffix(".md").write_text(md)
+  print(md)
   return res
 
 
