@@ -362,6 +362,14 @@ def _bind(eqn, inv):
   return outs if eqn.primitive.multiple_results else [outs]
 
 
+# The jaxpr-walking helpers, public for the other walkers (`nio_jax.methods.lsuv`):
+# the sub-jaxprs of an equation's params, the call primitives whose body is inlined (name ->
+# the param holding the body) and the re-binding of one equation to concrete/traced inputs.
+sub_jaxprs = _sub_closed_jaxprs
+INLINE_CALLS = _INLINE
+bind_equation = _bind
+
+
 def _eval_rewritten(jaxpr, consts, args, mode):
   env = {}
 

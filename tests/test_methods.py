@@ -21,7 +21,7 @@ from tests import tiny_models as tm
 
 N, B = 256, 64
 SIZES = (49, 32, 10)
-KNOWN = {"nio", "gradinit", "gradinit_adam", "metainit", "fixup", "kaiming"}
+KNOWN = {"nio", "gradinit", "gradinit_adam", "metainit", "fixup", "kaiming", "lsuv"}
 
 
 def load_fmnist(n):

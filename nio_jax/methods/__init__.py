@@ -4,7 +4,7 @@
     result = initialize("gradinit", loss_fn, params, batches, "resnet110_bn")
 
 Methods (see `available_methods()`): "nio", "gradinit", "gradinit_adam", "metainit",
-"fixup", "kaiming". A new method = one module that decorates its entry point with
+"fixup", "kaiming", "lsuv". A new method = one module that decorates its entry point with
 `@register("name")` + one import line below.
 """
 
@@ -15,6 +15,7 @@ from nio_jax.methods import (
 )
 from nio_jax.methods import gradinit as _gradinit_module  # noqa: F401
 from nio_jax.methods import kaiming as _kaiming_module  # noqa: F401
+from nio_jax.methods import lsuv as _lsuv_module  # noqa: F401
 from nio_jax.methods import metainit as _metainit_module  # noqa: F401
 from nio_jax.methods.gradinit import (
   GRADINIT_RECIPES,
@@ -25,6 +26,7 @@ from nio_jax.methods.gradinit import (
   make_gradinit_step,
 )
 from nio_jax.methods.kaiming import KaimingConfig, kaiming
+from nio_jax.methods.lsuv import LSUVConfig, LSUVLayer, lsuv, lsuv_layers
 from nio_jax.methods.metainit import (
   MetaInitConfig,
   gradient_quotient,
@@ -40,6 +42,8 @@ __all__ = [
   "GradInitAdamConfig",
   "GradInitConfig",
   "KaimingConfig",
+  "LSUVConfig",
+  "LSUVLayer",
   "Method",
   "MetaInitConfig",
   "available_methods",
@@ -50,6 +54,8 @@ __all__ = [
   "hessian_vector_product",
   "initialize",
   "kaiming",
+  "lsuv",
+  "lsuv_layers",
   "make_gradinit_step",
   "make_metainit_step",
   "metainit",

@@ -78,11 +78,12 @@ def initialize(
 
   Args:
     method: a registered name: "nio", "gradinit", "gradinit_adam", "metainit", "fixup",
-      "kaiming" (see `available_methods()`).
+      "kaiming", "lsuv" (see `available_methods()`).
     loss_fn: `loss_fn(params, batch) -> [B]` per-example losses.
     params: initial parameters θ0 (from the model's own init).
     data: what the method consumes: an iterable of batches (NIO, GradInit, MetaInit on real
-      data), or MetaInit's random-input shape spec; ignored by Kaiming and Fixup.
+      data; LSUV uses the first batch), or MetaInit's random-input shape spec; ignored by
+      Kaiming and Fixup.
     config: None = the method's published defaults; otherwise the method's config class,
       a dict or ConfigDict of overrides (or, for GradInit, a recipe name).
     progress: show a progress bar (searches only).
