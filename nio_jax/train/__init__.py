@@ -3,7 +3,7 @@ a resumable trainer with Orbax checkpoints, JSON-lines metrics and plots."""
 
 from nio_jax.train.checkpoint import Checkpointer
 from nio_jax.train.config import BASELINES, SCHEDULES, default_config, peak_lr, total_epochs
-from nio_jax.train.metrics import MetricsLog, plot_curves, read_metrics
+from nio_jax.train.metrics import MetricsLog, logged_recipe, plot_curves, read_metrics
 from nio_jax.train.optim import (
   decay_mask,
   has_norm_layers,
@@ -24,6 +24,7 @@ __all__ = [
   "default_config",
   "has_norm_layers",
   "init_loss_fn",
+  "logged_recipe",
   "main_schedule",
   "make_optimizer",
   "make_schedule",

@@ -41,6 +41,10 @@ def default_config() -> ml_collections.ConfigDict:
     init_num_batches: batches handed to ``init_fn``.
     train_kwarg: keyword of ``model.__call__`` that selects training mode (None: none).
     progress, plots: tqdm bar; PNG curves at the end of each run.
+    gc_every: every this many steps (and at step 0 and the last step), call the ``gc_fn``
+      handed to :func:`nio_jax.train.train` (GradCosine and gradient norm on fixed batches;
+      `nio-jax train` builds it from the GC report's settings) and log the result
+      (0: off).
   """
   c = ml_collections.ConfigDict()
   c.num_epochs = 200
@@ -72,6 +76,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.train_kwarg = "train"
   c.progress = True
   c.plots = True
+  c.gc_every = 0
   return c
 
 
@@ -136,3 +141,4 @@ def _check_numbers(config) -> None:
   _number(config, "log_every", positive=True, integer=True)
   _number(config, "checkpoint_every_steps", lo=0, integer=True, optional=True)
   _number(config, "init_num_batches", positive=True, integer=True)
+  _number(config, "gc_every", lo=0, integer=True, optional=True)

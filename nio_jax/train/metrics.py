@@ -73,6 +73,48 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
   return out
 
 
+def logged_recipe(path: str | os.PathLike) -> dict | None:
+  """The optimiser recipe that ran, from the `config` record the trainer writes first in
+  `metrics.jsonl` (kept across resumes); None when the log has none.
+
+  Returns:
+    `{"name": "no_norm" | "norm", "no_norm_recipe", "lr", "schedule", "momentum",
+    "weight_decay", "weight_decay_on_norm_leaves": False, "slow_lr_factor", "grad_clip_norm"}`:
+    `slow_lr_factor` is the learning-rate factor of biases and scalar leaves (None when
+    they train at the full rate, as in the recipe with normalisation layers) and
+    `grad_clip_norm` the global-norm clip (None: no clipping).
+  """
+  rec = next((r for r in read_metrics(path) if r.get("type") == "config"), None)
+  if rec is None:
+    return None
+  c = rec.get("config") or {}
+  no_norm = bool(rec.get("no_norm_recipe"))
+  lr = c.get("lr")
+  if lr is None and c.get("base_lr") is not None:
+    lr = float(c["base_lr"]) * int(c["batch_size"]) / int(c["lr_reference_batch"])
+  return {
+    "name": "no_norm" if no_norm else "norm",
+    "no_norm_recipe": no_norm,
+    "lr": lr,
+    "schedule": c.get("schedule"),
+    "momentum": c.get("momentum"),
+    "weight_decay": c.get("weight_decay"),
+    "weight_decay_on_norm_leaves": False,
+    "slow_lr_factor": c.get("slow_lr_factor") if no_norm else None,
+    "grad_clip_norm": rec.get("grad_clip_norm"),
+  }
+
+
+def gc_records(records: Iterable[dict]) -> dict[int, dict]:
+  """`{step: measurement}` of the `gc` records (`train.gc_every`) of a metrics log, sorted
+  by step; each measurement has `gc` and `grad_norm` (or `error`) and `seconds`."""
+  out = {}
+  for r in records:
+    if r.get("type") == "gc":
+      out[int(r["step"])] = {k: v for k, v in r.items() if k not in ("type", "step")}
+  return dict(sorted(out.items()))
+
+
 def plot_curves(records: Iterable[dict], path: str | os.PathLike, title: str = "") -> pathlib.Path:
   """Training loss, train/test accuracy and learning rate against epoch, as one PNG."""
   import matplotlib  # noqa: PLC0415

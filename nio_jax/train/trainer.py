@@ -87,6 +87,9 @@ class TrainResult:
     init_seconds: wall time of ``init_fn`` in this call (0 without one, or on resume).
     train_seconds: wall time of the training steps in this call (evaluations excluded).
     eval_seconds: wall time of the evaluations (epoch ends and ``eval_at``) in this call.
+    gc_steps: ``{step: gc_fn result}`` of ``config.gc_every`` (empty when off), over the
+      whole run (kept across resumes).
+    gc_seconds: wall time of the ``gc_fn`` calls in this call (not in ``train_seconds``).
   """
 
   variables: dict
@@ -102,6 +105,8 @@ class TrainResult:
   init_seconds: float = 0.0
   train_seconds: float = 0.0
   eval_seconds: float = 0.0
+  gc_steps: dict = dataclasses.field(default_factory=dict)
+  gc_seconds: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,6 +229,7 @@ def train(
   stop_after_step: int | None = None,
   eval_at: dict | None = None,
   mesh=None,
+  gc_fn: Callable | None = None,
 ) -> TrainResult:
   """Train a linen classifier with the recipe in ``config``; resume if ``workdir`` has a
   checkpoint.
@@ -260,12 +266,21 @@ def train(
       over the global batch, so the result equals single-device training to float
       tolerance. The loader's batch size and ``eval_batch_size`` must be multiples of the
       number of devices. Checkpoints are the same as without a mesh.
+    gc_fn: for ``config.gc_every = N > 0``: ``gc_fn(variables) -> dict`` with at least
+      ``gc`` and ``grad_norm`` (e.g. ``nio_jax.measure`` on fixed batches), called at step
+      0 (after ``init_fn``), every ``N`` steps and at the last step. The results are in
+      ``TrainResult.gc_steps`` and ``metrics.jsonl`` (type ``gc``, with ``seconds``); their
+      wall time is ``TrainResult.gc_seconds``, not training. Without one,
+      :func:`default_gc_fn` (``nio_jax.measure`` with its defaults on 5 batches of loader
+      stream 2). Unused when ``gc_every`` is 0.
 
   Raises:
     NonFiniteLossError: the loss became NaN/inf; the last good checkpoint stays intact.
   """
   validate(config)
   _check_inputs(model, variables, train_loader, test_data, init_fn, stop_after_step, mesh)
+  if gc_fn is not None and not callable(gc_fn):
+    raise TypeError(f"gc_fn must be callable (variables) -> dict; got {type(gc_fn).__name__}.")
   for k in eval_at or {}:
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
       raise ValueError(f"eval_at keys must be global steps >= 1, got {k!r}")
@@ -283,6 +298,7 @@ def train(
     stop_after_step=stop_after_step,
     eval_at=dict(eval_at or {}),
     mesh=mesh,
+    gc_fn=gc_fn,
   )
   try:
     return _train(job, MetricsLog(workdir / "metrics.jsonl"), ckpt)
@@ -371,6 +387,7 @@ class _Job:
   stop_after_step: int | None
   eval_at: dict
   mesh: Any
+  gc_fn: Callable | None = None
 
 
 def _train(job: _Job, log: MetricsLog, ckpt: Checkpointer) -> TrainResult:
@@ -422,6 +439,7 @@ def _train(job: _Job, log: MetricsLog, ckpt: Checkpointer) -> TrainResult:
       "acc_best": None,
       "evals": [],
       "step_evals": {},
+      "gc_steps": {},
       "epoch_sums": [0.0, 0.0, 0.0],
     }
     log.reset()
@@ -436,6 +454,26 @@ def _train(job: _Job, log: MetricsLog, ckpt: Checkpointer) -> TrainResult:
         "config": config.to_dict(),
       }
     )
+  # GradCosine tracking (`gc_every`): at step 0, every `gc_every` steps and at the last step.
+  gc_every = int(config.get("gc_every") or 0)
+  gc_fn = (job.gc_fn or default_gc_fn(model, variables, train_loader, config)) if gc_every else None
+  gc_steps = {int(k): v for k, v in meta.get("gc_steps", {}).items()}
+  gc_seconds = [0.0]
+  last_step = total_steps if stop_after_step is None else min(total_steps, stop_after_step)
+
+  def measure_gc(st, step) -> float:
+    t = time.perf_counter()
+    v = {"params": st["params"], **({"batch_stats": st["batch_stats"]} if has_bs else {})}
+    out = to_jsonable(dict(gc_fn(v)))
+    dt = time.perf_counter() - t
+    gc_seconds[0] += dt
+    gc_steps[step] = out
+    meta["gc_steps"] = {str(k): r for k, r in gc_steps.items()}
+    log.write({"type": "gc", "step": step, **out, "seconds": dt})
+    return dt
+
+  if gc_fn is not None and int(state["step"]) == 0 and 0 not in gc_steps:
+    measure_gc(state, 0)
   if not resumed:
     ckpt.save(0, state, _meta(meta, 0, spe))
   put = jax.device_put
@@ -475,7 +513,7 @@ def _train(job: _Job, log: MetricsLog, ckpt: Checkpointer) -> TrainResult:
     desc=workdir.name,
   )
   t_window, g_window = time.perf_counter(), g
-  t_loop = time.perf_counter()
+  t_loop, gc_before_loop = time.perf_counter(), gc_seconds[0]
   finished = True
 
   def check_finite(st):
@@ -523,6 +561,9 @@ def _train(job: _Job, log: MetricsLog, ckpt: Checkpointer) -> TrainResult:
             _, step_evals[g] = evaluate(state, step_eval_data[g])
             meta["step_evals"] = {str(k): v for k, v in step_evals.items()}
             log.write({"type": "step_eval", "step": g, "test_acc": step_evals[g]})
+          if gc_fn is not None and g not in gc_steps and (g % gc_every == 0 or g >= last_step):
+            check_finite(state)
+            t_window += measure_gc(state, g)  # not in images_per_sec
           end_of_epoch = g % spe == 0
           stop = stop_after_step is not None and g >= stop_after_step
           if not end_of_epoch and (stop or (ckpt_every and g % ckpt_every == 0)):
@@ -598,8 +639,10 @@ def _train(job: _Job, log: MetricsLog, ckpt: Checkpointer) -> TrainResult:
     finished=finished and g >= total_steps,
     step_evals=dict(sorted(step_evals.items())),
     init_seconds=init_seconds,
-    train_seconds=loop_seconds - eval_seconds[0],
+    train_seconds=loop_seconds - eval_seconds[0] - (gc_seconds[0] - gc_before_loop),
     eval_seconds=eval_seconds[0],
+    gc_steps=dict(sorted(gc_steps.items())),
+    gc_seconds=gc_seconds[0],
   )
   summary = {k: v for k, v in dataclasses.asdict(result).items() if k not in ("variables", "evals")}
   (workdir / "summary.json").write_text(json.dumps(to_jsonable(summary), indent=1))
@@ -607,7 +650,50 @@ def _train(job: _Job, log: MetricsLog, ckpt: Checkpointer) -> TrainResult:
   return result
 
 
+def default_gc_fn(model, variables: PyTree, train_loader, config, num_batches: int = 5):
+  """The ``gc_fn`` of :func:`train` when ``config.gc_every`` is set and none is given.
+
+  ``nio_jax.measure`` (its default sub-batch setting D=4, r=0.2, and its default leaves,
+  those of the searches) on ``num_batches`` fixed batches of loader stream 2, with the loss
+  of :func:`init_loss_fn`: for batch-norm models each batch is normalised by its own
+  statistics, so the running statistics do not enter and one compiled step serves the
+  whole run. A failed measurement (e.g. a zero gradient) is returned as ``{"error": ...}``.
+  """
+  from nio_jax.nio_search import measure  # noqa: PLC0415
+
+  loss_fn, _ = init_loss_fn(model, variables, config.train_kwarg)
+  batches = list(train_loader.batches(num_batches, stream=2))
+
+  def gc_fn(v):
+    try:
+      return measure(loss_fn, v["params"], batches, num_batches=len(batches))
+    except (ValueError, ArithmeticError) as e:
+      return {"error": str(e)}
+
+  return gc_fn
+
+
 _STEP_CACHE: collections.OrderedDict[Any, tuple] = collections.OrderedDict()
+
+# Training-config keys that never change the compiled steps (logging, progress, checkpoint
+# cadence, the init hook's batch count): left out of the cache key, so that runs which
+# differ only there (e.g. the methods of `nio-jax compare`) share one compilation.
+_NOT_IN_STEPS = (
+  "progress",
+  "plots",
+  "log_every",
+  "max_to_keep",
+  "checkpoint_every_steps",
+  "init_num_batches",
+  "gc_every",
+  "eval_batch_size",
+)
+
+
+def _step_config_key(config) -> str:
+  """The part of the training config that the compiled steps depend on, as sorted JSON."""
+  d = {k: v for k, v in config.to_dict().items() if k not in _NOT_IN_STEPS}
+  return json.dumps(d, sort_keys=True, default=str)
 
 
 def build_steps(model, config, spe: int, has_bs: bool, no_norm: bool):
@@ -616,7 +702,7 @@ def build_steps(model, config, spe: int, has_bs: bool, no_norm: bool):
   try:
     key = (
       model,
-      config.to_json_best_effort(sort_keys=True),
+      _step_config_key(config),
       spe,
       has_bs,
       no_norm,
