@@ -29,7 +29,7 @@ from nio_jax.train.config import default_config
 from nio_jax.train.config import validate as validate_train
 
 # Sub-dicts whose keys are free (checked later by the method config class / the model).
-OPEN_DICTS = ("init.config", "model.kwargs")
+OPEN_DICTS = ("init.config", "model.kwargs", "compare.overrides")
 INIT_DATA = ("real", "random")
 
 
@@ -45,7 +45,8 @@ def base_config() -> ml_collections.ConfigDict:
     name: run name; the default workdir is `runs/<name>`.
     workdir: output directory (None = `runs/<name>`).
     seed: seed of the model init and the data order (and of MetaInit's Gaussian inputs
-      under `init.data="random"`, unless `init.config.seed` is set).
+      under `init.data="random"` and LSUV's orthonormal kernels, unless `init.config.seed`
+      is set).
     model.name / model.kwargs: `nio_jax.models.get(name, **kwargs)`; `num_classes` is
       taken from the dataset unless given.
     data: `nio_jax.data.make_loaders` arguments (`dataset`, `batch_size`, `train_subset`,
@@ -61,10 +62,16 @@ def base_config() -> ml_collections.ConfigDict:
     eval.steps: global steps after which the test accuracy is also measured, on the first
       `eval.subset` test images (None = all); the trainer evaluates every epoch end anyway.
     max_steps: stop training after this many steps (None = all epochs); the last step is
-      then evaluated on the whole test set.
+      then evaluated on the whole test set (`eval.last_on_full_test`, default True; False
+      evaluates it on the `eval.subset` like the other `eval.steps`, so one curve uses one
+      test set).
     train: `nio_jax.train.default_config()` (the published CIFAR recipe);
       `train.batch_size` follows `data.batch_size`.
     published: the paper's numbers for this experiment (Acc_1 / Acc_best in %, source).
+    compare.methods: the methods `nio-jax compare` runs one after another on this config
+      (same seed: the same initial params and the same data order); empty = `init.method`.
+    compare.overrides: per method, `key=value` overrides applied to that method's run only,
+      e.g. `{"gradinit": ("init.recipe=vgg19", "init.config.num_steps=40")}`.
   """
   c = ml_collections.ConfigDict()
   c.name = "run"
@@ -101,6 +108,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval = ml_collections.ConfigDict()
   c.eval.steps = ()
   c.eval.subset = config_dict.placeholder(int)
+  c.eval.last_on_full_test = True
   c.max_steps = config_dict.placeholder(int)
 
   c.train = default_config()
@@ -110,6 +118,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.published.acc_1 = config_dict.placeholder(float)
   c.published.acc_best = config_dict.placeholder(float)
   c.published.source = ""
+
+  c.compare = ml_collections.ConfigDict()
+  c.compare.methods = ()
+  c.compare.overrides = ml_collections.ConfigDict()
   return c
 
 
@@ -256,8 +268,9 @@ def method_config(cfg) -> Any:
           f"{', '.join(sorted(methods.GRADINIT_RECIPES))}"
         )
       values = {**methods.GRADINIT_RECIPES[recipe], **values}
-    if cfg.init.data == "random" and "seed" not in values:
-      values["seed"] = int(cfg.seed)  # the run's seed also draws MetaInit's Gaussian inputs
+    if (cfg.init.data == "random" or m.name == "lsuv") and "seed" not in values:
+      # the run's seed also draws MetaInit's Gaussian inputs and LSUV's orthonormal kernels
+      values["seed"] = int(cfg.seed)
     if m.config_cls is not None and hasattr(m.config_cls, "create"):
       return m.config_cls.create(values)
     if m.name == "fixup":
@@ -305,6 +318,16 @@ def validate_config(cfg) -> None:
       raise ConfigError(f"data.{k} must be >= 1")
   if int(cfg.init.measure_batches) < 0:
     raise ConfigError("init.measure_batches must be >= 0")
+  gc_every = cfg.train.get("gc_every", 0)
+  if isinstance(gc_every, bool) or not isinstance(gc_every, int) or gc_every < 0:
+    raise ConfigError(
+      f"train.gc_every must be an int >= 0 (steps between GC measurements; 0 = off), "
+      f"got {gc_every!r}"
+    )
+  if gc_every and int(cfg.init.measure_batches) < 1:
+    raise ConfigError(
+      "train.gc_every measures GC on the GC report's batches: set init.measure_batches >= 1"
+    )
   if "eval" in cfg:
     steps = tuple(cfg.eval.steps or ())
     if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in steps):

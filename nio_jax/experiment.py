@@ -41,7 +41,7 @@ from nio_jax.flax_utils import linen_loss_fn
 from nio_jax.models import match_layout
 from nio_jax.scales import scales_to_dict
 from nio_jax.train.checkpoint import load_msgpack_variables
-from nio_jax.train.metrics import to_jsonable
+from nio_jax.train.metrics import gc_records, read_metrics, to_jsonable
 
 RECORD = "run_record.json"
 
@@ -155,13 +155,17 @@ def init_data(run: Run, mcfg):
   return init_batches(run, search_batches(cfg, mcfg), stream=1)
 
 
-def measure_params(run: Run, loss_fn, params, *, progress: bool = False) -> dict | None:
+def measure_params(
+  run: Run, loss_fn, params, *, progress: bool = False, batches: list | None = None
+) -> dict | None:
   """GC / gradient norm over `init.measure_batches` batches of loader stream 2 (the same
-  batches for every call), with the config's `measure_chunks` / `measure_overlap`."""
+  batches for every call; `batches`: those batches, drawn once by the caller), with the
+  config's `measure_chunks` / `measure_overlap`."""
   k = int(run.cfg.init.measure_batches)
   if k == 0:
     return None
-  batches = list(init_batches(run, k, stream=2))
+  if batches is None:
+    batches = list(init_batches(run, k, stream=2))
   try:
     return nio_jax.measure(
       loss_fn,
@@ -174,6 +178,23 @@ def measure_params(run: Run, loss_fn, params, *, progress: bool = False) -> dict
     )
   except (ValueError, ArithmeticError) as e:  # e.g. a zero gradient: report, do not crash
     return {"error": str(e)}
+
+
+def gc_tracker(run: Run, loss_fn=None):
+  """`gc_fn(variables) -> measure_params(...)` for `train.gc_every`: the GC report of
+  :func:`measure_params` (its batches of stream 2, drawn once here, its sub-batch setting
+  and leaves) at the params of a training step.
+
+  The loss is :func:`init_loss_fn`'s of the run's initial variables (default: the cached
+  one): for batch-norm models it normalises each batch by its own statistics (training
+  mode), so the running statistics of the step do not enter, the result equals a
+  measurement with that checkpoint's `batch_stats` (`nio-jax measure --checkpoint`), and the
+  compiled measurement is reused for every step (and every run of the same model).
+  """
+  if loss_fn is None:
+    loss_fn, _ = init_loss_fn(run)
+  batches = list(init_batches(run, int(run.cfg.init.measure_batches), stream=2))
+  return lambda variables: measure_params(run, loss_fn, variables["params"], batches=batches)
 
 
 def run_init(run: Run, loss_fn, params, *, progress: bool = False):
@@ -374,7 +395,8 @@ def train_run(cfg, workdir, *, progress: bool | None = None) -> dict:
   eval_at = {int(k): eval_test for k in cfg.eval.steps}
   max_steps = cfg.get("max_steps")
   if max_steps is not None and int(max_steps) % spe:
-    eval_at[int(max_steps)] = run.test_set  # the last step, on the whole test set
+    # the last step: on the whole test set, or on the subset like the other eval steps
+    eval_at[int(max_steps)] = run.test_set if cfg.eval.get("last_on_full_test", True) else eval_test
   try:
     res = trainmod.train(
       run.model,
@@ -386,6 +408,7 @@ def train_run(cfg, workdir, *, progress: bool | None = None) -> dict:
       init_fn=init_fn,
       stop_after_step=None if max_steps is None else int(max_steps),
       eval_at=eval_at,
+      gc_fn=gc_tracker(run, loss_fn) if cfg.train.get("gc_every") else None,
     )
     status = "finished"
   except trainmod.NonFiniteLossError as e:  # divergence is a result, not a crash
@@ -423,7 +446,13 @@ def train_run(cfg, workdir, *, progress: bool | None = None) -> dict:
     "measure_seconds": measure_seconds,
     "train_seconds": None if res is None else res.train_seconds,
     "eval_seconds": None if res is None else res.eval_seconds,
+    # `train.gc_every`: {step: GC report (+ its seconds)} over the whole run, from the log
+    # (also for a diverged run), and the seconds of the measurements in this call.
+    "gc_steps": {str(k): v for k, v in gc_records(read_metrics(workdir / "metrics.jsonl")).items()},
+    "gc_seconds": None if res is None else res.gc_seconds,
     "resumed": resuming,
+    # The optimiser recipe that ran (no-norm or with normalisation), from the trainer's log.
+    "recipe": trainmod.logged_recipe(workdir / "metrics.jsonl"),
   }
   if res is not None:
     if max_steps is not None and int(max_steps) in res.step_evals and int(max_steps) % spe:
@@ -439,3 +468,75 @@ def train_run(cfg, workdir, *, progress: bool | None = None) -> dict:
     save_variables(workdir / "final_params.msgpack", res.variables)
   write_json(workdir / RECORD, record)
   return record
+
+
+# --------------------------------------------------------------------------------------------
+# Several methods on one config
+# --------------------------------------------------------------------------------------------
+
+
+def compare_methods(cfg, methods_: list[str] | None = None) -> list[str]:
+  """The methods `nio-jax compare` runs: `methods_`, else `compare.methods`, else
+  `init.method`; unknown names, repeats and an empty list raise ConfigError."""
+  names = list(methods_ or cfg.get("compare", {}).get("methods", ()) or [cfg.init.method])
+  known = methods.available_methods()
+  for m in names:
+    if m not in known:
+      raise ConfigError(f"unknown initialisation method {m!r}; known: {', '.join(known)}")
+  if len(set(names)) != len(names):
+    raise ConfigError(f"compare: a method is listed twice in {names}")
+  return names
+
+
+def method_run_config(cfg, method: str):
+  """A copy of `cfg` that runs `method`: `init.method`, then `compare.overrides.<method>`
+  (`key=value` strings), name `<name>_<method>`; validated."""
+  from nio_jax.config import apply_override, parse_override, validate_config  # noqa: PLC0415
+
+  c = cfg.copy_and_resolve_references()
+  c.init.method = method
+  c.name = f"{cfg.name}_{method}"
+  c.workdir = None
+  overrides = c.compare.overrides.get(method, ()) if "compare" in c else ()
+  if isinstance(overrides, str):
+    overrides = (overrides,)
+  for item in overrides:
+    apply_override(c, *parse_override(item))
+  validate_config(c)
+  return c
+
+
+def compare_run(cfg, workdir, *, methods_=None, progress: bool | None = None) -> dict:
+  """Runs :func:`train_run` for each method of :func:`compare_methods` on the same config.
+
+  Every method starts from the same seed, hence the same initial params and the same data
+  order; each run lives in `<workdir>/<method>` (resumable: a finished run is read back,
+  not repeated). Compiled steps are shared where the shapes agree: the model's init, the
+  GC report and the training step compile once for all methods (they are cached per model
+  and training config; see the module docstring).
+
+  Returns `{"methods": [...], "records": {method: run record}, "seconds": {method: wall
+  seconds of this call}, "reused": [methods read back], "wall_seconds": total}`.
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  names = compare_methods(cfg, methods_)
+  configs = {m: method_run_config(cfg, m) for m in names}  # every config checked first
+  out: dict = {"methods": names, "records": {}, "seconds": {}, "reused": []}
+  t_all = time.perf_counter()
+  for m in names:
+    d = workdir / m
+    if is_finished(d):
+      out["records"][m] = read_json(d / RECORD)
+      out["reused"].append(m)
+      out["seconds"][m] = 0.0
+      continue
+    if progress is not None:
+      configs[m].train.progress = bool(progress)
+    print(f"[nio-jax compare] {m}: {d}", flush=True)
+    t = time.perf_counter()
+    out["records"][m] = train_run(configs[m], d)
+    out["seconds"][m] = time.perf_counter() - t
+  out["wall_seconds"] = time.perf_counter() - t_all
+  write_json(workdir / "compare.json", out)
+  return out

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from nio_jax.experiment import read_json
-from nio_jax.train.metrics import read_metrics
+from nio_jax.train.metrics import gc_records, read_metrics
 
 
 def pyplot():
@@ -98,6 +98,7 @@ def run_summary(d: pathlib.Path) -> dict:
     "evals": evals,
     "train": [r for r in recs if r.get("type") == "train"],
     "scales": read_json(d / "scales.json"),
+    "gc": gc_records(recs),
   }
 
 
@@ -131,12 +132,46 @@ def summary_table(rows: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def gc_points(gc: dict, key: str = "gc") -> tuple[list[int], list[float]]:
+  """(steps, values of `key`) of a run's `train.gc_every` measurements `{step: measurement}`
+  (failed measurements, with `error`, are left out)."""
+  pts = sorted((int(s), m[key]) for s, m in (gc or {}).items() if m.get(key) is not None)
+  return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def gc_tracking_text(r: dict) -> str | None:
+  """One line on a run's GradCosine during training (`train.gc_every`), or None."""
+  steps, gcs = gc_points(r.get("gc"))
+  if not steps:
+    return None
+  gn = dict(zip(*gc_points(r["gc"], "grad_norm")))
+  i = int(np.argmax(gcs))
+  secs = sum(m.get("seconds") or 0.0 for m in r["gc"].values())
+  failed = len(r["gc"]) - len(steps)
+  return (
+    f"GC during training ({len(steps)} measurements, `train.gc_every`): {gcs[0]:.4f} at step "
+    f"{steps[0]} → {gcs[-1]:.4f} at step {steps[-1]} (highest {gcs[i]:.4f} at step "
+    f"{steps[i]}); gradient norm {fmt(gn.get(steps[0]), '.4f')} → "
+    f"{fmt(gn.get(steps[-1]), '.4f')}; {secs:.2f} s of measurement"
+    + (f"; {failed} failed" if failed else "")
+    + "."
+  )
+
+
 def plot_training(rows, path) -> pathlib.Path | None:
-  rows = [r for r in rows if r["evals"] or r["train"]]
+  """Training loss and test accuracy against epoch; with `train.gc_every` records, also
+  GradCosine and gradient norm against the training step."""
+  rows = [r for r in rows if r["evals"] or r["train"] or gc_points(r.get("gc"))[0]]
   if not rows:
     return None
+  gc_rows = [r for r in rows if gc_points(r.get("gc"))[0]]
   plt = pyplot()
-  fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+  n = 4 if gc_rows else 2
+  fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 3.8))
+  for ax, key, title in zip(axes[2:], ("gc", "grad_norm"), ("GradCosine", "gradient norm")):
+    for r in gc_rows:
+      ax.plot(*gc_points(r["gc"], key), ".-", label=r["run"])
+    ax.set(xlabel="training step", ylabel=title, title=f"{title} during training")
   for r in rows:
     if r["train"]:
       axes[0].plot(
@@ -152,7 +187,8 @@ def plot_training(rows, path) -> pathlib.Path | None:
   axes[0].set(xlabel="epoch", ylabel="training loss", title="training loss")
   axes[1].set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
   for ax in axes:
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # e.g. no epoch evaluation in a short run
+      ax.legend(fontsize=8)
   return save_figure(fig, path)
 
 
@@ -232,6 +268,129 @@ def report(dirs: Sequence[pathlib.Path], out: pathlib.Path) -> tuple[str, list[p
         + before_after_table(r["before"], r["after"])
         + "\n"
       )
+    line = gc_tracking_text(r)
+    if line:
+      text += f"\n### {r['run']}: GradCosine during training\n\n{line}\n"
   text += "\n" + "\n".join(f"![{p.name}]({os.path.relpath(p, out)})" for p in plots) + "\n"
   (out / "report.md").write_text(text)
   return text, plots
+
+
+# --------------------------------------------------------------------------------------------
+# `nio-jax compare`: several methods on one config
+# --------------------------------------------------------------------------------------------
+
+METHOD_LABELS = {
+  "kaiming": "Kaiming",
+  "nio": "NIO",
+  "gradinit": "GradInit",
+  "gradinit_adam": "GradInit (Adam)",
+  "metainit": "MetaInit",
+  "fixup": "Fixup",
+  "lsuv": "LSUV",
+}
+
+
+def method_label(method: str) -> str:
+  """The display name of a registered method ("nio" -> "NIO")."""
+  return METHOD_LABELS.get(method, method)
+
+
+def _curve(record: dict) -> tuple[list[int], list[float]]:
+  """(steps, test accuracy in %) of a run record's `acc_steps`, sorted by step."""
+  pts = sorted((int(k), 100.0 * float(v)) for k, v in (record.get("acc_steps") or {}).items())
+  return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def compare_table(out: dict) -> str:
+  """Markdown table of a `experiment.compare_run` result: search cost, GC and gradient norm
+  before → after the search, and the test accuracy at every evaluated step."""
+  recs = out["records"]
+  steps = sorted({s for r in recs.values() for s in _curve(r)[0]})
+  head = "| method | search steps | search (s) | GC before → after | grad norm before → after | "
+  head += " | ".join(f"acc@{s} (%)" for s in steps) + " |"
+  lines = [head, "|" + "---|" * (5 + len(steps))]
+  for m in out["methods"]:
+    r = recs[m]
+    acc = dict(zip(*_curve(r)))
+    gc = f"{fmt(_gc(r.get('before'), 'gc'), '.3f')} → {fmt(_gc(r.get('after'), 'gc'), '.3f')}"
+    gn = (
+      f"{fmt(_gc(r.get('before'), 'grad_norm'), '.3f')} → "
+      f"{fmt(_gc(r.get('after'), 'grad_norm'), '.3f')}"
+    )
+    search = r.get("search_seconds") if r.get("search_steps") else None
+    lines.append(
+      f"| {method_label(m)} | {fmt(r.get('search_steps') or 0)} | {fmt(search, '.1f')} | "
+      f"{gc} | {gn} | " + " | ".join(fmt(acc.get(s), ".1f") for s in steps) + " |"
+    )
+  return "\n".join(lines)
+
+
+def compare_sentence(out: dict, baseline: str = "kaiming") -> str:
+  """One sentence that reads a comparison: each method's test accuracy against the
+  baseline's at the first and the last evaluated step, and who leads at each."""
+  recs = out["records"]
+  curves = {m: dict(zip(*_curve(recs[m]))) for m in out["methods"]}
+  steps = sorted(set.intersection(*(set(c) for c in curves.values()))) if curves else []
+  if not steps:
+    return "No evaluation step is common to every run: nothing to compare."
+  parts = []
+  for s in dict.fromkeys((steps[0], steps[len(steps) // 2], steps[-1])):
+    lead = max(out["methods"], key=lambda m, s=s: curves[m][s])
+    vals = ", ".join(f"{method_label(m)} {curves[m][s]:.1f} %" for m in out["methods"])
+    parts.append(f"after {s} steps {vals} ({method_label(lead)} leads)")
+  text = "Test accuracy " + "; ".join(parts) + "."
+  if baseline in curves:
+    others = [m for m in out["methods"] if m != baseline]
+    ahead = {m: [s for s in steps if curves[m][s] > curves[baseline][s]] for m in others}
+    text += " " + " ".join(
+      f"{method_label(m)} is ahead of {method_label(baseline)} at {len(ahead[m])} of "
+      f"{len(steps)} evaluations."
+      for m in others
+    )
+  return text
+
+
+def plot_compare(out: dict, path) -> pathlib.Path:
+  """One picture: the test-accuracy curves of every method, and GC and gradient norm
+  before and after each search."""
+  plt = pyplot()
+  recs, names = out["records"], out["methods"]
+  fig, axes = plt.subplots(
+    1, 3, figsize=(14, 4.0), gridspec_kw={"width_ratios": [2.2, 1, 1]}, squeeze=True
+  )
+  for m in names:
+    s, a = _curve(recs[m])
+    axes[0].plot(s, a, "o-", lw=1.5, ms=4, label=method_label(m))
+  axes[0].set(xlabel="training step", ylabel="test accuracy (%)", title="test accuracy")
+  axes[0].legend(fontsize=9)
+  axes[0].grid(alpha=0.3)
+  x = np.arange(len(names))
+  for ax, key, title in ((axes[1], "gc", "GradCosine"), (axes[2], "grad_norm", "gradient norm")):
+    b = [_gc(recs[m].get("before"), key) for m in names]
+    a = [_gc(recs[m].get("after"), key) for m in names]
+    ax.bar(x - 0.2, [np.nan if v is None else v for v in b], 0.4, label="before search")
+    ax.bar(x + 0.2, [np.nan if v is None else v for v in a], 0.4, label="after search")
+    ax.set_xticks(x)
+    ax.set_xticklabels([method_label(m) for m in names])
+    ax.set(title=f"{title} at initialisation")
+    ax.legend(fontsize=8, loc="lower center", framealpha=0.9)
+  return save_figure(fig, path)
+
+
+def compare_report(out: dict, workdir, *, title: str = "") -> tuple[str, pathlib.Path]:
+  """Writes `compare.md` (table + sentence + picture) and `compare.png` for a
+  `experiment.compare_run` result; returns (markdown, picture path)."""
+  workdir = pathlib.Path(workdir)
+  png = plot_compare(out, workdir / "compare.png")
+  text = (
+    (f"## {title}\n\n" if title else "")
+    + compare_table(out)
+    + "\n\n"
+    + compare_sentence(out)
+    + "\n\nGC and gradient norm: `nio_jax.measure` on the same batches before and after "
+    "each search (Kaiming has no search: before = after). Search (s) includes compilation."
+    f"\n\n![{png.name}]({png.name})\n"
+  )
+  (workdir / "compare.md").write_text(text)
+  return text, png

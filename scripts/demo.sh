@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The README's main command: set up (.venv, package, Fashion-MNIST via apt when possible), then
-# NIO on a small CNN + a short Fashion-MNIST training run, with progress bars, ending in a
-# small report (markdown table + plots) under runs/fmnist_nio/.
-# Measured: see docs/cli.md ("Demo"). Extra arguments go to `nio-jax train`, e.g.
-#   bash scripts/demo.sh --set train.num_epochs=2
+# compare Kaiming, NIO and GradInit on VGG-19 without normalisation (x1/8) on Fashion-MNIST:
+# the same seed and data order, 150 training steps each, test accuracy every 25 steps. It
+# ends with one picture (runs/demo/compare.png: accuracy curves, GC and gradient norm before
+# and after each search), a table and a sentence (runs/demo/compare.md).
+# Measured: see README ("Two commands"). Extra arguments go to `nio-jax compare`, e.g.
+#   bash scripts/demo.sh --methods kaiming,nio
 # NIO_JAX_SKIP_SETUP=1 skips scripts/setup.sh (an existing .venv is used as it is).
+# The demo's own output folder runs/demo is started afresh on every call.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${NIO_JAX_SKIP_SETUP:-0}" != 1 ] || [ ! -x .venv/bin/python ]; then
@@ -13,6 +16,7 @@ fi
 # shellcheck disable=SC1091
 . .venv/bin/activate
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
+rm -rf runs/demo
 start=$(date +%s)
-nio-jax train --config configs/fmnist_nio.py "$@"
-echo "demo wall time: $(( $(date +%s) - start )) s (training command only)"
+nio-jax compare --config configs/fmnist_compare.py --workdir runs/demo "$@"
+echo "demo wall time: $(( $(date +%s) - start )) s (the compare command, after setup)"

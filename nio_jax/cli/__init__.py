@@ -2,6 +2,7 @@
 
     nio-jax init    --config configs/fmnist_nio.py [--set key=value ...] [--config.key=value ...]
     nio-jax train   --config configs/cifar10_table.py:resnet110_bn,gradinit
+    nio-jax compare --config configs/fmnist_compare.py   # kaiming, nio, gradinit: one picture
     nio-jax measure runs/fmnist_nio                 # GC / gradient norm of the saved params
     nio-jax report  runs/fmnist_nio runs/fmnist_kaiming --out runs/report
     nio-jax bench   --models resnet20 --batches 32  # nio_jax.bench (needs the torch extra)
@@ -26,7 +27,14 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from nio_jax.cli.commands import cmd_bench, cmd_init, cmd_measure, cmd_report, cmd_train
+from nio_jax.cli.commands import (
+  cmd_bench,
+  cmd_compare,
+  cmd_init,
+  cmd_measure,
+  cmd_report,
+  cmd_train,
+)
 from nio_jax.config import ConfigError, split_overrides
 
 
@@ -56,6 +64,16 @@ def make_parser() -> argparse.ArgumentParser:
   sp = sub.add_parser("train", help="init + train, then a small report (table + plots)")
   common(sp)
   sp.set_defaults(fn=cmd_train)
+  sp = sub.add_parser(
+    "compare", help="init + train with several methods, then one picture comparing them"
+  )
+  common(sp)
+  sp.add_argument(
+    "--methods",
+    default=None,
+    help="comma-separated methods, e.g. kaiming,nio,gradinit (default: compare.methods)",
+  )
+  sp.set_defaults(fn=cmd_compare)
   sp = sub.add_parser("measure", help="GC / gradient norm of saved params")
   sp.add_argument("run_dir", nargs="?", help="run directory (its run.json gives the config)")
   sp.add_argument("--config", default=None, help="config file (instead of run_dir/run.json)")

@@ -79,6 +79,24 @@ def cmd_train(args) -> int:
   return 0
 
 
+def cmd_compare(args) -> int:
+  """`nio-jax compare`: `train` for every method of `compare.methods` (or `--methods`) on one
+  config, then one picture and table comparing them (`compare.md`, `compare.png`)."""
+  cfg, workdir = _prepare(args, "compare")
+  names = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
+  out = experiment.compare_run(cfg, workdir, methods_=names)
+  bad = {m: r["status"] for m, r in out["records"].items() if r["status"] != "finished"}
+  text, png = reports.compare_report(out, workdir, title=f"{cfg.name}: {cfg.model.name}")
+  print("\n" + text)
+  print(f"picture: {png}\nreport: {workdir / 'compare.md'}")
+  if out["reused"]:
+    print(f"(finished runs read back, not repeated: {', '.join(out['reused'])})")
+  print(f"compare wall time: {out['wall_seconds']:.0f} s")
+  for m, status in bad.items():  # a diverged method is a result of the comparison
+    print(f"warning: {m}: training {status}; its curve stops there", file=sys.stderr)
+  return 0
+
+
 def cmd_measure(args) -> int:
   rundir = pathlib.Path(args.run_dir) if args.run_dir else None
   if args.config:
