@@ -10,17 +10,24 @@ The runs go one at a time, cell after cell in the grid's order, all seeds of a c
 (the cell's search and train steps compile once: the experiment driver shares the loss
 function and the trainer caches its step). Every run lives in
 `<root>/<grid>/<model>/<method>/seed<k>`; a run whose `run_record.json` says finished is
-skipped, an unfinished one is started again from scratch (its times are then honest).
+skipped, and so is one whose committed per-run JSON says finished (a fresh clone: adding
+seeds or cells to a grid runs only the new runs); an unfinished one is started again from
+scratch (its times are then honest).
 
 Results in `<results>/sweep_<grid>/`: `runs/<model>__<method>__seed<k>.json` (raw per-run
-records), `table.md` / `table.json` (mean ± sample std over seeds), `<model>_curves.png`
-(test accuracy against step, mean ± std bands). `--commit` commits them after each cell.
+records, with the optimiser `recipe` that ran and the run's `quiet` verdict: the share of
+the machine other processes used meanwhile), `table.md` / `table.json` (mean ± sample std
+over seeds), `significant.md` (`benchmarks.sweep_stats`: medians, seeds near chance, every
+cell that differs from Kaiming by more than the seed spread, paired sign tests),
+`<model>_curves.png` (test accuracy against step, mean ± std bands). `--commit` commits them
+after each cell.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import datetime
 import importlib.metadata
 import importlib.util
@@ -36,7 +43,9 @@ import time
 
 import numpy as np
 
-from nio_jax import experiment
+from benchmarks import sweep_stats
+from nio_jax import experiment, methods
+from nio_jax.bench import machine
 from nio_jax.config import validate_config
 from nio_jax.reports import pyplot, save_figure
 
@@ -59,9 +68,15 @@ def load_grid(name: str) -> dict:
 
 
 def run_config(cell: dict, seed: int):
-  """The validated config of one run: the cell's config with its seed."""
+  """The validated config of one run: the cell's config with its seed. A method whose config
+  has a `seed` field (LSUV's orthonormal draw; MetaInit's Gaussian inputs) gets the run's seed
+  unless the cell sets one, so each seed has its own init."""
   cfg = copy.deepcopy(cell["config"])
   cfg.seed = int(seed)
+  cls = methods.get_method(cfg.init.method).config_cls
+  fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else ()
+  if "seed" in fields and "seed" not in cfg.init.config:
+    cfg.init.config.seed = int(seed)
   validate_config(cfg)
   return cfg
 
@@ -76,20 +91,74 @@ def _result_path(results, grid: dict, cell: dict, seed: int) -> pathlib.Path:
   return pathlib.Path(results) / f"sweep_{grid['name']}" / "runs" / name
 
 
+def _committed_record(results, grid: dict, cell: dict, seed: int) -> dict | None:
+  """The committed per-run JSON of this run when it is finished and is this cell's run (same
+  config name, model, method and seed), else None."""
+  if results is None:
+    return None
+  rec = experiment.read_json(_result_path(results, grid, cell, seed))
+  if not rec or not rec.get("finished"):
+    return None
+  cfg = cell["config"]
+  same = (rec.get("name"), rec.get("model"), rec.get("method"), rec.get("seed")) == (
+    cfg.name,
+    cfg.model.name,
+    cfg.init.method,
+    int(seed),
+  )
+  return rec if same else None
+
+
+def quiet_verdict(window: dict) -> dict:
+  """The quiet verdict of one run from its `nio_jax.bench.machine.CpuWindow` record.
+
+  Returns:
+    `{"other_cpu_share", "verdict", "threshold", ...}`: the share of the machine (wall time x
+    cores) that other processes used during the run (machine busy CPU time from /proc/stat
+    minus this process' own CPU time), `"NOISY"` above `machine.NOISE_SHARE` (5 %, the rule
+    of `shared/tools/quiet`), `"QUIET"` otherwise, None where /proc/stat is missing; plus the
+    window's figures (other / own CPU seconds, cores, wall seconds, load averages).
+  """
+  noisy = window.get("noisy")
+  return {
+    "other_cpu_share": window.get("other_share"),
+    "verdict": None if noisy is None else ("NOISY" if noisy else "QUIET"),
+    "threshold": machine.NOISE_SHARE,
+    "other_cpu_s": window.get("other_cpu_s"),
+    "own_cpu_s": window.get("own_cpu_s"),
+    "cores": window.get("cores"),
+    "wall_s": window.get("wall_s"),
+    "load_before": window.get("load_before"),
+    "load_after": window.get("load_after"),
+  }
+
+
 def run_one(grid: dict, cell: dict, seed: int, root, results, log=print) -> dict:
-  """One run (skipped when finished, started afresh when unfinished); its record."""
+  """One run (skipped when finished, started afresh when unfinished); its record.
+
+  A run is finished when its run directory's `run_record.json` says so or, on a machine
+  without that directory (a fresh clone), when its committed per-run JSON does (see
+  :func:`_committed_record`). The record stores the run's wall times and its quiet verdict
+  (`quiet`, :func:`quiet_verdict`).
+  """
   wd = run_dir(root, grid, cell, seed)
   tag = f"{cell['model']}/{cell['method']}/seed{seed}"
   if experiment.is_finished(wd):
     log(f"[sweep] skip {tag} (finished)")
     return {**experiment.read_json(wd / experiment.RECORD), "skipped": True}
+  committed = _committed_record(results, grid, cell, seed)
+  if committed is not None:
+    log(f"[sweep] skip {tag} (finished, committed record)")
+    return {**committed, "skipped": True}
   if wd.exists():
     shutil.rmtree(wd)  # an interrupted run: start again, so its wall times are whole
   log(f"[sweep] start {tag}")
   t0 = time.perf_counter()
-  rec = experiment.train_run(run_config(cell, seed), wd, progress=False)
+  with machine.CpuWindow() as window:
+    rec = experiment.train_run(run_config(cell, seed), wd, progress=False)
   rec = {**rec, "cell_model": cell["model"], "cell_method": cell["method"]}
   rec["run_seconds"] = time.perf_counter() - t0
+  rec["quiet"] = quiet_verdict(window.record())
   experiment.write_json(wd / experiment.RECORD, rec)
   out = _result_path(results, grid, cell, seed)
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -97,7 +166,8 @@ def run_one(grid: dict, cell: dict, seed: int, root, results, log=print) -> dict
   log(
     f"[sweep] done {tag}: {rec['status']}, acc {rec['acc_steps']} final "
     f"{rec['final_test_acc']}; search {rec.get('search_seconds') or 0:.1f}s train "
-    f"{rec.get('train_seconds') or 0:.1f}s eval {rec.get('eval_seconds') or 0:.1f}s"
+    f"{rec.get('train_seconds') or 0:.1f}s eval {rec.get('eval_seconds') or 0:.1f}s; "
+    f"{rec['quiet']['verdict']} (other processes {rec['quiet']['other_cpu_share']})"
   )
   return rec
 
@@ -277,7 +347,8 @@ def environment() -> dict:
 
 
 def collect(grid: dict, root, results, plots: bool = True, log=print) -> dict:
-  """Writes `table.md`, `table.json` and the curve plots from the finished runs."""
+  """Writes `table.md`, `table.json`, `significant.md` (`benchmarks.sweep_stats`) and the
+  curve plots from the finished runs."""
   out = pathlib.Path(results) / f"sweep_{grid['name']}"
   out.mkdir(parents=True, exist_ok=True)
   records, missing = _records(grid, root, results)
@@ -287,6 +358,7 @@ def collect(grid: dict, root, results, plots: bool = True, log=print) -> dict:
     out / "table.json",
     {"grid": grid["name"], "environment": environment(), "missing": missing, "table": tab},
   )
+  sweep_stats.write(grid, results)  # significant.md, from the committed per-run JSON
   pngs = plot_curves(grid, records, out) if plots and records else []
   log(f"[sweep] {out}: {len(records)} runs, {len(missing)} missing, {len(pngs)} plots")
   return {"table": tab, "missing": missing, "plots": [str(p) for p in pngs], "dir": out}

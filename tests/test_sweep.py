@@ -1,14 +1,17 @@
 """The sweep runner on a miniature grid (checks that it works, not results): every run goes
 through `nio_jax.experiment.train_run`; the table, per-run JSON and plots are written; a
-re-run skips finished runs; an interrupted run starts afresh. Also: the issue-13 grid's
-configs all validate, with the protocol's numbers."""
+re-run skips finished runs (also from their committed JSON alone); an interrupted run starts
+afresh; each record carries its optimiser recipe and quiet verdict. Also: the issue-13/14
+grid's configs all validate, with the protocol's numbers."""
 
+import copy
 import json
 import shutil
 
 import pytest
 
 from benchmarks import sweep
+from nio_jax import methods
 from nio_jax.config import base_config, method_config
 
 
@@ -75,6 +78,13 @@ def test_mini_sweep_end_to_end_and_resume(tmp_path):
   assert rec["search_steps"] == 2 and rec["search_seconds"] > 0
   assert rec["train_seconds"] > 0 and rec["eval_seconds"] > 0 and rec["search_rel_step"] > 0
   assert rec["before"]["gc"] != rec["after"]["gc"]
+  # The recipe that ran (an MLP: the no-norm recipe) and the run's quiet verdict.
+  assert rec["recipe"]["name"] == "no_norm" and rec["recipe"]["grad_clip_norm"] == 1.0
+  assert rec["recipe"]["slow_lr_factor"] == 0.1 and rec["recipe"]["weight_decay"] == 1e-4
+  q = rec["quiet"]
+  assert q["verdict"] in ("QUIET", "NOISY") and 0.0 <= q["other_cpu_share"] <= 1.0
+  assert q["threshold"] == 0.05 and q["wall_s"] > 0 and q["own_cpu_s"] > 0
+  assert (q["verdict"] == "NOISY") == (q["other_cpu_share"] > 0.05)
   # GradInit with lookahead "thirds" takes one batch per step: 2 steps, 2 batches.
   gi = json.loads((root / "test_mini/mlp/gradinit/seed0/init_history.json").read_text())
   assert gi["num_batches"] == 2
@@ -87,8 +97,12 @@ def test_mini_sweep_end_to_end_and_resume(tmp_path):
   assert (d / "mlp_curves.png").stat().st_size > 1000
   mtime = (root / "test_mini/mlp/nio/seed0/run_record.json").stat().st_mtime_ns
 
-  # Re-run: every run is skipped; an unfinished run (no record) starts again from scratch.
+  assert (d / "significant.md").read_text().startswith("# Sweep `test_mini`")
+
+  # Re-run: every run is skipped; an unfinished run (no record, and so no committed JSON)
+  # starts again from scratch.
   (root / "test_mini/mlp/kaiming/seed1/run_record.json").unlink()
+  (d / "runs" / "mlp__kaiming__seed1.json").unlink()
   out2 = sweep.run_grid(grid, root, res, plots=False, log=lambda *_: None)
   assert out2["statuses"] == ["skipped", "finished"] + ["skipped"] * 4
   assert (root / "test_mini/mlp/nio/seed0/run_record.json").stat().st_mtime_ns == mtime
@@ -96,11 +110,49 @@ def test_mini_sweep_end_to_end_and_resume(tmp_path):
   assert again["resumed"] is False and again["step"] == 6
 
   # A fresh clone has the committed per-run JSON but no run directories: collect still
-  # builds the whole table from them.
+  # builds the whole table from them, and the sweep skips those runs (adding seeds to a
+  # grid runs only the new ones).
   shutil.rmtree(root)
   col = sweep.collect(grid, root, res, plots=False, log=lambda *_: None)
   assert not col["missing"] and col["table"]["mlp"]["nio"]["seeds"] == [0, 1]
   assert col["table"]["mlp"]["kaiming"]["acc@2"] == out2["table"]["mlp"]["kaiming"]["acc@2"]
+  out3 = sweep.run_grid(grid, root, res, plots=False, log=lambda *_: None)
+  assert out3["statuses"] == ["skipped"] * 6 and not root.exists()
+  # ... unless the committed record is another config's (here: another method's).
+  other = copy.deepcopy(grid)
+  other["cells"][0]["config"].name = "mini_other"
+  assert sweep._committed_record(res, other, other["cells"][0], 0) is None
+  assert sweep._committed_record(res, grid, grid["cells"][0], 0)["seed"] == 0
+
+
+def test_quiet_verdict_follows_the_quiet_tool_rule():
+  """Other processes above 5 % of the machine: NOISY; unmeasured (no /proc/stat): None."""
+  base = dict(cores=2, wall_s=10.0, own_cpu_s=9.0, load_before=None, load_after=None)
+  q = sweep.quiet_verdict({**base, "other_share": 0.04, "other_cpu_s": 0.8, "noisy": False})
+  assert (q["verdict"], q["other_cpu_share"], q["threshold"]) == ("QUIET", 0.04, 0.05)
+  q = sweep.quiet_verdict({**base, "other_share": 0.06, "other_cpu_s": 1.2, "noisy": True})
+  assert q["verdict"] == "NOISY" and q["other_cpu_s"] == 1.2
+  q = sweep.quiet_verdict({**base, "other_share": None, "other_cpu_s": None, "noisy": None})
+  assert q["verdict"] is None and q["other_cpu_share"] is None
+
+
+def test_logged_recipe_reads_the_trainers_config_record(tmp_path):
+  """The recipe in a run's record comes from the first `config` line of `metrics.jsonl`."""
+  from nio_jax.train import default_config, logged_recipe
+
+  c = default_config().to_dict()
+  path = tmp_path / "metrics.jsonl"
+  assert logged_recipe(path) is None
+  line = {"type": "config", "step": 0, "no_norm_recipe": False, "grad_clip_norm": None}
+  path.write_text(json.dumps({**line, "config": {**c, "lr": 0.1}}) + "\n")
+  r = logged_recipe(path)
+  assert (r["name"], r["lr"], r["weight_decay"]) == ("norm", 0.1, 1e-4)
+  assert r["slow_lr_factor"] is None and r["grad_clip_norm"] is None
+  line.update(no_norm_recipe=True, grad_clip_norm=1.0)
+  path.write_text(json.dumps({**line, "config": c}) + "\n" + '{"type": "train", "step": 5}\n')
+  r = logged_recipe(path)
+  assert (r["name"], r["slow_lr_factor"], r["grad_clip_norm"]) == ("no_norm", 0.1, 1.0)
+  assert r["lr"] == c["base_lr"] * c["batch_size"] / c["lr_reference_batch"]
 
 
 def test_fmnist_grid_follows_the_protocol():
@@ -108,21 +160,41 @@ def test_fmnist_grid_follows_the_protocol():
   cells = {(c["model"], c["method"]): c for c in grid["cells"]}
   assert [c["model"] for c in grid["cells"]][0] == "mlp20"  # cheapest first
   assert ("mlp20", "fixup") not in cells and ("resnet32_nobn", "fixup") in cells
+  assert ("vgg19_bn", "fixup") not in cells
+  models_ = list(dict.fromkeys(c["model"] for c in grid["cells"]))
+  assert models_ == ["mlp20", "vit_mini", "resnet32_nobn", "vgg19_nobn", "vgg19_bn"]
+  lsuv = "lsuv" in methods.available_methods()
+  for model in models_:
+    assert ((model, "lsuv") in cells) == lsuv
+    assert {"kaiming", "warmup", "metainit", "gradinit", "nio"} <= {
+      m for mod, m in cells if mod == model
+    }
+  seeds = {"mlp20": 5, "resnet32_nobn": 8}
   for (model, method), cell in cells.items():
     cfg = sweep.run_config(cell, 0)
     assert cfg.data.train_subset is None and cfg.data.batch_size == 128
     assert tuple(cfg.eval.steps) == (50, 100, 200) and cfg.eval.subset == 2000
     assert cfg.train.lr == 0.1 and cfg.train.schedule == "constant"
-    assert len(cell["seeds"]) == (5 if model == "mlp20" else 3)
+    assert cfg.train.weight_decay == 1e-4 and cfg.train.get("no_norm_recipe") is None
+    assert cell["seeds"] == list(range(seeds.get(model, 3)))
     assert cfg.max_steps == (None if model == "mlp20" else 300)
     if method in ("metainit", "gradinit", "nio"):
       assert cfg.init.config.num_steps == 100 and cfg.init.batch_size == 64
+    if method == "nio":  # the batch setting (NIOConfig default), also on the BN net
+      assert method_config(cfg).num_chunks == 4
+    if method == "lsuv":  # one real batch; the orthonormal draw follows the run's seed
+      assert cfg.init.data == "real" and method_config(sweep.run_config(cell, 2)).seed == 2
     if method == "metainit":  # the paper's listing on Gaussian inputs drawn per seed
       assert cfg.init.data == "random"
       mcfg = method_config(sweep.run_config(cell, 2))
       assert (mcfg.variant, mcfg.lr, mcfg.seed) == ("sign_momentum", None, 2)
     if method == "warmup":
       assert round(cfg.train.warmup_epochs * 468) == 100
+  bn = cells[("vgg19_bn", "gradinit")]["config"]
+  assert bn.model.name == "vgg19_bn" and dict(bn.model.kwargs) == {"width_mult": 0.125}
+  assert bn.init.recipe == "vgg19_bn" and bn.data.pad_to_32
+  assert cells[("vgg19_nobn", "gradinit")]["config"].init.recipe == "vgg19"
+  assert cells[("resnet32_nobn", "gradinit")]["config"].init.recipe == "resnet110"
   assert cells[("mlp20", "kaiming")]["config"].model.kwargs.dense_init == "he_normal"
   assert len(cells[("mlp20", "kaiming")]["config"].model.kwargs.hidden) == 19
 
