@@ -17,12 +17,12 @@
     on every leaf except the BN scales and biases.
 * Models: 20-layer ReLU MLP (19 hidden layers of 256 + the classifier), He-normal fan-in
   dense init, 3 epochs (1,404 steps; Acc_1/2/3 at the epoch ends), 5 seeds; ResNet-32
-  without BN, width 8, unrolled, 8 seeds (issue 14 added seeds 3-7 to the first 3); VGG-19
-  without BN x1/8; VGG-19 with BN x1/8 (issue 14); vit_mini dim 64 depth 4, no warmup: 300
+  without BN, width 8, unrolled, 8 seeds (issue 23 added seeds 3-7 to the first 3); VGG-19
+  without BN x1/8; VGG-19 with BN x1/8 (issue 23); vit_mini dim 64 depth 4, no warmup: 300
   steps each, 3 seeds. The CNNs see the images zero-padded to 32x32.
 * Methods: kaiming (the model's own init); warmup (linear over the first 100 steps);
   fixup (ResNet without BN only); metainit, gradinit and nio with 100 search steps each at
-  B = 64 (GradInit: 2 x 64 per step); lsuv (issue 14; only while `nio_jax.methods` registers
+  B = 64 (GradInit: 2 x 64 per step); lsuv (issue 23; only while `nio_jax.methods` registers
   it) with its `LSUVConfig` defaults (the `lsuv` package's) on one real batch of 64, its
   orthonormal draw seeded by the run's seed. Otherwise their released hyper-parameters:
   NIO the `NIOConfig` defaults (the batch setting, D = 4 sub-batches, as the released code
