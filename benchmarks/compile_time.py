@@ -12,7 +12,7 @@ is initialised or run. Optionally (``--nio``) the same for one NIO search step
     python -m benchmarks.compile_time --depths 20,56 --norms none --no-unrolled
 
 The registry's default layout is the scanned one on every backend (``scan=True``); on XLA:CPU
-the training and NIO steps canonicalise their convolutions (``per_example.canonical_convs``),
+the training and NIO steps canonicalise their convolutions (``jaxpr_rewrites.canonical_convs``),
 which makes the scanned layout's step as fast as the unrolled one. NIO-step compile time of
 ResNet-110 and ResNet-1202 in the default (scanned) layout:
 
@@ -29,7 +29,7 @@ Results: ``benchmarks/results/compile_time_<platform>.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
+import datetime
 import json
 import os
 import platform
@@ -45,7 +45,7 @@ import flax  # noqa: E402
 
 from benchmarks import rerender  # noqa: E402
 from nio_jax import models  # noqa: E402
-from nio_jax.per_example import canonical_convs  # noqa: E402
+from nio_jax.jaxpr_rewrites import canonical_convs  # noqa: E402
 
 
 def _abstract_variables(model, batch, dtype):
@@ -193,7 +193,7 @@ def main(argv=None):
     dtype=str(dtype),
     input_shape=[32, 32, 3],
     what="jax.jit(value_and_grad(mean CE)).lower(abstract args) then .compile(); seconds",
-    date=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     command=" ".join(
       ["python -m benchmarks.compile_time", *(argv if argv is not None else sys.argv[1:])]
     ),

@@ -16,7 +16,7 @@ and `.md`, with the device, versions, model, batch, dtype and the load average b
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
+import datetime
 import json
 import os
 import platform
@@ -94,7 +94,7 @@ def main(argv=None):
     steps=args.steps,
     num_chunks=num_chunks,
     reps=args.reps,
-    date=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
   )
 
   def run(on_device: bool) -> float:

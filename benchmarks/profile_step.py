@@ -151,16 +151,16 @@ def profile_jax(fn, args, reps: int) -> dict:
   """Compile, warm up, then profile `reps` calls of a jitted `fn`."""
   import jax
 
-  from nio_jax.bench.engine import _block
+  from nio_jax.bench.timing import block
 
   compiled = fn.lower(*args).compile()
-  _block(compiled(*args))
+  block(compiled(*args))
   instrs = hlo_index(compiled.as_text())
   with tempfile.TemporaryDirectory() as d:
     t0 = time.perf_counter()
     with jax.profiler.trace(d, create_perfetto_trace=True):
       for _ in range(reps):
-        _block(compiled(*args))
+        block(compiled(*args))
     wall = (time.perf_counter() - t0) / reps
     events = trace_events(pathlib.Path(d))
   out = summarise(events, instrs, reps)
@@ -247,15 +247,15 @@ def main(argv=None) -> dict:
 
   import jax
 
-  from nio_jax.bench import engine, machine
+  from nio_jax.bench import machine, report, workloads
 
   backend = jax.default_backend()
-  spec = engine.build(a.model, a.batch)
-  forms_sw, forms_b = engine.default_formulations(backend, spec)
+  spec = workloads.build(a.model, a.batch)
+  forms_sw, forms_b = workloads.default_formulations(backend, spec)
   tctx = None
   if not a.no_torch:
-    tdev, _ = engine.torch_device(backend)
-    tctx = engine.build_torch(spec, tdev) if tdev else None
+    tdev, _ = workloads.torch_device(backend)
+    tctx = workloads.build_torch(spec, tdev) if tdev else None
   res = dict(
     model=a.model,
     batch=a.batch,
@@ -263,7 +263,7 @@ def main(argv=None) -> dict:
     command="python -m benchmarks.profile_step " + " ".join(argv or sys.argv[1:]),
     versions={
       k: v
-      for k, v in engine.environment().items()
+      for k, v in report.environment().items()
       if k in ("python", "jax", "jaxlib", "flax", "torch", "torch_threads", "xla_flags")
     },
     cores=machine.cores(),
@@ -272,8 +272,8 @@ def main(argv=None) -> dict:
   )
   for part in a.parts.split(","):
     try:
-      jfns, torch_fn = engine.part_fns(part, spec, forms_sw[:1], forms_b[:1], tctx)
-    except engine.PartSkipped as e:
+      jfns, torch_fn = workloads.part_fns(part, spec, forms_sw[:1], forms_b[:1], tctx)
+    except workloads.PartSkipped as e:
       print(f"[profile] {part}: skipped ({e})", flush=True)
       continue
     form, (fn, args) = next(iter(jfns.items()))

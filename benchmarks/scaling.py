@@ -18,7 +18,7 @@ batch, dtype, per-configuration times).
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
+import datetime
 import json
 import os
 import platform
@@ -42,10 +42,7 @@ from benchmarks import rerender  # noqa: E402
 from nio_jax import distributed, models  # noqa: E402
 from nio_jax import scales as scmod
 from nio_jax.flax_utils import linen_loss_fn  # noqa: E402
-from nio_jax.train import (
-  default_config,  # noqa: E402
-  trainer,  # noqa: E402
-)
+from nio_jax.train import TrainState, build_steps, default_config  # noqa: E402
 
 
 def timeit(fn, repeats):
@@ -130,16 +127,9 @@ def main(argv=None):
   cfg = default_config()
   cfg.batch_size, cfg.progress, cfg.plots = args.batch, False, False
   has_bs = bool(variables.get("batch_stats"))
-  train_step, _, tx, _ = trainer.build_steps(model, cfg, 100, has_bs, not has_bs)
-  state = {
-    "step": jnp.zeros((), jnp.int32),
-    "params": params,
-    "opt_state": tx.init(params),
-    "rng": jax.random.key_data(jax.random.key(0)),
-    "bad_step": jnp.full((), -1, jnp.int32),
-  }
-  if has_bs:
-    state["batch_stats"] = variables["batch_stats"]
+  steps = build_steps(model, cfg, 100, has_bs, not has_bs)
+  train_step = steps.train_step
+  state = TrainState.create(variables, steps.tx, 0)
   acc = jnp.zeros((2, 3), jnp.float32)
 
   rows = []
@@ -166,7 +156,7 @@ def main(argv=None):
   import optax
 
   meta = {
-    "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     "platform": jax.default_backend(),
     "device_kind": jax.devices()[0].device_kind,
     "device_count": jax.device_count(),

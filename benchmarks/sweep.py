@@ -5,7 +5,7 @@
     python -m benchmarks.sweep --grid fmnist --collect    # only rebuild table and plots
 
 A grid (`configs/sweep_<name>.py:get_grid()`) is `{"name", "eval_steps", "cells"}`; a cell is
-`{"model", "method", "seeds", "config"}` with a config of `nio_jax.config.base_config()`.
+`{"model", "method", "seeds", "config"}` with a config of `nio_jax.experiment_config.base_config()`.
 The runs go one at a time, cell after cell in the grid's order, all seeds of a cell in a row
 (the cell's search and train steps compile once: the experiment driver shares the loss
 function and the trainer caches its step). Every run lives in
@@ -44,9 +44,9 @@ import time
 import numpy as np
 
 from benchmarks import sweep_stats
-from nio_jax import experiment, methods
+from nio_jax import experiment, files, methods
 from nio_jax.bench import machine
-from nio_jax.config import validate_config
+from nio_jax.experiment_config import validate_config
 from nio_jax.reports import pyplot, save_figure
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -91,12 +91,12 @@ def _result_path(results, grid: dict, cell: dict, seed: int) -> pathlib.Path:
   return pathlib.Path(results) / f"sweep_{grid['name']}" / "runs" / name
 
 
-def _committed_record(results, grid: dict, cell: dict, seed: int) -> dict | None:
+def committed_record(results, grid: dict, cell: dict, seed: int) -> dict | None:
   """The committed per-run JSON of this run when it is finished and is this cell's run (same
   config name, model, method and seed), else None."""
   if results is None:
     return None
-  rec = experiment.read_json(_result_path(results, grid, cell, seed))
+  rec = files.read_json(_result_path(results, grid, cell, seed))
   if not rec or not rec.get("finished"):
     return None
   cfg = cell["config"]
@@ -138,15 +138,15 @@ def run_one(grid: dict, cell: dict, seed: int, root, results, log=print) -> dict
 
   A run is finished when its run directory's `run_record.json` says so or, on a machine
   without that directory (a fresh clone), when its committed per-run JSON does (see
-  :func:`_committed_record`). The record stores the run's wall times and its quiet verdict
+  `committed_record`). The record stores the run's wall times and its quiet verdict
   (`quiet`, :func:`quiet_verdict`).
   """
   wd = run_dir(root, grid, cell, seed)
   tag = f"{cell['model']}/{cell['method']}/seed{seed}"
   if experiment.is_finished(wd):
     log(f"[sweep] skip {tag} (finished)")
-    return {**experiment.read_json(wd / experiment.RECORD), "skipped": True}
-  committed = _committed_record(results, grid, cell, seed)
+    return {**files.read_json(wd / files.RUN_RECORD), "skipped": True}
+  committed = committed_record(results, grid, cell, seed)
   if committed is not None:
     log(f"[sweep] skip {tag} (finished, committed record)")
     return {**committed, "skipped": True}
@@ -159,10 +159,10 @@ def run_one(grid: dict, cell: dict, seed: int, root, results, log=print) -> dict
   rec = {**rec, "cell_model": cell["model"], "cell_method": cell["method"]}
   rec["run_seconds"] = time.perf_counter() - t0
   rec["quiet"] = quiet_verdict(window.record())
-  experiment.write_json(wd / experiment.RECORD, rec)
+  files.write_json(wd / files.RUN_RECORD, rec)
   out = _result_path(results, grid, cell, seed)
   out.parent.mkdir(parents=True, exist_ok=True)
-  experiment.write_json(out, rec)
+  files.write_json(out, rec)
   log(
     f"[sweep] done {tag}: {rec['status']}, acc {rec['acc_steps']} final "
     f"{rec['final_test_acc']}; search {rec.get('search_seconds') or 0:.1f}s train "
@@ -198,9 +198,9 @@ def _records(grid, root, results=None) -> tuple[list[dict], list[str]]:
   recs, missing = [], []
   for cell in grid["cells"]:
     for seed in cell["seeds"]:
-      r = experiment.read_json(run_dir(root, grid, cell, seed) / experiment.RECORD)
+      r = files.read_json(run_dir(root, grid, cell, seed) / files.RUN_RECORD)
       if (r is None or not r.get("finished")) and results is not None:
-        r = experiment.read_json(_result_path(results, grid, cell, seed))
+        r = files.read_json(_result_path(results, grid, cell, seed))
       if r is None or not r.get("finished"):
         missing.append(f"{cell['model']}/{cell['method']}/seed{seed}")
       else:
@@ -295,14 +295,14 @@ def plot_curves(grid: dict, records: list[dict], out: pathlib.Path) -> list[path
   """One PNG per model: test accuracy against step per method, mean ± std bands."""
   plt = pyplot()
   paths = []
-  methods = list(dict.fromkeys(c["method"] for c in grid["cells"]))
-  colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+  method_names = list(dict.fromkeys(c["method"] for c in grid["cells"]))
+  colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(method_names)}
   for model in dict.fromkeys(c["model"] for c in grid["cells"]):
     rs = [r for r in records if r["cell_model"] == model]
     if not rs:
       continue
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for method in methods:
+    for method in method_names:
       mr = [r for r in rs if r["cell_method"] == method]
       if not mr:
         continue
@@ -354,7 +354,7 @@ def collect(grid: dict, root, results, plots: bool = True, log=print) -> dict:
   records, missing = _records(grid, root, results)
   tab = table(grid, records)
   (out / "table.md").write_text(markdown(grid, tab, missing))
-  experiment.write_json(
+  files.write_json(
     out / "table.json",
     {"grid": grid["name"], "environment": environment(), "missing": missing, "table": tab},
   )
@@ -378,8 +378,8 @@ def run_grid(
   root,
   results,
   *,
-  models=None,
-  methods=None,
+  only_models=None,
+  only_methods=None,
   plots: bool = True,
   commit: bool = False,
   log=print,
@@ -387,7 +387,9 @@ def run_grid(
   """Runs (or resumes) every cell in order, collecting after each cell."""
   statuses = []
   for cell in grid["cells"]:
-    if (models and cell["model"] not in models) or (methods and cell["method"] not in methods):
+    if (only_models and cell["model"] not in only_models) or (
+      only_methods and cell["method"] not in only_methods
+    ):
       continue
     for seed in cell["seeds"]:
       rec = run_one(grid, cell, seed, root, results, log=log)
@@ -454,8 +456,8 @@ def main(argv=None):
     grid,
     a.root,
     a.results,
-    models=a.models,
-    methods=a.methods,
+    only_models=a.models,
+    only_methods=a.methods,
     plots=not a.no_plots,
     commit=a.commit,
   )

@@ -41,7 +41,7 @@ import numpy as np
 import jax, jax.numpy as jnp, optax
 jax.config.update("jax_enable_x64", True)
 from nio_jax import models
-from nio_jax.per_example import canonical_convs
+from nio_jax.jaxpr_rewrites import canonical_convs
 
 name, batch, reps, norm = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 m = models.get(name, norm=norm)
@@ -102,9 +102,9 @@ def main(argv=None) -> int:
   ap.add_argument("--norms", default="none,bn")
   ap.add_argument("--out", default=str(RESULTS))
   a = ap.parse_args(argv)
-  from nio_jax.bench import engine, machine
+  from nio_jax.bench import machine, report
 
-  env = engine.environment()
+  env = report.environment()
   rows = []
   for norm in a.norms.split(","):
     with machine.CpuWindow() as win:

@@ -13,7 +13,7 @@ settings) unless an experiment sets one. On its own (cnn_small: the schema's def
 
 import math
 
-from nio_jax.config import base_config
+from nio_jax.experiment_config import base_config
 
 TRAIN_SIZE = 50_000  # training images of CIFAR-10 and CIFAR-100
 

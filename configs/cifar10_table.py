@@ -26,7 +26,7 @@ Init methods:
     objective gc_gn_sqrt); the GradInit table has no NIO column (published = None).
 """
 
-from nio_jax.config import config_module
+from nio_jax.experiment_config import config_module
 
 ROWS = {
   # row: (label, registry model, model kwargs, GradInit recipe)

@@ -16,7 +16,7 @@ released settings (B = 64, D = 4, r = 0.2, γ = 10, lr 3e-3, 100 steps). Trainin
 recipe (`nio_jax.train.default_config()`, 200 epochs, batch 128, cosine, cutout).
 """
 
-from nio_jax.config import config_module
+from nio_jax.experiment_config import config_module
 
 MODELS = {
   # name: (registry model, kwargs, GradInit recipe)

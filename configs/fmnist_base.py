@@ -11,7 +11,7 @@ experiment sets one. On its own it runs NIO with the released settings:
     nio-jax init --config configs/fmnist_base.py
 """
 
-from nio_jax.config import base_config
+from nio_jax.experiment_config import base_config
 
 
 def get_config():

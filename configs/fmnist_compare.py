@@ -16,7 +16,7 @@ This net without normalisation is where a learned init shows most clearly in the
 50 against NIO's 62.5 % and GradInit's 50.5 %.
 """
 
-from nio_jax.config import config_module
+from nio_jax.experiment_config import config_module
 
 SEARCH_STEPS = {"nio": 40, "gradinit": 25}
 TRAIN_STEPS = 150

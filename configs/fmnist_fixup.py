@@ -5,7 +5,7 @@ no-norm recipe), 1 epoch on the first 10,000 training images:
     nio-jax train --config configs/fmnist_fixup.py
 """
 
-from nio_jax.config import config_from
+from nio_jax.experiment_config import config_from
 
 
 def get_config():

@@ -5,7 +5,7 @@ fresh half B2), then the same training as configs/fmnist_nio.py:
     nio-jax train --config configs/fmnist_gradinit.py
 """
 
-from nio_jax.config import config_from
+from nio_jax.experiment_config import config_from
 
 
 def get_config():

@@ -4,7 +4,7 @@ as configs/fmnist_nio.py (the baseline to compare with):
     nio-jax train --config configs/fmnist_kaiming.py
 """
 
-from nio_jax.config import config_from
+from nio_jax.experiment_config import config_from
 
 
 def get_config():

@@ -5,7 +5,7 @@ the ≥2-dim weights, lr 0.1, momentum 0.9) on random Gaussian inputs with rando
     nio-jax train --config configs/fmnist_metainit.py
 """
 
-from nio_jax.config import config_from
+from nio_jax.experiment_config import config_from
 
 
 def get_config():

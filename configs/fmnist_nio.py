@@ -15,7 +15,7 @@ the released update (RescaleAdam, objective gc_gn_sqrt); γ = 5 suits this small
 Training: the repository's SGD recipe (no-norm model: biases at lr/10, clip 1), 1 epoch.
 """
 
-from nio_jax.config import config_from
+from nio_jax.experiment_config import config_from
 
 
 def get_config():

@@ -17,7 +17,7 @@ notes do not record the NIO paper's exact schedule). Data: TFDS `imagenet2012`
 so full-speed training needs a faster input pipeline (docs/training.md).
 """
 
-from nio_jax.config import base_config
+from nio_jax.experiment_config import base_config
 
 
 def get_config(arg: str | None = None):

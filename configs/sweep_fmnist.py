@@ -44,7 +44,7 @@ the new runs.
 import copy
 
 from nio_jax import methods as init_methods
-from nio_jax.config import config_from
+from nio_jax.experiment_config import config_from
 
 SEARCH_STEPS = 100
 STEPS_PER_EPOCH = 468  # 60,000 // 128

@@ -15,7 +15,7 @@ lr 3e-3, 100 steps). GradInit (Adam variant): the IWSLT transformer recipe (η =
 thirds of each batch of 96 (780 iterations).
 """
 
-from nio_jax.config import config_from
+from nio_jax.experiment_config import config_from
 
 ARMS = ("nio", "kaiming", "kaiming_warmup", "gradinit_adam")
 

@@ -8,19 +8,25 @@ all selected parameter leaves) with norms `n_i = ‖g_i‖` and unit vectors `u_
 so neither the D×D cosine matrix nor a flattened copy of the gradients is ever built.
 `D = B` in the sample-wise setting; `D = num_chunks` in the batch setting.
 
-Everything here is differentiable with respect to `params` (the NIO search differentiates
-through it: second-order autodiff through the per-example gradients).
+The statistics (`gradcosine_stats`, `compute_stats`) are differentiable with respect to
+`params` (the NIO search differentiates through them: second-order autodiff through the
+per-example gradients). `gradcosine` checks its inputs and runs the compiled statistics
+(`stats_step`); `measure` averages them over batches (the before/after reports).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from nio_jax import errors, per_example
+from nio_jax import checks, errors, formulation, leaves, per_example, search
+from nio_jax.formulation import Formulation
+from nio_jax.step_cache import StepCache
 
 PyTree = Any
 
@@ -50,69 +56,69 @@ def safe_sqrt(x):
   return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
 
 
+def unit_sum(grads) -> tuple[list[jax.Array], jax.Array]:
+  """The first step of GradCosine: `(Σ_i u_i per leaf, norms)` of a stack of gradients.
+
+  Every leaf of `grads` has the leading axis D (one row per gradient; any D, no check);
+  `u_i = g_i / ‖g_i‖` over all leaves, and a zero gradient gives a zero unit vector (no NaN).
+  Sums of unit vectors over disjoint sets of rows add up, so the sharded statistics
+  (`nio_jax.distributed.samplewise_stats`) `psum` them before `gc_from_unit_sum`.
+  """
+  grad_leaves = jax.tree_util.tree_leaves(grads)
+  d = grad_leaves[0].shape[0]
+  rows = [
+    jnp.reshape(g.astype(jnp.promote_types(g.dtype, jnp.float32)), (d, -1)) for g in grad_leaves
+  ]
+  norms = safe_sqrt(sum(jnp.sum(g**2, axis=1) for g in rows))
+  inv = jnp.where(norms > 0, 1.0 / jnp.where(norms > 0, norms, 1.0), 0.0)
+  return [jnp.tensordot(inv, g, axes=1) for g in rows], norms
+
+
+def gc_from_unit_sum(usum: list[jax.Array], d) -> jax.Array:
+  """The finishing step of GradCosine: `(‖Σ_i u_i‖² − D) / (D(D−1))` from `unit_sum`'s sums."""
+  return (sum(jnp.sum(u**2) for u in usum) - d) / (d * (d - 1))
+
+
 def gc_from_grads(grads: list | PyTree) -> tuple[jax.Array, jax.Array]:
   """(GC, norms) of a stack of gradients: every leaf has the leading axis D ≥ 2.
 
-  Uses the identity GC = (‖Σ u_i‖² − D)/(D(D−1)). A zero gradient gives a zero unit vector
-  (no NaN); callers report it through `grad_norms == 0`. Checks shapes only, so it composes
-  with `jit`, `vmap` and `grad`.
+  Uses the identity GC = (‖Σ u_i‖² − D)/(D(D−1)) (`unit_sum`, then `gc_from_unit_sum`). A
+  zero gradient gives a zero unit vector (no NaN); callers report it through
+  `grad_norms == 0`. Checks shapes only, so it composes with `jit`, `vmap` and `grad`.
   """
-  d = errors.check_grad_stack(grads)
-  leaves = jax.tree_util.tree_leaves(grads)
-  f32 = lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  sq = sum(jnp.sum(jnp.reshape(f32(g), (d, -1)) ** 2, axis=1) for g in leaves)
-  norms = safe_sqrt(sq)
-  inv = jnp.where(norms > 0, 1.0 / jnp.where(norms > 0, norms, 1.0), 0.0)
-  usum_sq = sum(
-    jnp.sum(jnp.tensordot(inv, jnp.reshape(f32(g), (d, -1)), axes=1) ** 2) for g in leaves
-  )
-  gc = (usum_sq - d) / (d * (d - 1))
-  return gc, norms
+  d = checks.check_grad_stack(grads)
+  usum, norms = unit_sum(grads)
+  return gc_from_unit_sum(usum, d), norms
 
 
 def gc_brute_force(grads) -> jax.Array:
   """Reference form: the mean off-diagonal entry of the explicit D×D cosine matrix."""
-  leaves = jax.tree_util.tree_leaves(grads)
-  d = leaves[0].shape[0]
-  flat = jnp.concatenate([jnp.reshape(g, (d, -1)) for g in leaves], axis=1)
+  grad_leaves = jax.tree_util.tree_leaves(grads)
+  d = grad_leaves[0].shape[0]
+  flat = jnp.concatenate([jnp.reshape(g, (d, -1)) for g in grad_leaves], axis=1)
   norms = jnp.linalg.norm(flat, axis=1)
   cos = (flat @ flat.T) / (norms[:, None] * norms[None, :])
   return (jnp.sum(cos) - jnp.trace(cos)) / (d * d - d)
 
 
-def _stats(loss_fn, params, batch, num_chunks, overlap, wrt, pullback, conv, chunk_size):
-  # "auto" is resolved here, at trace time, because the batch setting's choice depends on the
-  # loss (`resolve_for_loss`); a compiled `stats_jit` has it resolved once.
-  pullback, conv = resolve_for_loss(loss_fn, params, batch, num_chunks, pullback, conv)
+def compute_stats(
+  loss_fn, params, batch, form: Formulation, *, num_chunks=None, overlap=0.0, wrt=None
+) -> GCStats:
+  """`GCStats` with a resolved formulation (`nio_jax.formulation.resolve_formulation`).
+
+  Traceable and differentiable; no host-side checks. `form` is the setting's: sample-wise
+  when `num_chunks` is None, else the batch setting of D = `num_chunks` sub-batches with
+  overlap ratio `overlap`.
+  """
   if num_chunks is None:
-    losses, grads = per_example.sample_grads_selected(
-      loss_fn, params, batch, wrt, pullback, conv, chunk_size
-    )
+    losses, grads = per_example.sample_grads_selected(loss_fn, params, batch, form, wrt)
   else:
     losses, grads = per_example.subbatch_grads_selected(
-      loss_fn, params, batch, num_chunks, overlap, wrt, pullback, conv
+      loss_fn, params, batch, num_chunks, overlap, form, wrt
     )
   gc, norms = gc_from_grads(grads)
   loss = jnp.mean(jax.lax.stop_gradient(losses))
   return GCStats(gc=gc, grad_norms=norms, loss=loss)
-
-
-def resolve_for_loss(loss_fn, params, batch, num_chunks, pullback, conv):
-  """`per_example.resolve_formulation`, with the batch setting's "auto" pullback chosen for
-  this loss (`per_example.auto_subbatch_pullback`: "segments" where exact, on CPU)."""
-  auto = pullback in ("auto", None)
-  pullback, conv = per_example.resolve_formulation(num_chunks, pullback, conv)
-  if auto and num_chunks is not None:
-    pullback = per_example.auto_subbatch_pullback(loss_fn, params, batch)
-  return pullback, conv
-
-
-def checked_formulation(num_chunks, pullback="auto", conv="auto", impl=None):
-  """`(pullback, conv)` with the names checked and a deprecated `impl` mapped to its pair
-  (`per_example.resolve_formulation` raises on bad input), "auto" kept: `_stats` resolves it
-  for the loss when it is traced."""
-  resolved = per_example.resolve_formulation(num_chunks, pullback, conv, impl)
-  return resolved if impl is not None else (pullback or "auto", conv or "auto")
 
 
 def gradcosine_stats(
@@ -126,17 +132,43 @@ def gradcosine_stats(
   pullback="auto",
   conv="auto",
   chunk_size=None,
-  impl=None,
 ) -> GCStats:
-  """Traceable core of `gradcosine` with no host-side checks (use inside jit/grad)."""
-  pullback, conv = checked_formulation(num_chunks, pullback, conv, impl)
-  return _stats(loss_fn, params, batch, num_chunks, overlap, wrt, pullback, conv, chunk_size)
+  """Traceable core of `gradcosine` with no host-side checks (use inside jit/grad).
+
+  Resolves the formulation for this loss (`formulation.resolve_formulation`), then
+  `compute_stats`. The arguments are `gradcosine`'s.
+  """
+  form = formulation.resolve_formulation(
+    loss_fn, params, batch, num_chunks, pullback, conv, chunk_size
+  )
+  return compute_stats(
+    loss_fn, params, batch, form, num_chunks=num_chunks, overlap=overlap, wrt=wrt
+  )
 
 
-# `stats_jit(loss_fn, params, batch, num_chunks, overlap, wrt, pullback, conv, chunk_size)`:
-# the jitted statistics (`gradcosine`, `nio_jax.measure`), compiled once per loss_fn and
-# setting; `pullback` / `conv` checked (`checked_formulation`), "auto" resolved in `_stats`.
-stats_jit = jax.jit(per_example.canonical_convs(_stats), static_argnums=(0, 3, 4, 5, 6, 7, 8))
+def _stats_step(loss_fn, num_chunks, overlap, wrt, pullback, conv, chunk_size, params, batch):
+  # "auto" is resolved here, once per trace: a compiled statistics step has it resolved.
+  form = formulation.resolve_formulation(
+    loss_fn, params, batch, num_chunks, pullback, conv, chunk_size
+  )
+  stats = functools.partial(
+    compute_stats, loss_fn, form=form, num_chunks=num_chunks, overlap=overlap, wrt=wrt
+  )
+  return formulation.with_canonical_convs(stats, form)(params, batch)
+
+
+_STATS_STEPS = StepCache("gradcosine_stats", maxsize=32)
+
+
+def stats_step(loss_fn: Callable, num_chunks, overlap, wrt, pullback, conv, chunk_size):
+  """The jitted `(params, batch) -> GCStats` of one setting (`gradcosine`, `measure`).
+
+  The arguments are `gradcosine`'s, in its order. Compiled once per `loss_fn` object and
+  setting: the step is cached on all of them (`nio_jax.step_cache.StepCache`), and "auto" is
+  resolved for the loss when it is traced.
+  """
+  key = (loss_fn, num_chunks, overlap, wrt, pullback, conv, chunk_size)
+  return _STATS_STEPS.get(key, lambda: jax.jit(functools.partial(_stats_step, *key)))
 
 
 def gradcosine(
@@ -151,7 +183,6 @@ def gradcosine(
   conv: str = "auto",
   chunk_size: int | None = None,
   check: bool = True,
-  impl: str | None = None,
 ) -> GCStats:
   """GradCosine of `loss_fn` at `params` on `batch`, and the gradient norms it uses.
 
@@ -166,15 +197,14 @@ def gradcosine(
       enter the cosine (the released NIO code uses conv/dense/layer-norm weights and biases,
       `nio_jax.leaves.LeafKinds.grad_filter`, what the searches pass). `None` selects every
       leaf.
-    pullback: how the D gradients are pulled back, see `per_example.SAMPLE_PULLBACKS` /
-      `SUBBATCH_PULLBACKS`; "auto" = `per_example.default_formulation`.
-    conv: how convolutions are evaluated, one of `per_example.CONVS` or "auto".
+    pullback: how the D gradients are pulled back, see `formulation.SAMPLE_PULLBACKS` /
+      `SUBBATCH_PULLBACKS`; "auto" = the backend's measured default
+      (`formulation.resolve_formulation`).
+    conv: how convolutions are evaluated, one of `formulation.CONVS` or "auto".
     chunk_size: sample-wise only: process this many examples (or rows) at a time.
     check: check the inputs (on concrete values only) and, when the result is concrete,
       raise `ZeroGradientError` if a gradient is zero (its cosine is undefined). Inside
       `jit` / `vmap` / `grad` the value checks skip themselves, so the defaults compose.
-    impl: deprecated single-string form of earlier versions (`per_example.LEGACY_IMPLS`);
-      mapped to `(pullback, conv)` with a `DeprecationWarning`.
 
   Returns:
     `GCStats(gc, grad_norms, loss)`. Differentiable w.r.t. `params`, and usable under
@@ -185,20 +215,26 @@ def gradcosine(
     ValueError: bad input, an unknown or invalid pullback / conv (the message names the
       option and its valid values), or pullback="segments" with cross-example coupling.
   """
-  b = errors.check_batch(batch) if check else errors.batch_size(batch)
-  errors.check_chunks(b, num_chunks, overlap)
-  pullback, conv = checked_formulation(num_chunks, pullback, conv, impl)
+  b = checks.check_batch(batch) if check else checks.batch_size(batch)
+  checks.check_chunks(b, num_chunks, overlap)
   if check:
-    errors.check_params(params)
-    errors.check_loss_fn(loss_fn, params, batch)
-  stats = stats_jit(loss_fn, params, batch, num_chunks, overlap, wrt, pullback, conv, chunk_size)
+    checks.check_params(params)
+    checks.check_loss_fn(loss_fn, params, batch)
+  stats_fn = stats_step(loss_fn, num_chunks, overlap, wrt, pullback, conv, chunk_size)
+  stats = stats_fn(params, batch)
   if check and not isinstance(stats.gc, jax.core.Tracer):
     check_stats(stats, num_chunks)
   return stats
 
 
 def check_stats(stats: GCStats, num_chunks=None, step: int | None = None, last_good=None):
-  """Raises if the stats are unusable: zero gradients or non-finite values."""
+  """Raises if the stats are unusable: zero gradients or non-finite values.
+
+  Raises:
+    NonFiniteError: a non-finite loss, GradCosine or gradient norm (with `step` and
+      `last_good` attached).
+    ZeroGradientError: a gradient is exactly zero (its cosine is undefined).
+  """
   where = "" if step is None else f" at step {step}"
   norms = jax.device_get(stats.grad_norms)
   for name, value in (("loss", stats.loss), ("GradCosine", stats.gc), ("gradient norm", norms)):
@@ -218,3 +254,60 @@ def check_stats(stats: GCStats, num_chunks=None, step: int | None = None, last_g
       "(Fixup: run GradCosine after a first step), or a loss that ignores those examples.",
       zero,
     )
+
+
+def measure(
+  loss_fn: Callable,
+  params: PyTree,
+  batches: Iterable,
+  *,
+  num_batches: int = 10,
+  num_chunks: int | None = 4,
+  overlap: float = 0.2,
+  wrt: Any = "default",
+  pullback: str = "auto",
+  conv: str = "auto",
+  chunk_size: int | None = None,
+  show_progress: bool = False,
+) -> dict[str, float]:
+  """GradCosine and gradient norm averaged over `num_batches` batches (before/after report).
+
+  `wrt="default"` takes the conv, dense and layer-norm leaves (structure, see
+  `nio_jax.leaves`), as the search does; None takes every leaf; or pass a predicate.
+  `pullback` / `conv` are as in `gradcosine`; one compiled statistics step (`stats_step`)
+  serves every batch.
+
+  Returns a dict with `gc`, `gc_std`, `grad_norm`, `grad_norm_std`, `loss`, `num_batches`.
+  """
+  if (
+    isinstance(num_batches, bool)
+    or not isinstance(num_batches, (int, np.integer))
+    or num_batches < 1
+  ):
+    raise ValueError(f"num_batches={num_batches!r} must be an int >= 1.")
+  checks.check_params(params)
+  checks.check_optional_int("chunk_size", chunk_size)
+  checks.check_predicate("wrt", wrt, allow=("default",))
+  first, batches = search.peek(batches)
+  b = checks.check_batch(first)
+  checks.check_chunks(b, num_chunks, overlap)
+  checks.check_loss_fn(loss_fn, params, first)
+  wrt_fn = leaves.resolve_grad_filter(wrt, loss_fn, params)
+  stats_fn = stats_step(loss_fn, num_chunks, overlap, wrt_fn, pullback, conv, chunk_size)
+  rows = []
+  for (batch,) in search.progress_bar(
+    search.iterate_batches(batches, num_batches), num_batches, "measure", show_progress
+  ):
+    checks.check_batch(batch)
+    st = stats_fn(params, batch)
+    check_stats(st, num_chunks, step=len(rows))
+    rows.append((float(st.gc), float(st.grad_norm), float(st.loss)))
+  arr = np.asarray(rows)
+  return {
+    "gc": float(arr[:, 0].mean()),
+    "gc_std": float(arr[:, 0].std()),
+    "grad_norm": float(arr[:, 1].mean()),
+    "grad_norm_std": float(arr[:, 1].std()),
+    "loss": float(arr[:, 2].mean()),
+    "num_batches": int(num_batches),
+  }

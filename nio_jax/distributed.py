@@ -22,6 +22,9 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from nio_jax import checks, cosine, per_example
+from nio_jax.formulation import Formulation
+
 PyTree = Any
 AXIS = "data"
 
@@ -104,23 +107,12 @@ def initialize_multihost(**kwargs) -> None:
       raise
 
 
-def samplewise_stats(
-  loss_fn,
-  params,
-  batch,
-  mesh: Mesh,
-  *,
-  wrt=None,
-  pullback="auto",
-  conv="auto",
-  chunk_size=None,
-  impl=None,
-):
+def samplewise_stats(loss_fn, params, batch, mesh: Mesh, form: Formulation, *, wrt=None):
   """Sample-wise `GCStats` computed data-parallel with `shard_map` (traceable, differentiable).
 
   Each device computes the per-example gradients of its own examples, their norms and its
-  local `Σ_i u_i`; one `psum` gives the global `Σ_i u_i`, so
-  `GC = (‖psum(Σ u_i)‖² − B) / (B(B−1))` exactly as on one device.
+  local `Σ_i u_i` (`cosine.unit_sum`); one `psum` gives the global `Σ_i u_i`, which
+  `cosine.gc_from_unit_sum` finishes exactly as on one device.
 
   Why not leave it to GSPMD: on jax 0.10.2 / XLA:CPU, letting the partitioner shard
   `vmap(grad)` of a convolution over the batch gave wrong per-example kernel gradients
@@ -128,31 +120,26 @@ def samplewise_stats(
   tests/test_distributed.py::test_gspmd_vmap_conv_grads_are_checked). `shard_map` keeps every
   per-example computation on one device.
 
-  `pullback` / `conv` (and the deprecated `impl`) are as in `nio_jax.cosine.gradcosine`,
-  sample-wise setting.
+  Args:
+    loss_fn: `loss_fn(params, batch) -> [B]` per-example losses.
+    params: replicated parameters.
+    batch: the global batch, sharded over the mesh's `data` axis.
+    mesh: the mesh (`make_mesh`).
+    form: the resolved sample-wise formulation
+      (`nio_jax.formulation.resolve_formulation(loss_fn, params, batch, None, ...)`).
+    wrt: predicate `(path, leaf) -> bool` selecting the leaves whose gradients enter GC.
   """
-  from nio_jax import cosine, per_example
-
-  pullback, conv = per_example.resolve_formulation(None, pullback, conv, impl)
-  b = jax.tree_util.tree_leaves(batch)[0].shape[0]
+  b = checks.batch_size(batch)
 
   def local(p, bt):
-    losses, grads = per_example.sample_grads_selected(
-      loss_fn, p, bt, wrt, pullback, conv, chunk_size
-    )
-    leaves = jax.tree_util.tree_leaves(grads)
-    n = leaves[0].shape[0]
-    f32 = lambda x: jnp.reshape(x.astype(jnp.promote_types(x.dtype, jnp.float32)), (n, -1))
-    sq = sum(jnp.sum(f32(g) ** 2, axis=1) for g in leaves)
-    norms = cosine.safe_sqrt(sq)
-    inv = jnp.where(norms > 0, 1.0 / jnp.where(norms > 0, norms, 1.0), 0.0)
-    usum = [jax.lax.psum(jnp.tensordot(inv, f32(g), axes=1), AXIS) for g in leaves]
+    losses, grads = per_example.sample_grads_selected(loss_fn, p, bt, form, wrt)
+    usum, norms = cosine.unit_sum(grads)
+    usum = [jax.lax.psum(u, AXIS) for u in usum]
     loss_sum = jax.lax.psum(jnp.sum(jax.lax.stop_gradient(losses)), AXIS)
     return usum, norms, loss_sum
 
   usum, norms, loss_sum = jax.shard_map(
     local, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P(AXIS), P()), check_vma=False
   )(params, batch)
-  usum_sq = sum(jnp.sum(u**2) for u in usum)
-  gc = (usum_sq - b) / (b * (b - 1))
+  gc = cosine.gc_from_unit_sum(usum, b)
   return cosine.GCStats(gc=gc, grad_norms=norms, loss=loss_sum / b)

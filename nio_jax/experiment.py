@@ -1,54 +1,69 @@
-"""One experiment run from a config: data, model, initialisation method, GC report, training.
+"""One experiment run from a config: the one ordered place that decides a run.
 
-This is the single driver behind `nio-jax init/train/measure` and `benchmarks/sweep.py` (a
-sweep is a grid of configs handed to :func:`train_run`). Every step exists once here:
+`train_run(cfg, workdir)` is what `nio-jax train` and `benchmarks/sweep.py` call (a sweep is
+a grid of configs). Like big_vision's `train.py` it decides the start of training in one
+place, in this order:
 
-* :func:`build`: loaders, model and its initial variables from a validated config;
-* :func:`init_loss_fn` / :func:`measure_params`: the search loss and the GC /
-  gradient-norm report (`init.measure_*`: the same setting for every caller);
-* :func:`run_init` / :func:`init_run`: the configured method (its batch count from the
-  method config, `nio_jax.config.search_batches`);
-* :func:`train_run`: init + training + evaluations, with the wall time split into search,
-  training and evaluation, written to `run_record.json`;
-* saving / loading params and checkpoints, JSON files.
+1. build: loaders, model and its initial variables, the method config (`build`);
+2. resume: when `<workdir>/checkpoints` holds a checkpoint, the trainer continues from it
+   and nothing is searched again;
+3. initialise, on a fresh start only: the GC report before, the method, the GC report after,
+   and the init files (`initialise`);
+4. train from the initialised variables (`nio_jax.train.train`; its checkpoint 0 holds them);
+5. record: `run_record.json`, the one record of a run, which `nio_jax.reports` and the sweep
+   read.
+
+`init_run` is `nio-jax init` (steps 1 and 3); `compare_run` is `nio-jax compare` (a
+`train_run` per method). The GC report (`init.measure_*`) is `measure_params`, the same for
+every caller.
 
 Compiled steps are reused across runs of one process that share a model and settings (e.g.
 the seeds of a sweep cell): the searches cache their step on the loss function object, which
-:func:`init_loss_fn` returns once per (model, batch-norm or not), and the trainer caches its
-train step on (model, config).
+`init_loss_fn` returns once per (model, batch-norm or not), and the trainer caches its steps
+on (model, config).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import pathlib
 import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
-from flax import serialization
 
 import nio_jax
-from nio_jax import data, methods, models
+from nio_jax import data, files, methods, models
 from nio_jax import train as trainmod
-from nio_jax.config import ConfigError, method_config, search_batches
 from nio_jax.data.loader import Loader
+from nio_jax.errors import ConfigError
+from nio_jax.experiment_config import (
+  apply_override,
+  build_method_config,
+  parse_override,
+  search_batches,
+  validate_config,
+)
 from nio_jax.flax_utils import linen_loss_fn
-from nio_jax.models import match_layout
+from nio_jax.results import InitResult
 from nio_jax.scales import scales_to_dict
-from nio_jax.train.checkpoint import load_msgpack_variables
-from nio_jax.train.metrics import gc_records, read_metrics, to_jsonable
-
-RECORD = "run_record.json"
+from nio_jax.train.metrics import gc_records, logged_recipe, read_metrics
 
 
 @dataclasses.dataclass
 class Run:
-  """What :func:`build` returns: the config and the objects it describes."""
+  """What `build` returns: the config and the objects it describes.
+
+  Attributes:
+    cfg: the validated experiment config.
+    model: the linen model.
+    variables: the model's own initial variables (before any method).
+    train_loader: the training loader.
+    test_set: the test data.
+    image_shape: the shape of one input image.
+    method_config: the configured method's config (`experiment_config.build_method_config`).
+  """
 
   cfg: Any
   model: Any
@@ -56,13 +71,15 @@ class Run:
   train_loader: Any
   test_set: Any
   image_shape: tuple
+  method_config: Any
 
 
 _INIT_FNS: dict = {}
 
 
 def build(cfg) -> Run:
-  """Loaders, model and its initial variables from a validated config."""
+  """Loaders, model, its initial variables and the method config of a validated config."""
+  mcfg = build_method_config(cfg)
   d = cfg.data
   try:
     loader, test_set = data.make_loaders(
@@ -95,7 +112,7 @@ def build(cfg) -> Run:
   if key not in _INIT_FNS:
     _INIT_FNS[key] = jax.jit(lambda k, x: model.init(k, x, train=False))
   variables = _INIT_FNS[key](jax.random.key(int(cfg.seed)), jnp.zeros((1,) + shape, jnp.float32))
-  return Run(cfg, model, dict(variables), loader, test_set, shape)
+  return Run(cfg, model, dict(variables), loader, test_set, shape, mcfg)
 
 
 _LOSS_FNS: dict = {}
@@ -104,6 +121,7 @@ _LOSS_FNS: dict = {}
 def init_loss_fn(run: Run, variables: dict | None = None):
   """`(loss_fn, params)` of `variables` (default: the run's initial ones) for the methods.
 
+  `loss_fn(params, batch) -> [B]` per-example losses applies the model in training mode.
   One loss function object per (model, training keyword, batch-norm or not) for the whole
   process: the searches and `nio_jax.measure` cache their compiled steps on it, so runs of
   the same model (other seeds) compile once. For batch-norm models the closed-over
@@ -125,8 +143,10 @@ def init_loss_fn(run: Run, variables: dict | None = None):
 
 
 def init_batches(run: Run, num: int, stream: int):
-  """`num` training batches of `init.batch_size` from loader stream `stream` (0 is the
-  training order, 1 the method's, 2 the GC report's)."""
+  """`num` training batches of `init.batch_size` from loader stream `stream`.
+
+  Stream 0 is the training order, 1 the method's, 2 the GC report's.
+  """
   loader = run.train_loader
   bs = int(run.cfg.init.batch_size or run.cfg.data.batch_size)
   if bs != loader.batch_size:
@@ -142,7 +162,7 @@ def init_batches(run: Run, num: int, stream: int):
   return loader.batches(num, stream=stream)
 
 
-def init_data(run: Run, mcfg):
+def init_data(run: Run):
   """What the method consumes: `search_batches` real batches of `init.batch_size`, or
   MetaInit's shape spec for Gaussian inputs (`init.data="random"`)."""
   cfg = run.cfg
@@ -152,15 +172,19 @@ def init_data(run: Run, mcfg):
       "image": (bs,) + tuple(run.image_shape),
       "num_classes": data.NUM_CLASSES[cfg.data.dataset],
     }
-  return init_batches(run, search_batches(cfg, mcfg), stream=1)
+  return init_batches(run, search_batches(cfg, run.method_config), stream=1)
 
 
 def measure_params(
   run: Run, loss_fn, params, *, progress: bool = False, batches: list | None = None
 ) -> dict | None:
-  """GC / gradient norm over `init.measure_batches` batches of loader stream 2 (the same
-  batches for every call; `batches`: those batches, drawn once by the caller), with the
-  config's `measure_chunks` / `measure_overlap`."""
+  """The GC report: GC / gradient norm of `params` over `init.measure_batches` batches.
+
+  The batches are those of loader stream 2 (the same for every call; `batches`: those
+  batches, drawn once by the caller), with the config's `measure_chunks` /
+  `measure_overlap`. None when `init.measure_batches` is 0; `{"error": ...}` when the
+  measurement fails (e.g. a zero gradient).
+  """
   k = int(run.cfg.init.measure_batches)
   if k == 0:
     return None
@@ -180,136 +204,113 @@ def measure_params(
     return {"error": str(e)}
 
 
-def gc_tracker(run: Run, loss_fn=None):
-  """`gc_fn(variables) -> measure_params(...)` for `train.gc_every`: the GC report of
-  :func:`measure_params` (its batches of stream 2, drawn once here, its sub-batch setting
-  and leaves) at the params of a training step.
+def gc_tracker(run: Run):
+  """`gc_fn(variables)` for `train.gc_every`: the GC report (`measure_params`, its batches
+  of stream 2 drawn once here) at the params of a training step.
 
-  The loss is :func:`init_loss_fn`'s of the run's initial variables (default: the cached
-  one): for batch-norm models it normalises each batch by its own statistics (training
-  mode), so the running statistics of the step do not enter, the result equals a
-  measurement with that checkpoint's `batch_stats` (`nio-jax measure --checkpoint`), and the
-  compiled measurement is reused for every step (and every run of the same model).
+  The loss is `init_loss_fn`'s of the run's initial variables: for batch-norm models it
+  normalises each batch by its own statistics (training mode), so the running statistics
+  of the step do not enter, the result equals a measurement with that checkpoint's
+  `batch_stats` (`nio-jax measure --checkpoint`), and the compiled measurement is reused
+  for every step (and every run of the same model).
   """
-  if loss_fn is None:
-    loss_fn, _ = init_loss_fn(run)
+  loss_fn, _ = init_loss_fn(run)
   batches = list(init_batches(run, int(run.cfg.init.measure_batches), stream=2))
   return lambda variables: measure_params(run, loss_fn, variables["params"], batches=batches)
 
 
-def run_init(run: Run, loss_fn, params, *, progress: bool = False):
-  """Runs the configured method; returns (InitResult, seconds, number of batches)."""
-  mcfg = method_config(run.cfg)
-  batches = init_data(run, mcfg)
-  t0 = time.perf_counter()
+# --------------------------------------------------------------------------------------------
+# Initialisation
+# --------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Initialised:
+  """What `initialise` returns.
+
+  Attributes:
+    result: the method's `InitResult`.
+    variables: the run's initial variables with the method's params.
+    seconds: wall time of the method (compilation included).
+    num_batches: batches handed to the method (0 for a shape spec or none).
+    before: the GC report of the model's own init (None when off).
+    after: the GC report of the initialised params (None when off).
+    measure_seconds: wall time of the two GC reports.
+    params_path: where the initialised variables were saved.
+  """
+
+  result: InitResult
+  variables: dict
+  seconds: float
+  num_batches: int
+  before: dict | None
+  after: dict | None
+  measure_seconds: float
+  params_path: pathlib.Path
+
+
+def initialise(run: Run, workdir, *, progress: bool = False) -> Initialised:
+  """Runs the configured method once, between two GC reports, and saves its files.
+
+  Writes `init_params.msgpack` (the initialised variables), `init_history.json` (the
+  method's history, its config and its time), `scales.json` (learned scales, if any) and
+  `init_report.json` (the GC report before and after) into `workdir`.
+  """
+  workdir = pathlib.Path(workdir)
+  loss_fn, params = init_loss_fn(run)
+  t = time.perf_counter()
+  before = measure_params(run, loss_fn, params, progress=progress)
+  measure_seconds = time.perf_counter() - t
+  batches = init_data(run)
+  t = time.perf_counter()
   result = methods.initialize(
-    run.cfg.init.method, loss_fn, params, batches, mcfg, progress=progress
+    run.cfg.init.method, loss_fn, params, batches, run.method_config, progress=progress
   )
   jax.block_until_ready(result.params)
-  n = 0 if isinstance(batches, dict) else len(batches)
-  return result, time.perf_counter() - t0, n
-
-
-# --------------------------------------------------------------------------------------------
-# Files
-# --------------------------------------------------------------------------------------------
-
-
-def write_json(path, obj) -> pathlib.Path:
-  """`obj` as indented JSON (numpy / jax values converted), written atomically."""
-  path = pathlib.Path(path)
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(to_jsonable(obj), indent=1))
-  os.replace(tmp, path)
-  return path
-
-
-def read_json(path, default=None):
-  """The JSON in `path`, or `default` when it is missing or unreadable."""
-  try:
-    return json.loads(pathlib.Path(path).read_text())
-  except (OSError, ValueError):
-    return default
-
-
-def save_variables(path, variables) -> pathlib.Path:
-  """Flax msgpack serialization (no pickle) of a variables dict."""
-  path = pathlib.Path(path)
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_bytes(serialization.to_bytes(jax.device_get(variables)))
-  os.replace(tmp, path)
-  return path
-
-
-def load_variables(path, target):
-  """Restores msgpack variables into the structure of `target`, in either block layout
-  (scanned or unrolled: `models.match_layout`; shapes are checked)."""
-  try:
-    restored = load_msgpack_variables(path, target)
-  except ValueError as e:
-    raise ConfigError(f"{path}: {e}") from None
-  for a, b in zip(jax.tree_util.tree_leaves(target), jax.tree_util.tree_leaves(restored)):
-    if getattr(a, "shape", None) != getattr(b, "shape", None):
-      raise ConfigError(
-        f"{path}: saved params do not match the model of this config "
-        f"(shape {getattr(b, 'shape', None)} vs {getattr(a, 'shape', None)})"
-      )
-  return restored
-
-
-def checkpoint_steps(ckpt_dir) -> list[int]:
-  """Steps of the trainer checkpoints in `ckpt_dir` (sorted; empty when there are none)."""
-  ckpt_dir = pathlib.Path(ckpt_dir)
-  if not ckpt_dir.is_dir():
-    return []
-  return sorted(
-    int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit() and (p / "state").is_dir()
+  seconds = time.perf_counter() - t
+  unchanged = all(
+    a is b for a, b in zip(jax.tree.leaves(result.params), jax.tree.leaves(params), strict=True)
   )
+  t = time.perf_counter()
+  after = before if unchanged else measure_params(run, loss_fn, result.params, progress=progress)
+  measure_seconds += time.perf_counter() - t
+  out = Initialised(
+    result=result,
+    variables={**run.variables, "params": result.params},
+    seconds=seconds,
+    num_batches=0 if isinstance(batches, dict) else len(batches),
+    before=before,
+    after=after,
+    measure_seconds=measure_seconds,
+    params_path=workdir / "init_params.msgpack",
+  )
+  files.save_variables(out.params_path, out.variables)
+  _save_init_files(workdir, run, out)
+  return out
 
 
-def load_checkpoint_variables(ckpt_dir, step: str, target):
-  """`{"params", ["batch_stats"]}` of a trainer checkpoint (orbax, `step` or "latest")."""
-  ckpt_dir = pathlib.Path(ckpt_dir).absolute()
-  steps = checkpoint_steps(ckpt_dir)
-  if not steps:
-    raise ConfigError(f"no checkpoints in {ckpt_dir}")
-  s = steps[-1] if step == "latest" else int(step) if str(step).isdigit() else None
-  if s not in steps:
-    raise ConfigError(f"checkpoint {step!r} not found in {ckpt_dir}; steps: {steps}")
-  state = ocp.StandardCheckpointer().restore(ckpt_dir / str(s) / "state")
-  v = {k: state[k] for k in ("params", "batch_stats") if k in state}
-  want = {k: target[k] for k in v if k in target}
-  try:  # saved in the other block layout (scan vs unrolled): convert
-    v = match_layout(v, want)
-  except ValueError:
-    pass
-  if jax.tree.structure(want) != jax.tree.structure(v):
-    raise ConfigError(f"checkpoint {s} in {ckpt_dir} does not match the model of this config")
-  return v
-
-
-def save_init_outputs(workdir, run: Run, result, seconds, num_batches, before, after) -> None:
+def _save_init_files(workdir: pathlib.Path, run: Run, init: Initialised) -> None:
   """`init_history.json`, `scales.json` and `init_report.json` of an initialisation."""
-  workdir = pathlib.Path(workdir)
-  write_json(
+  r = init.result
+  files.write_json(
     workdir / "init_history.json",
     {
-      "seconds": seconds,
-      "method": result.method,
-      "num_batches": num_batches,
-      "history": result.history,
-      "config": result.config,
+      "seconds": init.seconds,
+      "method": r.method,
+      "num_batches": init.num_batches,
+      "history": r.history,
+      "config": r.config,
     },
   )
-  if result.scales is not None:
-    write_json(workdir / "scales.json", scales_to_dict(result.scales))
-  write_json(
+  if r.scales is not None:
+    files.write_json(workdir / "scales.json", scales_to_dict(r.scales))
+  files.write_json(
     workdir / "init_report.json",
     {
       "method": run.cfg.init.method,
-      "seconds": seconds,
-      "before": before,
-      "after": after,
+      "seconds": init.seconds,
+      "before": init.before,
+      "after": init.after,
       "model": run.cfg.model.name,
       "dataset": run.cfg.data.dataset,
     },
@@ -321,152 +322,165 @@ def save_init_outputs(workdir, run: Run, result, seconds, num_batches, before, a
 # --------------------------------------------------------------------------------------------
 
 
-def init_run(cfg, workdir, *, progress: bool = False) -> dict:
-  """The configured method alone: GC before, the search, GC after; saves
-  `init_params.msgpack` and the init files. Returns the init report."""
+def init_run(cfg, workdir, *, progress: bool = False) -> Initialised:
+  """`nio-jax init`: the configured method alone (`initialise` on a fresh build)."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  run = build(cfg)
-  loss_fn, params = init_loss_fn(run)
-  before = measure_params(run, loss_fn, params, progress=progress)
-  result, seconds, nb = run_init(run, loss_fn, params, progress=progress)
-  after = measure_params(run, loss_fn, result.params, progress=progress)
-  save_variables(workdir / "init_params.msgpack", {**run.variables, "params": result.params})
-  save_init_outputs(workdir, run, result, seconds, nb, before, after)
-  return {
-    "result": result,
-    "seconds": seconds,
-    "before": before,
-    "after": after,
-    "params_path": workdir / "init_params.msgpack",
-  }
+  return initialise(build(cfg), workdir, progress=progress)
 
 
 def is_finished(workdir) -> bool:
-  """True when `workdir` holds the record of a finished (or diverged) :func:`train_run`."""
-  return bool((read_json(pathlib.Path(workdir) / RECORD) or {}).get("finished"))
+  """True when `workdir` holds the record of a finished (or diverged) `train_run`."""
+  return bool((files.read_json(pathlib.Path(workdir) / files.RUN_RECORD) or {}).get("finished"))
 
 
 def train_run(cfg, workdir, *, progress: bool | None = None) -> dict:
   """Init + training + evaluations of one config; resumes from the trainer's checkpoints.
 
-  The method runs inside the trainer's `init_fn` (so a resumed run does not search again),
-  GC / gradient norm are measured before and after it, the test accuracy after each
+  The order is the module's: build, then resume (a checkpoint exists: no search) or
+  initialise (`initialise`: the method between two GC reports), then train from the
+  initialised variables, then record. The test accuracy is measured after each
   `eval.steps` step (first `eval.subset` test images), at each epoch end and, when
-  `max_steps` ends the run inside an epoch, at that step (whole test set).
+  `max_steps` ends the run inside an epoch, at that step (whole test set). A diverged run
+  is a result: its record says so in `status`.
 
-  Returns (and writes to `<workdir>/run_record.json`) the run's record: accuracies, the
-  GC report, and wall times `search_seconds`, `train_seconds`, `eval_seconds`,
-  `measure_seconds`, `step_seconds` (training seconds per step in this call).
+  Returns:
+    The run's record, also written to `<workdir>/run_record.json` (`run_record`).
   """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  run = build(cfg)
   if progress is not None:
     cfg.train.progress = bool(progress)
-  progress = bool(cfg.train.progress)
-  loss_fn, params0 = init_loss_fn(run)
-  start_step = max(checkpoint_steps(workdir / "checkpoints"), default=0)
-  resuming = bool(checkpoint_steps(workdir / "checkpoints"))
-  t = time.perf_counter()
-  before = None if resuming else measure_params(run, loss_fn, params0, progress=progress)
-  measure_seconds = time.perf_counter() - t
-  mcfg = method_config(cfg)
-  own = cfg.init.data == "real" and cfg.init.batch_size in (None, cfg.data.batch_size)
-  cfg.train.init_num_batches = search_batches(cfg, mcfg) if own else 1
-  holder: dict = {}
-
-  def init_fn(loss_fn_, params, batches):
-    data_ = batches if own else init_data(run, mcfg)
-    t0 = time.perf_counter()
-    res = methods.initialize(cfg.init.method, loss_fn, params, data_, mcfg, progress=progress)
-    jax.block_until_ready(res.params)
-    holder.update(
-      result=res,
-      seconds=time.perf_counter() - t0,
-      num_batches=0 if isinstance(data_, dict) else len(data_),
+  run = build(cfg)
+  saved_steps = files.checkpoint_steps(workdir / "checkpoints")
+  init = None if saved_steps else initialise(run, workdir, progress=bool(cfg.train.progress))
+  max_steps = cfg.get("max_steps")
+  try:
+    res = trainmod.train(
+      run.model,
+      run.variables if init is None else init.variables,
+      run.train_loader,
+      run.test_set,
+      cfg.train,
+      workdir,
+      stop_after_step=None if max_steps is None else int(max_steps),
+      eval_at=_eval_at(run),
+      gc_fn=gc_tracker(run) if cfg.train.get("gc_every") else None,
     )
-    return res
+    status = "finished"
+  except trainmod.NonFiniteLossError as e:  # divergence is a result, not a crash
+    res, status = None, f"diverged at step {e.step}"
+  record = run_record(run, workdir, res, status, init, start_step=max(saved_steps, default=0))
+  if res is not None:
+    files.save_variables(workdir / "final_params.msgpack", res.variables)
+  files.write_json(workdir / files.RUN_RECORD, record)
+  return record
 
-  spe = run.train_loader.steps_per_epoch
+
+def _eval_at(run: Run) -> dict:
+  """`{step: test data}` of the trainer's extra evaluations: `eval.steps` on the first
+  `eval.subset` test images, and a `max_steps` inside an epoch on the whole test set (or on
+  the subset, `eval.last_on_full_test=False`)."""
+  cfg = run.cfg
   eval_test = run.test_set
   if cfg.eval.subset is not None:
     eval_test = run.test_set.subset(int(cfg.eval.subset))
   eval_at = {int(k): eval_test for k in cfg.eval.steps}
   max_steps = cfg.get("max_steps")
-  if max_steps is not None and int(max_steps) % spe:
-    # the last step: on the whole test set, or on the subset like the other eval steps
-    eval_at[int(max_steps)] = run.test_set if cfg.eval.get("last_on_full_test", True) else eval_test
-  try:
-    res = trainmod.train(
-      run.model,
-      run.variables,
-      run.train_loader,
-      run.test_set,
-      cfg.train,
-      workdir,
-      init_fn=init_fn,
-      stop_after_step=None if max_steps is None else int(max_steps),
-      eval_at=eval_at,
-      gc_fn=gc_tracker(run, loss_fn) if cfg.train.get("gc_every") else None,
-    )
-    status = "finished"
-  except trainmod.NonFiniteLossError as e:  # divergence is a result, not a crash
-    res, status = None, f"diverged at step {e.step}"
-  after = None
-  if "result" in holder:
-    r = holder["result"]
-    unchanged = all(
-      a is b for a, b in zip(jax.tree.leaves(r.params), jax.tree.leaves(params0), strict=True)
-    )
-    t = time.perf_counter()
-    after = before if unchanged else measure_params(run, loss_fn, r.params, progress=progress)
-    measure_seconds += time.perf_counter() - t
-    save_variables(workdir / "init_params.msgpack", {**run.variables, "params": r.params})
-    save_init_outputs(workdir, run, r, holder["seconds"], holder["num_batches"], before, after)
-  prev = read_json(workdir / RECORD) or {}
+  if max_steps is not None and int(max_steps) % run.train_loader.steps_per_epoch:
+    full = cfg.eval.get("last_on_full_test", True)
+    eval_at[int(max_steps)] = run.test_set if full else eval_test
+  return eval_at
+
+
+def run_record(run: Run, workdir, res, status: str, init: Initialised | None, *, start_step=0):
+  """The record of one `train_run` call: `run_record.json`.
+
+  Args:
+    run: the run.
+    workdir: its directory (the metrics log and the previous record are read there).
+    res: the trainer's `TrainResult`, None when the run diverged.
+    status: "finished" or "diverged at step N".
+    init: this call's initialisation, None on resume (its fields are then kept from the
+      previous record).
+    start_step: the step this call started from.
+
+  Returns:
+    `name`, `model`, `method`, `seed`, `status`, `finished`, `step`, `steps_per_epoch`,
+    the accuracies (`acc_1`, `acc_1_main`, `acc_best`, `final_test_acc`, `acc_steps`
+    `{step: acc}`, `acc_epochs`), the GC report (`before`, `after`), the search
+    (`search_steps`, `search_seconds`, `scales`), the wall times (`measure_seconds`,
+    `train_seconds`, `eval_seconds`, `step_seconds`: training seconds per step in this
+    call, `search_rel_step`), `gc_steps` / `gc_seconds` (`train.gc_every`), `resumed` and
+    the optimiser `recipe` that ran.
+  """
+  cfg, workdir = run.cfg, pathlib.Path(workdir)
+  spe = run.train_loader.steps_per_epoch
+  max_steps = None if cfg.get("max_steps") is None else int(cfg.max_steps)
+  prev = files.read_json(workdir / files.RUN_RECORD) or {}
+  if init is not None:
+    searched = {
+      "before": init.before,
+      "after": init.after,
+      "search_steps": init.result.num_steps,
+      "search_seconds": init.seconds,
+      "measure_seconds": init.measure_seconds,
+      "scales": None if init.result.scales is None else scales_to_dict(init.result.scales),
+    }
+  else:
+    keys = ("before", "after", "search_steps", "search_seconds", "scales")
+    searched = {**{k: prev.get(k) for k in keys}, "measure_seconds": 0.0}
+  trained = {
+    "step": None,
+    "acc_1": None,
+    "acc_1_main": None,
+    "acc_best": None,
+    "final_test_acc": None,
+    "acc_steps": {},
+    "acc_epochs": [],
+    "train_seconds": None,
+    "eval_seconds": None,
+    "gc_seconds": None,
+  }
+  if res is not None:
+    final = res.final_test_acc
+    if max_steps is not None and max_steps in res.step_evals and max_steps % spe:
+      final = res.step_evals[max_steps]
+    trained = {
+      "step": res.step,
+      "acc_1": res.acc_1,
+      "acc_1_main": res.acc_1_main,
+      "acc_best": res.acc_best,
+      "final_test_acc": final,
+      "acc_steps": {str(k): v for k, v in res.step_evals.items()},
+      "acc_epochs": [e["test_acc"] for e in res.evals],
+      "train_seconds": res.train_seconds,
+      "eval_seconds": res.eval_seconds,
+      "gc_seconds": res.gc_seconds,
+      "step_seconds": res.train_seconds / max(res.step - start_step, 1),
+    }
+  metrics = workdir / "metrics.jsonl"
   record = {
     "name": cfg.name,
     "model": cfg.model.name,
     "method": cfg.init.method,
     "seed": int(cfg.seed),
     "status": status,
-    "finished": (
-      res is None or res.finished or (max_steps is not None and res.step >= int(max_steps))
-    ),
-    "step": None if res is None else res.step,
+    "finished": (res is None or res.finished or (max_steps is not None and res.step >= max_steps)),
     "steps_per_epoch": spe,
-    "acc_steps": {} if res is None else {str(k): v for k, v in res.step_evals.items()},
-    "acc_epochs": [] if res is None else [e["test_acc"] for e in res.evals],
-    "final_test_acc": None,
-    "before": before if before is not None else prev.get("before"),
-    "after": after if after is not None else prev.get("after"),
-    "search_steps": holder["result"].num_steps if "result" in holder else prev.get("search_steps"),
-    "search_seconds": holder.get("seconds", prev.get("search_seconds")),
-    "measure_seconds": measure_seconds,
-    "train_seconds": None if res is None else res.train_seconds,
-    "eval_seconds": None if res is None else res.eval_seconds,
+    **trained,
+    **searched,
     # `train.gc_every`: {step: GC report (+ its seconds)} over the whole run, from the log
-    # (also for a diverged run), and the seconds of the measurements in this call.
-    "gc_steps": {str(k): v for k, v in gc_records(read_metrics(workdir / "metrics.jsonl")).items()},
-    "gc_seconds": None if res is None else res.gc_seconds,
-    "resumed": resuming,
+    # (also for a diverged run).
+    "gc_steps": {str(k): v for k, v in gc_records(read_metrics(metrics)).items()},
+    "resumed": init is None,
     # The optimiser recipe that ran (no-norm or with normalisation), from the trainer's log.
-    "recipe": trainmod.logged_recipe(workdir / "metrics.jsonl"),
+    "recipe": logged_recipe(metrics),
   }
-  if res is not None:
-    if max_steps is not None and int(max_steps) in res.step_evals and int(max_steps) % spe:
-      record["final_test_acc"] = res.step_evals[int(max_steps)]
-    else:
-      record["final_test_acc"] = res.final_test_acc
-    record["step_seconds"] = res.train_seconds / max(res.step - start_step, 1)
   if cfg.init.method != "kaiming" and record["search_seconds"] and record.get("step_seconds"):
     record["search_rel_step"] = record["search_seconds"] / record["step_seconds"]
-  if "result" in holder and holder["result"].scales is not None:
-    record["scales"] = scales_to_dict(holder["result"].scales)
-  if res is not None:
-    save_variables(workdir / "final_params.msgpack", res.variables)
-  write_json(workdir / RECORD, record)
+  if record["scales"] is None:
+    del record["scales"]
   return record
 
 
@@ -491,8 +505,6 @@ def compare_methods(cfg, methods_: list[str] | None = None) -> list[str]:
 def method_run_config(cfg, method: str):
   """A copy of `cfg` that runs `method`: `init.method`, then `compare.overrides.<method>`
   (`key=value` strings), name `<name>_<method>`; validated."""
-  from nio_jax.config import apply_override, parse_override, validate_config  # noqa: PLC0415
-
   c = cfg.copy_and_resolve_references()
   c.init.method = method
   c.name = f"{cfg.name}_{method}"
@@ -507,7 +519,7 @@ def method_run_config(cfg, method: str):
 
 
 def compare_run(cfg, workdir, *, methods_=None, progress: bool | None = None) -> dict:
-  """Runs :func:`train_run` for each method of :func:`compare_methods` on the same config.
+  """Runs `train_run` for each method of `compare_methods` on the same config.
 
   Every method starts from the same seed, hence the same initial params and the same data
   order; each run lives in `<workdir>/<method>` (resumable: a finished run is read back,
@@ -515,8 +527,9 @@ def compare_run(cfg, workdir, *, methods_=None, progress: bool | None = None) ->
   GC report and the training step compile once for all methods (they are cached per model
   and training config; see the module docstring).
 
-  Returns `{"methods": [...], "records": {method: run record}, "seconds": {method: wall
-  seconds of this call}, "reused": [methods read back], "wall_seconds": total}`.
+  Returns:
+    `{"methods": [...], "records": {method: run record}, "seconds": {method: wall seconds
+    of this call}, "reused": [methods read back], "wall_seconds": total}`.
   """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -527,7 +540,7 @@ def compare_run(cfg, workdir, *, methods_=None, progress: bool | None = None) ->
   for m in names:
     d = workdir / m
     if is_finished(d):
-      out["records"][m] = read_json(d / RECORD)
+      out["records"][m] = files.read_json(d / files.RUN_RECORD)
       out["reused"].append(m)
       out["seconds"][m] = 0.0
       continue
@@ -538,5 +551,5 @@ def compare_run(cfg, workdir, *, methods_=None, progress: bool | None = None) ->
     out["records"][m] = train_run(configs[m], d)
     out["seconds"][m] = time.perf_counter() - t
   out["wall_seconds"] = time.perf_counter() - t_all
-  write_json(workdir / "compare.json", out)
+  files.write_json(workdir / "compare.json", out)
   return out

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from nio_jax.experiment import read_json
+from nio_jax.files import RUN_RECORD, read_json
 from nio_jax.train.metrics import gc_records, read_metrics
 
 
@@ -59,16 +59,23 @@ def gc_table(measurements: dict, label: str = "") -> str:
 
 
 def before_after_table(before, after) -> str:
-  """:func:`gc_table` of the GC report before and after an initialisation."""
+  """`gc_table` of the GC report before and after an initialisation."""
   return gc_table({"before": before, "after": after})
 
 
+def _given(value, fallback):
+  """`value`, or `fallback` when it is None."""
+  return fallback if value is None else value
+
+
 def run_summary(d: pathlib.Path) -> dict:
-  """What a run directory's logs say (every field may be missing)."""
+  """What a run directory says: its run record (`run_record.json`), config, metrics log and
+  init files; every field may be missing (the accuracies then come from the metrics log,
+  e.g. of a run trained with `nio_jax.train.train` alone)."""
   cfg = read_json(d / "config.json") or {}
   recs = read_metrics(d / "metrics.jsonl")
   evals = [r for r in recs if r.get("type") == "eval"]
-  summ = read_json(d / "summary.json") or {}
+  rec = read_json(d / RUN_RECORD) or {}
   hist = read_json(d / "init_history.json") or {}
   rep = read_json(d / "init_report.json") or {}
   times = [r["epoch_time"] for r in evals if r.get("epoch_time") is not None]
@@ -87,9 +94,9 @@ def run_summary(d: pathlib.Path) -> dict:
       sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else (times[0] if times else None)
     ),
     "epochs": len(evals),
-    "acc_1": pct(summ.get("acc_1", evals[0]["test_acc"] if evals else None)),
-    "acc_best": pct(summ.get("acc_best", max((r["test_acc"] for r in evals), default=None))),
-    "final": pct(summ.get("final_test_acc", evals[-1]["test_acc"] if evals else None)),
+    "acc_1": pct(_given(rec.get("acc_1"), evals[0]["test_acc"] if evals else None)),
+    "acc_best": pct(_given(rec.get("acc_best"), max((r["test_acc"] for r in evals), default=None))),
+    "final": pct(_given(rec.get("final_test_acc"), evals[-1]["test_acc"] if evals else None)),
     "before": rep.get("before"),
     "after": rep.get("after"),
     "pub_acc_1": pub.get("acc_1"),
@@ -109,6 +116,8 @@ def _gc(m, key):
 
 
 def summary_table(rows: list[dict]) -> str:
+  """Markdown table of `run_summary` rows: timings, accuracies, GC before → after and the
+  published numbers."""
   head = (
     "| run | model | data | method | baseline | init (s) | epoch 1 (s) | epoch (s) | "
     "Acc_1 (%) | Acc_best (%) | final (%) | GC before→after | grad norm before→after | "
@@ -193,6 +202,8 @@ def plot_training(rows, path) -> pathlib.Path | None:
 
 
 def plot_search(rows, path) -> pathlib.Path | None:
+  """The search curves (GC, gradient norm, objective, GQ, loss per step) of the runs that
+  have a search history; None when none has."""
   keys = ("gc", "grad_norm", "objective", "gq", "loss")
   rows = [r for r in rows if any(k in r["history"] for k in keys)]
   if not rows:
@@ -215,6 +226,7 @@ def plot_search(rows, path) -> pathlib.Path | None:
 
 
 def plot_scales(r, path) -> pathlib.Path | None:
+  """A bar plot of one run's learned per-layer scales; None when it has none."""
   sc = r.get("scales")
   if not sc:
     return None

@@ -26,6 +26,9 @@ PyTree = Any
 
 
 class SplitAdamState(NamedTuple):
+  """State of `scale_by_split_adam`: first moments and step counts kept apart for objective
+  and constraint steps, one shared second moment."""
+
   mu_objective: PyTree
   mu_constraint: PyTree
   nu: PyTree

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 import numpy as np
@@ -33,27 +32,12 @@ class InitResult:
 
   @property
   def num_steps(self) -> int:
+    """The number of steps recorded in `history` (0 when it is empty)."""
     return len(next(iter(self.history.values()))) if self.history else 0
-
-  def history_json(self) -> str:
-    """The history (and config) as JSON, for logs and plots."""
-
-    def conv(v):
-      return np.asarray(v).tolist()
-
-    return json.dumps(
-      {
-        "method": self.method,
-        "config": {
-          k: (v if isinstance(v, (int, float, str, bool, type(None), list, tuple)) else repr(v))
-          for k, v in self.config.items()
-        },
-        "history": {k: conv(v) for k, v in self.history.items()},
-      }
-    )
 
 
 def stack_history(rows: list[dict]) -> dict[str, np.ndarray]:
+  """Per-step rows `[{key: value}, ...]` as `{key: array}` stacked along a step axis."""
   if not rows:
     return {}
   return {k: np.stack([np.asarray(r[k]) for r in rows]) for k in rows[0]}

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nio_jax import errors, leaves
+from nio_jax import checks, leaves
 from nio_jax.leaves import LeafKinds, is_stacked, path_names
 
 PyTree = Any
@@ -84,9 +84,9 @@ def init_scales(
     `(scales, spec)`: `scales` has the structure of `params`, each leaf a float32 scalar
     (or `[K]` for a stacked leaf); `spec` says which are trainable and their bounds.
   """
-  errors.check_params(params)
-  errors.check_positive("min_scale", min_scale, allow_zero=True)
-  errors.check_positive("min_scale_bias", min_scale_bias, allow_zero=True)
+  checks.check_params(params)
+  checks.check_positive("min_scale", min_scale, allow_zero=True)
+  checks.check_positive("min_scale_bias", min_scale_bias, allow_zero=True)
   if kinds is None:
     kinds = leaves.classify(params)
   elif not isinstance(kinds, LeafKinds):
@@ -135,8 +135,8 @@ def apply_scales(params: PyTree, scales: PyTree) -> PyTree:
   Raises `ValueError` if `scales` does not have the tree structure of `params`, or a stacked
   scale's length differs from its leaf's leading axis. The result keeps each leaf's dtype.
   """
-  errors.check_same_structure(params, scales, "params", "scales")
-  errors.check_scales(scales)
+  checks.check_same_structure(params, scales, "params", "scales")
+  checks.check_scales(scales)
 
   def mul(path, leaf, s):
     s = jnp.asarray(s)

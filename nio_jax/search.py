@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nio_jax import errors, leaves
+from nio_jax import checks, errors, leaves
 from nio_jax import scales as scmod
 from nio_jax.results import InitResult, stack_history
 from nio_jax.scales import apply_scales
@@ -38,7 +38,7 @@ def iterate_batches(batches: Iterable, num_steps: int, per_step: int = 1):
       "`batches` must be an iterable of batches (e.g. a list, or a generator), "
       "not a single batch; use [batch] or itertools.repeat(batch)."
     )
-  errors.check_iterable("batches", batches)
+  checks.check_iterable("batches", batches)
   cyclic = isinstance(batches, collections.abc.Collection)
   if cyclic and len(batches) == 0:
     raise ValueError("`batches` is empty.")
@@ -67,7 +67,7 @@ def peek(batches: Iterable):
       "`batches` must be an iterable of batches (e.g. a list, or a generator), "
       "not a single batch; use [batch] or itertools.repeat(batch)."
     )
-  errors.check_iterable("batches", batches)
+  checks.check_iterable("batches", batches)
   if isinstance(batches, collections.abc.Collection):
     if len(batches) == 0:
       raise ValueError("`batches` is empty.")
@@ -102,13 +102,13 @@ def check_search_inputs(
   Raises:
     ValueError / TypeError naming the bad input.
   """
-  errors.check_params(params)
+  checks.check_params(params)
   if first is None:
     first, batches = peek(batches)
-  b = errors.check_batch(first, minimum=minimum)
+  b = checks.check_batch(first, minimum=minimum)
   if check_size is not None:
     check_size(b)
-  errors.check_loss_fn(loss_fn, params, first)
+  checks.check_loss_fn(loss_fn, params, first)
   if mesh is not None:
     from nio_jax import distributed  # noqa: PLC0415 (only searches with a mesh need it)
 
@@ -149,6 +149,7 @@ def shard_search(mesh, trees, batches):
 
 
 def progress_bar(iterable, total: int, desc: str, enabled: bool):
+  """`iterable` wrapped in a tqdm bar of `total` steps when `enabled`, else unchanged."""
   if not enabled:
     return iterable
   from tqdm.auto import tqdm
@@ -157,9 +158,11 @@ def progress_bar(iterable, total: int, desc: str, enabled: bool):
 
 
 def check_step_batches(group, batch_size_0: int | None, minimum: int = 2) -> int:
+  """Checks the batches of one step (`check_batch`) and that their size stays
+  `batch_size_0` (when given); returns the last one's size."""
   b = None
   for batch in group:
-    b = errors.check_batch(batch, minimum=minimum)
+    b = checks.check_batch(batch, minimum=minimum)
     if batch_size_0 is not None and b != batch_size_0:
       raise ValueError(
         f"batch size changed from {batch_size_0} to {b} during the search; use "

@@ -32,6 +32,7 @@ OPT_OUT = "NIO_JAX_XLA_DEFAULTS"
 
 
 def flag_name(flag: str) -> str:
+  """The name of an XLA flag: `--name=value` -> `--name`."""
   return flag.split("=", 1)[0]
 
 

@@ -114,7 +114,6 @@ def test_mismatched_batch_leaves():
     ({"overlap": 1.2}, "outside"),
     ({"num_chunks": 1}, "at least 2"),
     ({"typo": 1}, "unknown NIO config"),
-    ({"impl": "magic"}, "impl"),
     ({"pullback": "magic"}, "unknown pullback 'magic'; known: vjp, loop, scan, segments, auto"),
     ({"pullback": "vmap"}, "pullback='vmap' does not exist in the batch setting"),
     (

@@ -86,19 +86,19 @@ def test_bench_mlp_batch8(tmp_path):
 def test_formulation_options(capsys):
   """--pullback-*/--conv-* are crossed, "auto" resolves as the library's default, bad names
   are refused with the valid values."""
-  from nio_jax import per_example
-  from nio_jax.bench import engine
+  from nio_jax import formulation
+  from nio_jax.bench import engine, workloads
 
   a = engine.parse(["--pullback-b", "loop,segments", "--conv-b", "none,im2col"])
-  assert engine.formulations(a.pullback_b, a.conv_b, 4, "cpu") == [
+  assert workloads.formulations(a.pullback_b, a.conv_b, 4, "cpu") == [
     "loop/none",
     "loop/im2col",
     "segments/none",
     "segments/im2col",
   ]
-  p, c = per_example.default_formulation(None, backend="gpu")
-  assert engine.formulations(a.pullback_sw, a.conv_sw, None, "gpu") == [f"{p}/{c}"]
-  assert engine.split_form("vjp/slices") == {"pullback": "vjp", "conv": "slices"}
+  p, c = formulation.default_formulation(None, backend="gpu")
+  assert workloads.formulations(a.pullback_sw, a.conv_sw, None, "gpu") == [f"{p}/{c}"]
+  assert workloads.split_form("vjp/slices") == {"pullback": "vjp", "conv": "slices"}
   with pytest.raises(SystemExit):
     engine.parse(["--pullback-b", "vmap"])
   assert "unknown --pullback-b 'vmap'; valid: vjp, loop, scan, segments, auto" in (
@@ -158,12 +158,12 @@ def test_saturated_logits_get_scaled_inputs(monkeypatch):
   import jax.numpy as jnp
   import numpy as np
 
-  from nio_jax.bench import engine
+  from nio_jax.bench import workloads
 
-  plain = engine.build("mlp", 8)
+  plain = workloads.build("mlp", 8)
   assert plain["input_scale"] == 1.0  # MLP logits are O(1): untouched
-  monkeypatch.setattr(engine, "LOGIT_STD_MAX", 1e-3)
-  spec = engine.build("mlp", 8)
+  monkeypatch.setattr(workloads, "LOGIT_STD_MAX", 1e-3)
+  spec = workloads.build("mlp", 8)
   f = spec["input_scale"]
   assert 0 < f < 1e4 and f != 1.0
   np.testing.assert_allclose(spec["x"], (plain["x"] * f).astype(np.float32))

@@ -11,7 +11,7 @@ import sys
 import pytest
 
 from nio_jax import cli
-from nio_jax import config as ncfg
+from nio_jax import experiment_config as ncfg
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))
@@ -52,10 +52,10 @@ def test_every_config_loads_and_validates():
     assert _module(pathlib.Path(spec.split(":")[0])).__doc__.count("nio-jax ") >= 1
   assert len(names) == len(specs), "two configs share a name (and so a default workdir)"
   assert sum(s.count("cifar10_table.py") for s in specs) == 5 * 6
-  # The schema lives in nio_jax.config, which every config file imports (no CLI import).
+  # The schema lives in nio_jax.experiment_config, which every config file imports (no CLI import).
   for path in CONFIGS:
     src = path.read_text()
-    assert "from nio_jax.config import" in src and "nio_jax.cli" not in src, path.name
+    assert "from nio_jax.experiment_config import" in src and "nio_jax.cli" not in src, path.name
 
 
 def test_nio_settings_live_only_in_nio_config():
@@ -77,7 +77,7 @@ def test_cifar_table_cells_and_published_numbers():
   cfg = mod.get_config("resnet110_bn,gradinit")
   assert (cfg.published.acc_1, cfg.published.acc_best) == (38.2, 95.4)
   assert cfg.init.recipe == "resnet110_bn" and cfg.model.kwargs.norm == "bn"
-  assert ncfg.method_config(cfg).lr == 1e-3
+  assert ncfg.build_method_config(cfg).lr == 1e-3
   cfg = mod.get_config("vgg19_bn,warmup")
   assert cfg.train.baseline == "extra_epoch_warmup" and cfg.init.method == "kaiming"
   assert (cfg.published.acc_1, cfg.published.acc_best) == (53.5, 94.7)
@@ -298,7 +298,7 @@ def test_train_end_to_end(tiny_runs):
     "init_history.json",
     "init_report.json",
     "scales.json",
-    "summary.json",
+    "run_record.json",
     "curves.png",
     "report.md",
     "report_training.png",
@@ -315,6 +315,21 @@ def test_train_end_to_end(tiny_runs):
   rep = json.loads((w / "init_report.json").read_text())
   assert rep["before"] is None and rep["after"] is None  # init.measure_batches=0 here
   assert "Acc_1 (%)" in (w / "report.md").read_text()
+  # One record of the run, which the report reads: the accuracies of the trainer's result.
+  rec = json.loads((w / "run_record.json").read_text())
+  assert rec["status"] == "finished" and not rec["resumed"] and rec["search_steps"] == 3
+  assert rec["acc_1"] == rec["acc_best"] == rec["final_test_acc"] == evals[0]["test_acc"]
+  assert f"| {100 * rec['acc_1']:.2f} |" in (w / "report.md").read_text()
+
+
+def test_diverged_training_is_its_own_error(tmp_path, monkeypatch, capsys):
+  from nio_jax import experiment
+
+  monkeypatch.setattr(experiment, "train_run", lambda cfg, w: {"status": "diverged at step 7"})
+  argv = ["train", "--config", str(ROOT / "configs" / "fmnist_nio.py"), "--workdir", str(tmp_path)]
+  assert cli.main(argv) == 1
+  err = capsys.readouterr().err
+  assert "nio-jax: error: training diverged at step 7" in err and "checkpoints" in err
 
 
 def test_init_end_to_end_and_measure(tiny_runs, capsys):

@@ -7,8 +7,9 @@ import pathlib
 import pytest
 
 from nio_jax import cli, experiment, reports
-from nio_jax.config import ConfigError, load_config
-from nio_jax.train import trainer
+from nio_jax.errors import ConfigError
+from nio_jax.experiment_config import load_config
+from nio_jax.train.steps import STEPS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CONFIG = str(ROOT / "configs" / "fmnist_compare.py")
@@ -50,9 +51,9 @@ def _argv(workdir, *extra):
 def compared(tmp_path_factory):
   _need_fmnist()
   w = tmp_path_factory.mktemp("compare")
-  n_steps = len(trainer._STEP_CACHE)
+  n_steps = len(STEPS)
   rc = cli.main(_argv(w, "--methods", "kaiming,nio"))
-  return w, rc, len(trainer._STEP_CACHE) - n_steps
+  return w, rc, len(STEPS) - n_steps
 
 
 def test_compare_runs_each_method_and_draws_one_picture(compared):

@@ -1,4 +1,4 @@
-"""Canonical convolutions (`per_example.canonical_convs`): the fix for the scanned layout's
+"""Canonical convolutions (`jaxpr_rewrites.canonical_convs`): the fix for the scanned layout's
 slow backward pass on XLA:CPU. Values must equal the plain convolutions; the compiled HLO of a
 scanned gradient must contain only canonical convolutions (NHWC / HWIO -> NHWC), which is
 what lets XLA:CPU use its library kernel inside a while-loop body."""
@@ -13,7 +13,7 @@ import pytest
 import nio_jax
 from nio_jax import models, scales
 from nio_jax.flax_utils import linen_loss_fn
-from nio_jax.per_example import canonical_conv, canonical_convs
+from nio_jax.jaxpr_rewrites import canonical_conv, canonical_convs
 
 CANONICAL = "b01f_01io->b01f"
 

@@ -12,9 +12,9 @@ import optax
 import pytest
 
 import nio_jax
-from nio_jax import per_example
+from nio_jax import formulation
 from nio_jax.cosine import gc_from_grads
-from nio_jax.nio_search import OBJECTIVES
+from nio_jax.methods.nio import OBJECTIVES
 from tests import tiny_models as tm
 from tests.reference import RefRescaleAdam
 
@@ -126,7 +126,7 @@ def test_subbatch_bounds_published_example():
   assert nio_jax.subbatch_bounds(64, 4, 0.2) == [(0, 19), (12, 38), (25, 57), (38, 64)]
 
 
-@pytest.mark.parametrize("pullback", per_example.SUBBATCH_PULLBACKS)
+@pytest.mark.parametrize("pullback", formulation.SUBBATCH_PULLBACKS)
 @pytest.mark.parametrize("name,mkp,loss,mkb", CASES, ids=[c[0] for c in CASES])
 def test_batch_setting_equals_loop_over_subbatch_means(name, mkp, loss, mkb, pullback):
   params, batch = mkp(KEY), mkb(jax.random.PRNGKey(3), b=12)

@@ -13,7 +13,7 @@ SCRIPT = textwrap.dedent("""
     import jax, numpy as np
     assert jax.device_count() == 8, jax.devices()
     import nio_jax
-    from nio_jax import distributed
+    from nio_jax import distributed, formulation
     from tests import tiny_models as tm
     key = jax.random.PRNGKey(0)
     params = tm.conv_params(key)
@@ -25,7 +25,8 @@ SCRIPT = textwrap.dedent("""
       def f(s, b, m=None):
         p = nio_jax.apply_scales(params, s)
         if m is not None and chunks is None:
-          st = distributed.samplewise_stats(tm.conv_loss, p, b, m)
+          form = formulation.resolve_formulation(tm.conv_loss, p, b, None)
+          st = distributed.samplewise_stats(tm.conv_loss, p, b, m, form)
         else:
           st = nio_jax.cosine.gradcosine_stats(tm.conv_loss, p, b, num_chunks=chunks, overlap=r)
         return nio_jax.nio_objective(st, "gc_gn_sqrt", 1.0)
@@ -111,7 +112,7 @@ def test_gspmd_vmap_conv_grads_are_checked():
   simulated devices): the relative error of both conv kernels is of order 1, while the dense
   layer agrees. The library's own forms agree even under GSPMD: `per_example_grads` with
   `conv="none"` evaluates the convolutions in canonical layout on CPU
-  (`per_example.canonical_convs`), and `conv="im2col"` has no convolution to partition. The
+  (`jaxpr_rewrites.canonical_convs`), and `conv="im2col"` has no convolution to partition. The
   `shard_map` in `distributed.samplewise_stats` stays: canonical_convs is CPU-only, and the
   raw form shows the partitioner is still wrong. When a JAX upgrade fixes GSPMD, the first
   assertion fails: then the shard_map can go."""
@@ -153,6 +154,13 @@ SCALE_OUT_SCRIPT = textwrap.dedent("""
         np.testing.assert_allclose(np.asarray(one.history[k], np.float64),
                                    np.asarray(many.history[k], np.float64), rtol=1e-3, atol=1e-5)
       print(name, "ok")
+    # LSUV shards its batch (GSPMD): the same kernels and statistics as on one device
+    for cfg in ({"orthonormal": False}, {}):
+      one = methods.initialize("lsuv", tm.conv_loss, params, batches[:1], cfg)
+      many = methods.initialize("lsuv", tm.conv_loss, params, batches[:1], cfg, mesh=mesh)
+      close(one.params, many.params, 1e-4)
+      np.testing.assert_allclose(one.history["std_after"], many.history["std_after"], rtol=1e-4)
+    print("lsuv ok")
     # kaiming / fixup ignore the mesh
     methods.initialize("kaiming", tm.conv_loss, params, None, mesh=mesh)
     try:

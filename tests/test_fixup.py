@@ -1,4 +1,4 @@
-"""Fixup: the model variant and ``nio_jax.methods.fixup`` rules."""
+"""Fixup: the model variant and the `nio_jax.methods.fixup` rules."""
 
 from __future__ import annotations
 
@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 
 from nio_jax import models
-from nio_jax.methods.fixup import fixup_init, fixup_multiplier, fixup_rules, infer_structure
+from nio_jax.methods.fixup import (
+  FixupConfig,
+  fixup,
+  fixup_multiplier,
+  fixup_rules,
+  infer_structure,
+)
 
 DEPTH, WIDTH = 14, 4  # n = 2 blocks per stage, L = 6 branches
 
@@ -68,7 +74,7 @@ def test_rules_turn_he_init_into_fixup_init_m2():
   new = fixup_rules(plain)
   chex.assert_trees_all_close(new, fixup, rtol=1e-6, atol=1e-7)
   # explicit form, exponent for m = 2: first branch conv scaled by L^-1/2 exactly
-  new2 = fixup_init(plain, num_branches=6, layers_per_branch=2)
+  new2 = fixup_rules(plain, num_branches=6, layers_per_branch=2)
   ratio = new2["stage2_scan"]["conv1"]["kernel"] / plain["stage2_scan"]["conv1"]["kernel"]
   np.testing.assert_allclose(ratio, 6**-0.5, rtol=1e-6)
   # the stem conv is untouched, the classifier zeroed
@@ -106,7 +112,7 @@ def test_rules_m3_bottleneck():
   tree = _bottleneck_tree(np.random.RandomState(0))
   L, m = infer_structure(tree)
   assert (L, m) == (4, 3)
-  new = fixup_init(tree)
+  new = fixup_rules(tree)
   f = 4**-0.25
   for blk in ("layer1_block0", "layer1_scan"):
     np.testing.assert_allclose(
@@ -126,28 +132,45 @@ def test_rules_m3_bottleneck():
   np.testing.assert_array_equal(new["fc"]["kernel"], 0.0)
   np.testing.assert_array_equal(new["fc"]["bias"], 0.0)
   # explicit L overrides the inferred one
-  new8 = fixup_init(tree, num_branches=16, layers_per_branch=3)
+  new8 = fixup_rules(tree, num_branches=16, layers_per_branch=3)
   np.testing.assert_allclose(
     new8["layer1_scan"]["conv1"]["kernel"], tree["layer1_scan"]["conv1"]["kernel"] * 0.5, rtol=1e-6
   )
 
 
-def test_registry_call_form():
+def test_method_and_config():
   _, plain = _init(fixup_rescale=False)
-  _, fixup = _init()
-  res = fixup_init(None, plain, None, None)
+  _, fixed = _init()
+  res = fixup(None, plain, None, None)
   assert res.method == "fixup" and res.scales is None and res.history == {}
-  assert res.config["num_branches"] == 6 and res.config["layers_per_branch"] == 2
-  chex.assert_trees_all_close(res.params, fixup, rtol=1e-6, atol=1e-7)
+  assert res.config == {"num_branches": 6, "layers_per_branch": 2, "force": False}
+  chex.assert_trees_all_close(res.params, fixed, rtol=1e-6, atol=1e-7)
+  # the config class, a dict and keyword overrides are the same config
+  assert FixupConfig.create({"num_branches": 6}) == FixupConfig.create(num_branches=6)
+  assert FixupConfig.create(FixupConfig(layers_per_branch=2)).to_dict() == {
+    "num_branches": None,
+    "layers_per_branch": 2,
+    "force": False,
+  }
   with pytest.raises(ValueError, match="unknown Fixup config"):
-    fixup_init(None, plain, None, {"lr": 1.0})
+    fixup(None, plain, None, {"lr": 1.0})
+  with pytest.raises(ValueError, match="layers_per_branch=1 must be >= 2"):
+    FixupConfig.create(layers_per_branch=1)
+  with pytest.raises(TypeError, match="force must be a bool"):
+    FixupConfig.create(force=1)
+  with pytest.raises(TypeError, match="config must be None, FixupConfig"):
+    fixup(None, plain, None, 5)
   with pytest.raises(ValueError, match="no residual branches"):
-    fixup_init({"fc": {"kernel": jnp.ones((2, 2))}})
+    fixup_rules({"fc": {"kernel": jnp.ones((2, 2))}})
 
 
 def test_methods_registry_entry():
   methods = pytest.importorskip("nio_jax.methods")
   tree = _bottleneck_tree(np.random.RandomState(1))
   res = methods.initialize("fixup", None, tree, None, {"layers_per_branch": 3})
-  assert res.method == "fixup" and res.config == {"layers_per_branch": 3, "num_branches": 4}
+  assert res.method == "fixup" and res.config == {
+    "layers_per_branch": 3,
+    "num_branches": 4,
+    "force": False,
+  }
   np.testing.assert_array_equal(res.params["layer1_scan"]["conv3"]["kernel"], 0.0)

@@ -192,6 +192,8 @@ def _bad_input_cases():
     c.update(kw)
     return c
 
+  tcheck = train.validate_train_config
+
   return [
     ("gradcosine", "batch of 1 example", lambda: nio_jax.gradcosine(L, P, tm.mlp_batch(key, b=1))),
     ("gradcosine", "num_chunks > batch size", lambda: nio_jax.gradcosine(L, P, B, num_chunks=9)),
@@ -440,12 +442,11 @@ def _bad_input_cases():
       "test_data dict without labels",
       lambda: tr(test_data={"image": np.zeros((4, 12, 12, 1))}),
     ),
-    ("train", "init_fn not callable", lambda: tr(init_fn="nio")),
     ("train", "stop_after_step=0", lambda: tr(stop_after_step=0)),
-    ("train", "config.lr NaN", lambda: tr(config=bad_cfg(lr=float("nan")))),
-    ("train", "config.momentum=1", lambda: tr(config=bad_cfg(momentum=1.0))),
-    ("train", "config.max_to_keep=1", lambda: tr(config=bad_cfg(max_to_keep=1))),
-    ("train", "unknown schedule", lambda: tr(config=bad_cfg(schedule="linear"))),
+    ("train.validate_train_config", "lr NaN", lambda: tcheck(bad_cfg(lr=float("nan")))),
+    ("train.validate_train_config", "momentum=1", lambda: tcheck(bad_cfg(momentum=1.0))),
+    ("train.validate_train_config", "max_to_keep=1", lambda: tcheck(bad_cfg(max_to_keep=1))),
+    ("train.validate_train_config", "unknown schedule", lambda: tcheck(bad_cfg(schedule="linear"))),
     (
       "data.Loader",
       "batch_size=0",

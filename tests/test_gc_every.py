@@ -3,17 +3,15 @@ at the last step; equal to `nio_jax.measure` on the params of those steps; compi
 run (batch-norm models included); kept across a resume; off (and free) by default; bad
 values are named. Tiny models, CPU, well under a minute."""
 
-import json
-
 import jax
 import jax.monitoring
 import pytest
 
 import nio_jax
-from nio_jax import experiment, reports, train
-from nio_jax.config import ConfigError, apply_override, base_config, validate_config
-from nio_jax.train import trainer
-from nio_jax.train.config import validate as validate_train
+from nio_jax import experiment, files, reports, train
+from nio_jax.errors import ConfigError
+from nio_jax.experiment_config import apply_override, base_config, validate_config
+from nio_jax.flax_utils import linen_loss_fn
 from nio_jax.train.metrics import gc_records, read_metrics
 from tests.test_train import make_setup, tiny_config
 
@@ -72,8 +70,7 @@ def test_gc_every_logs_and_equals_measure_on_the_checkpoints(tmp_path):
   assert list(logged) == [0, 2, 4, 5]  # step 0, every 2 steps, the last step
   assert set(rec["gc_steps"]) == {"0", "2", "4", "5"}
   assert rec["gc_seconds"] > 0 and all(m["seconds"] > 0 for m in logged.values())
-  summary = json.loads((wd / "summary.json").read_text())
-  assert set(summary["gc_steps"]) == {"0", "2", "4", "5"}
+  assert files.read_json(wd / files.RUN_RECORD)["gc_steps"] == rec["gc_steps"]
   # Step 0 is the initialised model: the GC report's "after" (same batches, same setting).
   assert rec["gc_steps"]["0"]["gc"] == rec["after"]["gc"]
 
@@ -81,9 +78,9 @@ def test_gc_every_logs_and_equals_measure_on_the_checkpoints(tmp_path):
   # batches and settings (as `nio-jax measure --checkpoint STEP` computes it).
   run = experiment.build(cfg)
   batches = list(experiment.init_batches(run, 2, stream=2))
-  final = experiment.load_variables(wd / "final_params.msgpack", run.variables)
+  final = files.load_variables(wd / "final_params.msgpack", run.variables)
   for step in (0, 2, 4, 5):
-    v = experiment.load_checkpoint_variables(wd / "checkpoints", str(step), run.variables)
+    v = files.load_checkpoint_variables(wd / "checkpoints", str(step), run.variables)
     loss_fn, params = experiment.init_loss_fn(run, v)
     m = nio_jax.measure(loss_fn, params, batches, num_batches=2, num_chunks=4, overlap=0.2)
     assert logged[step]["gc"] == pytest.approx(m["gc"], rel=1e-6, abs=1e-7)
@@ -126,7 +123,7 @@ def bn_setup():
   measurement, and the train step, compile once)."""
   model, variables, loader, test = make_setup(bn=True)
   cfg = tiny_config(num_epochs=1, gc_every=2, checkpoint_every_steps=2, max_to_keep=10)
-  gc_fn = trainer.default_gc_fn(model, variables, loader, cfg)
+  gc_fn = train.default_gc_fn(model, variables, loader, cfg)
   return model, variables, loader, test, cfg, gc_fn
 
 
@@ -145,10 +142,11 @@ def test_batch_norm_uses_batch_statistics_and_compiles_once(tmp_path, bn_setup):
   res = train.train(model, variables, loader, test, cfg, tmp_path, gc_fn=gc_fn)
   assert list(res.gc_steps) == [0, 2, 4, 6] and res.gc_seconds > 0  # 6 steps per epoch
   assert per_call[1:] == [0, 0, 0], per_call
-  v = experiment.load_checkpoint_variables(tmp_path / "checkpoints", "4", variables)
+  v = files.load_checkpoint_variables(tmp_path / "checkpoints", "4", variables)
   moved = jax.tree.leaves(v["batch_stats"])[0] - jax.tree.leaves(variables["batch_stats"])[0]
   assert float(abs(moved).max()) > 0  # the running statistics did change
-  loss_fn, _ = trainer.init_loss_fn(model, v)  # closes over step 4's batch_stats
+  # closes over step 4's batch_stats
+  loss_fn = linen_loss_fn(model, batch_stats=v["batch_stats"], apply_kwargs={"train": True})
   m = nio_jax.measure(loss_fn, v["params"], list(loader.batches(5, stream=2)), num_batches=5)
   assert res.gc_steps[4]["gc"] == pytest.approx(m["gc"], rel=1e-5, abs=1e-6)
   assert res.gc_steps[4]["grad_norm"] == pytest.approx(m["grad_norm"], rel=1e-5)
@@ -186,7 +184,7 @@ def test_gc_every_needs_measure_batches_and_the_trainer_checks_too():
   t = train.default_config()
   t.gc_every = -3
   with pytest.raises(ValueError, match="gc_every"):
-    validate_train(t)
+    train.validate_train_config(t)
   with pytest.raises(TypeError, match="gc_every"):
     t.gc_every = 1.5  # ConfigDict's type check, or validate's
-    validate_train(t)
+    train.validate_train_config(t)

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 import nio_jax
-from nio_jax import leaves, models, train
+from nio_jax import leaves, models
 from nio_jax.flax_utils import (
   linen_leaf_kinds,
   linen_loss_fn,
@@ -147,9 +147,12 @@ def test_search_gc_excludes_batchnorm_named_norm():
   cfg = dict(num_steps=1, num_chunks=2, overlap=0.0, pullback="loop", conv="none")
   res = nio_jax.nio(loss_fn, params, [batch], cfg)
   np.testing.assert_allclose(res.history["gc"][0], want["gc"], rtol=1e-5)
-  # The trainer / CLI loss (train.init_loss_fn) hands over the same structure.
-  trainer_loss, _ = train.init_loss_fn(model, variables)
-  assert trainer_loss.module_kinds == {("norm1",): "batch_norm", ("norm_final",): "batch_norm"}
+  # The experiment's training-mode loss (`experiment.init_loss_fn`) hands over the same
+  # structure.
+  train_loss = linen_loss_fn(
+    model, batch_stats=variables["batch_stats"], apply_kwargs={"train": True}
+  )
+  assert train_loss.module_kinds == {("norm1",): "batch_norm", ("norm_final",): "batch_norm"}
   np.testing.assert_allclose(res.history["grad_norm"][0], want["grad_norm"], rtol=1e-5)
 
 

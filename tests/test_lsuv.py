@@ -403,21 +403,21 @@ def test_registered_with_config_plumbing():
   assert LSUVConfig.create().to_dict() == dict(
     target_std=1.0, tol=0.1, max_iter=10, orthonormal=True, seed=0
   )
-  from nio_jax import config as cfgmod
+  from nio_jax import experiment_config as cfgmod
 
   cfg = cfgmod.base_config()
   cfgmod.apply_override(cfg, "init.method", "lsuv")
   cfgmod.apply_override(cfg, "init.config.tol", 0.05)
   cfgmod.apply_override(cfg, "init.config.orthonormal", False)
   cfgmod.apply_override(cfg, "seed", 3)
-  mcfg = cfgmod.method_config(cfg)
+  mcfg = cfgmod.build_method_config(cfg)
   assert mcfg == LSUVConfig(tol=0.05, orthonormal=False, seed=3)  # the run's seed by default
   assert cfgmod.search_batches(cfg, mcfg) == 1
   cfgmod.apply_override(cfg, "init.config.seed", 5)
-  assert cfgmod.method_config(cfg).seed == 5
+  assert cfgmod.build_method_config(cfg).seed == 5
   cfgmod.apply_override(cfg, "init.config.max_attempts", 3)
   with pytest.raises(cfgmod.ConfigError, match="unknown LSUV config key"):
-    cfgmod.method_config(cfg)
+    cfgmod.build_method_config(cfg)
 
 
 def test_bad_input(mlp):

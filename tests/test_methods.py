@@ -15,7 +15,7 @@ from nio_jax.methods import (
   get_method,
   initialize,
   register,
-  registry,
+  unregister,
 )
 from tests import tiny_models as tm
 
@@ -89,7 +89,7 @@ def test_register_one_new_method(toy):
   params, batches = toy
 
   @register("_test_identity")
-  def ident(loss_fn, params, data, config=None, *, progress=False):
+  def ident(loss_fn, params, data, config=None, *, progress=False, mesh=None):
     return nio_jax.InitResult(
       params=params, scales=None, history={}, method="_test_identity", config=dict(config or {})
     )
@@ -101,7 +101,7 @@ def test_register_one_new_method(toy):
     with pytest.raises(ValueError, match="already registered"):
       register("_test_identity")(lambda *a, **k: None)
   finally:
-    registry._REGISTRY.pop("_test_identity", None)
+    unregister("_test_identity")
 
 
 def test_published_defaults():
@@ -164,14 +164,10 @@ def test_kaiming_is_identity(toy):
 
 
 def test_fixup_entry():
-  """The registry entry delegates to nio_jax.methods.fixup (a branch layout of nio_jax.models:
-  L = 2 basic blocks, m = 2 convs each)."""
-  try:
-    from nio_jax.methods.fixup import fixup_init
-  except ModuleNotFoundError:
-    with pytest.raises(NotImplementedError, match='variant="fixup"'):
-      initialize("fixup", tm.mlp_loss, {"w": jnp.ones(2)}, None)
-    return
+  """The registry entry applies nio_jax.methods.fixup's rules (a branch layout of
+  nio_jax.models: L = 2 basic blocks, m = 2 convs each)."""
+  from nio_jax.methods.fixup import fixup_rules
+
   k = jax.random.split(jax.random.PRNGKey(3), 6)
   block = lambda a, b: {
     "conv1": {"kernel": jax.random.normal(a, (3, 3, 2, 2))},
@@ -189,7 +185,7 @@ def test_fixup_entry():
   again = initialize("fixup", None, params, None)
   assert res.method == "fixup" and res.scales is None and res.history == {}
   assert_identical(res.params, again.params)
-  assert_identical(res.params, fixup_init(params))
+  assert_identical(res.params, fixup_rules(params))
   for b in ("stage1_block0", "stage1_block1"):
     assert not np.any(np.asarray(res.params[b]["conv2"]["kernel"]))
     np.testing.assert_allclose(

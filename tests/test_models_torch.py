@@ -11,7 +11,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from nio_jax import models  # noqa: E402
-from nio_jax.bench.torch_baseline import models as tm  # noqa: E402
+from nio_jax.bench.torch_baseline import models as torch_models  # noqa: E402
 from tests.test_models import random_variables  # noqa: E402
 
 torch.set_num_threads(1)
@@ -72,8 +72,8 @@ def test_same_logits_as_torch(name, kwargs, shape):
   extra = {}
   if name.startswith(("vit", "swin")) or name == "cnn_small":
     extra["image_size"] = shape[0]
-  tmodel = tm.get(name, **kwargs, **extra)
-  tm.load_flax_variables(tmodel, variables)
+  tmodel = torch_models.get(name, **kwargs, **extra)
+  torch_models.load_flax_variables(tmodel, variables)
   t_train, t_eval = torch_logits(tmodel, x)
 
   assert y_train.shape == (4, kwargs.get("num_classes", 10))
@@ -89,14 +89,16 @@ def test_loader_rejects_mismatch():
   x = jnp.zeros((1, 8, 8, 3))
   variables = random_variables(model, x)
   with pytest.raises(ValueError, match="shape mismatch"):
-    tm.load_flax_variables(tm.get("resnet20", depth=8, width=8), variables)
+    torch_models.load_flax_variables(torch_models.get("resnet20", depth=8, width=8), variables)
   with pytest.raises(KeyError):
-    tm.load_flax_variables(tm.get("resnet20", depth=8, width=4, norm="none"), variables)
+    torch_models.load_flax_variables(
+      torch_models.get("resnet20", depth=8, width=4, norm="none"), variables
+    )
 
 
 def _torch_counts(name, kwargs):
   with torch.device("meta"):
-    return tm.num_params(tm.get(name, **kwargs))
+    return torch_models.num_params(torch_models.get(name, **kwargs))
 
 
 REGISTRY_VARIANTS = (

@@ -8,8 +8,6 @@ convolutions (the cases the conv rewrite must get right).
 
 from __future__ import annotations
 
-import warnings
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -17,7 +15,7 @@ import numpy as np
 import pytest
 
 import nio_jax
-from nio_jax import cosine, per_example
+from nio_jax import cosine, formulation, jaxpr_rewrites, per_example
 
 
 class _Block(nn.Module):
@@ -66,11 +64,11 @@ def _flat(tree):
   return np.concatenate([np.ravel(l) for l in jax.tree_util.tree_leaves(tree)])
 
 
-@pytest.mark.parametrize("mode", per_example.CONV_MODES)
+@pytest.mark.parametrize("mode", jaxpr_rewrites.CONV_MODES)
 def test_rewrite_convs_same_values_and_grads(mode):
   with jax.enable_x64(True):
     loss_fn, params, batch = _setup()
-    rw = per_example.rewrite_convs(loss_fn, mode)
+    rw = jaxpr_rewrites.rewrite_convs(loss_fn, mode)
     np.testing.assert_allclose(rw(params, batch), loss_fn(params, batch), rtol=1e-12)
     g0 = jax.grad(lambda p: loss_fn(p, batch).sum())(params)
     g1 = jax.grad(lambda p: rw(p, batch).sum())(params)
@@ -86,18 +84,28 @@ def _loop_sample_grads(loss_fn, params, batch, b):
   ]
 
 
+def _sample_grads(loss_fn, params, batch, pullback, conv):
+  form = formulation.resolve_formulation(loss_fn, params, batch, None, pullback, conv)
+  return per_example.sample_grads_selected(loss_fn, params, batch, form)[1]
+
+
+def _subbatch_grads(loss_fn, params, batch, d, r, pullback, conv):
+  form = formulation.resolve_formulation(loss_fn, params, batch, d, pullback, conv)
+  return per_example.subbatch_grads_selected(loss_fn, params, batch, d, r, form)[1]
+
+
 def _assert_rows_equal(got, ref):
   for i, r in enumerate(ref):
     np.testing.assert_allclose(_flat([g[i] for g in got]), _flat(r), rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("conv", per_example.CONVS)
-@pytest.mark.parametrize("pullback", per_example.SAMPLE_PULLBACKS)
+@pytest.mark.parametrize("conv", formulation.CONVS)
+@pytest.mark.parametrize("pullback", formulation.SAMPLE_PULLBACKS)
 def test_sample_formulations_equal_loop_of_grads(pullback, conv):
   with jax.enable_x64(True):
     loss_fn, params, batch = _setup()
     ref = _loop_sample_grads(loss_fn, params, batch, 6)
-    _, got = per_example.sample_grads_selected(loss_fn, params, batch, pullback=pullback, conv=conv)
+    got = _sample_grads(loss_fn, params, batch, pullback, conv)
     _assert_rows_equal(got, ref)
     gc_ref = cosine.gc_brute_force(jax.tree_util.tree_map(lambda *g: jnp.stack(g), *ref))
     st = cosine.gradcosine(loss_fn, params, batch, pullback=pullback, conv=conv)
@@ -105,8 +113,8 @@ def test_sample_formulations_equal_loop_of_grads(pullback, conv):
 
 
 @pytest.mark.parametrize("bn", [False, True])
-@pytest.mark.parametrize("conv", per_example.CONVS)
-@pytest.mark.parametrize("pullback", per_example.SUBBATCH_PULLBACKS)
+@pytest.mark.parametrize("conv", formulation.CONVS)
+@pytest.mark.parametrize("pullback", formulation.SUBBATCH_PULLBACKS)
 def test_subbatch_formulations_equal_loop_of_grads(pullback, conv, bn):
   with jax.enable_x64(True):
     loss_fn, params, batch = _setup(bn=bn, b=10)
@@ -116,9 +124,7 @@ def test_subbatch_formulations_equal_loop_of_grads(pullback, conv, bn):
       return
     bounds = per_example.subbatch_bounds(10, 3, 0.2)
     ref = [jax.grad(lambda p, a=a, e=e: loss_fn(p, batch)[a:e].mean())(params) for a, e in bounds]
-    _, got = per_example.subbatch_grads_selected(
-      loss_fn, params, batch, 3, 0.2, pullback=pullback, conv=conv
-    )
+    got = _subbatch_grads(loss_fn, params, batch, 3, 0.2, pullback, conv)
     _assert_rows_equal(got, ref)
     gc_ref = cosine.gc_brute_force(jax.tree_util.tree_map(lambda *g: jnp.stack(g), *ref))
     st = cosine.gradcosine(
@@ -166,21 +172,20 @@ def test_segment_bounds_cover_batch():
 def test_default_formulation_per_backend_as_documented():
   """docs/performance.md: im2col on CPU, plain convs elsewhere. (The batch setting's "auto"
   pullback also depends on the loss: `test_auto_batch_pullback_is_segments_only_where_exact`.)"""
-  assert per_example.default_formulation(None, backend="cpu") == ("vmap", "im2col")
-  assert per_example.default_formulation(4, backend="cpu") == ("loop", "im2col")
+  assert formulation.default_formulation(None, backend="cpu") == ("vmap", "im2col")
+  assert formulation.default_formulation(4, backend="cpu") == ("loop", "im2col")
   for backend in ("gpu", "tpu"):
-    assert per_example.default_formulation(None, backend=backend) == ("vmap", "none")
-    assert per_example.default_formulation(4, backend=backend) == ("loop", "none")
+    assert formulation.default_formulation(None, backend=backend) == ("vmap", "none")
+    assert formulation.default_formulation(4, backend=backend) == ("loop", "none")
   here = jax.default_backend()
+  loss_fn, params, batch = _setup(bn=True, b=8)  # batch norm: "auto" is the default pullback
   for d in (None, 4):
-    assert per_example.resolve_formulation(d, "auto", "auto") == per_example.default_formulation(
-      d, backend=here
-    )
+    want = formulation.default_formulation(d, backend=here)
+    resolve = lambda pb, cv, d=d: formulation.resolve_formulation(loss_fn, params, batch, d, pb, cv)
+    assert resolve("auto", "auto")[:2] == want
     # "auto" for one option keeps the other as given
-    assert per_example.resolve_formulation(d, "scan", "auto") == (
-      "scan",
-      per_example.default_formulation(d, backend=here)[1],
-    )
+    assert resolve("scan", "auto")[:2] == ("scan", want[1])
+    assert resolve("auto", "slices")[:2] == (want[0], "slices")
   assert nio_jax.NIOConfig().pullback == "auto" and nio_jax.NIOConfig().conv == "auto"
 
 
@@ -196,52 +201,26 @@ def test_default_formulation_per_backend_as_documented():
 )
 def test_invalid_formulations_name_option_and_valid_values(num_chunks, pullback, conv, match):
   with pytest.raises(ValueError, match=match):
-    per_example.resolve_formulation(num_chunks, pullback, conv)
+    formulation.check_formulation(num_chunks, pullback, conv)
   loss_fn, params, batch = _setup(b=8)
   with pytest.raises(ValueError, match=match):
+    formulation.resolve_formulation(loss_fn, params, batch, num_chunks, pullback, conv)
+  with pytest.raises(ValueError, match=match):
     cosine.gradcosine(loss_fn, params, batch, num_chunks=num_chunks, pullback=pullback, conv=conv)
-
-
-def test_deprecated_impl_maps_to_the_pair_with_a_warning():
-  for setting, table in per_example.LEGACY_IMPLS.items():
-    d = None if setting == "sample" else 4
-    for impl, pair in table.items():
-      with pytest.warns(DeprecationWarning, match=f"use pullback={pair[0]!r}, conv={pair[1]!r}"):
-        assert per_example.resolve_formulation(d, impl=impl) == pair
-  with pytest.raises(ValueError, match="cannot be combined"):
-    per_example.resolve_formulation(4, "scan", "auto", impl="loop")
-  with pytest.raises(ValueError, match="unknown impl .batch setting, deprecated. 'im2col'"):
-    per_example.resolve_formulation(4, impl="im2col")  # a sample-wise name
-  with pytest.warns(DeprecationWarning):
-    cfg = nio_jax.NIOConfig.create({"impl": "segments_im2col"})
-  assert (cfg.pullback, cfg.conv) == ("segments", "im2col")
-  with pytest.warns(DeprecationWarning):
-    cfg = nio_jax.NIOConfig.create(num_chunks=None, overlap=0.0, impl="map")
-  assert (cfg.pullback, cfg.conv) == ("map", "none")
-  with warnings.catch_warnings():
-    warnings.simplefilter("error")
-    nio_jax.NIOConfig.create({"pullback": "scan", "conv": "slices"})  # no warning
-  # same numbers through the alias
-  with jax.enable_x64(True):
-    loss_fn, params, batch = _setup(b=8)
-    with pytest.warns(DeprecationWarning):
-      old = cosine.gradcosine(loss_fn, params, batch, num_chunks=3, impl="vmap_im2col").gc
-    new = cosine.gradcosine(loss_fn, params, batch, num_chunks=3, pullback="vjp", conv="im2col")
-    assert float(old) == float(new.gc)
 
 
 def test_couples_examples_finds_batch_norm_only():
   with jax.enable_x64(True):
     for bn in (False, True):
       loss_fn, params, batch = _setup(bn=bn, b=6)
-      assert per_example.couples_examples(loss_fn, params, batch) is bn
+      assert jaxpr_rewrites.couples_examples(loss_fn, params, batch) is bn
   # a parameter with B rows reduced over its first axis is not the batch axis
   w = jnp.ones((4, 3))
   loss = lambda p, b: (b["x"] @ p["w"]).sum(-1) + jnp.sum(p["w"], axis=0).sum()
-  assert not per_example.couples_examples(loss, {"w": w}, {"x": jnp.ones((4, 4))})
+  assert not jaxpr_rewrites.couples_examples(loss, {"w": w}, {"x": jnp.ones((4, 4))})
   # a loss normalised by the batch mean couples the examples
   coupled = lambda p, b: (b["x"] @ p["w"]).sum(-1) - jnp.mean(b["x"] @ p["w"])
-  assert per_example.couples_examples(coupled, {"w": w}, {"x": jnp.ones((4, 4))})
+  assert jaxpr_rewrites.couples_examples(coupled, {"w": w}, {"x": jnp.ones((4, 4))})
 
 
 def test_auto_batch_pullback_is_segments_only_where_exact_on_cpu():
@@ -251,14 +230,17 @@ def test_auto_batch_pullback_is_segments_only_where_exact_on_cpu():
   with jax.enable_x64(True):
     for bn, want_cpu in ((False, "segments"), (True, "loop")):
       loss_fn, params, batch = _setup(bn=bn, b=8)
-      assert per_example.auto_subbatch_pullback(loss_fn, params, batch, "cpu") == want_cpu
+      assert formulation.auto_subbatch_pullback(loss_fn, params, batch, "cpu") == want_cpu
       for backend in ("gpu", "tpu"):
-        assert per_example.auto_subbatch_pullback(loss_fn, params, batch, backend) == "loop"
-      here = per_example.auto_subbatch_pullback(loss_fn, params, batch)
-      assert cosine.resolve_for_loss(loss_fn, params, batch, 3, "auto", "none") == (here, "none")
+        assert formulation.auto_subbatch_pullback(loss_fn, params, batch, backend) == "loop"
+        form = formulation.resolve_formulation(loss_fn, params, batch, 3, backend=backend)
+        assert form == formulation.Formulation("loop", "none")
+      here = formulation.auto_subbatch_pullback(loss_fn, params, batch)
+      resolve = lambda d, pb: formulation.resolve_formulation(loss_fn, params, batch, d, pb, "none")
+      assert resolve(3, "auto") == formulation.Formulation(here, "none")
       # an explicit pullback stays as given, and the sample-wise setting is unaffected
-      assert cosine.resolve_for_loss(loss_fn, params, batch, 3, "vjp", "none")[0] == "vjp"
-      assert cosine.resolve_for_loss(loss_fn, params, batch, None, "auto", "none")[0] == "vmap"
+      assert resolve(3, "vjp").pullback == "vjp"
+      assert resolve(None, "auto").pullback == "vmap"
 
       def gc(p, pullback, loss_fn=loss_fn, batch=batch):
         return cosine.gradcosine_stats(
@@ -281,25 +263,22 @@ def test_im2col_memory_guard_groups_then_falls_back(monkeypatch):
   only when one row / example does not fit do convolutions stay plain; values unchanged."""
   with jax.enable_x64(True):
     loss_fn, params, batch = _setup(b=6)
-    need = per_example.im2col_bytes(loss_fn, params, batch)
+    need = jaxpr_rewrites.im2col_bytes(loss_fn, params, batch)
     assert need > 0
-    plan = lambda d, pb: per_example.plan_formulation(loss_fn, params, batch, d, pb, "im2col")
+    plan = lambda d, pb: formulation.plan_formulation(loss_fn, params, batch, d, pb, "im2col")
     # default budget: tiny model, nothing to split
-    assert plan(3, "loop") == per_example.Plan("loop", "im2col", None)
-    assert plan(None, "vmap") == per_example.Plan("vmap", "im2col", None)
+    assert plan(3, "loop") == formulation.Formulation("loop", "im2col", None)
+    assert plan(None, "vmap") == formulation.Formulation("vmap", "im2col", None)
     ref_s = _loop_sample_grads(loss_fn, params, batch, 6)
     bounds = per_example.subbatch_bounds(6, 3, 0.2)
     ref_b = [jax.grad(lambda p, a=a, e=e: loss_fn(p, batch)[a:e].mean())(params) for a, e in bounds]
 
     # Batch setting, budget for the forward patches + 2 rows: D=3 rows in groups of 2.
-    monkeypatch.setattr(per_example, "IM2COL_MAX_BYTES", 3 * need)
+    monkeypatch.setattr(formulation, "IM2COL_MAX_BYTES", 3 * need)
     for pb in ("loop", "vjp", "scan"):
-      assert plan(3, pb) == per_example.Plan(pb, "im2col", 2)
-      _, got = per_example.subbatch_grads_selected(
-        loss_fn, params, batch, 3, 0.2, pullback=pb, conv="im2col"
-      )
-      _assert_rows_equal(got, ref_b)
-    assert plan(3, "segments") == per_example.Plan("segments", "im2col", None)  # 2·P fits
+      assert plan(3, pb) == formulation.Formulation(pb, "im2col", 2)
+      _assert_rows_equal(_subbatch_grads(loss_fn, params, batch, 3, 0.2, pb, "im2col"), ref_b)
+    assert plan(3, "segments") == formulation.Formulation("segments", "im2col", None)  # 2·P fits
     stats = lambda p, d, pb: (
       cosine.gradcosine_stats(  # noqa: E731
         loss_fn,
@@ -313,28 +292,24 @@ def test_im2col_memory_guard_groups_then_falls_back(monkeypatch):
     )
     assert _has_remat(lambda p: stats(p, 3, "loop"), params)
     # Sample-wise, examples whose patches and cotangents fit: 2·P·c/B <= 3·P  =>  c = 9 >= 6.
-    assert plan(None, "vmap") == per_example.Plan("vmap", "im2col", None)
-    monkeypatch.setattr(per_example, "IM2COL_MAX_BYTES", need // 2)  # 2·P·c/6 <= P/2: c = 1
-    assert plan(None, "vmap") == per_example.Plan("vmap", "im2col", 1)
-    assert plan(None, "map") == per_example.Plan("map", "im2col", 1)
+    assert plan(None, "vmap") == formulation.Formulation("vmap", "im2col", None)
+    monkeypatch.setattr(formulation, "IM2COL_MAX_BYTES", need // 2)  # 2·P·c/6 <= P/2: c = 1
+    assert plan(None, "vmap") == formulation.Formulation("vmap", "im2col", 1)
+    assert plan(None, "map") == formulation.Formulation("map", "im2col", 1)
     for pb in ("vmap", "map"):
-      _, got = per_example.sample_grads_selected(loss_fn, params, batch, pullback=pb, conv="im2col")
-      _assert_rows_equal(got, ref_s)
-    # example chunks: lax.map over chunks, without remat (see _per_example_selected)
+      _assert_rows_equal(_sample_grads(loss_fn, params, batch, pb, "im2col"), ref_s)
+    # example chunks: lax.map over chunks, without remat (see per_example.sample_grads_selected)
     jaxpr = str(jax.make_jaxpr(lambda p: stats(p, None, "vmap"))(params))
     assert "while" in jaxpr or "scan" in jaxpr
     # ... while one row next to the forward patches (P·2) does not fit: plain convolutions.
     for pb in ("loop", "vjp", "scan", "segments"):
-      assert plan(3, pb) == per_example.Plan(pb, "none", None)
-    assert plan(None, "vjp") == per_example.Plan("vjp", "none", None)
+      assert plan(3, pb) == formulation.Formulation(pb, "none", None)
+    assert plan(None, "vjp") == formulation.Formulation("vjp", "none", None)
     assert not _has_remat(lambda p: stats(p, 3, "loop"), params)
-    _, got = per_example.subbatch_grads_selected(
-      loss_fn, params, batch, 3, 0.2, pullback="loop", conv="im2col"
-    )
-    _assert_rows_equal(got, ref_b)
+    _assert_rows_equal(_subbatch_grads(loss_fn, params, batch, 3, 0.2, "loop", "im2col"), ref_b)
     # Below one example's patches: plain convolutions sample-wise too.
-    monkeypatch.setattr(per_example, "IM2COL_MAX_BYTES", need // 100)
-    assert plan(None, "vmap") == per_example.Plan("vmap", "none", None)
+    monkeypatch.setattr(formulation, "IM2COL_MAX_BYTES", need // 100)
+    assert plan(None, "vmap") == formulation.Formulation("vmap", "none", None)
 
 
 @pytest.mark.parametrize(
@@ -359,10 +334,10 @@ def test_grouped_second_order_equals_ungrouped(monkeypatch, setting, pb):
       )
 
     ref = grad_gc()
-    need = per_example.im2col_bytes(loss_fn, params, batch)
+    need = jaxpr_rewrites.im2col_bytes(loss_fn, params, batch)
     own_forward = pb in ("vmap", "map")
-    monkeypatch.setattr(per_example, "IM2COL_MAX_BYTES", need // 2 if own_forward else 3 * need)
-    assert per_example.plan_formulation(loss_fn, params, batch, setting, pb, "im2col").group in (
+    monkeypatch.setattr(formulation, "IM2COL_MAX_BYTES", need // 2 if own_forward else 3 * need)
+    assert formulation.plan_formulation(loss_fn, params, batch, setting, pb, "im2col").group in (
       1,
       2,
     )

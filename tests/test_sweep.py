@@ -12,7 +12,7 @@ import pytest
 
 from benchmarks import sweep
 from nio_jax import methods
-from nio_jax.config import base_config, method_config
+from nio_jax.experiment_config import base_config, build_method_config
 
 
 def _fmnist_or_skip():
@@ -121,8 +121,8 @@ def test_mini_sweep_end_to_end_and_resume(tmp_path):
   # ... unless the committed record is another config's (here: another method's).
   other = copy.deepcopy(grid)
   other["cells"][0]["config"].name = "mini_other"
-  assert sweep._committed_record(res, other, other["cells"][0], 0) is None
-  assert sweep._committed_record(res, grid, grid["cells"][0], 0)["seed"] == 0
+  assert sweep.committed_record(res, other, other["cells"][0], 0) is None
+  assert sweep.committed_record(res, grid, grid["cells"][0], 0)["seed"] == 0
 
 
 def test_quiet_verdict_follows_the_quiet_tool_rule():
@@ -181,12 +181,12 @@ def test_fmnist_grid_follows_the_protocol():
     if method in ("metainit", "gradinit", "nio"):
       assert cfg.init.config.num_steps == 100 and cfg.init.batch_size == 64
     if method == "nio":  # the batch setting (NIOConfig default), also on the BN net
-      assert method_config(cfg).num_chunks == 4
+      assert build_method_config(cfg).num_chunks == 4
     if method == "lsuv":  # one real batch; the orthonormal draw follows the run's seed
-      assert cfg.init.data == "real" and method_config(sweep.run_config(cell, 2)).seed == 2
+      assert cfg.init.data == "real" and build_method_config(sweep.run_config(cell, 2)).seed == 2
     if method == "metainit":  # the paper's listing on Gaussian inputs drawn per seed
       assert cfg.init.data == "random"
-      mcfg = method_config(sweep.run_config(cell, 2))
+      mcfg = build_method_config(sweep.run_config(cell, 2))
       assert (mcfg.variant, mcfg.lr, mcfg.seed) == ("sign_momentum", None, 2)
     if method == "warmup":
       assert round(cfg.train.warmup_epochs * 468) == 100

@@ -1,5 +1,6 @@
 """Tests of nio_jax.train: schedules, optimizer groups, the trainer (metrics, plots,
-checkpoints), bit-for-bit resume, non-finite stop, init hook. Tiny models, CPU, < ~1 min."""
+checkpoints), bit-for-bit resume, non-finite stop, training from given variables. Tiny
+models, CPU, < ~1 min."""
 
 import json
 import os
@@ -10,8 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nio_jax import data, train
-from nio_jax.train import optim, trainer
+from nio_jax import data, files, train
+from nio_jax.train import optim
+from nio_jax.train.steps import STEPS
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -211,10 +213,8 @@ def test_two_epoch_training_writes_metrics_checkpoints_plot(tmp_path):
   assert res.acc_1 == ev[0]["test_acc"] and res.acc_best == max(r["test_acc"] for r in ev)
   assert res.finished and res.step == 12 and res.epochs_completed == 2
   assert (tmp_path / "curves.png").stat().st_size > 1000
-  summary = json.loads((tmp_path / "summary.json").read_text())
-  assert summary["acc_best"] == res.acc_best
+  assert files.checkpoint_steps(tmp_path / "checkpoints") == [0, 6, 12]
   ck = train.Checkpointer(tmp_path / "checkpoints", 3)
-  assert ck.all_steps() == [0, 6, 12]
   state, meta = ck.restore(None, _target(res, cfg))
   ck.close()
   assert meta["loader"] == {"epoch": 2, "step": 0} and meta["acc_1"] == res.acc_1
@@ -248,7 +248,7 @@ def test_resume_is_bit_for_bit(tmp_path):
     assert not part.finished and part.step == stop
     # "kill": nothing survives in memory; a new call restores from the checkpoint
     if stop == 8:  # as in a fresh process, recompile the step functions too
-      trainer._STEP_CACHE.clear()
+      STEPS.clear()
     log_before = (wd / "metrics.jsonl").read_text()
     resumed = train.train(model, variables, loader, test_set, cfg, wd)
     assert resumed.finished and resumed.step == straight.step
@@ -312,8 +312,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 def test_checkpoint_atomicity_and_retention(tmp_path):
   with pytest.raises(ValueError):
     train.Checkpointer(tmp_path / "x", max_to_keep=1)
-  with pytest.raises(ValueError):
-    train.train(None, {}, None, None, tiny_config(max_to_keep=1), tmp_path / "y")
+  with pytest.raises(ValueError, match="max_to_keep"):
+    train.validate_train_config(tiny_config(max_to_keep=1))
   d = tmp_path / "ck"
   ck = train.Checkpointer(d, 2)
   for s in (1, 2, 3):
@@ -332,31 +332,17 @@ def test_checkpoint_atomicity_and_retention(tmp_path):
   assert sorted(os.listdir(d)) == ["3", "5"]  # temporary directory cleaned up
 
 
-def test_init_fn_hook_and_mixed_precision(tmp_path):
+def test_trains_the_given_variables_with_mixed_precision(tmp_path):
+  """The trainer starts from the variables it is given (initialised by the caller):
+  checkpoint 0 holds them; mixed precision keeps float32 params; a resume trains on from the
+  checkpoint, whatever variables it is handed."""
   model, variables, loader, test_set = make_setup(bn=True)
-  calls = []
-
-  class Result:
-    def __init__(self, params, history):
-      self.params, self.history = params, history
-
-  def fake_init(loss_fn, params, batches):
-    batches = list(batches)
-    losses = loss_fn(params, batches[0])
-    calls.append((losses.shape, len(batches)))
-    return Result(
-      jax.tree.map(lambda x: 0.5 * x, params),
-      {"gc": np.arange(3.0), "loss": [float(losses.mean())] * 3},
-    )
-
-  cfg = tiny_config(num_epochs=1, init_num_batches=3, mixed_precision=True)
-  res = train.train(model, variables, loader, test_set, cfg, tmp_path, init_fn=fake_init)
-  assert calls == [((32,), 3)]
-  hist = json.loads((tmp_path / "init_history.json").read_text())
-  assert hist["history"]["gc"] == [0.0, 1.0, 2.0] and hist["num_batches"] == 3
+  initialised = {**variables, "params": jax.tree.map(lambda x: 0.5 * x, variables["params"])}
+  cfg = tiny_config(num_epochs=1, mixed_precision=True)
+  res = train.train(model, initialised, loader, test_set, cfg, tmp_path)
   assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(res.variables))
   assert res.acc_1 is not None and np.isfinite(res.acc_1)
-  # the initialised params are what training started from (checkpoint 0)
+  assert not (tmp_path / "init_history.json").exists()  # initialising is the caller's step
   ck = train.Checkpointer(tmp_path / "checkpoints", 3)
   tx, _ = train.make_optimizer(cfg, variables["params"], 6, no_norm=False)
   target = {
@@ -369,18 +355,22 @@ def test_init_fn_hook_and_mixed_precision(tmp_path):
   }
   state0, _ = ck.restore(0, target)
   ck.close()
-  assert_trees_equal(state0["params"], jax.tree.map(lambda x: 0.5 * x, variables["params"]))
-  # resuming does not run the init method again
-  train.train(model, variables, loader, test_set, cfg, tmp_path, init_fn=fake_init)
-  assert len(calls) == 1
+  assert_trees_equal(state0["params"], initialised["params"])
+  again = train.train(model, variables, loader, test_set, cfg, tmp_path)  # finished: resumes
+  assert_trees_equal(again.variables, res.variables)
 
 
-def test_init_loss_fn_contract():
-  model, variables, loader, _ = make_setup(bn=True)
-  loss_fn, params = train.init_loss_fn(model, variables)
-  assert jax.tree.structure(params) == jax.tree.structure(variables["params"])
-  losses = loss_fn(params, loader.batch(0, 0))
-  assert losses.shape == (32,) and np.isfinite(np.asarray(losses)).all()
+def test_train_state_round_trips_through_a_checkpoint_dict():
+  model, variables, _, _ = make_setup(bn=True)
+  tx, _ = train.make_optimizer(tiny_config(), variables["params"], 6, no_norm=False)
+  state = train.TrainState.create(variables, tx, 3)
+  d = state.as_dict()
+  assert set(d) == {"step", "params", "opt_state", "rng", "bad_step", "batch_stats"}
+  assert int(d["bad_step"]) == -1 and int(d["step"]) == 0
+  assert_trees_equal(train.TrainState.from_dict(d), state)
+  assert_trees_equal(state.variables(), variables)
+  plain = train.TrainState.create({"params": variables["params"]}, tx, 3)
+  assert "batch_stats" not in plain.as_dict() and plain.batch_stats is None
 
 
 def test_eval_at_steps_and_time_split(tmp_path):
@@ -402,7 +392,7 @@ def test_eval_at_steps_and_time_split(tmp_path):
   )
   acc = float(np.mean(np.argmax(np.asarray(logits), -1) == test.labels))
   assert res.step_evals[5] == pytest.approx(acc)
-  assert res.train_seconds > 0 and res.eval_seconds > 0 and res.init_seconds == 0.0
+  assert res.train_seconds > 0 and res.eval_seconds > 0
   recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in recs if r["type"] == "step_eval"] == [2, 5]
   with pytest.raises(ValueError, match="eval_at"):

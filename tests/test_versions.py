@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from packaging.requirements import Requirement
 
-from nio_jax import per_example
+from nio_jax import jaxpr_rewrites
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -74,22 +74,26 @@ def _conv_args():
 
 @pytest.mark.parametrize("version", ["0.11.0", "0.13.1", "1.0.0", "0.9.2", "nightly"])
 def test_conv_rewrite_refuses_an_untested_jax(monkeypatch, version):
-  monkeypatch.delenv(per_example.ALLOW_UNTESTED_JAX_ENV, raising=False)
+  monkeypatch.delenv(jaxpr_rewrites.ALLOW_UNTESTED_JAX_ENV, raising=False)
   monkeypatch.setattr(jax, "__version__", version)
   params, batch = _conv_args()
   with pytest.raises(RuntimeError, match=rf"tested on jax 0\.10\.x only; this is jax {version}"):
-    per_example.rewrite_convs(_conv_loss, "im2col")
+    jaxpr_rewrites.rewrite_convs(_conv_loss, "im2col")
   with pytest.raises(RuntimeError, match="NIO_JAX_ALLOW_UNTESTED_JAX=1"):
-    per_example.im2col_bytes(_conv_loss, params, batch)
+    jaxpr_rewrites.im2col_bytes(_conv_loss, params, batch)
 
 
 def test_conv_rewrite_runs_on_the_tested_jax_and_when_allowed(monkeypatch):
   params, batch = _conv_args()
   want = _conv_loss(params, batch)
-  monkeypatch.delenv(per_example.ALLOW_UNTESTED_JAX_ENV, raising=False)
+  monkeypatch.delenv(jaxpr_rewrites.ALLOW_UNTESTED_JAX_ENV, raising=False)
   monkeypatch.setattr(jax, "__version__", "0.10.7")  # a patch release of the tested minor
-  np.testing.assert_allclose(per_example.rewrite_convs(_conv_loss)(params, batch), want, rtol=1e-5)
+  np.testing.assert_allclose(
+    jaxpr_rewrites.rewrite_convs(_conv_loss)(params, batch), want, rtol=1e-5
+  )
   monkeypatch.setattr(jax, "__version__", "0.12.0")
-  monkeypatch.setenv(per_example.ALLOW_UNTESTED_JAX_ENV, "1")  # the user's explicit choice
-  np.testing.assert_allclose(per_example.rewrite_convs(_conv_loss)(params, batch), want, rtol=1e-5)
-  assert per_example.im2col_bytes(_conv_loss, params, batch) == 2 * 5 * 5 * 9 * 2 * 4
+  monkeypatch.setenv(jaxpr_rewrites.ALLOW_UNTESTED_JAX_ENV, "1")  # the user's explicit choice
+  np.testing.assert_allclose(
+    jaxpr_rewrites.rewrite_convs(_conv_loss)(params, batch), want, rtol=1e-5
+  )
+  assert jaxpr_rewrites.im2col_bytes(_conv_loss, params, batch) == 2 * 5 * 5 * 9 * 2 * 4

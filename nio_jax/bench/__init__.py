@@ -1,15 +1,19 @@
-"""JAX vs PyTorch benchmark behind ``nio-jax bench`` (needs the ``torch`` extra).
+"""JAX vs PyTorch benchmark behind `nio-jax bench` (needs the `torch` extra).
 
-This subpackage is the only part of ``nio_jax`` that imports PyTorch; nothing else in the
-library imports it (``tests/test_cli.py`` checks that), so the library installs and runs
-without torch. Install the baseline with ``pip install 'nio_jax[torch]'``.
+This subpackage is the only part of `nio_jax` that imports PyTorch; nothing else in the
+library imports it (`tests/test_cli.py` checks that), so the library installs and runs
+without torch. Install the baseline with `pip install 'nio_jax[torch]'`.
 
-* :mod:`nio_jax.bench.engine`: the benchmark (``main(argv)``), also run by
-  ``python -m benchmarks.bench`` from a source checkout;
-* :mod:`nio_jax.bench.machine`: load, CPU-time and peak-FLOP/s measurements of the machine
-  (torch-free: used by the other scripts in ``benchmarks/`` too);
-* :mod:`nio_jax.bench.memory`: peak memory of one part in a fresh subprocess;
-* :mod:`nio_jax.bench.torch_baseline`: the PyTorch twins of the models and algorithms.
+* `nio_jax.bench.engine`: the benchmark (`main(argv)`), also run by
+  `python -m benchmarks.bench` from a source checkout: it checks and times every row;
+* `nio_jax.bench.workloads`: what a row times (the model in both frameworks, the
+  formulations, each part's functions);
+* `nio_jax.bench.timing`: interleaved medians, compile times, XLA figures, the matmul peak;
+* `nio_jax.bench.report`: the environment, the Markdown table and the plot;
+* `nio_jax.bench.machine`: load, CPU-time and peak-FLOP/s measurements of the machine
+  (torch-free: used by the other scripts in `benchmarks/` too);
+* `nio_jax.bench.memory`: peak memory of one part in a fresh subprocess;
+* `nio_jax.bench.torch_baseline`: the PyTorch twins of the models and algorithms.
 """
 
 from __future__ import annotations
@@ -24,13 +28,13 @@ class TorchMissingError(ImportError):
 
 
 def require_torch():
-  """The ``torch`` module, or an ImportError that says how to install it.
+  """The `torch` module, or an ImportError that says how to install it.
 
   Returns:
-    The imported ``torch`` module.
+    The imported `torch` module.
 
   Raises:
-    TorchMissingError: torch is not installed (the message names the ``torch`` extra).
+    TorchMissingError: torch is not installed (the message names the `torch` extra).
   """
   try:
     return importlib.import_module("torch")

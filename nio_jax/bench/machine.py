@@ -1,12 +1,12 @@
 """How busy the machine was, how much memory a process used, and what its matmul peak is.
 
-Torch-free, so the other scripts in ``benchmarks/`` can record the same figures.
+Torch-free, so the other scripts in `benchmarks/` can record the same figures.
 
-A timing is a result only when nothing else computed meanwhile. :class:`CpuWindow` measures,
-around one part of a benchmark, the CPU time the whole machine spent busy (``/proc/stat``)
-minus the CPU time of this process and its waited-for children (``os.times``). What remains
-was used by OTHER processes. The part is ``NOISY`` when that exceeds :data:`NOISE_SHARE` of
-the machine (wall time x cores), the rule of ``shared/tools/quiet``. The 1-, 5- and 15-minute
+A timing is a result only when nothing else computed meanwhile. `CpuWindow` measures,
+around one part of a benchmark, the CPU time the whole machine spent busy (`/proc/stat`)
+minus the CPU time of this process and its waited-for children (`os.times`). What remains
+was used by OTHER processes. The part is `NOISY` when that exceeds `NOISE_SHARE` of
+the machine (wall time x cores), the rule of `shared/tools/quiet`. The 1-, 5- and 15-minute
 load averages before and after are recorded too, but do not decide: the 1-minute average
 still counts this process' own previous part for a minute after it ended.
 """
@@ -42,7 +42,7 @@ def load_average() -> list[float] | None:
 
 
 def busy_cpu_seconds() -> float | None:
-  """CPU seconds the whole machine has spent not idle since boot (``/proc/stat``), or None."""
+  """CPU seconds the whole machine has spent not idle since boot (`/proc/stat`), or None."""
   try:
     with open("/proc/stat") as f:
       fields = [int(v) for v in f.readline().split()[1:]]
@@ -59,7 +59,7 @@ def own_cpu_seconds() -> float:
 
 
 def other_share(busy_s: float, own_s: float, wall_s: float, num_cores: int) -> float:
-  """Share of the machine (``wall_s * num_cores``) used by other processes.
+  """Share of the machine (`wall_s * num_cores`) used by other processes.
 
   Args:
     busy_s: CPU seconds the whole machine was busy during the window.
@@ -68,22 +68,22 @@ def other_share(busy_s: float, own_s: float, wall_s: float, num_cores: int) -> f
     num_cores: cores of the machine.
 
   Returns:
-    ``max(0, busy_s - own_s) / (wall_s * num_cores)``.
+    `max(0, busy_s - own_s) / (wall_s * num_cores)`.
   """
   return max(0.0, busy_s - own_s) / max(wall_s * num_cores, 1e-9)
 
 
 def is_noisy(share: float | None) -> bool | None:
-  """True when other processes used more than :data:`NOISE_SHARE`; None when unmeasured."""
+  """True when other processes used more than `NOISE_SHARE`; None when unmeasured."""
   return None if share is None else share > NOISE_SHARE
 
 
 class CpuWindow:
-  """Measures how busy the machine was while a block ran: ``with CpuWindow() as w: ...``.
+  """Measures how busy the machine was while a block ran: `with CpuWindow() as w: ...`.
 
-  After the block, :meth:`record` gives the load averages before and after, the cores, the
+  After the block, `record` gives the load averages before and after, the cores, the
   wall time, this process' CPU time, the other processes' CPU time and share, and the
-  verdict ``noisy`` (None where ``/proc/stat`` is missing).
+  verdict `noisy` (None where `/proc/stat` is missing).
   """
 
   def __enter__(self) -> CpuWindow:
@@ -121,11 +121,11 @@ class CpuWindow:
 def maxrss_mb() -> float:
   """This process' peak resident set size so far, in MiB.
 
-  On Linux this is ``VmHWM`` of ``/proc/self/status``, the high-water mark of the process'
-  own address space, which starts afresh at ``exec``. ``ru_maxrss`` does not: a child forked
+  On Linux this is `VmHWM` of `/proc/self/status`, the high-water mark of the process'
+  own address space, which starts afresh at `exec`. `ru_maxrss` does not: a child forked
   from a large parent reports the parent's size until it outgrows it, which made every
   fresh-subprocess memory figure 0 under the benchmark (measured: the baseline of each
-  memory subprocess grew with the parent, 1.4 -> 2.4 -> 3.4 GB). Elsewhere: ``ru_maxrss``.
+  memory subprocess grew with the parent, 1.4 -> 2.4 -> 3.4 GB). Elsewhere: `ru_maxrss`.
   """
   try:
     with open("/proc/self/status") as f:
@@ -139,7 +139,7 @@ def maxrss_mb() -> float:
 
 
 def matmul_gflops(run: Callable[[], object], n: int, reps: int = 5) -> float:
-  """GFLOP/s of ``run()``, an n x n by n x n matmul that blocks until done (median of reps).
+  """GFLOP/s of `run()`, an n x n by n x n matmul that blocks until done (median of reps).
 
   Args:
     run: performs one matmul and waits for its result (already compiled / warmed up once).
@@ -147,7 +147,7 @@ def matmul_gflops(run: Callable[[], object], n: int, reps: int = 5) -> float:
     reps: repetitions; the median time counts.
 
   Returns:
-    ``2 n^3 / median seconds / 1e9``.
+    `2 n^3 / median seconds / 1e9`.
   """
   times = []
   for _ in range(reps):

@@ -9,34 +9,38 @@ process: it imports both frameworks, builds the model and inputs exactly as the 
 does (same seed), records the RSS high-water as the baseline, then
 
 * PyTorch: runs the part once; the peak is the high-water growth over the baseline
-  (``torch.cuda.max_memory_allocated`` on a GPU instead);
+  (`torch.cuda.max_memory_allocated` on a GPU instead);
 * JAX: compiles, then runs the part once; the growth is recorded after compiling and after
-  running. ``rss_peak_mb`` includes XLA's compiler memory when that is the larger: the
-  benchmark's XLA ``memory_analysis`` (temp + arguments) is the executable's own figure.
+  running. `rss_peak_mb` includes XLA's compiler memory when that is the larger: the
+  benchmark's XLA `memory_analysis` (temp + arguments) is the executable's own figure.
 
-The last line of stdout is ``NIO_JAX_BENCH_MEMORY <json>``.
+The last line of stdout is `NIO_JAX_BENCH_MEMORY <json>`.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 
-from nio_jax.bench import engine, machine, require_torch
+from nio_jax.bench import machine, require_torch, workloads
+
+MEMORY_TAG = "NIO_JAX_BENCH_MEMORY "  # prefix of the line a memory subprocess prints
 
 
 def measure(request: dict) -> dict:
   """Peak memory of one part (see the module docstring).
 
   Args:
-    request: ``model``, ``batch``, ``part``, ``framework`` ("jax" or "torch"), optional
-      ``label`` (the JAX formulation; default the first), ``seed``, ``torch_threads``,
-      ``forms_sw``, ``forms_b`` and ``device`` (torch device, default "cpu").
+    request: `model`, `batch`, `part`, `framework` ("jax" or "torch"), optional
+      `label` (the JAX formulation; default the first), `seed`, `torch_threads`,
+      `forms_sw`, `forms_b` and `device` (torch device, default "cpu").
 
   Returns:
-    ``baseline_mb`` (RSS high-water after imports and inputs) and ``rss_peak_mb`` (growth
-    over it); for JAX also ``rss_after_compile_mb`` and, on an accelerator, ``device_peak_mb``
-    (the device allocator's high-water); for PyTorch on a GPU ``torch_cuda_peak_mb``.
+    `baseline_mb` (RSS high-water after imports and inputs) and `rss_peak_mb` (growth
+    over it); for JAX also `rss_after_compile_mb` and, on an accelerator, `device_peak_mb`
+    (the device allocator's high-water); for PyTorch on a GPU `torch_cuda_peak_mb`.
 
   Raises:
     ValueError: unknown framework or JAX label.
@@ -50,10 +54,10 @@ def measure(request: dict) -> dict:
   if framework not in ("jax", "torch"):
     raise ValueError(f"framework must be 'jax' or 'torch', got {framework!r}")
   device = request.get("device") or "cpu"
-  spec = engine.build(request["model"], int(request["batch"]), int(request.get("seed", 0)))
-  dsw, db = engine.default_formulations(jax.default_backend(), spec)
-  tctx = engine.build_torch(spec, device) if framework == "torch" else None
-  jfns, torch_fn = engine.part_fns(
+  spec = workloads.build(request["model"], int(request["batch"]), int(request.get("seed", 0)))
+  dsw, db = workloads.default_formulations(jax.default_backend(), spec)
+  tctx = workloads.build_torch(spec, device) if framework == "torch" else None
+  jfns, torch_fn = workloads.part_fns(
     request["part"], spec, request.get("forms_sw") or dsw, request.get("forms_b") or db, tctx
   )
   out = dict(framework=framework, part=request["part"])
@@ -89,14 +93,41 @@ def measure(request: dict) -> dict:
   return out
 
 
+def measure_in_subprocess(request: dict, timeout_s: float) -> dict:
+  """Peak memory of one part, measured by `measure` in a fresh Python process.
+
+  Args:
+    request: what `measure` takes (model, batch, part, framework,
+      label, seed, torch_threads).
+    timeout_s: seconds before the subprocess is killed.
+
+  Returns:
+    The subprocess' figures, or `{"error": ...}`.
+  """
+  import nio_jax
+
+  root = os.path.dirname(os.path.dirname(os.path.abspath(nio_jax.__file__)))
+  env = dict(os.environ)  # the child imports this same copy of nio_jax
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+  cmd = [sys.executable, "-m", "nio_jax.bench.memory", json.dumps(request)]
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+  except subprocess.TimeoutExpired:
+    return dict(error=f"memory subprocess exceeded {timeout_s:.0f} s")
+  for line in reversed(proc.stdout.splitlines()):
+    if line.startswith(MEMORY_TAG):
+      return json.loads(line[len(MEMORY_TAG) :])
+  return dict(error=f"memory subprocess failed (rc {proc.returncode}): {proc.stderr[-300:]}")
+
+
 def main(argv=None) -> int:
-  """Entry point of ``python -m nio_jax.bench.memory '<json request>'``."""
+  """Entry point of `python -m nio_jax.bench.memory '<json request>'`."""
   argv = sys.argv[1:] if argv is None else argv
   if len(argv) != 1:
     print("usage: python -m nio_jax.bench.memory '<json request>'", file=sys.stderr)
     return 2
   result = measure(json.loads(argv[0]))
-  print(engine.MEMORY_TAG + json.dumps(result), flush=True)
+  print(MEMORY_TAG + json.dumps(result), flush=True)
   return 0
 
 

@@ -8,7 +8,7 @@
     nio-jax bench   --models resnet20 --batches 32  # nio_jax.bench (needs the torch extra)
 
 Config files, their schema and the `--set k=v` / `--config.k=v` override parser live in
-`nio_jax.config`; every subcommand runs through `nio_jax.experiment` (the same driver as
+`nio_jax.experiment_config`; every subcommand runs through `nio_jax.experiment` (the same driver as
 `benchmarks/sweep.py`); reports and plots are `nio_jax.reports`. This package only parses
 arguments (here) and prints (`commands`).
 
@@ -16,9 +16,9 @@ Outputs in the workdir (default `runs/<config.name>`): `init_params.msgpack` (fl
 serialization of the initialised variables, never pickle), `init_history.json`,
 `init_report.json` (GC / gradient norm before and after), `scales.json`, `run.json` (how
 the run was launched, used by `measure`), `config.json`; `train` adds the trainer's
-`metrics.jsonl`, `summary.json`, `curves.png`, `checkpoints/`, `final_params.msgpack`,
-`run_record.json` (accuracies, GC report, search / training / evaluation wall times) and
-`report.md` with its plots.
+`metrics.jsonl`, `curves.png`, `checkpoints/`, `final_params.msgpack`, `run_record.json`
+(the run's one record: accuracies, GC report, search / training / evaluation wall times)
+and `report.md` with its plots.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from nio_jax.cli.commands import (
   cmd_report,
   cmd_train,
 )
-from nio_jax.config import ConfigError, split_overrides
+from nio_jax.errors import ConfigError, DivergedError
+from nio_jax.experiment_config import split_overrides
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -114,7 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv: the arguments (default `sys.argv[1:]`).
 
   Returns:
-    The exit status: 0, or 2 for a user error (printed as `nio-jax: error: ...`).
+    The exit status: 0; 2 for a user error, 1 for a diverged training run (both printed
+    as `nio-jax: error: ...`).
   """
   argv = list(sys.argv[1:] if argv is None else argv)
   try:
@@ -129,6 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   except ConfigError as e:
     print(f"nio-jax: error: {e}", file=sys.stderr)
     return 2
+  except DivergedError as e:
+    print(f"nio-jax: error: {e}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -8,11 +8,13 @@ import pathlib
 import sys
 from typing import Any
 
-from nio_jax import experiment, reports
-from nio_jax.config import ConfigError, load_config
+from nio_jax import experiment, files, reports
+from nio_jax.errors import ConfigError, DivergedError
+from nio_jax.experiment_config import load_config
 
 
 def _workdir(cfg, arg: str | None) -> pathlib.Path:
+  """The run's directory (`--workdir`, else `workdir`, else `runs/<name>`), created."""
   w = arg or cfg.get("workdir") or os.path.join("runs", cfg.name)
   p = pathlib.Path(w)
   p.mkdir(parents=True, exist_ok=True)
@@ -34,7 +36,7 @@ def _prepare(args, command: str):
   if getattr(args, "no_progress", False):
     cfg.train.progress = False
   workdir = _workdir(cfg, args.workdir)
-  experiment.write_json(
+  files.write_json(
     workdir / "run.json",
     {
       "command": command,
@@ -54,23 +56,28 @@ def _prepare(args, command: str):
 
 
 def cmd_init(args) -> int:
+  """`nio-jax init`: the configured method alone, with the GC report before and after."""
   cfg, workdir = _prepare(args, "init")
   out = experiment.init_run(cfg, workdir, progress=not args.no_progress)
-  result = out["result"]
-  what = f"{result.num_steps} steps" if result.num_steps else "applied"
+  what = f"{out.result.num_steps} steps" if out.result.num_steps else "applied"
   print(
-    f"\n{cfg.init.method}: {what} in {out['seconds']:.1f} s (incl. compilation)\n"
-    + reports.before_after_table(out["before"], out["after"])
+    f"\n{cfg.init.method}: {what} in {out.seconds:.1f} s (incl. compilation)\n"
+    + reports.before_after_table(out.before, out.after)
   )
-  print(f"\nparams: {out['params_path']}\nhistory: {workdir / 'init_history.json'}")
+  print(f"\nparams: {out.params_path}\nhistory: {workdir / 'init_history.json'}")
   return 0
 
 
 def cmd_train(args) -> int:
+  """`nio-jax train`: `experiment.train_run`, then the report of the run.
+
+  Raises:
+    DivergedError: the training loss became NaN/inf (the run's record says where).
+  """
   cfg, workdir = _prepare(args, "train")
   record = experiment.train_run(cfg, workdir)
   if record["status"] != "finished":
-    raise ConfigError(
+    raise DivergedError(
       f"training {record['status']}; the last good checkpoint is in {workdir / 'checkpoints'}"
     )
   text, plots = reports.report([workdir], workdir)
@@ -98,6 +105,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_measure(args) -> int:
+  """`nio-jax measure`: the GC report of saved params, checkpoints or the model's own init."""
   rundir = pathlib.Path(args.run_dir) if args.run_dir else None
   if args.config:
     cfg = load_config(args.config, args.overrides)
@@ -134,18 +142,19 @@ def cmd_measure(args) -> int:
     out["fresh (model init)"] = experiment.measure_params(run, loss_fn, params, progress=progress)
   for name, src in sources:
     if isinstance(src, tuple):
-      v = experiment.load_checkpoint_variables(rundir / "checkpoints", src[1], run.variables)
+      v = files.load_checkpoint_variables(rundir / "checkpoints", src[1], run.variables)
     else:
-      v = experiment.load_variables(src, run.variables)
+      v = files.load_variables(src, run.variables)
     loss_fn, params = experiment.init_loss_fn(run, v)
     out[name] = experiment.measure_params(run, loss_fn, params, progress=progress)
   print(reports.gc_table(out, "params"))
   if args.json:
-    experiment.write_json(args.json, out)
+    files.write_json(args.json, out)
   return 0
 
 
 def cmd_report(args) -> int:
+  """`nio-jax report`: the markdown table and plots of one or more run directories."""
   dirs = [pathlib.Path(d) for d in args.run_dirs]
   for d in dirs:
     if not d.is_dir():

@@ -58,16 +58,16 @@ def load_dataset(
   pad_to_32: bool = False,
   image_size: int = 224,
 ):
-  """Load ``name`` / ``split`` ("train" or "test").
+  """Load `name` / `split` ("train" or "test").
 
   Args:
-    name: one of :data:`DATASETS`.
-    source: ``"files"`` (IDX for Fashion-MNIST, python pickles for CIFAR), ``"tfds"``, or
-      ``"auto"`` (files if found, else TFDS). ImageNet always uses TFDS.
+    name: one of `DATASETS`.
+    source: `"files"` (IDX for Fashion-MNIST, python pickles for CIFAR), `"tfds"`, or
+      `"auto"` (files if found, else TFDS). ImageNet always uses TFDS.
     pad_to_32: Fashion-MNIST only: zero-pad 28x28 to 32x32.
     image_size: ImageNet only.
 
-  Returns an :class:`ArrayDataset` (in memory), or a :class:`TFDSImageSource` for ImageNet.
+  Returns an `ArrayDataset` (in memory), or a `TFDSImageSource` for ImageNet.
   """
   if name not in DATASETS:
     raise ValueError(f"unknown dataset {name!r}; choose from {DATASETS}")
@@ -104,10 +104,10 @@ def make_loaders(
   train_subset: int | None = None,
   test_subset: int | None = None,
 ):
-  """``(train_loader, test_set)`` with the recipe augmentation on the training loader.
+  """`(train_loader, test_set)` with the recipe augmentation on the training loader.
 
-  ``test_set`` is the test split as a source (in-memory for all but ImageNet); the trainer
-  evaluates it in fixed-size padded batches. ``*_subset`` keep the first n examples.
+  `test_set` is the test split as a source (in-memory for all but ImageNet); the trainer
+  evaluates it in fixed-size padded batches. `*_subset` keep the first n examples.
   """
   train = load_dataset(name, "train", data_dir=data_dir, source=source, pad_to_32=pad_to_32)
   test = load_dataset(name, "test", data_dir=data_dir, source=source, pad_to_32=pad_to_32)

@@ -1,11 +1,11 @@
 """Host-side (numpy) batch transforms: augmentation + normalisation to float32 NHWC.
 
-Every random choice comes from the ``np.random.Generator`` the loader passes for that batch,
-which is seeded from ``(seed, epoch, step)``; a batch is therefore the same whatever thread
+Every random choice comes from the `np.random.Generator` the loader passes for that batch,
+which is seeded from `(seed, epoch, step)`; a batch is therefore the same whatever thread
 made it and whether or not the run was resumed.
 
 The CIFAR recipe of the GradInit / NIO scripts is
-``RandomCrop(32, padding=4) -> RandomHorizontalFlip -> ToTensor -> Normalize -> Cutout(16)``:
+`RandomCrop(32, padding=4) -> RandomHorizontalFlip -> ToTensor -> Normalize -> Cutout(16)`:
 cutout zeroes a 16x16 square (clipped at the borders; its centre is uniform over the image)
 *after* normalisation, i.e. it sets those pixels to the dataset mean.
 """
@@ -23,8 +23,8 @@ from nio_jax.data.datasets import normalize
 def random_crop_flip(
   images: np.ndarray, rng: np.random.Generator, padding: int = 4, flip: bool = True
 ) -> np.ndarray:
-  """Random ``H x W`` crop of the zero-padded images plus a random horizontal flip, as one
-  vectorised gather. ``images``: ``[B, H, W, C]`` (any dtype)."""
+  """Random `H x W` crop of the zero-padded images plus a random horizontal flip, as one
+  vectorised gather. `images`: `[B, H, W, C]` (any dtype)."""
   b, h, w, _ = images.shape
   if padding > 0:
     padded = np.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
@@ -45,6 +45,7 @@ def random_crop_flip(
 
 
 def random_flip(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """Random horizontal flip of each image of a `[B, H, W, C]` batch (no crop)."""
   return random_crop_flip(images, rng, padding=0, flip=True)
 
 
@@ -104,8 +105,8 @@ def recipe_transform(
 
   CIFAR-10/100 (train): crop with 4-px padding, horizontal flip, cutout 16.
   ImageNet (train): horizontal flip (the random-resized crop happens in the source).
-  Fashion-MNIST: none by default; ``augment=True`` gives crop (pad 4) + flip.
-  Test splits: normalisation only. ``augment=False`` turns augmentation off everywhere.
+  Fashion-MNIST: none by default; `augment=True` gives crop (pad 4) + flip.
+  Test splits: normalisation only. `augment=False` turns augmentation off everywhere.
   """
   if not train or augment is False:
     return Transform(mean, std)

@@ -1,12 +1,12 @@
 """CIFAR-10 / CIFAR-100 from the official python pickles, read with a restricted unpickler.
 
-``cifar-10-batches-py/{data_batch_1..5,test_batch}`` and ``cifar-100-python/{train,test}``
-are pickled dicts ``{b'data': uint8 [N, 3072], b'labels' | b'fine_labels': [int], ...}``
+`cifar-10-batches-py/{data_batch_1..5,test_batch}` and `cifar-100-python/{train,test}`
+are pickled dicts `{b'data': uint8 [N, 3072], b'labels' | b'fine_labels': [int], ...}`
 (rows are 1024 red, 1024 green, 1024 blue values, row-major 32x32).
 
-``pickle.load`` on an untrusted file runs arbitrary code, so :class:`RestrictedUnpickler`
+`pickle.load` on an untrusted file runs arbitrary code, so `RestrictedUnpickler`
 resolves only the handful of numpy names needed to rebuild plain numeric arrays and refuses
-every other global with :class:`UnsafePickleError`.
+every other global with `UnsafePickleError`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from nio_jax.data.datasets import ArrayDataset
 
 
 class UnsafePickleError(pickle.UnpicklingError):
-  """A pickle asked for a global outside the allow-list of :class:`RestrictedUnpickler`."""
+  """A pickle asked for a global outside the allow-list of `RestrictedUnpickler`."""
 
 
 # dtypes the data files may legitimately hold (no object / void / datetime kinds).
@@ -38,26 +38,26 @@ def _checked_dtype(obj) -> np.dtype:
 
 
 def _safe_dtype(name, align=False, copy=False):
-  # ``numpy.dtype`` as called by pickle: dtype('u1', False, True), then __setstate__.
+  # `numpy.dtype` as called by pickle: dtype('u1', False, True), then __setstate__.
   _checked_dtype(name)
   return np.dtype(name, align, copy)
 
 
 def _safe_reconstruct(cls, shape, dtype):
-  # ``numpy.core.multiarray._reconstruct(ndarray, (0,), b'b')`` then ndarray.__setstate__.
+  # `numpy.core.multiarray._reconstruct(ndarray, (0,), b'b')` then ndarray.__setstate__.
   if cls is not np.ndarray:
     raise UnsafePickleError(f"refusing to reconstruct {cls!r} (only numpy.ndarray)")
   return np.ndarray.__new__(np.ndarray, shape, np.dtype("b"))
 
 
 def _safe_frombuffer(buf, dtype, shape, order):
-  # numpy>=1.16 pickles with protocol 5 as ``numpy._core.numeric._frombuffer``.
+  # numpy>=1.16 pickles with protocol 5 as `numpy._core.numeric._frombuffer`.
   dt = _checked_dtype(dtype)
   return np.frombuffer(buf, dtype=dt).reshape(shape, order=order).copy()
 
 
 def _safe_codecs_encode(obj, encoding="utf-8", errors="strict"):
-  # Python 3 writes ``bytes`` under protocol <= 2 as _codecs.encode(str, 'latin1').
+  # Python 3 writes `bytes` under protocol <= 2 as _codecs.encode(str, 'latin1').
   if not isinstance(obj, str) or encoding not in ("latin1", "latin-1"):
     raise UnsafePickleError(f"refusing _codecs.encode with encoding {encoding!r}")
   return obj.encode("latin1", errors)
@@ -74,10 +74,10 @@ _ALLOWED[("_codecs", "encode")] = _safe_codecs_encode
 
 
 class RestrictedUnpickler(pickle.Unpickler):
-  """An unpickler that resolves only the numpy array-reconstruction names in ``_ALLOWED``.
+  """An unpickler that resolves only the numpy array-reconstruction names in `_ALLOWED`.
 
-  Anything else (``os.system``, ``builtins.eval``, ``subprocess.Popen``, arbitrary classes)
-  raises :class:`UnsafePickleError` before it can be called.
+  Anything else (`os.system`, `builtins.eval`, `subprocess.Popen`, arbitrary classes)
+  raises `UnsafePickleError` before it can be called.
   """
 
   def find_class(self, module: str, name: str):
@@ -91,7 +91,7 @@ class RestrictedUnpickler(pickle.Unpickler):
 
 
 def restricted_load(file, *, encoding: str = "bytes") -> Any:
-  """``pickle.load`` through :class:`RestrictedUnpickler`, then checks the result holds only
+  """`pickle.load` through `RestrictedUnpickler`, then checks the result holds only
   dicts, lists, tuples, bytes, str, numbers and plain numeric numpy arrays."""
   if isinstance(file, (bytes, bytearray)):
     file = io.BytesIO(file)
@@ -131,6 +131,8 @@ _LAYOUT = {
 
 
 def default_cifar_dirs(name: str) -> list[pathlib.Path]:
+  """The folders searched for the extracted CIFAR archive `name` ("cifar10"/"cifar100"), in
+  order: under `$NIO_JAX_DATA`, `~/.cache/nio_jax/<name>`, `/usr/share/datasets/<name>`."""
   sub = _LAYOUT[name][0]
   dirs = []
   env = os.environ.get("NIO_JAX_DATA")
@@ -162,14 +164,14 @@ def _read_batch(path: pathlib.Path, label_key: bytes) -> tuple[np.ndarray, np.nd
 def load_cifar(
   name: str = "cifar10", split: str = "train", data_dir: str | os.PathLike | None = None
 ) -> ArrayDataset:
-  """CIFAR-10 / CIFAR-100 ``split`` from the python pickles as a uint8 NHWC :class:`ArrayDataset`.
+  """CIFAR-10 / CIFAR-100 `split` from the python pickles as a uint8 NHWC `ArrayDataset`.
 
   Args:
-    name: ``"cifar10"`` or ``"cifar100"`` (fine labels).
-    split: ``"train"`` or ``"test"``.
-    data_dir: the ``cifar-10-batches-py`` / ``cifar-100-python`` directory itself or its parent.
-      Default: ``$NIO_JAX_DATA/<dir>``, ``~/.cache/nio_jax/<name>/<dir>``,
-      ``/usr/share/datasets/<name>/<dir>``.
+    name: `"cifar10"` or `"cifar100"` (fine labels).
+    split: `"train"` or `"test"`.
+    data_dir: the `cifar-10-batches-py` / `cifar-100-python` directory itself or its parent.
+      Default: `$NIO_JAX_DATA/<dir>`, `~/.cache/nio_jax/<name>/<dir>`,
+      `/usr/share/datasets/<name>/<dir>`.
   """
   if name not in _LAYOUT:
     raise ValueError(f"name must be 'cifar10' or 'cifar100', got {name!r}")

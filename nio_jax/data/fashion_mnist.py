@@ -1,7 +1,7 @@
 """Fashion-MNIST from the original gzipped IDX files.
 
-The files are ``{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz`` as published by Zalando
-Research (and installed by the Debian package ``dataset-fashion-mnist``).
+The files are `{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz` as published by Zalando
+Research (and installed by the Debian package `dataset-fashion-mnist`).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 
 
 
 def default_data_dirs() -> list[pathlib.Path]:
-  """Directories searched, in order: ``$NIO_JAX_DATA`` (and its ``fashion_mnist`` /
-  ``fashion-mnist`` sub-directories), ``/usr/share/datasets/fashion-mnist``,
-  ``~/.cache/nio_jax/fashion_mnist``."""
+  """Directories searched, in order: `$NIO_JAX_DATA` (and its `fashion_mnist` /
+  `fashion-mnist` sub-directories), `/usr/share/datasets/fashion-mnist`,
+  `~/.cache/nio_jax/fashion_mnist`."""
   dirs: list[pathlib.Path] = []
   env = os.environ.get("NIO_JAX_DATA")
   if env:
@@ -65,7 +65,7 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
 
 
 def find_fashion_mnist_dir(data_dir: str | os.PathLike | None = None) -> pathlib.Path:
-  """The first directory holding all four Fashion-MNIST files, else ``FileNotFoundError``."""
+  """The first directory holding all four Fashion-MNIST files, else `FileNotFoundError`."""
   candidates = (
     [pathlib.Path(data_dir).expanduser()] if data_dir is not None else default_data_dirs()
   )
@@ -86,12 +86,12 @@ def find_fashion_mnist_dir(data_dir: str | os.PathLike | None = None) -> pathlib
 def load_fashion_mnist(
   split: str = "train", data_dir: str | os.PathLike | None = None, pad_to_32: bool = False
 ) -> ArrayDataset:
-  """Fashion-MNIST ``split`` ("train": 60k, "test": 10k) as a uint8 NHWC :class:`ArrayDataset`.
+  """Fashion-MNIST `split` ("train": 60k, "test": 10k) as a uint8 NHWC `ArrayDataset`.
 
   Args:
-    split: ``"train"`` or ``"test"``.
-    data_dir: directory with the four ``*-ubyte.gz`` files; default: search
-      :func:`default_data_dirs`.
+    split: `"train"` or `"test"`.
+    data_dir: directory with the four `*-ubyte.gz` files; default: search
+      `default_data_dirs`.
     pad_to_32: zero-pad the 28x28 images to 32x32 (for CIFAR-shaped architectures).
   """
   if split not in _FILES:

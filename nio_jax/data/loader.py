@@ -6,20 +6,20 @@ few hundred MB as uint8) a numpy pipeline is enough: a batch is one fancy-indexi
 plus a vectorised crop/flip/cutout/normalise, a few milliseconds on one core, and numpy
 releases the GIL in those kernels, so a single background thread keeps the accelerator fed
 while the main thread dispatches jitted steps.  ImageNet through
-:class:`~nio_jax.data.tfds_source.TFDSImageSource` works with the same loader but decodes in
+`nio_jax.data.tfds_source.TFDSImageSource` works with the same loader but decodes in
 Python per example; use a multi-process pipeline (grain) for full-speed ImageNet training.
 
 Determinism and resumption
 --------------------------
-Everything random is a pure function of ``(seed, stream, epoch, step)``:
+Everything random is a pure function of `(seed, stream, epoch, step)`:
 
-* the epoch's order is ``permutation(seed, stream, epoch)``;
-* batch ``step`` of that epoch is the slice ``[step*B, (step+1)*B)`` of that order, and its
-  augmentation draws from a generator seeded with ``(seed, stream, epoch, step)``.
+* the epoch's order is `permutation(seed, stream, epoch)`;
+* batch `step` of that epoch is the slice `[step*B, (step+1)*B)` of that order, and its
+  augmentation draws from a generator seeded with `(seed, stream, epoch, step)`.
 
-So ``loader.epoch(e, start_step=s)`` yields exactly the batches ``s, s+1, ...`` a run from
-scratch would have seen in epoch ``e``, whichever thread made them; a trainer only needs to
-save ``(epoch, step)`` to resume bit-for-bit.  ``stream`` separates independent uses of the
+So `loader.epoch(e, start_step=s)` yields exactly the batches `s, s+1, ...` a run from
+scratch would have seen in epoch `e`, whichever thread made them; a trainer only needs to
+save `(epoch, step)` to resume bit-for-bit.  `stream` separates independent uses of the
 same data (stream 0: training; stream 1: batches for an initialisation method).
 """
 
@@ -34,7 +34,7 @@ import numpy as np
 
 
 class Source(Protocol):
-  """Random-access data: ``len(source)`` and ``source.read(indices, rng) -> (images, labels)``."""
+  """Random-access data: `len(source)` and `source.read(indices, rng) -> (images, labels)`."""
 
   def __len__(self) -> int: ...
 
@@ -49,16 +49,16 @@ _PERM_KEY = 0xFFFF  # spawn-key slot for the epoch permutation (steps use 0..)
 
 
 class Loader:
-  """Batches ``{"image": float32 [B, H, W, C], "label": int32 [B]}`` from a :class:`Source`.
+  """Batches `{"image": float32 [B, H, W, C], "label": int32 [B]}` from a `Source`.
 
   Args:
-    source: e.g. an :class:`~nio_jax.data.datasets.ArrayDataset`.
+    source: e.g. an `nio_jax.data.datasets.ArrayDataset`.
     batch_size: fixed batch size.
     seed: seed of shuffling and augmentation.
-    shuffle: reshuffle every epoch (``False``: dataset order, e.g. for evaluation).
+    shuffle: reshuffle every epoch (`False`: dataset order, e.g. for evaluation).
     drop_remainder: drop the last incomplete batch (training); otherwise it is yielded short.
-    transform: ``transform(uint8 images, rng) -> float32 images``
-      (:class:`~nio_jax.data.augment.Transform`); default: divide by 255.
+    transform: `transform(uint8 images, rng) -> float32 images`
+      (`nio_jax.data.augment.Transform`); default: divide by 255.
     prefetch: number of batches prepared ahead in a background thread (0: synchronous).
   """
 
@@ -104,7 +104,7 @@ class Loader:
     return np.random.SeedSequence(self.seed, spawn_key=(stream, epoch, slot))
 
   def permutation(self, epoch: int, stream: int = 0) -> np.ndarray:
-    """The example order of ``epoch``."""
+    """The example order of `epoch`."""
     n = len(self.source)
     if not self.shuffle:
       return np.arange(n)
@@ -113,7 +113,7 @@ class Loader:
   def batch(
     self, epoch: int, step: int, stream: int = 0, *, _perm: np.ndarray | None = None
   ) -> Batch:
-    """Batch ``step`` of ``epoch`` (a pure function of ``(seed, stream, epoch, step)``)."""
+    """Batch `step` of `epoch` (a pure function of `(seed, stream, epoch, step)`)."""
     if not 0 <= step < self.steps_per_epoch:
       raise IndexError(f"step {step} outside [0, {self.steps_per_epoch})")
     perm = self.permutation(epoch, stream) if _perm is None else _perm
@@ -130,7 +130,7 @@ class Loader:
     }
 
   def epoch(self, epoch: int, start_step: int = 0, stream: int = 0) -> Iterator[Batch]:
-    """The batches ``start_step, ..., steps_per_epoch - 1`` of ``epoch``, prefetched."""
+    """The batches `start_step, ..., steps_per_epoch - 1` of `epoch`, prefetched."""
     if not 0 <= start_step <= self.steps_per_epoch:
       raise ValueError(f"start_step {start_step} outside [0, {self.steps_per_epoch}]")
     perm = self.permutation(epoch, stream)
@@ -143,7 +143,7 @@ class Loader:
   def iterate(
     self, start_epoch: int = 0, start_step: int = 0, stream: int = 0
   ) -> Iterator[tuple[int, int, Batch]]:
-    """Endless ``(epoch, step, batch)`` from position ``(start_epoch, start_step)``."""
+    """Endless `(epoch, step, batch)` from position `(start_epoch, start_step)`."""
     e, s = start_epoch, start_step
     while True:
       for k, b in enumerate(self.epoch(e, s, stream)):
@@ -151,17 +151,17 @@ class Loader:
       e, s = e + 1, 0
 
   def __iter__(self) -> Iterator[Batch]:
-    """One epoch (epoch 0); use :meth:`epoch` / :meth:`iterate` to choose the position."""
+    """One epoch (epoch 0); use `epoch` / `iterate` to choose the position."""
     return self.epoch(0)
 
   def batches(self, num: int, stream: int = 1) -> BatchStream:
-    """A sized, re-iterable stream of ``num`` batches from an independent ``stream``
+    """A sized, re-iterable stream of `num` batches from an independent `stream`
     (default 1, so an initialisation method does not consume the training order)."""
     return BatchStream(self, num, stream)
 
 
 class BatchStream:
-  """``num`` consecutive batches of ``loader.iterate(stream=stream)``; ``len()``-able and
+  """`num` consecutive batches of `loader.iterate(stream=stream)`; `len()`-able and
   re-iterable (each iteration yields the same batches)."""
 
   def __init__(self, loader: Loader, num: int, stream: int = 1):
@@ -183,7 +183,7 @@ _DONE = object()
 
 
 def _prefetch(make: Callable[[int], Any], steps: range, depth: int) -> Iterator[Any]:
-  """Run ``make(step)`` for ``steps`` in a daemon thread, ``depth`` items ahead.
+  """Run `make(step)` for `steps` in a daemon thread, `depth` items ahead.
 
   Exceptions in the worker re-raise in the consumer; closing (or dropping) the generator
   stops the worker.
@@ -211,7 +211,7 @@ def _prefetch(make: Callable[[int], Any], steps: range, depth: int) -> Iterator[
     put((True, _DONE))
 
   def gen():
-    # The worker starts on the first ``next()``: an iterator that is never consumed
+    # The worker starts on the first `next()`: an iterator that is never consumed
     # leaves no thread behind.
     t = threading.Thread(target=work, name="nio_jax-prefetch", daemon=True)
     t.start()

@@ -1,13 +1,13 @@
-"""Datasets through TensorFlow Datasets (imported lazily: ``pip install tensorflow-datasets``).
+"""Datasets through TensorFlow Datasets (imported lazily: `pip install tensorflow-datasets`).
 
-* Small datasets (``cifar10``, ``cifar100``, ``fashion_mnist``) are read fully into memory as
-  an :class:`~nio_jax.data.datasets.ArrayDataset`, preferably through ``tfds.data_source``
-  (random access over ``array_record`` files, no TensorFlow needed), falling back to
-  ``tfds.as_numpy(tfds.load(..., batch_size=-1))`` (needs TensorFlow) for datasets prepared
-  in the older ``tfrecord`` format.
-* ImageNet (``imagenet2012``) is far too large for memory: :class:`TFDSImageSource` wraps
-  ``tfds.data_source`` for random access and decodes/crops/resizes per example on the host
-  (PIL), which the :class:`~nio_jax.data.loader.Loader` runs in its prefetch thread.
+* Small datasets (`cifar10`, `cifar100`, `fashion_mnist`) are read fully into memory as
+  an `nio_jax.data.datasets.ArrayDataset`, preferably through `tfds.data_source`
+  (random access over `array_record` files, no TensorFlow needed), falling back to
+  `tfds.as_numpy(tfds.load(..., batch_size=-1))` (needs TensorFlow) for datasets prepared
+  in the older `tfrecord` format.
+* ImageNet (`imagenet2012`) is far too large for memory: `TFDSImageSource` wraps
+  `tfds.data_source` for random access and decodes/crops/resizes per example on the host
+  (PIL), which the `nio_jax.data.loader.Loader` runs in its prefetch thread.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def load_tfds_arrays(
 ) -> ArrayDataset:
   """A small TFDS image-classification dataset fully in memory (uint8 NHWC).
 
-  ``cifar100`` uses the fine labels (TFDS ``label``). ``download=False`` by default: this
+  `cifar100` uses the fine labels (TFDS `label`). `download=False` by default: this
   machine has no access to the dataset hosts; prepare the data beforehand.
   """
   tfds = _tfds()
@@ -93,13 +93,13 @@ def load_tfds_arrays(
 
 
 class TFDSImageSource:
-  """Random-access ImageNet-style source over ``tfds.data_source`` with host-side decoding.
+  """Random-access ImageNet-style source over `tfds.data_source` with host-side decoding.
 
-  ``read(indices)`` returns ``(uint8 [B, S, S, 3], int32 [B])``: training examples get an
-  Inception-style random-resized crop (scale 0.08-1, ratio 3/4-4/3) at ``image_size``; eval
-  examples are resized to ``image_size / 0.875`` on the short side and centre-cropped.
+  `read(indices)` returns `(uint8 [B, S, S, 3], int32 [B])`: training examples get an
+  Inception-style random-resized crop (scale 0.08-1, ratio 3/4-4/3) at `image_size`; eval
+  examples are resized to `image_size / 0.875` on the short side and centre-cropped.
   Flip and normalisation are left to the loader's transform, like for in-memory data.
-  The crop randomness comes from the ``rng`` the loader passes (deterministic per batch).
+  The crop randomness comes from the `rng` the loader passes (deterministic per batch).
   """
 
   def __init__(

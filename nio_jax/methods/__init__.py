@@ -5,18 +5,13 @@
 
 Methods (see `available_methods()`): "nio", "gradinit", "gradinit_adam", "metainit",
 "fixup", "kaiming", "lsuv". A new method = one module that decorates its entry point with
-`@register("name")` + one import line below.
+`@register("name", config_cls=...)` + one import line below; every entry point has the shape
+`fn(loss_fn, params, data, config=None, *, progress=False, mesh=None) -> InitResult`.
 """
 
-# Registration: one import per method module.
-from nio_jax.methods import (
-  builtin,  # noqa: F401  (nio)
-  fixup_entry,  # noqa: F401  (fixup)
-)
-from nio_jax.methods import gradinit as _gradinit_module  # noqa: F401
-from nio_jax.methods import kaiming as _kaiming_module  # noqa: F401
-from nio_jax.methods import lsuv as _lsuv_module  # noqa: F401
-from nio_jax.methods import metainit as _metainit_module  # noqa: F401
+# Registration: importing a method module registers its method.
+from nio_jax.methods import nio  # noqa: F401  (the module: registers "nio")
+from nio_jax.methods.fixup import FixupConfig, fixup, fixup_rules
 from nio_jax.methods.gradinit import (
   GRADINIT_RECIPES,
   GradInitAdamConfig,
@@ -35,10 +30,18 @@ from nio_jax.methods.metainit import (
   metainit,
   random_batches,
 )
-from nio_jax.methods.registry import Method, available_methods, get_method, initialize, register
+from nio_jax.methods.registry import (
+  Method,
+  available_methods,
+  get_method,
+  initialize,
+  register,
+  unregister,
+)
 
 __all__ = [
   "GRADINIT_RECIPES",
+  "FixupConfig",
   "GradInitAdamConfig",
   "GradInitConfig",
   "KaimingConfig",
@@ -47,6 +50,8 @@ __all__ = [
   "Method",
   "MetaInitConfig",
   "available_methods",
+  "fixup",
+  "fixup_rules",
   "get_method",
   "gradient_quotient",
   "gradinit",
@@ -61,4 +66,5 @@ __all__ = [
   "metainit",
   "random_batches",
   "register",
+  "unregister",
 ]

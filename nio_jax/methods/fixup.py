@@ -1,45 +1,52 @@
-"""Fixup initialisation rules (Zhang, Dauphin & Ma, ICLR 2019) applied to a parameter tree.
+"""Fixup (Zhang, Dauphin & Ma, ICLR 2019): the residual-branch rules applied to a parameter tree.
 
 Rules (L residual branches, m layers per branch):
-  * the last layer of every branch (``conv{m}``) -> 0;
-  * the other branch layers (``conv1 .. conv{m-1}``), assumed He-initialised, are multiplied by
-    ``L^(-1/(2m-2))`` (L^-1/2 for basic blocks, L^-1/4 for bottlenecks);
-  * the classifier (``fc`` / ``head`` / ``classifier`` / ``linear``) weight and bias -> 0;
-  * scalar biases (Fixup scalars that are biases, directly in a branch or at the top level)
-    -> 0, scalar multipliers (the other Fixup scalars directly in a branch) -> 1.
 
-Which leaves are Fixup scalars is decided in :mod:`nio_jax.leaves` (kind ``SCALAR``: a
-one-element parameter held directly by a module without a kernel; a bias when its name
-contains "bias"). A *branch* is any sub-tree whose key matches ``_block<i>`` or is stacked
-(``leaves.is_stacked``: an ``nn.scan`` stack whose leading axis counts the blocks), i.e. the
-layout of ``nio_jax.models``. Shortcut convs (e.g. ``downsample_conv``) and BN sub-dicts are
-left alone.
+* the last layer of every branch (`conv{m}`) -> 0;
+* the other branch layers (`conv1 .. conv{m-1}`), assumed He-initialised, are multiplied by
+  `L^(-1/(2m-2))` (L^-1/2 for basic blocks, L^-1/4 for bottlenecks);
+* the classifier (`fc` / `head` / `classifier` / `linear`) weight and bias -> 0;
+* scalar biases (Fixup scalars that are biases, directly in a branch or at the top level)
+  -> 0, scalar multipliers (the other Fixup scalars directly in a branch) -> 1.
 
-The natural use is ``nio_jax.models.get("resnet110", variant="fixup")``, whose own init already
-is the Fixup init (``fixup_rescale=True``).  :func:`fixup_rules` turns the He-initialised params of
-``variant="fixup", fixup_rescale=False`` (the GradInit release's ``fixup_resnet_cifar.py`` init)
-into exactly those.  Params whose branch-final layers are all zero already are treated as
-Fixup-initialised and returned unchanged (``force=True`` overrides), so the rules are never
-applied twice.
+Which leaves are Fixup scalars is decided in `nio_jax.leaves` (kind `SCALAR`: a one-element
+parameter held directly by a module without a kernel; a bias when its name contains "bias").
+A *branch* is any sub-tree whose key matches `_block<i>` or is stacked (`leaves.is_stacked`:
+an `nn.scan` stack whose leading axis counts the blocks), i.e. the layout of
+`nio_jax.models`. Shortcut convs (e.g. `downsample_conv`) and BN sub-dicts are left alone.
 
-Two call forms of :func:`fixup_init`:
-  * ``fixup_init(params, *, num_branches=None, layers_per_branch=None)`` -> params;
-  * ``fixup_init(loss_fn, params, data, config, *, progress=False)`` -> ``InitResult``
-    (the ``nio_jax.methods`` registry interface; ``loss_fn``/``data`` are ignored, ``config`` may
-    give ``num_branches`` / ``layers_per_branch``).
+Fixup is an architecture plus its initialisation rule: the natural use is
+`nio_jax.models.get("resnet110", variant="fixup")`, whose own init already is the Fixup init
+(`fixup_rescale=True`); this method cannot turn a standard model into a Fixup one.
+`fixup_rules` turns the He-initialised params of `variant="fixup", fixup_rescale=False` (the
+GradInit release's `fixup_resnet_cifar.py` init) into exactly those. Params whose
+branch-final layers are all zero already are treated as Fixup-initialised and returned
+unchanged (`force=True` overrides), so the rules are never applied twice.
+
+Two entry points:
+
+* `fixup_rules(params, *, num_branches=None, layers_per_branch=None, force=False)` -> params;
+* `fixup(loss_fn, params, data, config, *, progress=False, mesh=None)` -> `InitResult`, the
+  method registered as "fixup" (`loss_fn`, `data` and `mesh` are ignored; `config` is a
+  `FixupConfig`, a dict or a ConfigDict).
+
 Both infer L and m from the tree when not given.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from nio_jax import leaves
+from nio_jax import checks, leaves, method_config
+from nio_jax.methods.registry import register
+from nio_jax.models.cifar_resnet import fixup_multiplier
+from nio_jax.results import InitResult
 
 PyTree = Any
 
@@ -48,13 +55,42 @@ _CONV_RE = re.compile(r"^conv(\d+)$")
 CLASSIFIER_NAMES = ("fc", "head", "classifier", "linear")
 
 
-def fixup_multiplier(num_branches: int, layers_per_branch: int) -> float:
-  """``L^(-1/(2m-2))``."""
-  if layers_per_branch < 2:
-    raise ValueError(f"Fixup needs >= 2 layers per branch, got {layers_per_branch}")
-  if num_branches < 1:
-    raise ValueError(f"num_branches must be >= 1, got {num_branches}")
-  return float(num_branches) ** (-1.0 / (2 * layers_per_branch - 2))
+@dataclasses.dataclass(frozen=True)
+class FixupConfig:
+  """Fixup's structure; inferred from the parameter tree when left at None.
+
+  Attributes:
+    num_branches: L, the number of residual branches (None = counted in the tree).
+    layers_per_branch: m, the layers of each branch (None = read from the tree).
+    force: apply the rules even to params that already look Fixup-initialised (every
+      branch-final layer zero).
+  """
+
+  num_branches: int | None = None
+  layers_per_branch: int | None = None
+  force: bool = False
+
+  @classmethod
+  def create(cls, config=None, **overrides) -> FixupConfig:
+    """From None (infer everything), a FixupConfig, a dict or an ml_collections ConfigDict."""
+    cfg = cls(**method_config.config_values(cls, config, overrides, "Fixup"))
+    cfg.validate()
+    return cfg
+
+  def validate(self) -> None:
+    """Raises `TypeError` / `ValueError` naming a bad field."""
+    if self.num_branches is not None:
+      method_config.check_int("num_branches", self.num_branches, 1)
+    if self.layers_per_branch is not None:
+      method_config.check_int(
+        "layers_per_branch", self.layers_per_branch, 2, " (Fixup layers per branch)"
+      )
+    if not isinstance(self.force, bool):
+      raise TypeError(f"force must be a bool, got {self.force!r}.")
+
+  def to_dict(self) -> dict:
+    """The fields as a plain dict."""
+    return method_config.to_plain_dict(self)
 
 
 def _first_leaf(tree):
@@ -70,7 +106,7 @@ def _is_branch(key) -> bool:
 
 
 def _branches(tree: Mapping, out: list):
-  """Collect (branch_subtree, num_blocks) pairs."""
+  """Appends the `(branch_subtree, num_blocks)` pairs of `tree` to `out`; returns `out`."""
   for k, v in tree.items():
     if not isinstance(v, Mapping):
       continue
@@ -83,7 +119,12 @@ def _branches(tree: Mapping, out: list):
 
 
 def infer_structure(params: Mapping) -> tuple[int, int]:
-  """``(num_branches, layers_per_branch)`` of a ``nio_jax.models``-style tree."""
+  """`(num_branches, layers_per_branch)` of a `nio_jax.models`-style tree.
+
+  Raises:
+    ValueError: the tree has no residual branches, a branch has no `conv<i>` layers, or the
+      branches disagree on their number of layers.
+  """
   branches = _branches(params, [])
   if not branches:
     raise ValueError("no residual branches (keys '*_block<i>' or '*_scan') in params")
@@ -114,7 +155,18 @@ def fixup_rules(
   classifier_names: tuple[str, ...] = CLASSIFIER_NAMES,
   force: bool = False,
 ) -> dict:
-  """Apply the Fixup rules (module docstring) to ``params``; returns a new tree."""
+  """Applies the Fixup rules (module docstring) to `params`.
+
+  Args:
+    params: a `nio_jax.models`-style parameter tree with residual branches.
+    num_branches: L (None = inferred from the tree).
+    layers_per_branch: m (None = inferred from the tree).
+    classifier_names: top-level keys of the classifier, zeroed.
+    force: apply the rules even when every branch-final layer is zero already.
+
+  Returns:
+    A new tree; `params` itself is not modified.
+  """
   inf_l, inf_m = infer_structure(params)
   L = inf_l if num_branches is None else num_branches
   m = inf_m if layers_per_branch is None else layers_per_branch
@@ -169,36 +221,51 @@ def fixup_rules(
   return walk(params, ())
 
 
-def fixup_init(*args, **kwargs):
-  """See the module docstring for the two call forms."""
-  if len(args) <= 1 and "loss_fn" not in kwargs:
-    (params,) = args if args else (kwargs.pop("params"),)
-    return fixup_rules(params, **kwargs)
-  return _fixup_method(*args, **kwargs)
+@register("fixup", config_cls=FixupConfig)
+def fixup(
+  loss_fn: Callable | None,
+  params: PyTree,
+  data: Any = None,
+  config=None,
+  *,
+  progress: bool = False,
+  mesh=None,
+) -> InitResult:
+  """Fixup (Zhang et al., 2019): the Fixup rules applied to a Fixup model's params.
+
+  Args:
+    loss_fn: ignored (the common interface of `nio_jax.methods`).
+    params: the He-initialised params of a `variant="fixup"` model (or already Fixup ones,
+      returned unchanged unless `force`).
+    data: ignored.
+    config: None (infer L and m), `FixupConfig`, dict or ConfigDict.
+    progress: ignored (nothing to show).
+    mesh: ignored (no data-dependent work).
+
+  Returns:
+    `InitResult` with the new params, no scales, an empty history and the config that ran
+    (L and m filled in).
+
+  Raises:
+    ValueError / TypeError: bad config, non-floating params, or a tree without residual
+      branches.
+  """
+  del loss_fn, data, progress, mesh
+  cfg = FixupConfig.create(config)
+  checks.check_params(params)
+  num, m = infer_structure(params)
+  cfg = dataclasses.replace(
+    cfg,
+    num_branches=num if cfg.num_branches is None else cfg.num_branches,
+    layers_per_branch=m if cfg.layers_per_branch is None else cfg.layers_per_branch,
+  )
+  new = fixup_rules(
+    params,
+    num_branches=cfg.num_branches,
+    layers_per_branch=cfg.layers_per_branch,
+    force=cfg.force,
+  )
+  return InitResult(params=new, scales=None, history={}, method="fixup", config=cfg.to_dict())
 
 
-def _fixup_method(loss_fn, params, data=None, config=None, *, progress: bool = False):
-  from nio_jax.results import InitResult
-
-  del loss_fn, data, progress
-  from nio_jax import errors
-
-  errors.check_params(params)
-  if config is not None and not isinstance(config, Mapping) and not hasattr(config, "to_dict"):
-    raise TypeError(
-      f"Fixup config must be None, a dict or a ConfigDict with keys "
-      f"num_branches, layers_per_branch, force; got {type(config).__name__}."
-    )
-  cfg = dict(config.to_dict()) if hasattr(config, "to_dict") else dict(config or {})
-  allowed = {"num_branches", "layers_per_branch", "force"}
-  unknown = set(cfg) - allowed
-  if unknown:
-    raise ValueError(f"unknown Fixup config keys {sorted(unknown)}; known: {sorted(allowed)}")
-  L, m = infer_structure(params)
-  cfg.setdefault("num_branches", L)
-  cfg.setdefault("layers_per_branch", m)
-  new = fixup_rules(params, **cfg)
-  return InitResult(params=new, scales=None, history={}, method="fixup", config=cfg)
-
-
-__all__ = ["fixup_init", "fixup_rules", "fixup_multiplier", "infer_structure"]
+__all__ = ["FixupConfig", "fixup", "fixup_multiplier", "fixup_rules", "infer_structure"]

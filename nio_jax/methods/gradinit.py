@@ -41,11 +41,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from nio_jax import config_utils as _config
-from nio_jax import errors, leaves
+from nio_jax import checks, leaves, method_config
 from nio_jax import scales as scmod
+from nio_jax.jaxpr_rewrites import canonical_convs
 from nio_jax.methods.registry import register
-from nio_jax.per_example import canonical_convs
 from nio_jax.rescale_adam import rescale_adam
 from nio_jax.results import InitResult
 from nio_jax.search import (
@@ -54,6 +53,7 @@ from nio_jax.search import (
   run_scale_search,
   shard_search,
 )
+from nio_jax.step_cache import StepCache
 
 PyTree = Any
 VARIANTS = ("sgd", "adam")
@@ -148,32 +148,33 @@ class GradInitConfig:
   @classmethod
   def create(cls, config=None, **overrides) -> GradInitConfig:
     """From None (defaults), a GradInitConfig, a dict, a ConfigDict or a recipe name."""
-    cfg = cls(**_config.config_values(cls, config, overrides, "GradInit", GRADINIT_RECIPES))
+    cfg = cls(**method_config.config_values(cls, config, overrides, "GradInit", GRADINIT_RECIPES))
     cfg.validate()
     return cfg
 
   def validate(self) -> None:
-    errors.check_choice("variant", self.variant, VARIANTS)
-    errors.check_choice("lookahead", self.lookahead, LOOKAHEADS)
-    _config.check_int("num_steps", self.num_steps, 1, " (GradInit iterations)")
-    errors.check_positive("eta", self.eta)
-    errors.check_positive("gamma", self.gamma)
-    errors.check_positive("lr", self.lr)
-    errors.check_positive("min_scale", self.min_scale, allow_zero=True)
-    errors.check_positive("min_scale_bias", self.min_scale_bias, allow_zero=True)
-    errors.check_positive("grad_clip", self.grad_clip, allow_zero=True)
-    errors.check_positive("eps", self.eps, allow_zero=True)
-    _config.check_betas(self.b1, self.b2)
+    """Raises `TypeError` / `ValueError` naming a bad field."""
+    checks.check_choice("variant", self.variant, VARIANTS)
+    checks.check_choice("lookahead", self.lookahead, LOOKAHEADS)
+    method_config.check_int("num_steps", self.num_steps, 1, " (GradInit iterations)")
+    checks.check_positive("eta", self.eta)
+    checks.check_positive("gamma", self.gamma)
+    checks.check_positive("lr", self.lr)
+    checks.check_positive("min_scale", self.min_scale, allow_zero=True)
+    checks.check_positive("min_scale_bias", self.min_scale_bias, allow_zero=True)
+    checks.check_positive("grad_clip", self.grad_clip, allow_zero=True)
+    checks.check_positive("eps", self.eps, allow_zero=True)
+    method_config.check_betas(self.b1, self.b2)
     if not isinstance(self.normalize_grad, bool):
       raise TypeError(f"normalize_grad must be a bool, got {self.normalize_grad!r}.")
     if self.layernorm_max_scale is not None:
-      errors.check_positive("layernorm_max_scale", self.layernorm_max_scale)
+      checks.check_positive("layernorm_max_scale", self.layernorm_max_scale)
       if self.layernorm_max_scale < self.min_scale:
         raise ValueError(
           f"layernorm_max_scale={self.layernorm_max_scale} is below min_scale={self.min_scale}."
         )
     if self.batch_size is not None:
-      _config.check_int("batch_size", self.batch_size, 2)
+      method_config.check_int("batch_size", self.batch_size, 2)
     for name in ("grad_filter", "select"):
       v = getattr(self, name)
       if v is not None and not callable(v):
@@ -181,17 +182,19 @@ class GradInitConfig:
 
   @property
   def batches_per_step(self) -> int:
+    """Batches of the iterable one step consumes: 1 with `lookahead="thirds"`, else 2."""
     return 1 if self.lookahead == "thirds" else 2
 
   def to_dict(self) -> dict:
-    return _config.to_plain_dict(self)
+    """The fields as a plain dict (predicates by name)."""
+    return method_config.to_plain_dict(self)
 
 
 def lookahead_batches(
   batch: PyTree, next_batch: PyTree | None, lookahead: str
 ) -> tuple[PyTree, PyTree]:
   """(S, S̃) from one step's batches (see the module docstring)."""
-  b = errors.batch_size(batch)
+  b = checks.batch_size(batch)
   if lookahead == "thirds":
     n = b // 3
     return (
@@ -210,11 +213,11 @@ def lookahead_batches(
 
 def gradient_norm_and_direction(g: PyTree, variant: str, normalize_grad: bool = True):
   """(gn, dir): (‖g‖₂, g/‖g‖₂ or g) for "sgd", (‖g‖₁, sign(g)) for "adam"."""
-  leaves = jax.tree_util.tree_leaves(g)
+  flat = jax.tree_util.tree_leaves(g)
   if variant == "adam":
-    gn = sum(jnp.sum(jnp.abs(x)) for x in leaves)
+    gn = sum(jnp.sum(jnp.abs(x)) for x in flat)
     return gn, jax.tree_util.tree_map(jnp.sign, g)
-  gn = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in leaves))
+  gn = jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in flat))
   if normalize_grad:
     return gn, jax.tree_util.tree_map(lambda x: x / gn, g)
   return gn, g
@@ -257,7 +260,7 @@ def _make_tx(cfg: GradInitConfig, spec: scmod.ScaleSpec):
 def _scale_grad(loss_fn, cfg: GradInitConfig, params0, scales, s_batch, t_batch):
   eta, gamma = cfg.eta, cfg.gamma
   grad_filter = leaves.resolve_grad_filter(cfg.grad_filter, loss_fn, params0)
-  mask = _config.static_mask(params0, grad_filter)
+  mask = method_config.static_mask(params0, grad_filter)
 
   def mean_loss(params, batch):
     return jnp.mean(loss_fn(params, batch))
@@ -294,7 +297,10 @@ def _scale_grad(loss_fn, cfg: GradInitConfig, params0, scales, s_batch, t_batch)
   return grads, metrics
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+# Compiled GradInit steps, keyed on (loss_fn, the step-relevant config).
+_STEPS = StepCache("gradinit", maxsize=32)
+
+
 @canonical_convs
 def _gradinit_step(loss_fn, cfg, spec, params0, scales, opt_state, batch, next_batch):
   s_batch, t_batch = lookahead_batches(batch, next_batch, cfg.lookahead)
@@ -319,9 +325,12 @@ def make_gradinit_step(loss_fn: Callable, spec: scmod.ScaleSpec, config=None):
   """
   cfg = GradInitConfig.create(config)
   key = dataclasses.replace(cfg, num_steps=1, batch_size=None)  # what the step depends on
+  jitted = _STEPS.get(
+    (loss_fn, key), lambda: jax.jit(functools.partial(_gradinit_step, loss_fn, key))
+  )
 
   def step(params0, scales, opt_state, batch, next_batch=None):
-    return _gradinit_step(loss_fn, key, spec, params0, scales, opt_state, batch, next_batch)
+    return jitted(spec, params0, scales, opt_state, batch, next_batch)
 
   return step, _make_tx(cfg, spec), functools.partial(_scale_grad, loss_fn, cfg)
 
@@ -414,13 +423,13 @@ class GradInitAdamConfig(GradInitConfig):
     """From None (the Adam recipe), a GradInitConfig, a dict / ConfigDict of overrides of
     the Adam recipe, or a recipe name."""
     if isinstance(config, GradInitConfig) or isinstance(config, str):
-      values = _config.config_values(
+      values = method_config.config_values(
         GradInitConfig, config, overrides, "GradInit", GRADINIT_RECIPES
       )
     else:
       values = {
         **ADAM_DEFAULTS,
-        **_config.config_values(cls, config, overrides, "GradInit", GRADINIT_RECIPES),
+        **method_config.config_values(cls, config, overrides, "GradInit", GRADINIT_RECIPES),
       }
     cfg = cls(**values)
     cfg.validate()

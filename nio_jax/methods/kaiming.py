@@ -12,8 +12,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from nio_jax import errors
-from nio_jax.config_utils import config_values
+from nio_jax import checks, method_config
 from nio_jax.methods.registry import register
 from nio_jax.results import InitResult
 
@@ -26,21 +25,29 @@ class KaimingConfig:
 
   @classmethod
   def create(cls, config=None, **overrides) -> KaimingConfig:
-    return cls(**config_values(cls, config, overrides, "Kaiming"))
+    """From None, a KaimingConfig, or an empty dict / ConfigDict (any key is unknown)."""
+    return cls(**method_config.config_values(cls, config, overrides, "Kaiming"))
 
   def to_dict(self) -> dict:
+    """The (empty) plain dict of the fields."""
     return {}
 
 
 @register("kaiming", config_cls=KaimingConfig)
 def kaiming(
-  loss_fn: Callable | None, params: PyTree, data: Any = None, config=None, *, progress: bool = False
+  loss_fn: Callable | None,
+  params: PyTree,
+  data: Any = None,
+  config=None,
+  *,
+  progress: bool = False,
+  mesh=None,
 ) -> InitResult:
   """Returns `params` unchanged (the model's He init), with no scales and an empty history.
 
-  `loss_fn` and `data` are accepted for the common interface and ignored.
+  `loss_fn`, `data`, `progress` and `mesh` are accepted for the common interface and ignored.
   """
-  del loss_fn, data, progress
+  del loss_fn, data, progress, mesh
   cfg = KaimingConfig.create(config)
-  errors.check_params(params)
+  checks.check_params(params)
   return InitResult(params=params, scales=None, history={}, method="kaiming", config=cfg.to_dict())

@@ -64,17 +64,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nio_jax import config_utils as _config
-from nio_jax import errors, leaves
-from nio_jax.methods.registry import register
-from nio_jax.per_example import (
+from nio_jax import checks, errors, leaves, method_config
+from nio_jax.jaxpr_rewrites import (
   INLINE_CALLS,
   bind_equation,
   check_jaxpr_internals,
   sub_jaxprs,
 )
+from nio_jax.methods.registry import register
 from nio_jax.results import InitResult
-from nio_jax.search import check_search_inputs, peek, progress_bar
+from nio_jax.search import check_search_inputs, peek, progress_bar, shard_search
 
 PyTree = Any
 
@@ -121,20 +120,22 @@ class LSUVConfig:
   @classmethod
   def create(cls, config=None, **overrides) -> LSUVConfig:
     """From None (defaults), an LSUVConfig, a dict or an ml_collections ConfigDict."""
-    cfg = cls(**_config.config_values(cls, config, overrides, "LSUV"))
+    cfg = cls(**method_config.config_values(cls, config, overrides, "LSUV"))
     cfg.validate()
     return cfg
 
   def validate(self) -> None:
-    errors.check_positive("target_std", self.target_std)
-    errors.check_positive("tol", self.tol, allow_zero=True)
-    _config.check_int("max_iter", self.max_iter, 0, " (LSUV corrections per layer, minus 1)")
+    """Raises `TypeError` / `ValueError` naming a bad field."""
+    checks.check_positive("target_std", self.target_std)
+    checks.check_positive("tol", self.tol, allow_zero=True)
+    method_config.check_int("max_iter", self.max_iter, 0, " (LSUV corrections per layer, minus 1)")
     if not isinstance(self.orthonormal, (bool, np.bool_)):
       raise TypeError(f"orthonormal must be a bool, got {self.orthonormal!r}.")
-    _config.check_int("seed", self.seed, 0)
+    method_config.check_int("seed", self.seed, 0)
 
   def to_dict(self) -> dict:
-    return _config.to_plain_dict(self)
+    """The fields as a plain dict."""
+    return method_config.to_plain_dict(self)
 
 
 # ------------------------------------------------------------------ finding the layers
@@ -401,7 +402,13 @@ def _orthonormal(key, layer: LSUVLayer, dtype):
 
 @register("lsuv", config_cls=LSUVConfig)
 def lsuv(
-  loss_fn: Callable, params: PyTree, data: Any, config=None, *, progress: bool = False
+  loss_fn: Callable,
+  params: PyTree,
+  data: Any,
+  config=None,
+  *,
+  progress: bool = False,
+  mesh=None,
 ) -> InitResult:
   """LSUV (Mishkin & Matas, 2016): each layer's output rescaled to unit variance, in order.
 
@@ -412,6 +419,8 @@ def lsuv(
       `lsuv_with_dataloader`).
     config: None (the package's defaults), `LSUVConfig`, dict or ConfigDict.
     progress: tqdm progress bar over the layers.
+    mesh: optional `jax.sharding.Mesh` with a `data` axis: the batch is sharded over it and
+      the params replicated (data parallel, GSPMD; the batch size must divide evenly).
 
   Returns:
     `InitResult` with the rescaled params; `scales` = the factor applied to each leaf
@@ -427,16 +436,17 @@ def lsuv(
       NaN / inf (`.step` = the layer index, `.last_good` = the params before that layer).
   """
   cfg = LSUVConfig.create(config)
-  errors.check_params(params)
+  checks.check_params(params)
   first, _ = peek(data)
-  b = errors.batch_size(first)
+  b = checks.batch_size(first)
   if b < 2:
     raise ValueError(
       f"LSUV needs a batch of at least 2 examples (the output variance is taken over the "
       f"batch); the first batch has {b}."
     )
-  check_search_inputs(loss_fn, params, [first])
+  check_search_inputs(loss_fn, params, [first], mesh=mesh)
   closed, layers = _find_layers(loss_fn, params, first)
+  (params,), (first,) = shard_search(mesh, (params,), [first])
   flat, treedef = jax.tree_util.tree_flatten(params)
   flat = [jnp.asarray(x) for x in flat]
   batch_leaves = jax.tree_util.tree_leaves(first)

@@ -39,14 +39,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nio_jax import config_utils as _config
-from nio_jax import errors, leaves
+from nio_jax import checks, leaves, method_config
 from nio_jax import scales as scmod
+from nio_jax.jaxpr_rewrites import canonical_convs
 from nio_jax.methods.registry import register
-from nio_jax.per_example import canonical_convs
 from nio_jax.rescale_adam import rescale_adam
 from nio_jax.results import InitResult
 from nio_jax.search import check_search_inputs, init_search_scales, run_scale_search, shard_search
+from nio_jax.step_cache import StepCache
 
 PyTree = Any
 VARIANTS = ("sign_momentum", "rescale_adam")
@@ -104,25 +104,26 @@ class MetaInitConfig:
   @classmethod
   def create(cls, config=None, **overrides) -> MetaInitConfig:
     """From None (defaults), a MetaInitConfig, a dict or an ml_collections ConfigDict."""
-    cfg = cls(**_config.config_values(cls, config, overrides, "MetaInit"))
+    cfg = cls(**method_config.config_values(cls, config, overrides, "MetaInit"))
     cfg.validate()
     return cfg
 
   def validate(self) -> None:
-    errors.check_choice("variant", self.variant, VARIANTS)
-    _config.check_int("num_steps", self.num_steps, 1, " (MetaInit iterations)")
+    """Raises `TypeError` / `ValueError` naming a bad field."""
+    checks.check_choice("variant", self.variant, VARIANTS)
+    method_config.check_int("num_steps", self.num_steps, 1, " (MetaInit iterations)")
     if self.lr is not None:
-      errors.check_positive("lr", self.lr)
-    errors.check_positive("momentum", self.momentum, allow_zero=True)
+      checks.check_positive("lr", self.lr)
+    checks.check_positive("momentum", self.momentum, allow_zero=True)
     if self.momentum >= 1:
       raise ValueError(f"momentum={self.momentum} must be < 1.")
-    errors.check_positive("eps", self.eps)
-    _config.check_int("seed", self.seed, 0)
-    errors.check_positive("min_scale", self.min_scale, allow_zero=True)
-    errors.check_positive("min_scale_bias", self.min_scale_bias, allow_zero=True)
-    errors.check_positive("grad_clip", self.grad_clip, allow_zero=True)
-    errors.check_positive("adam_eps", self.adam_eps, allow_zero=True)
-    _config.check_betas(self.b1, self.b2)
+    checks.check_positive("eps", self.eps)
+    method_config.check_int("seed", self.seed, 0)
+    checks.check_positive("min_scale", self.min_scale, allow_zero=True)
+    checks.check_positive("min_scale_bias", self.min_scale_bias, allow_zero=True)
+    checks.check_positive("grad_clip", self.grad_clip, allow_zero=True)
+    checks.check_positive("adam_eps", self.adam_eps, allow_zero=True)
+    method_config.check_betas(self.b1, self.b2)
     for name in ("grad_filter", "select"):
       v = getattr(self, name)
       if v is not None and not callable(v):
@@ -130,10 +131,12 @@ class MetaInitConfig:
 
   @property
   def learning_rate(self) -> float:
+    """`lr`, or the variant's default when None."""
     return _DEFAULT_LR[self.variant] if self.lr is None else float(self.lr)
 
   def to_dict(self) -> dict:
-    d = _config.to_plain_dict(self)
+    """The fields as a plain dict (predicates by name, `lr` resolved)."""
+    d = method_config.to_plain_dict(self)
     d["lr"] = self.learning_rate
     return d
 
@@ -157,7 +160,7 @@ def gradient_quotient(
 ):
   """`(GQ, aux)` at `params` on `batch`; aux = dict(loss, grad_norm=‖g‖₂). Differentiable."""
   grad_filter = leaves.resolve_grad_filter(grad_filter, loss_fn, params)
-  mask = _config.static_mask(params, grad_filter)
+  mask = method_config.static_mask(params, grad_filter)
   n = sum(
     int(np.size(x))
     for x, m in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(mask))
@@ -253,6 +256,8 @@ def random_batches(spec: Mapping, seed: int, num_steps: int):
 
 
 class MomentumState(NamedTuple):
+  """Optimiser state of the sign-momentum variant: one momentum per scale."""
+
   momentum: PyTree
 
 
@@ -274,7 +279,10 @@ def _make_tx(cfg: MetaInitConfig, spec: scmod.ScaleSpec):
   )
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
+# Compiled MetaInit steps, keyed on (loss_fn, the step-relevant config).
+_STEPS = StepCache("metainit", maxsize=32)
+
+
 @canonical_convs
 def _metainit_step(loss_fn, cfg, spec, params0, scales, state, batch):
   (gq, aux), grads = jax.value_and_grad(_gq_of_scales, argnums=2, has_aux=True)(
@@ -309,9 +317,12 @@ def make_metainit_step(loss_fn: Callable, spec: scmod.ScaleSpec, config=None):
   """
   cfg = MetaInitConfig.create(config)
   key = dataclasses.replace(cfg, num_steps=1, seed=0)  # what the step depends on
+  jitted = _STEPS.get(
+    (loss_fn, key), lambda: jax.jit(functools.partial(_metainit_step, loss_fn, key))
+  )
 
   def step(params0, scales, state, batch):
-    return _metainit_step(loss_fn, key, spec, params0, scales, state, batch)
+    return jitted(spec, params0, scales, state, batch)
 
   if cfg.variant == "rescale_adam":
     return step, _make_tx(cfg, spec).init
@@ -349,7 +360,7 @@ def metainit(
   cfg = MetaInitConfig.create(config)
   data, first = batches_or_shape, None
   if is_shape_spec(batches_or_shape):
-    errors.check_params(params)  # before the spec is read, as for real batches
+    checks.check_params(params)  # before the spec is read, as for real batches
     data = random_batches(batches_or_shape, cfg.seed, cfg.num_steps)
     first = random_batch(batches_or_shape, jax.random.PRNGKey(cfg.seed))
   _, data = check_search_inputs(loss_fn, params, data, first=first, mesh=mesh)

@@ -1,7 +1,9 @@
 """One interface for every initialisation method: `initialize(method, loss_fn, params, data)`.
 
-A method is a function `fn(loss_fn, params, data, config=None, *, progress=False) ->
-InitResult` registered under a name with `@register("name")`. Adding a method = one new
+A method is a function `fn(loss_fn, params, data, config=None, *, progress=False, mesh=None)
+-> InitResult` registered under a name with `@register("name", config_cls=...)`: every method
+takes `mesh` (those that do no data-dependent work ignore it), and its config class has
+`create(config=None, **overrides)` and `to_dict()`. Adding a method = one new
 module in `nio_jax/methods/` that decorates its entry point, plus one import line in
 `nio_jax/methods/__init__.py`.
 """
@@ -27,6 +29,7 @@ class Method:
 
   @property
   def doc(self) -> str:
+    """The first line of the entry point's docstring ("" without one)."""
     return (self.fn.__doc__ or "").strip().splitlines()[0] if self.fn.__doc__ else ""
 
 
@@ -48,6 +51,12 @@ def register(name: str, *, config_cls: type | None = None):
     return fn
 
   return deco
+
+
+def unregister(name: str) -> None:
+  """Removes the method registered under `name` (a no-op for an unknown name); for tests and
+  interactive sessions that register a method of their own."""
+  _REGISTRY.pop(name, None)
 
 
 def available_methods() -> tuple[str, ...]:
@@ -87,15 +96,8 @@ def initialize(
     config: None = the method's published defaults; otherwise the method's config class,
       a dict or ConfigDict of overrides (or, for GradInit, a recipe name).
     progress: show a progress bar (searches only).
-    mesh: optional `jax.sharding.Mesh` (`nio_jax.distributed.make_mesh()`): data-parallel
-      search for the methods that take one (nio, gradinit, gradinit_adam, metainit); the
-      others do no data-dependent work and ignore it.
+    mesh: optional `jax.sharding.Mesh` (`nio_jax.distributed.make_mesh()`), passed to every
+      method: data parallel for those that do data-dependent work (nio, gradinit,
+      gradinit_adam, metainit, lsuv); Kaiming and Fixup ignore it.
   """
-  m = get_method(method)
-  if mesh is None:
-    return m.fn(loss_fn, params, data, config, progress=progress)
-  import inspect
-
-  if "mesh" in inspect.signature(m.fn).parameters:
-    return m.fn(loss_fn, params, data, config, progress=progress, mesh=mesh)
-  return m.fn(loss_fn, params, data, config, progress=progress)
+  return get_method(method).fn(loss_fn, params, data, config, progress=progress, mesh=mesh)

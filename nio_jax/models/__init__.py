@@ -5,11 +5,11 @@
 >>> variables = model.init(rng, x, train=False)          # x: NHWC
 >>> logits, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
 
-Every model: ``__call__(x, train: bool = False)`` -> logits; BN statistics in ``batch_stats``;
-dropout off. See ``docs/models.md`` for the init variant of each model and parameter counts.
-Scanned blocks live in modules named ``*_scan`` (leading block axis on every leaf); use
-:func:`unstack_blocks` / :func:`stack_blocks` to convert to/from the ``scan=False`` layout, and
-:func:`match_layout` to load a saved tree into a model of either layout.
+Every model: `__call__(x, train: bool = False)` -> logits; BN statistics in `batch_stats`;
+dropout off. See `docs/models.md` for the init variant of each model and parameter counts.
+Scanned blocks live in modules named `*_scan` (leading block axis on every leaf); use
+`unstack_blocks` / `stack_blocks` to convert to/from the `scan=False` layout, and
+`match_layout` to load a saved tree into a model of either layout.
 """
 
 from __future__ import annotations
@@ -34,10 +34,6 @@ from .swin import Swin
 from .vgg import VGG
 from .vit import ViT
 from .wide_resnet import WideResNet
-
-#: short aliases
-unstack = unstack_blocks
-stack = stack_blocks
 
 _CIFAR = (32, 32, 3)
 _REGISTRY: dict[str, tuple[Callable[..., nn.Module], dict[str, Any], tuple[int, int, int]]] = {}
@@ -75,8 +71,8 @@ def names() -> list[str]:
 
 
 def registry_entry(name: str) -> tuple[Callable[..., nn.Module], dict[str, Any], tuple]:
-  """``(constructor, default kwargs, input shape)`` of a registered model (e.g. for the
-  PyTorch twins of ``nio_jax.bench``).
+  """`(constructor, default kwargs, input shape)` of a registered model (e.g. for the
+  PyTorch twins of `nio_jax.bench`).
 
   Raises:
     ValueError: unknown name (the message lists the known ones).
@@ -88,8 +84,8 @@ def registry_entry(name: str) -> tuple[Callable[..., nn.Module], dict[str, Any],
 
 
 def get(name: str, **kwargs) -> nn.Module:
-  """Build a registered model; ``kwargs`` override its defaults (e.g. ``num_classes=100``,
-  ``norm="none"``, ``variant="fixup"``, ``scan=False``, ``width=...``)."""
+  """Build a registered model; `kwargs` override its defaults (e.g. `num_classes=100`,
+  `norm="none"`, `variant="fixup"`, `scan=False`, `width=...`)."""
   ctor, defaults, _ = registry_entry(name)
   return ctor(**{**defaults, **kwargs})
 
@@ -110,8 +106,6 @@ __all__ = [
   "unstack_blocks",
   "block_layout",
   "match_layout",
-  "stack",
-  "unstack",
   "fixup_multiplier",
   "CifarResNet",
   "BasicBlock",

@@ -1,17 +1,17 @@
 """Shared building blocks of the model zoo: PyTorch-compatible initialisers, conv/BN helpers and
 the scanned <-> unrolled parameter conversion.
 
-Conventions used by every model in ``nio_jax.models``:
+Conventions used by every model in `nio_jax.models`:
 
-* Inputs are NHWC; every model returns logits and has ``__call__(self, x, train: bool = False)``.
-* Batch-norm statistics live in the ``batch_stats`` collection (``use_running_average=not train``).
-* Deep stacks of identical blocks are built with ``nn.scan``.  A group of blocks named
-  ``<prefix>_block0 .. <prefix>_block{n-1}`` in the unrolled model (``scan=False``) becomes
-  ``<prefix>_block0`` (kept unrolled; it is usually the down-sampling block) plus one scanned
-  module ``<prefix>_scan`` holding blocks 1..n-1 with a leading axis of length n-1 on every leaf.
-  :func:`unstack_blocks` / :func:`stack_blocks` convert between the two layouts (for any
-  collection: ``params``, ``batch_stats``, ...).  The core's ``init_scales`` recognises scanned
-  leaves with the regex ``(^|_)scan$`` on any path key.
+* Inputs are NHWC; every model returns logits and has `__call__(self, x, train: bool = False)`.
+* Batch-norm statistics live in the `batch_stats` collection (`use_running_average=not train`).
+* Deep stacks of identical blocks are built with `nn.scan`.  A group of blocks named
+  `<prefix>_block0 .. <prefix>_block{n-1}` in the unrolled model (`scan=False`) becomes
+  `<prefix>_block0` (kept unrolled; it is usually the down-sampling block) plus one scanned
+  module `<prefix>_scan` holding blocks 1..n-1 with a leading axis of length n-1 on every leaf.
+  `unstack_blocks` / `stack_blocks` convert between the two layouts (for any
+  collection: `params`, `batch_stats`, ...).  The core's `init_scales` recognises scanned
+  leaves with the regex `(^|_)scan$` on any path key.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from jax.nn import initializers as jinit
 # "truncated_normal" is the truncated one.
 # --------------------------------------------------------------------------------------------
 
-#: ``torch.nn.init.kaiming_normal_(w, mode='fan_out', nonlinearity='relu')``: N(0, 2/fan_out).
+#: `torch.nn.init.kaiming_normal_(w, mode='fan_out', nonlinearity='relu')`: N(0, 2/fan_out).
 he_normal_fan_out = jinit.variance_scaling(2.0, "fan_out", "normal")
 
-#: PyTorch's default Conv/Linear weight init, ``kaiming_uniform_(w, a=sqrt(5))``:
+#: PyTorch's default Conv/Linear weight init, `kaiming_uniform_(w, a=sqrt(5))`:
 #: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 torch_default_kernel = jinit.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
 
@@ -56,7 +56,7 @@ def torch_default_bias(fan_in: int):
 
 
 def normal_init(std: float):
-  """``torch.nn.init.normal_(w, 0, std)`` (untruncated)."""
+  """`torch.nn.init.normal_(w, 0, std)` (untruncated)."""
 
   def init(key, shape, dtype=jnp.float32):
     return std * jax.random.normal(key, shape, dtype)
@@ -65,7 +65,7 @@ def normal_init(std: float):
 
 
 def he_normal_fan_out_scaled(multiplier: float):
-  """``kaiming_normal_(fan_out)`` with its std multiplied by ``multiplier`` (Fixup)."""
+  """`kaiming_normal_(fan_out)` with its std multiplied by `multiplier` (Fixup)."""
   return jinit.variance_scaling(2.0 * multiplier**2, "fan_out", "normal")
 
 
@@ -86,9 +86,9 @@ def conv(
   name: str | None = None,
   dtype: Any = None,
 ) -> nn.Conv:
-  """A square conv with PyTorch-style symmetric explicit padding (default ``kernel // 2``).
+  """A square conv with PyTorch-style symmetric explicit padding (default `kernel // 2`).
 
-  Flax's ``'SAME'`` pads asymmetrically for stride 2, which would not match PyTorch.
+  Flax's `'SAME'` pads asymmetrically for stride 2, which would not match PyTorch.
   """
   p = kernel // 2 if padding is None else padding
   return nn.Conv(
@@ -105,10 +105,10 @@ def conv(
 
 
 def batch_norm(train: bool, name: str | None = None, *, momentum: float = 0.9, dtype: Any = None):
-  """BatchNorm equivalent to ``torch.nn.BatchNorm2d(eps=1e-5, momentum=1-momentum)``.
+  """BatchNorm equivalent to `torch.nn.BatchNorm2d(eps=1e-5, momentum=1-momentum)`.
 
-  Flax ``momentum`` is the decay of the running average (torch momentum 0.1 <=> flax 0.9).
-  One documented difference: torch updates ``running_var`` with the *unbiased* batch
+  Flax `momentum` is the decay of the running average (torch momentum 0.1 <=> flax 0.9).
+  One documented difference: torch updates `running_var` with the *unbiased* batch
   variance, Flax with the biased one; normalisation itself is identical.
   """
   return nn.BatchNorm(
@@ -122,9 +122,9 @@ def batch_norm(train: bool, name: str | None = None, *, momentum: float = 0.9, d
 
 
 def patch_embed(features: int, patch_size: int, in_channels: int, *, dtype: Any = None) -> nn.Conv:
-  """The ViT / Swin patch embedding ``patch_embed``: a ``patch_size`` x ``patch_size`` conv with
-  that stride and PyTorch's default init (``nn.Conv2d``: bias bound from
-  ``fan_in = patch_size**2 * in_channels``)."""
+  """The ViT / Swin patch embedding `patch_embed`: a `patch_size` x `patch_size` conv with
+  that stride and PyTorch's default init (`nn.Conv2d`: bias bound from
+  `fan_in = patch_size**2 * in_channels`)."""
   p = patch_size
   return nn.Conv(
     features,
@@ -139,7 +139,7 @@ def patch_embed(features: int, patch_size: int, in_channels: int, *, dtype: Any 
 
 
 def check_norm(norm: str) -> bool:
-  """Checks a model's ``norm`` (``"bn"`` or ``"none"``); returns whether it uses batch norm.
+  """Checks a model's `norm` (`"bn"` or `"none"`); returns whether it uses batch norm.
 
   Raises:
     ValueError: any other value.
@@ -152,9 +152,9 @@ def check_norm(norm: str) -> bool:
 def maybe_batch_norm(
   x: jax.Array, use_bn: bool, train: bool, name: str, *, momentum: float = 0.9, dtype: Any = None
 ) -> jax.Array:
-  """``batch_norm(train, name)(x)`` when ``use_bn``, else ``x`` unchanged: the optional BN of
-  the models with ``norm="bn" | "none"``. Call it inside a compact ``__call__``: the BN module
-  (and its ``name``) belongs to the calling module."""
+  """`batch_norm(train, name)(x)` when `use_bn`, else `x` unchanged: the optional BN of
+  the models with `norm="bn" | "none"`. Call it inside a compact `__call__`: the BN module
+  (and its `name`) belongs to the calling module."""
   if not use_bn:
     return x
   return batch_norm(train, name, momentum=momentum, dtype=dtype)(x)
@@ -163,17 +163,17 @@ def maybe_batch_norm(
 def bn_relu_pool(
   x: jax.Array, use_bn: bool, train: bool, name: str, *, momentum: float = 0.9, dtype: Any = None
 ) -> jax.Array:
-  """The pre-activation models' head before the classifier: optional final BN ``name``
-  (``maybe_batch_norm``), ReLU, global average pooling ``[N, H, W, C] -> [N, C]``."""
+  """The pre-activation models' head before the classifier: optional final BN `name`
+  (`maybe_batch_norm`), ReLU, global average pooling `[N, H, W, C] -> [N, C]`."""
   x = maybe_batch_norm(x, use_bn, train, name, momentum=momentum, dtype=dtype)
   return jnp.mean(nn.relu(x), axis=(1, 2))
 
 
 def blocks_per_stage_6n4(depth: int, model: str) -> int:
-  """``n`` of a three-stage model of depth ``6n + 4`` (DenseNet-BC, WRN).
+  """`n` of a three-stage model of depth `6n + 4` (DenseNet-BC, WRN).
 
   Raises:
-    ValueError: naming ``model``, when ``depth`` is not ``6n + 4``.
+    ValueError: naming `model`, when `depth` is not `6n + 4`.
   """
   if (depth - 4) % 6 != 0:
     raise ValueError(f"{model} depth must be 6n+4, got {depth}")
@@ -181,7 +181,7 @@ def blocks_per_stage_6n4(depth: int, model: str) -> int:
 
 
 def zero_pad_channels(x: jax.Array, features: int) -> jax.Array:
-  """Option-A shortcut padding: append zero channels up to ``features``."""
+  """Option-A shortcut padding: append zero channels up to `features`."""
   extra = features - x.shape[-1]
   if extra < 0:
     raise ValueError(f"cannot zero-pad {x.shape[-1]} channels down to {features}")
@@ -191,9 +191,9 @@ def zero_pad_channels(x: jax.Array, features: int) -> jax.Array:
 
 
 def scan_blocks(block_cls, length: int, **kwargs):
-  """``nn.scan`` over ``length`` identical blocks whose ``__call__(x) -> (x, None)``.
+  """`nn.scan` over `length` identical blocks whose `__call__(x) -> (x, None)`.
 
-  ``params`` and ``batch_stats`` get a leading block axis; RNGs are split per block.
+  `params` and `batch_stats` get a leading block axis; RNGs are split per block.
   """
   return nn.scan(
     block_cls,
@@ -205,9 +205,9 @@ def scan_blocks(block_cls, length: int, **kwargs):
 
 def stack_tail(block_cls, n: int, prefix: str, x, *, scan: bool, **kwargs):
   """Apply blocks 1..n-1 of a group (block0 is built by the caller, it usually differs):
-  one scanned ``<prefix>_scan`` (``scan=True``) or ``<prefix>_block1 .. <prefix>_block{n-1}``.
+  one scanned `<prefix>_scan` (`scan=True`) or `<prefix>_block1 .. <prefix>_block{n-1}`.
 
-  Must be called from inside a compact method. ``block_cls(**kwargs)(x) -> (x, None)``.
+  Must be called from inside a compact method. `block_cls(**kwargs)(x) -> (x, None)`.
   """
   if n <= 1:
     return x
@@ -237,8 +237,8 @@ def _first_leaf(tree):
 def unstack_blocks(tree: Any) -> Any:
   """Scanned layout -> unrolled layout.
 
-  Every key ``<prefix>_scan`` (with leading axis k) is replaced by ``<prefix>_block{o}`` ..
-  ``<prefix>_block{o+k-1}``, where ``o`` is the number of ``<prefix>_block*`` keys already
+  Every key `<prefix>_scan` (with leading axis k) is replaced by `<prefix>_block{o}` ..
+  `<prefix>_block{o+k-1}`, where `o` is the number of `<prefix>_block*` keys already
   present at that level (1 for all models of this package). Works on a whole variables dict
   or on one collection; non-mapping leaves are returned as they are.
   """
@@ -262,10 +262,10 @@ def unstack_blocks(tree: Any) -> Any:
 
 
 def stack_blocks(tree: Any, num_unscanned: int = 1) -> Any:
-  """Unrolled layout -> scanned layout (inverse of :func:`unstack_blocks`).
+  """Unrolled layout -> scanned layout (inverse of `unstack_blocks`).
 
-  For every group ``<prefix>_block0 .. <prefix>_block{n-1}`` with ``n > num_unscanned``,
-  blocks ``>= num_unscanned`` are stacked into ``<prefix>_scan``.
+  For every group `<prefix>_block0 .. <prefix>_block{n-1}` with `n > num_unscanned`,
+  blocks `>= num_unscanned` are stacked into `<prefix>_scan`.
   """
   if not isinstance(tree, Mapping):
     return tree
@@ -290,8 +290,8 @@ def stack_blocks(tree: Any, num_unscanned: int = 1) -> Any:
 
 
 def block_layout(tree: Any) -> str | None:
-  """``"scanned"`` when a nested mapping holds a ``<prefix>_scan`` key, else ``"unrolled"``
-  when it holds a ``<prefix>_block<i>`` key, else None (a model without block stacks)."""
+  """`"scanned"` when a nested mapping holds a `<prefix>_scan` key, else `"unrolled"`
+  when it holds a `<prefix>_block<i>` key, else None (a model without block stacks)."""
   found: set[str] = set()
 
   def walk(t):
@@ -308,7 +308,7 @@ def block_layout(tree: Any) -> str | None:
 
 
 def count_params(params: Any) -> int:
-  """Number of scalar entries in a pytree of arrays or ``ShapeDtypeStruct``s."""
+  """Number of scalar entries in a pytree of arrays or `ShapeDtypeStruct`s."""
   return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
 
 
@@ -317,21 +317,21 @@ def _structure(tree) -> Any:
 
 
 def match_layout(tree: Any, like: Any) -> Any:
-  """``tree`` converted to the block layout of ``like`` (scanned ``<prefix>_scan`` or
-  unrolled ``<prefix>_block{i}``), for loading saved params, ``batch_stats``, checkpoints or
-  scales into a model built with the other ``scan`` setting.
+  """`tree` converted to the block layout of `like` (scanned `<prefix>_scan` or
+  unrolled `<prefix>_block{i}`), for loading saved params, `batch_stats`, checkpoints or
+  scales into a model built with the other `scan` setting.
 
   Args:
     tree: a nested mapping (variables, one collection, or a scales tree).
-    like: a nested mapping in the wanted layout (e.g. ``model.init(...)`` or
-      ``jax.eval_shape`` of it); only its keys are used.
+    like: a nested mapping in the wanted layout (e.g. `model.init(...)` or
+      `jax.eval_shape` of it); only its keys are used.
 
   Returns:
-    ``tree`` itself when its structure already equals ``like``'s, else its
-    ``unstack_blocks`` or ``stack_blocks`` conversion.
+    `tree` itself when its structure already equals `like`'s, else its
+    `unstack_blocks` or `stack_blocks` conversion.
 
   Raises:
-    ValueError: when neither layout of ``tree`` has the structure of ``like``.
+    ValueError: when neither layout of `tree` has the structure of `like`.
   """
   want = _structure(like)
   if _structure(tree) == want:

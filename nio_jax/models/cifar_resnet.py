@@ -1,31 +1,31 @@
 """CIFAR ResNets (He et al. 2016, 6n+2 layers: 3 stages of 16/32/64 channels, basic blocks).
 
-Reference: ``models/gradinit_resnet_cifar.py`` and ``models/fixup_resnet_cifar.py`` of the
+Reference: `models/gradinit_resnet_cifar.py` and `models/fixup_resnet_cifar.py` of the
 GradInit release (zhuchen03/gradinit), Fixup rules from Zhang et al. 2019.
 
 Variants
 --------
-``variant="standard", norm="bn"`` (GradInit's ResNet with BN)
+`variant="standard", norm="bn"` (GradInit's ResNet with BN)
     conv3x3 (no bias) -> BN -> ReLU -> conv3x3 -> BN, + shortcut, ReLU.
     Down-sampling shortcut ("option A" as in the reference): 1x1 average pool with stride 2
-    (= spatial subsampling ``x[:, ::2, ::2]``), then a BatchNorm over the input channels (the
+    (= spatial subsampling `x[:, ::2, ::2]`), then a BatchNorm over the input channels (the
     reference puts one there), then zero channel padding.
-``variant="standard", norm="none"`` (GradInit's ResNet without BN)
+`variant="standard", norm="none"` (GradInit's ResNet without BN)
     Same without any BN; every conv has a bias (initialised to 0), shortcut = subsample + zero pad.
-``variant="fixup"`` (norm is always none)
-    Fixup block: ``relu(conv2(relu(conv1(x + b1a) + b1b) + b2a) * scale + b2b + shortcut(x + b1a))``
-    with scalar biases ``bias*`` (init 0) and a scalar multiplier ``scale`` (init 1) per branch;
-    stem ``relu(conv1(x) + bias1)``, classifier ``fc(pool + bias2)``.
+`variant="fixup"` (norm is always none)
+    Fixup block: `relu(conv2(relu(conv1(x + b1a) + b1b) + b2a) * scale + b2b + shortcut(x + b1a))`
+    with scalar biases `bias*` (init 0) and a scalar multiplier `scale` (init 1) per branch;
+    stem `relu(conv1(x) + bias1)`, classifier `fc(pool + bias2)`.
 
-Initialisation (``variant="standard"``, both norms), as in the reference:
-    every conv: ``kaiming_normal_(mode='fan_out', nonlinearity='relu')`` = N(0, 2 / (9 * C_out)),
+Initialisation (`variant="standard"`, both norms), as in the reference:
+    every conv: `kaiming_normal_(mode='fan_out', nonlinearity='relu')` = N(0, 2 / (9 * C_out)),
     conv biases 0; BN scale 1, shift 0; classifier weight PyTorch default
-    (``kaiming_uniform_(a=sqrt(5))`` = U(+-1/sqrt(fan_in))), classifier bias 0.
-Initialisation (``variant="fixup"``, ``fixup_rescale=True``, the Fixup rules):
+    (`kaiming_uniform_(a=sqrt(5))` = U(+-1/sqrt(fan_in))), classifier bias 0.
+Initialisation (`variant="fixup"`, `fixup_rescale=True`, the Fixup rules):
     stem conv He fan_out normal; first conv of every branch He fan_out normal times
-    ``L^(-1/(2m-2)) = L^(-1/2)`` (L = 3n branches, m = 2 layers per branch); last conv of every
+    `L^(-1/(2m-2)) = L^(-1/2)` (L = 3n branches, m = 2 layers per branch); last conv of every
     branch 0; classifier weight and bias 0; scalar biases 0, multipliers 1.
-    ``fixup_rescale=False`` gives the reference's ``fixup_resnet_cifar.py`` init instead (all
+    `fixup_rescale=False` gives the reference's `fixup_resnet_cifar.py` init instead (all
     convs He fan_out normal, classifier weight PyTorch default, bias 0).
 """
 
@@ -53,14 +53,20 @@ CIFAR_RESNET_DEPTHS = (20, 32, 44, 56, 110, 1202)
 
 
 def fixup_multiplier(num_branches: int, layers_per_branch: int) -> float:
-  """Fixup's rescaling ``L^(-1/(2m-2))`` of the non-final layers of each residual branch."""
+  """Fixup's rescaling `L^(-1/(2m-2))` of the non-final layers of each residual branch.
+
+  Raises:
+    ValueError: `layers_per_branch < 2` or `num_branches < 1`.
+  """
   if layers_per_branch < 2:
-    raise ValueError("Fixup needs at least 2 layers per branch")
+    raise ValueError(f"Fixup needs >= 2 layers per branch, got {layers_per_branch}")
+  if num_branches < 1:
+    raise ValueError(f"num_branches must be >= 1, got {num_branches}")
   return float(num_branches) ** (-1.0 / (2 * layers_per_branch - 2))
 
 
 class BasicBlock(nn.Module):
-  """Basic residual block (reference ``GradInitBasicBlock``). Returns ``(x, None)`` (scan)."""
+  """Basic residual block (reference `GradInitBasicBlock`). Returns `(x, None)` (scan)."""
 
   features: int
   stride: int = 1
@@ -85,7 +91,7 @@ class BasicBlock(nn.Module):
 
 
 class FixupBasicBlock(nn.Module):
-  """Fixup basic block (reference ``GradInitNoBNBasicBlock``). Returns ``(x, None)``."""
+  """Fixup basic block (reference `GradInitNoBNBasicBlock`). Returns `(x, None)`."""
 
   features: int
   stride: int = 1
@@ -125,15 +131,15 @@ class CifarResNet(nn.Module):
   Attributes:
     depth: 6n+2 (20, 32, 44, 56, 110, 1202, or any other 6n+2, e.g. 8 for tests).
     num_classes: logits size.
-    norm: ``"bn"`` (default for ``variant="standard"``) or ``"none"``.
-    variant: ``"standard"`` or ``"fixup"`` (no normalisation).
-    scan: ``nn.scan`` blocks 1..n-1 of every stage (``stage{s}_scan``); ``False`` = unrolled
-      ``stage{s}_block{i}``. Convert with ``unstack_blocks``/``stack_blocks``.
+    norm: `"bn"` (default for `variant="standard"`) or `"none"`.
+    variant: `"standard"` or `"fixup"` (no normalisation).
+    scan: `nn.scan` blocks 1..n-1 of every stage (`stage{s}_scan`); `False` = unrolled
+      `stage{s}_block{i}`. Convert with `unstack_blocks`/`stack_blocks`.
     width: channels of the first stage (16 in the paper).
     fixup_rescale: Fixup only; see module docstring.
 
-  ``__call__(x, train=False, *, return_features=False)``: with ``return_features`` the pooled
-  64-d features (after Fixup's ``bias2``) are returned instead of the logits.
+  `__call__(x, train=False, *, return_features=False)`: with `return_features` the pooled
+  64-d features (after Fixup's `bias2`) are returned instead of the logits.
   """
 
   depth: int = 20

@@ -1,4 +1,4 @@
-"""DenseNet-BC for CIFAR (reference: ``models/gradinit_densenet.py`` of zhuchen03/gradinit,
+"""DenseNet-BC for CIFAR (reference: `models/gradinit_densenet.py` of zhuchen03/gradinit,
 itself derived from torchvision's DenseNet).
 
 DenseNet-100 (BC): growth rate 12, 3 dense blocks of 16 bottleneck layers
@@ -6,10 +6,10 @@ DenseNet-100 (BC): growth rate 12, 3 dense blocks of 16 bottleneck layers
 3x3 stem conv (small inputs), no dropout.
 Layer: [BN] -> ReLU -> conv1x1 -> [BN] -> ReLU -> conv3x3, output concatenated to the input.
 Transition: [BN] -> ReLU -> conv1x1 -> avgpool 2x2. Head: [BN] -> ReLU -> global avg -> linear.
-``norm="none"``: no BN; convs then have biases (reference ``bias=not use_bn``).
+`norm="none"`: no BN; convs then have biases (reference `bias=not use_bn`).
 
 Initialisation (reference): conv weights N(0, 2 / (C_out * k * k)) (= He fan_out normal), conv
-biases 0, BN 1 / 0, classifier weight PyTorch default (``kaiming_uniform_(a=sqrt(5))``),
+biases 0, BN 1 / 0, classifier weight PyTorch default (`kaiming_uniform_(a=sqrt(5))`),
 classifier bias 0.
 
 The layers of a dense block have different input widths, so they are not scanned.
@@ -34,6 +34,9 @@ from ._common import (
 
 
 class DenseLayer(nn.Module):
+  """DenseNet-BC bottleneck layer: (BN,) ReLU, 1x1 conv, (BN,) ReLU, 3x3 conv; its
+  `growth_rate` output channels are concatenated to the input."""
+
   growth_rate: int
   bn_size: int = 4
   norm: str = "bn"
@@ -53,6 +56,8 @@ class DenseLayer(nn.Module):
 
 
 class Transition(nn.Module):
+  """DenseNet transition between dense blocks: (BN,) ReLU, 1x1 conv, 2x2 average pooling."""
+
   features: int
   norm: str = "bn"
   train: bool = False
@@ -67,8 +72,8 @@ class Transition(nn.Module):
 
 
 class DenseNet(nn.Module):
-  """DenseNet-BC. Params: ``conv0``, ``block{b}_layer{i}``, ``transition{b}``, ``norm_final``,
-  ``classifier``."""
+  """DenseNet-BC. Params: `conv0`, `block{b}_layer{i}`, `transition{b}`, `norm_final`,
+  `classifier`."""
 
   depth: int = 100
   growth_rate: int = 12

@@ -1,12 +1,12 @@
-"""Small Flax NNX models (the NNX twins of ``nio_jax.models.small``), to show NNX working with
-nio_jax: use ``nnx.split(model)`` -> ``(graphdef, params, rest)`` and
-``nnx.merge(graphdef, params, rest)`` inside the loss (``nio_jax.flax_utils`` has adapters).
+"""Small Flax NNX models (the NNX twins of `nio_jax.models.small`), to show NNX working with
+nio_jax: use `nnx.split(model)` -> `(graphdef, params, rest)` and
+`nnx.merge(graphdef, params, rest)` inside the loss (`nio_jax.flax_utils` has adapters).
 
-``NNXMLP``: flatten -> [Linear -> ReLU] x len(hidden) -> Linear (attributes ``dense0..``,
-``head``). ``NNXSmallCNN``: conv3x3 -> ReLU -> maxpool2, twice -> flatten (NHWC) -> Linear ->
-ReLU -> Linear (``conv1``, ``conv2``, ``fc1``, ``head``). Same architectures, parameter names
+`NNXMLP`: flatten -> [Linear -> ReLU] x len(hidden) -> Linear (attributes `dense0..`,
+`head`). `NNXSmallCNN`: conv3x3 -> ReLU -> maxpool2, twice -> flatten (NHWC) -> Linear ->
+ReLU -> Linear (`conv1`, `conv2`, `fc1`, `head`). Same architectures, parameter names
 and PyTorch-default initialisation (U(+-1/sqrt(fan_in)) weights and biases) as the linen
-``MLP`` / ``SmallCNN``; ``__call__(x, train=False)`` returns logits.
+`MLP` / `SmallCNN`; `__call__(x, train=False)` returns logits.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ def _linear(din, dout, rngs):
 
 
 class NNXMLP(nnx.Module):
+  """Flax NNX twin of `nio_jax.models.MLP` (same layer names, PyTorch-default init)."""
+
   def __init__(
     self,
     in_features: int = 784,
@@ -49,6 +51,8 @@ class NNXMLP(nnx.Module):
 
 
 class NNXSmallCNN(nnx.Module):
+  """Flax NNX twin of `nio_jax.models.SmallCNN` (same layer names, PyTorch-default init)."""
+
   def __init__(
     self,
     in_channels: int = 1,

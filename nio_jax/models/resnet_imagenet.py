@@ -1,17 +1,17 @@
 """ImageNet ResNet-50 (bottleneck, torchvision "v1.5": stride on the 3x3 conv), as used by the
-NIO ImageNet experiment (torchvision ``resnet50``).
+NIO ImageNet experiment (torchvision `resnet50`).
 
 Stem: conv7x7/2 (no bias) -> BN -> ReLU -> maxpool3x3/2 (padding 1). Stages of
 [3, 4, 6, 3] bottlenecks (1x1 -> 3x3(stride) -> 1x1 x4, BN after each) with widths
-64/128/256/512 (x ``width/64``); projection shortcut conv1x1(stride) + BN on the first block of
+64/128/256/512 (x `width/64`); projection shortcut conv1x1(stride) + BN on the first block of
 each stage. Global average pool, linear classifier.
 
-Initialisation (torchvision): convs ``kaiming_normal_(mode='fan_out', nonlinearity='relu')``,
-BN 1 / 0 (``zero_init_residual=False``), classifier PyTorch default: weight
-``kaiming_uniform_(a=sqrt(5))`` = U(+-1/sqrt(fan_in)), bias U(+-1/sqrt(fan_in)).
+Initialisation (torchvision): convs `kaiming_normal_(mode='fan_out', nonlinearity='relu')`,
+BN 1 / 0 (`zero_init_residual=False`), classifier PyTorch default: weight
+`kaiming_uniform_(a=sqrt(5))` = U(+-1/sqrt(fan_in)), bias U(+-1/sqrt(fan_in)).
 
-Blocks 1.. of every stage are scanned (``layer{s}_scan``) unless ``scan=False``.
-``width`` (default 64) shrinks the network for tests.
+Blocks 1.. of every stage are scanned (`layer{s}_scan`) unless `scan=False`.
+`width` (default 64) shrinks the network for tests.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ from ._common import batch_norm, conv, stack_tail, torch_default_bias, torch_def
 
 
 class Bottleneck(nn.Module):
+  """ImageNet ResNet bottleneck block: 1x1, 3x3, 1x1 convs with BN, `expansion` times
+  `planes` output channels, a projection shortcut when the shape changes."""
+
   planes: int
   stride: int = 1
   expansion: int = 4
@@ -48,7 +51,7 @@ class Bottleneck(nn.Module):
 
 
 class ResNetImageNet(nn.Module):
-  """Bottleneck ResNet. Params: ``conv1``, ``bn1``, ``layer{s}_block0``, ``layer{s}_scan``, ``fc``."""
+  """Bottleneck ResNet. Params: `conv1`, `bn1`, `layer{s}_block0`, `layer{s}_scan`, `fc`."""
 
   layers: Sequence[int] = (3, 4, 6, 3)
   width: int = 64

@@ -1,12 +1,12 @@
 """Small models for Fashion-MNIST / MNIST (28x28x1, or 32x32 padded) and quick tests.
 
-``MLP``: flatten -> [Dense -> ReLU] x len(hidden) -> Dense. Params ``dense{i}``, ``head``.
-``SmallCNN``: conv3x3(32) -> ReLU -> maxpool2 -> conv3x3(64) -> ReLU -> maxpool2 -> flatten
-(NHWC order) -> Dense(128) -> ReLU -> Dense. Params ``conv1``, ``conv2``, ``fc1``, ``head``.
+`MLP`: flatten -> [Dense -> ReLU] x len(hidden) -> Dense. Params `dense{i}`, `head`.
+`SmallCNN`: conv3x3(32) -> ReLU -> maxpool2 -> conv3x3(64) -> ReLU -> maxpool2 -> flatten
+(NHWC order) -> Dense(128) -> ReLU -> Dense. Params `conv1`, `conv2`, `fc1`, `head`.
 
-Initialisation: PyTorch defaults for every layer (weights ``kaiming_uniform_(a=sqrt(5))`` =
-U(+-1/sqrt(fan_in)), biases U(+-1/sqrt(fan_in))), i.e. what a plain ``nn.Linear`` /
-``nn.Conv2d`` PyTorch model gets. ``MLP(dense_init="he_normal")`` instead draws every kernel from
+Initialisation: PyTorch defaults for every layer (weights `kaiming_uniform_(a=sqrt(5))` =
+U(+-1/sqrt(fan_in)), biases U(+-1/sqrt(fan_in))), i.e. what a plain `nn.Linear` /
+`nn.Conv2d` PyTorch model gets. `MLP(dense_init="he_normal")` instead draws every kernel from
 N(0, 2/fan_in) (He / Kaiming normal, fan-in, as the CIFAR nets' convolutions) with zero
 biases.
 """
@@ -33,7 +33,7 @@ def _tdense(features, fan_in, name, dtype, init="torch"):
 
 
 class MLP(nn.Module):
-  """Plain ReLU MLP. ``dense_init``: "torch" (PyTorch's nn.Linear default) or "he_normal"."""
+  """Plain ReLU MLP. `dense_init`: "torch" (PyTorch's nn.Linear default) or "he_normal"."""
 
   hidden: Sequence[int] = (256, 256)
   num_classes: int = 10
@@ -53,6 +53,9 @@ class MLP(nn.Module):
 
 
 class SmallCNN(nn.Module):
+  """Small CNN (Fashion-MNIST): 3x3 conv, ReLU and 2x2 max-pool per entry of `channels`,
+  then a hidden dense layer (`fc1`) and the `head`; PyTorch-default init."""
+
   channels: Sequence[int] = (32, 64)
   hidden: int = 128
   num_classes: int = 10

@@ -2,15 +2,15 @@
 
 Patch embedding conv p x p / stride p -> LayerNorm; stages of Swin blocks (window attention
 with a learned relative-position bias; every second block of a stage uses windows shifted by
-``window // 2`` with the standard attention mask), patch merging (2x2 neighbour concat ->
+`window // 2` with the standard attention mask), patch merging (2x2 neighbour concat ->
 LayerNorm -> linear 4C -> 2C, no bias) between stages; final LayerNorm, global average pool,
 linear head. If a stage's resolution is <= the window, the window is the whole map and there is
 no shift (as in the reference implementation). LayerNorm eps 1e-5, exact GELU, no dropout /
-drop-path. Blocks alternate shifted/unshifted, so they are unrolled (``stage{s}_layer{i}``) and
+drop-path. Blocks alternate shifted/unshifted, so they are unrolled (`stage{s}_layer{i}`) and
 not scanned.
 
 Initialisation (Swin reference / timm conventions): every linear weight N(0, 0.02^2) (timm's
-``trunc_normal_(std=.02)``, whose +-2 absolute bounds make it effectively untruncated), linear
+`trunc_normal_(std=.02)`, whose +-2 absolute bounds make it effectively untruncated), linear
 biases 0, LayerNorm 1 / 0, relative-position bias tables N(0, 0.02^2), patch-embedding conv
 PyTorch default (weight and bias U(+-1/sqrt(fan_in))).
 """
@@ -54,12 +54,14 @@ def shifted_window_mask(h: int, w: int, window: int, shift: int) -> np.ndarray:
 
 
 def window_partition(x, window):
+  """`[B, H, W, C]` -> `[B * windows, window², C]`: the tokens of each window, in order."""
   b, h, w, c = x.shape
   x = x.reshape(b, h // window, window, w // window, window, c).transpose(0, 1, 3, 2, 4, 5)
   return x.reshape(-1, window * window, c)
 
 
 def window_reverse(x, window, b, h, w):
+  """Inverse of `window_partition`: `[B * windows, window², C]` -> `[B, H, W, C]`."""
   c = x.shape[-1]
   x = x.reshape(b, h // window, w // window, window, window, c).transpose(0, 1, 3, 2, 4, 5)
   return x.reshape(b, h, w, c)
@@ -70,6 +72,8 @@ def _dense(features, name, dtype, bias=True):
 
 
 class WindowAttention(nn.Module):
+  """Multi-head self-attention within each window, with a learned relative position bias."""
+
   num_heads: int
   window: int
   dtype: Any = None
@@ -96,6 +100,9 @@ class WindowAttention(nn.Module):
 
 
 class SwinBlock(nn.Module):
+  """Swin block: (shifted) window attention and an MLP, each pre-norm and residual; the
+  window shrinks to the feature map (and the shift to 0) when the map is smaller."""
+
   num_heads: int
   window: int
   shift: int = 0
@@ -125,6 +132,9 @@ class SwinBlock(nn.Module):
 
 
 class PatchMerging(nn.Module):
+  """Swin patch merging: each 2x2 group of tokens concatenated, normalised and projected to
+  twice the channels."""
+
   dtype: Any = None
 
   @nn.compact
@@ -138,8 +148,8 @@ class PatchMerging(nn.Module):
 
 
 class Swin(nn.Module):
-  """Small Swin. Params: ``patch_embed``, ``patch_norm``, ``stage{s}_layer{i}``,
-  ``merge{s}``, ``norm``, ``head``."""
+  """Small Swin. Params: `patch_embed`, `patch_norm`, `stage{s}_layer{i}`,
+  `merge{s}`, `norm`, `head`."""
 
   num_classes: int = 10
   patch_size: int = 2

@@ -1,13 +1,13 @@
-"""VGG for CIFAR (reference: ``models/gradinit_vgg.py`` of zhuchen03/gradinit).
+"""VGG for CIFAR (reference: `models/gradinit_vgg.py` of zhuchen03/gradinit).
 
 Structure: the VGG config of conv3x3 (with bias, padding 1) [-> BN] -> ReLU layers and 2x2 max
 pools; the feature map is 1x1x512 for a 32x32 input, flattened into one linear classifier.
 
-Initialisation (reference ``_initialize_weights``): convs ``kaiming_normal_(mode='fan_out',
-nonlinearity='relu')``, conv bias 0; BN scale 1 / shift 0; classifier weight N(0, 0.01^2),
+Initialisation (reference `_initialize_weights`): convs `kaiming_normal_(mode='fan_out',
+nonlinearity='relu')`, conv bias 0; BN scale 1 / shift 0; classifier weight N(0, 0.01^2),
 bias 0.  Note the reference keeps conv biases even with BN.
 
-``width_mult`` divides every channel count (tests use e.g. 1/16); the input must be 32x32.
+`width_mult` divides every channel count (tests use e.g. 1/16); the input must be 32x32.
 """
 
 from __future__ import annotations
@@ -49,11 +49,13 @@ VGG_CFGS = {
 
 
 def vgg_channels(cfg: str, width_mult: float):
+  """The layer list of VGG config `cfg` (`VGG_CFGS`) with every width scaled by `width_mult`
+  ("M" = max-pool)."""
   return tuple(v if v == "M" else max(1, int(round(v * width_mult))) for v in VGG_CFGS[cfg])
 
 
 class VGG(nn.Module):
-  """CIFAR VGG. ``norm`` is ``"bn"`` or ``"none"``. Params: ``conv{i}``, ``bn{i}``, ``classifier``."""
+  """CIFAR VGG. `norm` is `"bn"` or `"none"`. Params: `conv{i}`, `bn{i}`, `classifier`."""
 
   cfg: str = "vgg19"
   num_classes: int = 10

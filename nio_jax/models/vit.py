@@ -1,17 +1,17 @@
 """Small Vision Transformers for 32x32 inputs (pre-LN encoder, Dosovitskiy et al. 2021).
 
-Patch embedding: conv p x p / stride p -> tokens (+ a class token for ``pool="cls"``) + learned
-position embedding. Block: ``x + Attn(LN(x))``, ``x + MLP(LN(x))`` with a fused ``qkv`` linear,
-exact-erf GELU MLP of ``mlp_ratio * dim``; final LN; linear head on the class token
-(``pool="cls"``) or on the mean token (``pool="gap"``). LayerNorm eps 1e-6. No dropout.
+Patch embedding: conv p x p / stride p -> tokens (+ a class token for `pool="cls"`) + learned
+position embedding. Block: `x + Attn(LN(x))`, `x + MLP(LN(x))` with a fused `qkv` linear,
+exact-erf GELU MLP of `mlp_ratio * dim`; final LN; linear head on the class token
+(`pool="cls"`) or on the mean token (`pool="gap"`). LayerNorm eps 1e-6. No dropout.
 
-Initialisation (timm ``VisionTransformer`` conventions; the GradInit/NIO releases have no ViT):
-all linear weights (qkv, proj, MLP, head) N(0, 0.02^2) (timm's ``trunc_normal_(std=.02)`` with
+Initialisation (timm `VisionTransformer` conventions; the GradInit/NIO releases have no ViT):
+all linear weights (qkv, proj, MLP, head) N(0, 0.02^2) (timm's `trunc_normal_(std=.02)` with
 its +-2 absolute bounds, i.e. effectively untruncated), linear biases 0; LayerNorm 1 / 0;
 position embedding and class token N(0, 0.02^2); patch-embedding conv PyTorch default
 (weight and bias U(+-1/sqrt(fan_in))).
 
-Encoder blocks 1.. are scanned (``encoder_scan``) unless ``scan=False``.
+Encoder blocks 1.. are scanned (`encoder_scan`) unless `scan=False`.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ def _dense(features, name, dtype):
 
 
 class Attention(nn.Module):
+  """Multi-head self-attention with one fused `qkv` projection."""
+
   num_heads: int
   dtype: Any = None
 
@@ -53,6 +55,8 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
+  """The encoder block's MLP: dense, exact GELU, dense back to the input width."""
+
   hidden: int
   dtype: Any = None
 
@@ -64,6 +68,8 @@ class Mlp(nn.Module):
 
 
 class EncoderBlock(nn.Module):
+  """Pre-norm ViT encoder block: attention and MLP, each residual."""
+
   num_heads: int
   mlp_ratio: float = 4.0
   eps: float = 1e-6
@@ -83,8 +89,8 @@ class EncoderBlock(nn.Module):
 
 
 class ViT(nn.Module):
-  """ViT. Params: ``patch_embed``, ``cls_token`` (cls pooling), ``pos_embed``,
-  ``encoder_block0``, ``encoder_scan``, ``norm``, ``head``."""
+  """ViT. Params: `patch_embed`, `cls_token` (cls pooling), `pos_embed`,
+  `encoder_block0`, `encoder_scan`, `norm`, `head`."""
 
   num_classes: int = 10
   patch_size: int = 4

@@ -1,17 +1,17 @@
 """Wide ResNet (Zagoruyko & Komodakis 2016) for CIFAR, pre-activation blocks
-(reference: ``models/gradinit_wide_resnet.py`` of zhuchen03/gradinit).
+(reference: `models/gradinit_wide_resnet.py` of zhuchen03/gradinit).
 
 WRN-d-k: 3 stages of n = (d-4)/6 blocks with 16k/32k/64k channels, 16-channel stem conv.
 Block: [BN] -> ReLU -> conv3x3 -> dropout -> [BN] -> ReLU -> conv3x3(stride) + shortcut,
 shortcut = conv1x1(stride) when the shape changes, else identity. As in the reference the
 *second* conv carries the stride and every conv has a bias. Head: [BN] -> ReLU -> global average
-pool (the reference's ``avg_pool2d(8)`` on 32x32 inputs) -> linear.
+pool (the reference's `avg_pool2d(8)` on 32x32 inputs) -> linear.
 
 Initialisation: the reference does not re-initialise, so it is PyTorch's default:
-conv and linear weights ``kaiming_uniform_(a=sqrt(5))`` = U(+-1/sqrt(fan_in)); conv biases 0
-(``GradInitConv2d`` zeroes them); linear bias U(+-1/sqrt(fan_in)); BN 1 / 0.
-The reference's final BN uses torch ``momentum=0.9`` (i.e. Flax momentum 0.1): reproduced.
-Dropout (``dropout_rate``, default 0) needs a ``dropout`` RNG when > 0 and ``train=True``.
+conv and linear weights `kaiming_uniform_(a=sqrt(5))` = U(+-1/sqrt(fan_in)); conv biases 0
+(`GradInitConv2d` zeroes them); linear bias U(+-1/sqrt(fan_in)); BN 1 / 0.
+The reference's final BN uses torch `momentum=0.9` (i.e. Flax momentum 0.1): reproduced.
+Dropout (`dropout_rate`, default 0) needs a `dropout` RNG when > 0 and `train=True`.
 """
 
 from __future__ import annotations
@@ -40,6 +40,9 @@ def _tconv(features, kernel, stride, name, dtype):
 
 
 class WideBasic(nn.Module):
+  """Wide ResNet block: (BN,) ReLU, 3x3 conv, optional dropout, (BN,) ReLU, 3x3 conv, plus
+  the input (through a 1x1 conv when the shape changes)."""
+
   features: int
   stride: int = 1
   norm: str = "bn"
@@ -62,8 +65,8 @@ class WideBasic(nn.Module):
 
 
 class WideResNet(nn.Module):
-  """WRN-depth-widen. Params: ``conv1``, ``stage{s}_block0``, ``stage{s}_scan``, ``bn_final``,
-  ``linear``."""
+  """WRN-depth-widen. Params: `conv1`, `stage{s}_block0`, `stage{s}_scan`, `bn_final`,
+  `linear`."""
 
   depth: int = 28
   widen: int = 10

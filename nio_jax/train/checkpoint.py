@@ -1,15 +1,15 @@
 """Orbax checkpoints of the full training state.
 
-Each checkpoint is one step directory with two items: ``state`` (params, batch_stats,
-opt_state, rng, step: a pytree, via ``StandardSave``) and ``meta`` (JSON: epoch, position of
+Each checkpoint is one step directory with two items: `state` (params, batch_stats,
+opt_state, rng, step: a pytree, via `StandardSave`) and `meta` (JSON: epoch, position of
 the data loader, Acc_1 / Acc_best so far, eval history).
 
 Atomicity: orbax writes a step into a temporary directory
-(``<step>.orbax-checkpoint-tmp-*``) and renames it into place only once every item is
-complete (the rename is the commit). ``latest_step()`` lists finalised steps only, so a kill
+(`<step>.orbax-checkpoint-tmp-*`) and renames it into place only once every item is
+complete (the rename is the commit). `latest_step()` lists finalised steps only, so a kill
 in the middle of a write leaves the previous checkpoint as the latest; leftover temporary
-directories are removed when the next manager opens (``cleanup_tmp_directories``).
-``max_to_keep >= 2`` is enforced so the last good checkpoint is never the one being replaced.
+directories are removed when the next manager opens (`cleanup_tmp_directories`).
+`max_to_keep >= 2` is enforced so the last good checkpoint is never the one being replaced.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ PyTree = Any
 
 
 class Checkpointer:
-  """A thin wrapper over ``ocp.CheckpointManager`` (``state`` + ``meta`` items)."""
+  """A thin wrapper over `ocp.CheckpointManager` (`state` + `meta` items)."""
 
   def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3, async_save: bool = True):
     if max_to_keep < 2:
@@ -46,13 +46,17 @@ class Checkpointer:
     )
 
   def latest_step(self) -> int | None:
+    """The step of the latest checkpoint (a save in flight included), None when none.
+
+    `nio_jax.files.checkpoint_steps` lists the finished ones from outside a run.
+    """
     return self.manager.latest_step()
 
-  def all_steps(self) -> list[int]:
-    return sorted(self.manager.all_steps())
-
   def save(self, step: int, state: PyTree, meta: dict) -> None:
-    # One save in flight at a time: wait for the previous one before starting the next.
+    """Starts saving `state` and `meta` as checkpoint `step` (asynchronously by default).
+
+    One save is in flight at a time: the previous one is waited for first.
+    """
     self.manager.wait_until_finished()
     self.manager.save(
       int(step),
@@ -61,12 +65,12 @@ class Checkpointer:
     )
 
   def restore(self, step: int | None, target: PyTree) -> tuple[PyTree, dict]:
-    """Restore ``step`` (default: latest) into the structure / dtypes / shardings of
-    ``target``.
+    """Restore `step` (default: latest) into the structure / dtypes / shardings of
+    `target`.
 
-    A checkpoint whose params are in the other block layout than ``target``'s (a run resumed
-    with another ``scan`` setting) is read in its own layout and converted
-    (:func:`match_state_layout`: params, ``batch_stats`` and the optimizer state). The
+    A checkpoint whose params are in the other block layout than `target`'s (a run resumed
+    with another `scan` setting) is read in its own layout and converted
+    (`match_state_layout`: params, `batch_stats` and the optimizer state). The
     checkpoint itself is only read, never rewritten.
     """
     step = self.latest_step() if step is None else step
@@ -82,8 +86,8 @@ class Checkpointer:
     return out["state"], dict(out["meta"])
 
   def _layouts(self, step: int, target: PyTree) -> tuple[str, str] | None:
-    """``(saved, wanted)`` block layouts when the checkpoint's params are in the other layout
-    than ``target``'s, else None (same layout, no block stacks, or unreadable metadata)."""
+    """`(saved, wanted)` block layouts when the checkpoint's params are in the other layout
+    than `target`'s, else None (same layout, no block stacks, or unreadable metadata)."""
     from nio_jax.models import block_layout  # noqa: PLC0415
 
     want = block_layout(target.get("params") if isinstance(target, dict) else None)
@@ -102,8 +106,8 @@ class Checkpointer:
   def _restore_other_layout(
     self, step: int, target: PyTree, saved: str, want: str
   ) -> tuple[PyTree, dict]:
-    """Restore ``step`` in its own (saved) layout, without a target, and convert it to
-    ``target``'s layout."""
+    """Restore `step` in its own (saved) layout, without a target, and convert it to
+    `target`'s layout."""
     out = self.manager.restore(
       step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
     )
@@ -119,36 +123,38 @@ class Checkpointer:
     return state, dict(out["meta"])
 
   def wait(self) -> None:
+    """Waits until the save in flight, if any, is written."""
     self.manager.wait_until_finished()
 
   def close(self) -> None:
+    """Waits for the save in flight and closes the manager."""
     self.manager.wait_until_finished()
     self.manager.close()
 
 
 def match_state_layout(state: PyTree, target: PyTree) -> PyTree:
-  """A training state (``params``, ``batch_stats``, ``opt_state``, ...) in one block layout,
-  converted to the block layout, structure, dtypes and shardings of ``target``.
+  """A training state (`params`, `batch_stats`, `opt_state`, ...) in one block layout,
+  converted to the block layout, structure, dtypes and shardings of `target`.
 
-  Every subtree of ``state`` shaped like its params (the params themselves and each
-  params-shaped tree of the optimizer state, e.g. a momentum ``trace``, with ``MaskedNode``s
+  Every subtree of `state` shaped like its params (the params themselves and each
+  params-shaped tree of the optimizer state, e.g. a momentum `trace`, with `MaskedNode`s
   where a parameter group leaves a leaf out) is converted with `models.match_layout`; other
-  mappings whose keys differ (``batch_stats``) with `match_layout` directly; every other leaf
-  (``step``, the optimizer's ``count``, ``rng``) is kept. ``state`` may be orbax's restore
+  mappings whose keys differ (`batch_stats`) with `match_layout` directly; every other leaf
+  (`step`, the optimizer's `count`, `rng`) is kept. `state` may be orbax's restore
   without a target: dicts for optax's NamedTuples, lists for tuples, None for empty states
-  and ``MaskedNode``s.
+  and `MaskedNode`s.
 
   Args:
-    state: the state in the saved layout; ``state["params"]`` gives that layout.
+    state: the state in the saved layout; `state["params"]` gives that layout.
     target: the same state's structure in the wanted layout (e.g. freshly initialised:
-      ``opt_state = tx.init(params)``); only its structure, dtypes and shardings are used.
+      `opt_state = tx.init(params)`); only its structure, dtypes and shardings are used.
 
   Returns:
-    ``state``'s values in ``target``'s structure; the block conversion is exact (slicing
+    `state`'s values in `target`'s structure; the block conversion is exact (slicing
     and stacking only).
 
   Raises:
-    ValueError: ``state`` does not convert to ``target``'s structure (another model, or an
+    ValueError: `state` does not convert to `target`'s structure (another model, or an
       optimizer whose parameter groups differ).
   """
   from nio_jax.models import match_layout  # noqa: PLC0415
@@ -233,22 +239,9 @@ def _shape(x) -> tuple:
 
 
 def _like(x, t):
-  """``x`` with the dtype and sharding of ``t`` (when ``t`` is an array)."""
+  """`x` with the dtype and sharding of `t` (when `t` is an array)."""
   if isinstance(t, jax.Array):
     return jax.device_put(jnp.asarray(x, t.dtype), t.sharding)
   if isinstance(t, np.ndarray):
     return np.asarray(x, t.dtype)
   return x
-
-
-def load_msgpack_variables(path: str | os.PathLike, target: PyTree) -> PyTree:
-  """Flax msgpack variables (`flax.serialization.to_bytes`) restored into the structure of
-  `target`, converted to `target`'s block layout first (`models.match_layout`: params saved
-  from a scanned model load into an unrolled one and back). Shapes are not checked here."""
-  from flax import serialization  # noqa: PLC0415
-
-  from nio_jax.models import match_layout  # noqa: PLC0415
-
-  state = serialization.msgpack_restore(pathlib.Path(path).read_bytes())
-  state = match_layout(state, serialization.to_state_dict(target))
-  return serialization.from_state_dict(target, state)

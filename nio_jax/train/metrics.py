@@ -3,46 +3,26 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import pathlib
 from collections.abc import Iterable
-from typing import Any
 
-import numpy as np
-
-
-def to_jsonable(x: Any) -> Any:
-  """numpy / jax scalars and arrays, dataclasses-free containers -> plain JSON values
-  (non-finite floats become None)."""
-  if isinstance(x, dict):
-    return {str(k): to_jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [to_jsonable(v) for v in x]
-  if hasattr(x, "__array__") and not isinstance(x, (str, bytes)):
-    a = np.asarray(x)
-    if a.ndim == 0:
-      return to_jsonable(a.item())
-    return to_jsonable(a.tolist())
-  if isinstance(x, float):
-    return x if math.isfinite(x) else None
-  if isinstance(x, (int, str, bool)) or x is None:
-    return x
-  return repr(x)
+from nio_jax.files import to_jsonable
 
 
 class MetricsLog:
-  """Appends one JSON object per line to ``path`` (flushed per line)."""
+  """Appends one JSON object per line to `path` (flushed per line)."""
 
   def __init__(self, path: str | os.PathLike):
     self.path = pathlib.Path(path)
     self.path.parent.mkdir(parents=True, exist_ok=True)
 
   def reset(self) -> None:
+    """Empties the log (a run that starts from scratch)."""
     self.path.write_text("")
 
   def truncate_after(self, step: int) -> None:
-    """Drop records with ``step > step`` (written after the checkpoint we resume from)."""
+    """Drop records with `step > step` (written after the checkpoint we resume from)."""
     if not self.path.exists():
       return
     keep = [r for r in self.read() if r.get("step", -1) <= step]
@@ -51,14 +31,17 @@ class MetricsLog:
     os.replace(tmp, self.path)
 
   def write(self, record: dict) -> None:
+    """Appends `record` as one JSON line."""
     with open(self.path, "a") as f:
       f.write(json.dumps(to_jsonable(record)) + "\n")
 
   def read(self) -> list[dict]:
+    """The records written so far (`read_metrics`)."""
     return read_metrics(self.path)
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
+  """The records of a JSON-lines log (empty when missing; a line cut by a kill is skipped)."""
   path = pathlib.Path(path)
   if not path.exists():
     return []

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import optax
 
-from nio_jax.train.config import peak_lr
+from nio_jax.train.train_config import peak_lr
 
 
 def main_schedule(config, steps_per_epoch: int, lr: float | None = None) -> optax.Schedule:
-  """The main schedule over ``num_epochs * steps_per_epoch`` iterations (with optional
-  linear warmup of ``warmup_epochs``)."""
+  """The main schedule over `num_epochs * steps_per_epoch` iterations (with optional
+  linear warmup of `warmup_epochs`)."""
   lr = peak_lr(config) if lr is None else lr
   total = int(config.num_epochs) * steps_per_epoch
   warm = int(round(float(config.warmup_epochs) * steps_per_epoch))
@@ -32,7 +32,7 @@ def main_schedule(config, steps_per_epoch: int, lr: float | None = None) -> opta
 
 
 def linear_warmup(lr: float, steps: int) -> optax.Schedule:
-  """``lr * (t + 1) / steps`` for ``t < steps`` (no wasted step at lr 0)."""
+  """`lr * (t + 1) / steps` for `t < steps` (no wasted step at lr 0)."""
   if steps <= 1:
     return optax.constant_schedule(lr)
   return optax.linear_schedule(lr / steps, lr, steps - 1)
@@ -41,9 +41,9 @@ def linear_warmup(lr: float, steps: int) -> optax.Schedule:
 def make_schedule(config, steps_per_epoch: int) -> optax.Schedule:
   """The full schedule, including the "+1 epoch" baselines.
 
-  * ``extra_epoch_constant``: one epoch at ``extra_epoch_lr_factor * lr`` then the main
+  * `extra_epoch_constant`: one epoch at `extra_epoch_lr_factor * lr` then the main
     schedule (which starts over from its own step 0).
-  * ``extra_epoch_warmup``: one epoch of linear warmup ``lr*(t+1)/steps_per_epoch``, then the main schedule.
+  * `extra_epoch_warmup`: one epoch of linear warmup `lr*(t+1)/steps_per_epoch`, then the main schedule.
   """
   lr = peak_lr(config)
   main = main_schedule(config, steps_per_epoch, lr)

@@ -27,25 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-
-def subbatch_bounds(batch_size: int, num_chunks: int, overlap: float):
-  """Same truncations as the released code (and `nio_jax.subbatch_bounds`)."""
-  try:
-    from nio_jax.per_example import subbatch_bounds as jb
-
-    return jb(batch_size, num_chunks, overlap)
-  except ImportError:  # pragma: no cover - standalone use
-    length = int(batch_size / num_chunks)
-    out = []
-    for i in range(num_chunks):
-      if i == 0:
-        a, b = 0, int((1 + overlap) * length * 1)
-      elif i == num_chunks - 1:
-        a, b = int((1 - overlap) * length * i), batch_size
-      else:
-        a, b = int((1 - overlap) * length * i), int((1 + overlap) * length * (i + 1))
-      out.append((a, min(b, batch_size)))
-    return out
+from nio_jax import subbatch_bounds  # the released code's truncations
 
 
 class ScaledModel:
@@ -185,6 +167,7 @@ class RescaleAdam:
 
 
 def nio_objective(gc, norms, objective: str, gn_mul: float):
+  """The NIO objective to minimise: `-gc`, `-gc - gn_mul·Σ‖g_i‖²` or `-gc - gn_mul·Σ‖g_i‖`."""
   if objective == "gc":
     return -gc
   if objective == "gc_gn":
@@ -223,6 +206,7 @@ def nio_loss_and_grads(
 
 
 def nio_step(sm: ScaledModel, opt: RescaleAdam, x, y, **kw):
+  """One NIO step: the search loss and its gradient (`nio_loss_and_grads`), then RescaleAdam."""
   out = nio_loss_and_grads(sm, x, y, **kw)
   opt.step(out["constraint"])
   return out
@@ -264,6 +248,8 @@ def gradinit_step(sm: ScaledModel, opt: RescaleAdam, x, y, x2, y2, *, eta=0.1, g
 
 
 def make_train_step(model: torch.nn.Module, lr: float = 0.1):
+  """`step(x, y) -> loss`: one plain training step of `model` (cross-entropy, SGD with
+  momentum 0.9)."""
   opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
 
   def step(x, y):

@@ -1,5 +1,5 @@
-"""Training configuration (an ``ml_collections.ConfigDict``) with the published CIFAR recipe
-as defaults."""
+"""The training configuration (an `ml_collections.ConfigDict`) with the published CIFAR recipe
+as defaults, and its validation."""
 
 from __future__ import annotations
 
@@ -10,26 +10,27 @@ SCHEDULES = ("cosine", "step", "constant")
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """The GradInit / NIO CIFAR recipe: SGD(0.9), lr 0.1*B/128, per-iteration cosine over 200
-  epochs, weight decay 1e-4 (none on norm layers); without norm layers biases / scalars at
-  lr/10 and gradient clipping at 1 (``no_norm_recipe=True``, applied automatically when the
-  model has no normalisation layer).
+  """The GradInit / NIO CIFAR recipe as a training config.
+
+  SGD(0.9), lr 0.1*B/128, per-iteration cosine over 200 epochs, weight decay 1e-4 (none on
+  norm layers); without norm layers biases / scalars at lr/10 and gradient clipping at 1
+  (`no_norm_recipe=True`, applied automatically when the model has no normalisation layer).
 
   Fields:
     num_epochs: epochs of the main schedule (a "+1 epoch" baseline adds one before it).
-    batch_size: informational (the loader fixes it); used for ``lr = base_lr * B / 128``.
-    base_lr, lr_reference_batch: ``lr = base_lr * batch_size / lr_reference_batch``
-      unless ``lr`` is set.
-    schedule: "cosine" (per iteration, to 0), "step" (multiply by ``step_decay`` at each of
-      ``step_epochs``), or "constant".
+    batch_size: informational (the loader fixes it); used for `lr = base_lr * B / 128`.
+    base_lr, lr_reference_batch: `lr = base_lr * batch_size / lr_reference_batch`
+      unless `lr` is set.
+    schedule: "cosine" (per iteration, to 0), "step" (multiply by `step_decay` at each of
+      `step_epochs`), or "constant".
     warmup_epochs: linear warmup from 0 inside the main schedule (may be fractional).
     baseline: "none"; "extra_epoch_constant" (+1 epoch at constant lr before the main
       schedule); "extra_epoch_warmup" (+1 epoch of linear warmup 0 -> lr before it).
     momentum, nesterov, weight_decay: SGD; weight decay is coupled (added to the gradient,
       as in torch.optim.SGD) and skips norm-layer leaves.
     no_norm_recipe: None = auto (True iff the model has no normalisation layer / no
-      batch_stats). When True: ``slow_lr_factor`` (0.1) for biases and scalar leaves and
-      ``grad_clip_norm`` defaults to ``no_norm_grad_clip`` (1.0).
+      batch_stats). When True: `slow_lr_factor` (0.1) for biases and scalar leaves and
+      `grad_clip_norm` defaults to `no_norm_grad_clip` (1.0).
     grad_clip_norm: global-norm clipping threshold (None: off, or auto as above).
     mixed_precision: compute in bfloat16, keep float32 parameters / optimizer state.
     label_smoothing: cross-entropy label smoothing.
@@ -38,11 +39,10 @@ def default_config() -> ml_collections.ConfigDict:
     log_every: steps between metrics lines / progress updates / non-finite checks.
     checkpoint_every_steps: extra mid-epoch checkpoints (0: only at epoch ends).
     max_to_keep: checkpoints kept (>= 2, so a good one survives a bad write).
-    init_num_batches: batches handed to ``init_fn``.
-    train_kwarg: keyword of ``model.__call__`` that selects training mode (None: none).
+    train_kwarg: keyword of `model.__call__` that selects training mode (None: none).
     progress, plots: tqdm bar; PNG curves at the end of each run.
-    gc_every: every this many steps (and at step 0 and the last step), call the ``gc_fn``
-      handed to :func:`nio_jax.train.train` (GradCosine and gradient norm on fixed batches;
+    gc_every: every this many steps (and at step 0 and the last step), call the `gc_fn`
+      handed to `nio_jax.train.train` (GradCosine and gradient norm on fixed batches;
       `nio-jax train` builds it from the GC report's settings) and log the result
       (0: off).
   """
@@ -72,7 +72,6 @@ def default_config() -> ml_collections.ConfigDict:
   c.log_every = 50
   c.checkpoint_every_steps = 0
   c.max_to_keep = 3
-  c.init_num_batches = 100
   c.train_kwarg = "train"
   c.progress = True
   c.plots = True
@@ -81,17 +80,25 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def peak_lr(config) -> float:
+  """The peak learning rate: `lr` when set, else `base_lr * batch_size / lr_reference_batch`."""
   if config.get("lr") is not None:
     return float(config.lr)
   return float(config.base_lr) * int(config.batch_size) / int(config.lr_reference_batch)
 
 
 def total_epochs(config) -> int:
-  """Epochs actually run: ``num_epochs`` plus one for the "+1 epoch" baselines."""
+  """Epochs actually run: `num_epochs` plus one for the "+1 epoch" baselines."""
   return int(config.num_epochs) + (0 if config.baseline == "none" else 1)
 
 
-def validate(config) -> None:
+def validate_train_config(config) -> None:
+  """Checks a training config: baseline and schedule names, `max_to_keep`, `num_epochs`,
+  and the range of every numeric field.
+
+  Raises:
+    ValueError: a name is unknown or a value out of range (the message names the field).
+    TypeError: a numeric field holds another type.
+  """
   if config.baseline not in BASELINES:
     raise ValueError(f"baseline must be one of {BASELINES}, got {config.baseline!r}")
   if config.schedule not in SCHEDULES:
@@ -104,6 +111,7 @@ def validate(config) -> None:
 
 
 def _number(config, name, *, positive=False, optional=False, lo=None, hi=None, integer=False):
+  """Checks the numeric field `name` of `config` against the given bounds."""
   import math  # noqa: PLC0415
 
   v = config.get(name)
@@ -140,5 +148,4 @@ def _check_numbers(config) -> None:
   _number(config, "eval_batch_size", positive=True, integer=True)
   _number(config, "log_every", positive=True, integer=True)
   _number(config, "checkpoint_every_steps", lo=0, integer=True, optional=True)
-  _number(config, "init_num_batches", positive=True, integer=True)
   _number(config, "gc_every", lo=0, integer=True, optional=True)

@@ -15,7 +15,6 @@ D = 4, r = 0.2, γ = 10, lr = 3e-3, 100 steps, objective `gc_gn_sqrt`, μ = 1.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import functools
 from collections.abc import Callable, Iterable
@@ -25,20 +24,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nio_jax import config_utils, errors, leaves, per_example
-from nio_jax import cosine as gcmod
+from nio_jax import checks, cosine, distributed, formulation, leaves, method_config
 from nio_jax import scales as scmod
+from nio_jax.formulation import Formulation
+from nio_jax.methods.registry import register
 from nio_jax.rescale_adam import rescale_adam
 from nio_jax.results import InitResult
 from nio_jax.search import (
   check_search_inputs,
   init_search_scales,
-  iterate_batches,
-  peek,
-  progress_bar,
   run_scale_search,
   shard_search,
 )
+from nio_jax.step_cache import StepCache
 
 PyTree = Any
 OBJECTIVES = ("gc", "gc_gn", "gc_gn_sqrt")
@@ -59,11 +57,11 @@ class NIOConfig:
     min_scale / min_scale_bias: lower bounds of weight / bias scales.
     grad_clip: clip of each scale's gradient (0 disables).
     b1, b2, eps: Adam constants.
-    pullback: how the D gradients are pulled back (`per_example.SAMPLE_PULLBACKS` /
-      `SUBBATCH_PULLBACKS`); "auto" = the measured default of the backend.
-    conv: how convolutions are evaluated (`per_example.CONVS`: "none", "slices",
-      "im2col"); "auto" = the measured default of the backend. The deprecated key `impl`
-      (one string for both) is still accepted by `create` and mapped to the pair.
+    pullback: how the D gradients are pulled back (`formulation.SAMPLE_PULLBACKS` /
+      `SUBBATCH_PULLBACKS`); "auto" = the measured default of the backend, resolved for the
+      loss when the step is traced (`formulation.resolve_formulation`).
+    conv: how convolutions are evaluated (`formulation.CONVS`: "none", "slices",
+      "im2col"); "auto" = the measured default of the backend.
     chunk_size: sample-wise only: examples processed at a time (memory bound).
     grad_filter: predicate `(path, leaf) -> bool` for the leaves whose gradients enter GC;
       "default" (or `nio_jax.default_grad_filter`) = the conv, dense and layer-norm leaves
@@ -97,28 +95,28 @@ class NIOConfig:
   @classmethod
   def create(cls, config=None, **overrides) -> NIOConfig:
     """From None (defaults), a NIOConfig, a dict or an ml_collections ConfigDict."""
-    config, overrides = _translate_impl(cls, config, overrides)
-    values = config_utils.config_values(cls, config, overrides, "NIO")
+    values = method_config.config_values(cls, config, overrides, "NIO")
     cfg = cls(**values)
     cfg.validate()
     return cfg
 
   def validate(self) -> None:
-    config_utils.check_int("num_steps", self.num_steps, 1)
-    errors.check_positive("gamma", self.gamma)
-    errors.check_positive("lr", self.lr)
-    errors.check_positive("gn_mul", self.gn_mul, allow_zero=True)
-    errors.check_positive("grad_clip", self.grad_clip, allow_zero=True)
-    errors.check_positive("min_scale", self.min_scale, allow_zero=True)
-    errors.check_positive("min_scale_bias", self.min_scale_bias, allow_zero=True)
-    errors.check_choice("objective", self.objective, OBJECTIVES)
-    config_utils.check_betas(self.b1, self.b2)
-    errors.check_positive("eps", self.eps, allow_zero=True)
-    errors.check_chunks(max(self.num_chunks or 2, 2), self.num_chunks, self.overlap)
-    errors.check_optional_int("chunk_size", self.chunk_size)
-    errors.check_predicate("grad_filter", self.grad_filter, allow=("default",))
-    errors.check_predicate("select", self.select)
-    per_example.resolve_formulation(self.num_chunks, self.pullback, self.conv)
+    """Raises `ValueError` / `TypeError` naming the first bad field."""
+    method_config.check_int("num_steps", self.num_steps, 1)
+    checks.check_positive("gamma", self.gamma)
+    checks.check_positive("lr", self.lr)
+    checks.check_positive("gn_mul", self.gn_mul, allow_zero=True)
+    checks.check_positive("grad_clip", self.grad_clip, allow_zero=True)
+    checks.check_positive("min_scale", self.min_scale, allow_zero=True)
+    checks.check_positive("min_scale_bias", self.min_scale_bias, allow_zero=True)
+    checks.check_choice("objective", self.objective, OBJECTIVES)
+    method_config.check_betas(self.b1, self.b2)
+    checks.check_positive("eps", self.eps, allow_zero=True)
+    checks.check_chunks(max(self.num_chunks or 2, 2), self.num_chunks, self.overlap)
+    checks.check_optional_int("chunk_size", self.chunk_size)
+    checks.check_predicate("grad_filter", self.grad_filter, allow=("default",))
+    checks.check_predicate("select", self.select)
+    formulation.check_formulation(self.num_chunks, self.pullback, self.conv)
 
   def grad_filter_for(self, loss_fn: Callable, params: PyTree):
     """The `wrt` predicate that `grad_filter` means for this loss and these params ("default"
@@ -126,37 +124,11 @@ class NIOConfig:
     return leaves.resolve_grad_filter(self.grad_filter, loss_fn, params)
 
   def to_dict(self) -> dict:
-    return config_utils.to_plain_dict(self)
+    """The fields as a plain dict (predicates by name)."""
+    return method_config.to_plain_dict(self)
 
 
-def _translate_impl(cls, config, overrides: dict):
-  """Maps the deprecated `impl` key (config or overrides) to `pullback` / `conv`."""
-  if hasattr(config, "to_dict") and not isinstance(config, cls):
-    config = dict(config.to_dict())
-  in_config = isinstance(config, dict) and "impl" in config
-  if not in_config and "impl" not in overrides:
-    return config, overrides
-  config = dict(config) if isinstance(config, dict) else config
-  overrides = dict(overrides)
-  impl = overrides.pop("impl") if "impl" in overrides else config.pop("impl")
-  if in_config:
-    config.pop("impl", None)
-  if impl is None:
-    return config, overrides
-  merged = {f.name: f.default for f in dataclasses.fields(cls)}
-  if isinstance(config, cls):
-    merged.update(config.to_dict())
-  elif isinstance(config, dict):
-    merged.update(config)
-  merged.update(overrides)
-  pullback, conv = per_example.resolve_formulation(
-    merged["num_chunks"], merged["pullback"], merged["conv"], impl
-  )
-  overrides.update(pullback=pullback, conv=conv)
-  return config, overrides
-
-
-def nio_objective(stats: gcmod.GCStats, objective: str, gn_mul: float) -> jax.Array:
+def nio_objective(stats: cosine.GCStats, objective: str, gn_mul: float) -> jax.Array:
   """The quantity an objective step minimises (the negated GradCosine plus norm terms)."""
   if objective == "gc":
     return -stats.gc
@@ -167,33 +139,14 @@ def nio_objective(stats: gcmod.GCStats, objective: str, gn_mul: float) -> jax.Ar
   raise ValueError(f"unknown objective {objective!r}; known: {', '.join(OBJECTIVES)}.")
 
 
-def _search_loss(loss_fn, cfg: NIOConfig, mesh, scales, params0, batch):
+def _search_loss(loss_fn, cfg: NIOConfig, form: Formulation, mesh, scales, params0, batch):
   wrt = cfg.grad_filter_for(loss_fn, params0)  # static: from the tree's paths and shapes
   params = scmod.apply_scales(params0, scales)
   if mesh is not None and cfg.num_chunks is None:
-    from nio_jax import distributed
-
-    stats = distributed.samplewise_stats(
-      loss_fn,
-      params,
-      batch,
-      mesh,
-      wrt=wrt,
-      pullback=cfg.pullback,
-      conv=cfg.conv,
-      chunk_size=cfg.chunk_size,
-    )
+    stats = distributed.samplewise_stats(loss_fn, params, batch, mesh, form, wrt=wrt)
   else:
-    stats = gcmod.gradcosine_stats(
-      loss_fn,
-      params,
-      batch,
-      num_chunks=cfg.num_chunks,
-      overlap=cfg.overlap,
-      wrt=wrt,
-      pullback=cfg.pullback,
-      conv=cfg.conv,
-      chunk_size=cfg.chunk_size,
+    stats = cosine.compute_stats(
+      loss_fn, params, batch, form, num_chunks=cfg.num_chunks, overlap=cfg.overlap, wrt=wrt
     )
   gn = stats.grad_norm
   obj = nio_objective(stats, cfg.objective, cfg.gn_mul)
@@ -205,9 +158,11 @@ def _make_tx(cfg: NIOConfig, spec: scmod.ScaleSpec):
   return rescale_adam(cfg.lr, spec, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, grad_clip=cfg.grad_clip)
 
 
-def _nio_step(loss_fn, cfg: NIOConfig, mesh, tx, params0, scales, opt_state, batch):
+def _nio_update(
+  loss_fn, cfg: NIOConfig, form: Formulation, mesh, tx, params0, scales, opt_state, batch
+):
   grads, (stats, obj, constraint) = jax.grad(
-    functools.partial(_search_loss, loss_fn, cfg, mesh), has_aux=True
+    functools.partial(_search_loss, loss_fn, cfg, form, mesh), has_aux=True
   )(scales, params0, batch)
   updates, opt_state = tx.update(grads, opt_state, scales, is_constraint=constraint)
   new_scales = jax.tree_util.tree_map(lambda s, u: s + u, scales, updates)
@@ -222,14 +177,22 @@ def _nio_step(loss_fn, cfg: NIOConfig, mesh, tx, params0, scales, opt_state, bat
   return new_scales, opt_state, metrics
 
 
-_STEPS: collections.OrderedDict = collections.OrderedDict()
-_MAX_STEPS = 32
+def _nio_step(loss_fn, cfg: NIOConfig, mesh, tx, params0, scales, opt_state, batch):
+  # The formulation is resolved once, when the step is traced (it reads the loss's jaxpr).
+  form = formulation.resolve_formulation(
+    loss_fn, params0, batch, cfg.num_chunks, cfg.pullback, cfg.conv, cfg.chunk_size
+  )
+  update = functools.partial(_nio_update, loss_fn, cfg, form, mesh, tx)
+  return formulation.with_canonical_convs(update, form)(params0, scales, opt_state, batch)
+
+
+_STEPS = StepCache("nio", maxsize=32)
 
 
 def _spec_key(spec: scmod.ScaleSpec):
-  leaves, treedef = jax.tree_util.tree_flatten(spec)
+  spec_leaves, treedef = jax.tree_util.tree_flatten(spec)
   return treedef, tuple(
-    (np.shape(x), str(np.asarray(x).dtype), np.asarray(x).tobytes()) for x in leaves
+    (np.shape(x), str(np.asarray(x).dtype), np.asarray(x).tobytes()) for x in spec_leaves
   )
 
 
@@ -250,30 +213,14 @@ def make_nio_step(
   function object, shapes and settings compile once. Pass the same `loss_fn` object to
   reuse the compilation (e.g. across seeds).
   """
-  cfg = NIOConfig.create(config)
+  cfg = config if isinstance(config, NIOConfig) else NIOConfig.create(config)
   tx = _make_tx(cfg, spec)
   key = (loss_fn, dataclasses.replace(cfg, num_steps=1), mesh, _spec_key(spec))
-  try:
-    hash(key)
-  except TypeError:  # an unhashable loss function or predicate: no caching
-    key = None
-  if key is not None and key in _STEPS:
-    _STEPS.move_to_end(key)
-    return _STEPS[key], tx
-  step = functools.partial(_nio_step, loss_fn, cfg, mesh, tx)
-  # canonical_convs: the scanned blocks' backward convolutions on XLA:CPU (see per_example).
-  # The im2col / slices forms leave no convolution to rewrite: the trace would be wasted.
-  _, conv = per_example.resolve_formulation(cfg.num_chunks, cfg.pullback, cfg.conv)
-  if conv == "none":
-    step = per_example.canonical_convs(step)
-  step = jax.jit(step)
-  if key is not None:
-    _STEPS[key] = step
-    while len(_STEPS) > _MAX_STEPS:
-      _STEPS.popitem(last=False)
+  step = _STEPS.get(key, lambda: jax.jit(functools.partial(_nio_step, loss_fn, cfg, mesh, tx)))
   return step, tx
 
 
+@register("nio", config_cls=NIOConfig)
 def nio(
   loss_fn: Callable,
   params: PyTree,
@@ -311,7 +258,7 @@ def nio(
     loss_fn,
     params,
     batches,
-    check_size=lambda b: errors.check_chunks(b, cfg.num_chunks, cfg.overlap),
+    check_size=lambda b: checks.check_chunks(b, cfg.num_chunks, cfg.overlap),
     mesh=mesh,
   )
   if mesh is not None and cfg.device_loop:
@@ -332,62 +279,3 @@ def nio(
     num_chunks=cfg.num_chunks,
     on_device=cfg.device_loop,
   )
-
-
-def measure(
-  loss_fn: Callable,
-  params: PyTree,
-  batches: Iterable,
-  *,
-  num_batches: int = 10,
-  num_chunks: int | None = 4,
-  overlap: float = 0.2,
-  wrt: Any = "default",
-  pullback: str = "auto",
-  conv: str = "auto",
-  chunk_size: int | None = None,
-  show_progress: bool = False,
-  impl: str | None = None,
-) -> dict[str, float]:
-  """GradCosine and gradient norm averaged over `num_batches` batches (before/after report).
-
-  `wrt="default"` takes the conv, dense and layer-norm leaves (structure, see
-  `nio_jax.leaves`), as the search does; None takes every leaf; or pass a predicate.
-  `pullback` / `conv` (and the deprecated `impl`) are as in `nio_jax.cosine.gradcosine`.
-
-  Returns a dict with `gc`, `gc_std`, `grad_norm`, `grad_norm_std`, `loss`, `num_batches`.
-  """
-  if (
-    isinstance(num_batches, bool)
-    or not isinstance(num_batches, (int, np.integer))
-    or num_batches < 1
-  ):
-    raise ValueError(f"num_batches={num_batches!r} must be an int >= 1.")
-  errors.check_params(params)
-  errors.check_optional_int("chunk_size", chunk_size)
-  errors.check_predicate("wrt", wrt, allow=("default",))
-  wrt_fn = leaves.resolve_grad_filter(wrt, loss_fn, params)
-  pullback, conv = gcmod.checked_formulation(num_chunks, pullback, conv, impl)
-  first, batches = peek(batches)
-  b = errors.check_batch(first)
-  errors.check_chunks(b, num_chunks, overlap)
-  errors.check_loss_fn(loss_fn, params, first)
-  rows = []
-  for (batch,) in progress_bar(
-    iterate_batches(batches, num_batches), num_batches, "measure", show_progress
-  ):
-    errors.check_batch(batch)
-    st = gcmod.stats_jit(
-      loss_fn, params, batch, num_chunks, overlap, wrt_fn, pullback, conv, chunk_size
-    )
-    gcmod.check_stats(st, num_chunks, step=len(rows))
-    rows.append((float(st.gc), float(st.grad_norm), float(st.loss)))
-  arr = np.asarray(rows)
-  return {
-    "gc": float(arr[:, 0].mean()),
-    "gc_std": float(arr[:, 0].std()),
-    "grad_norm": float(arr[:, 1].mean()),
-    "grad_norm_std": float(arr[:, 1].std()),
-    "loss": float(arr[:, 2].mean()),
-    "num_batches": int(num_batches),
-  }

@@ -1,4 +1,9 @@
-"""Config plumbing shared by NIOConfig and the method configs (GradInitConfig, MetaInitConfig, ...)."""
+"""What the methods' config classes share (NIOConfig, GradInitConfig, MetaInitConfig, ...):
+`config_values` (a plain dict of field values from None, an instance, a dict, a ConfigDict
+or a named recipe), `to_plain_dict`, `static_mask` and two value checks.
+
+The experiment config's `init` group becomes one of these classes in
+`nio_jax.experiment_config.build_method_config`."""
 
 from __future__ import annotations
 
@@ -45,6 +50,7 @@ def config_values(
 
 
 def check_int(name: str, value, minimum: int, hint: str = "") -> None:
+  """Raises `TypeError` unless `value` is an int, `ValueError` when it is below `minimum`."""
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
     raise TypeError(f"{name} must be an int, got {value!r}.")
   if value < minimum:
@@ -52,6 +58,7 @@ def check_int(name: str, value, minimum: int, hint: str = "") -> None:
 
 
 def check_betas(b1, b2) -> None:
+  """Raises unless the Adam betas `b1`, `b2` are finite numbers in [0, 1)."""
   for n, b in (("b1", b1), ("b2", b2)):
     if isinstance(b, bool) or not isinstance(b, (int, float, np.number)) or not math.isfinite(b):
       raise TypeError(f"{n} must be a number, got {b!r}.")

@@ -1,8 +1,14 @@
 """Experiment configs: the schema every file in `configs/` builds on, loading a config file,
-and the `key=value` override parser of the command line.
+the `key=value` override parser of the command line, and validation.
+
+`load_config` = file + overrides + `validate_config`, which checks every group once (the
+`init` group through the method's config class, `build_method_config`; the `train` group
+through `nio_jax.train.validate_train_config`). The training config is
+`nio_jax.train.train_config`; what the methods' config classes share is
+`nio_jax.method_config`.
 
 A config file defines `get_config()` (or `get_config(arg)`, selected with `path.py:arg`, as
-`ml_collections.config_flags` does) returning a ConfigDict built on :func:`base_config`
+`ml_collections.config_flags` does) returning a ConfigDict built on `base_config`
 (usually through a dataset's base file, e.g. `configs/fmnist_base.py`). Overrides
 `--set a.b=v` / `--config.a.b=v` parse `v` with `ast.literal_eval` (numbers, strings,
 tuples, dicts, True/False/None); anything that is not a Python literal stays a plain string.
@@ -25,17 +31,12 @@ import ml_collections
 from ml_collections import config_dict
 
 from nio_jax import data, methods, models
-from nio_jax.train.config import default_config
-from nio_jax.train.config import validate as validate_train
+from nio_jax.errors import ConfigError
+from nio_jax.train.train_config import default_config, validate_train_config
 
 # Sub-dicts whose keys are free (checked later by the method config class / the model).
 OPEN_DICTS = ("init.config", "model.kwargs", "compare.overrides")
 INIT_DATA = ("real", "random")
-
-
-class ConfigError(Exception):
-  """A user error in a config or an override (the CLI prints it as `nio-jax: error: ...`
-  and exits with status 2)."""
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -249,7 +250,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   return cfg
 
 
-def method_config(cfg) -> Any:
+def build_method_config(cfg) -> Any:
   """The method config to pass to `nio_jax.methods.initialize` (validated): the method's
   config class built from `init.config` (a GradInit `init.recipe` merged under it)."""
   try:
@@ -273,11 +274,6 @@ def method_config(cfg) -> Any:
       values["seed"] = int(cfg.seed)
     if m.config_cls is not None and hasattr(m.config_cls, "create"):
       return m.config_cls.create(values)
-    if m.name == "fixup":
-      allowed = {"num_branches", "layers_per_branch", "force"}  # nio_jax.methods.fixup
-      unknown = sorted(set(values) - allowed)
-      if unknown:
-        raise ValueError(f"unknown Fixup config key(s) {unknown}; known: {sorted(allowed)}")
   except (ValueError, TypeError) as e:
     raise ConfigError(f"init.config for method {m.name!r}: {e}") from None
   return values or None
@@ -300,7 +296,9 @@ def validate_config(cfg) -> None:
   value; the method config and the training config are validated by their own classes."""
   for group in ("model", "data", "init", "train"):
     if group not in cfg:
-      raise ConfigError(f"config has no {group!r} group; build it on nio_jax.config.base_config()")
+      raise ConfigError(
+        f"config has no {group!r} group; build it on nio_jax.experiment_config.base_config()"
+      )
   if cfg.model.name not in models.names():
     raise ConfigError(
       f"unknown model {cfg.model.name!r}; known models: {', '.join(models.names())}"
@@ -336,9 +334,9 @@ def validate_config(cfg) -> None:
       raise ConfigError("eval.subset must be >= 1 (or None for the whole test set)")
   if cfg.get("max_steps") is not None and int(cfg.max_steps) < 1:
     raise ConfigError("max_steps must be >= 1 (or None for all epochs)")
-  method_config(cfg)
+  build_method_config(cfg)
   try:
-    validate_train(cfg.train)
+    validate_train_config(cfg.train)
   except ValueError as e:
     raise ConfigError(f"train: {e}") from None
 

@@ -1,0 +1,152 @@
+"""The files of a run directory: JSON, msgpack variables and the trainer's checkpoints.
+
+One module for the small reads and writes that the experiment, the trainer, the CLI, the
+reports and `benchmarks/sweep.py` share:
+
+* `to_jsonable`, `write_json` (atomic), `read_json` (a default when missing), and the
+  name of a run's record, `RUN_RECORD`;
+* `save_variables` / `load_variables`: Flax msgpack variables (never pickle), loaded in
+  either block layout (`models.match_layout`) with their shapes checked;
+* `checkpoint_steps` (the one listing of the trainer's checkpoint steps) and
+  `load_checkpoint_variables` (the params / batch statistics of one of them).
+
+A file that does not fit the model of the config raises `ConfigError` (the CLI prints it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+
+from nio_jax.errors import ConfigError
+from nio_jax.models import match_layout
+
+PyTree = Any
+
+# The record of one `nio_jax.experiment.train_run` in its run directory: accuracies, the GC
+# report, wall times (read by `nio_jax.reports` and `benchmarks/sweep.py`).
+RUN_RECORD = "run_record.json"
+
+
+def to_jsonable(x: Any) -> Any:
+  """numpy / jax scalars and arrays, dicts, lists and tuples as plain JSON values.
+
+  Non-finite floats become None; any other object becomes its `repr`.
+  """
+  if isinstance(x, dict):
+    return {str(k): to_jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [to_jsonable(v) for v in x]
+  if hasattr(x, "__array__") and not isinstance(x, (str, bytes)):
+    a = np.asarray(x)
+    if a.ndim == 0:
+      return to_jsonable(a.item())
+    return to_jsonable(a.tolist())
+  if isinstance(x, float):
+    return x if math.isfinite(x) else None
+  if isinstance(x, (int, str, bool)) or x is None:
+    return x
+  return repr(x)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> pathlib.Path:
+  """Writes `obj` as indented JSON (`to_jsonable` first), atomically; returns the path."""
+  path = pathlib.Path(path)
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(to_jsonable(obj), indent=1))
+  os.replace(tmp, path)
+  return path
+
+
+def read_json(path: str | os.PathLike, default: Any = None) -> Any:
+  """The JSON in `path`, or `default` when the file is missing or unreadable."""
+  try:
+    return json.loads(pathlib.Path(path).read_text())
+  except (OSError, ValueError):
+    return default
+
+
+def save_variables(path: str | os.PathLike, variables: PyTree) -> pathlib.Path:
+  """Writes a variables dict with Flax msgpack serialization (no pickle), atomically."""
+  from flax import serialization  # noqa: PLC0415
+
+  path = pathlib.Path(path)
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_bytes(serialization.to_bytes(jax.device_get(variables)))
+  os.replace(tmp, path)
+  return path
+
+
+def load_variables(path: str | os.PathLike, target: PyTree) -> PyTree:
+  """Msgpack variables restored into the structure of `target`.
+
+  Variables saved from the other block layout (scanned or unrolled) are converted to
+  `target`'s first (`models.match_layout`); every leaf's shape must then match `target`'s.
+
+  Raises:
+    ConfigError: the file does not hold variables of `target`'s model.
+  """
+  from flax import serialization  # noqa: PLC0415
+
+  try:
+    state = serialization.msgpack_restore(pathlib.Path(path).read_bytes())
+    state = match_layout(state, serialization.to_state_dict(target))
+    restored = serialization.from_state_dict(target, state)
+  except ValueError as e:
+    raise ConfigError(f"{path}: {e}") from None
+  for a, b in zip(jax.tree_util.tree_leaves(target), jax.tree_util.tree_leaves(restored)):
+    if getattr(a, "shape", None) != getattr(b, "shape", None):
+      raise ConfigError(
+        f"{path}: saved params do not match the model of this config "
+        f"(shape {getattr(b, 'shape', None)} vs {getattr(a, 'shape', None)})"
+      )
+  return restored
+
+
+def checkpoint_steps(ckpt_dir: str | os.PathLike) -> list[int]:
+  """The steps of the trainer's finished checkpoints in `ckpt_dir`, sorted (empty if none).
+
+  A write cut by a kill lives in a temporary directory until orbax renames it into place,
+  so it is not listed.
+  """
+  ckpt_dir = pathlib.Path(ckpt_dir)
+  if not ckpt_dir.is_dir():
+    return []
+  return sorted(
+    int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit() and (p / "state").is_dir()
+  )
+
+
+def load_checkpoint_variables(ckpt_dir: str | os.PathLike, step: str, target: PyTree) -> PyTree:
+  """`{"params", ["batch_stats"]}` of the trainer checkpoint `step` (a step or "latest").
+
+  A checkpoint in the other block layout than `target`'s is converted.
+
+  Raises:
+    ConfigError: no such checkpoint, or it does not match `target`'s model.
+  """
+  import orbax.checkpoint as ocp  # noqa: PLC0415
+
+  ckpt_dir = pathlib.Path(ckpt_dir).absolute()
+  steps = checkpoint_steps(ckpt_dir)
+  if not steps:
+    raise ConfigError(f"no checkpoints in {ckpt_dir}")
+  s = steps[-1] if step == "latest" else int(step) if str(step).isdigit() else None
+  if s not in steps:
+    raise ConfigError(f"checkpoint {step!r} not found in {ckpt_dir}; steps: {steps}")
+  state = ocp.StandardCheckpointer().restore(ckpt_dir / str(s) / "state")
+  v = {k: state[k] for k in ("params", "batch_stats") if k in state}
+  want = {k: target[k] for k in v if k in target}
+  try:  # saved in the other block layout (scan vs unrolled): convert
+    v = match_layout(v, want)
+  except ValueError:
+    pass
+  if jax.tree.structure(want) != jax.tree.structure(v):
+    raise ConfigError(f"checkpoint {s} in {ckpt_dir} does not match the model of this config")
+  return v

@@ -1,0 +1,91 @@
+"""The experiment decides a run, the trainer trains: `experiment.train_run` initialises once
+(its batches drawn once, at `init.batch_size`), hands the initialised variables to the
+trainer (checkpoint 0 holds them), and a resumed run does not search again; the one run
+record carries the accuracies. Tiny MLP on a Fashion-MNIST subset, CPU."""
+
+import jax
+import numpy as np
+import pytest
+
+from nio_jax import experiment, files, methods
+from nio_jax.data.loader import Loader
+from nio_jax.experiment_config import base_config, validate_config
+
+
+def _fmnist_or_skip():
+  from nio_jax.data import find_fashion_mnist_dir
+
+  try:
+    find_fashion_mnist_dir()
+  except FileNotFoundError as e:  # pragma: no cover - dataset not installed
+    pytest.skip(str(e))
+
+
+def _config(max_steps):
+  c = base_config()
+  c.name = "experiment_order"
+  c.model.name = "mlp"
+  c.model.kwargs.hidden = (16,)
+  c.data.batch_size = 32
+  c.data.train_subset = 256  # 8 steps per epoch
+  c.data.test_subset = 64
+  c.data.prefetch = 0
+  c.init.method = "nio"
+  c.init.config.num_steps = 2
+  c.init.batch_size = 16  # not the training batch: the experiment draws its own
+  c.init.measure_batches = 1
+  c.max_steps = max_steps
+  c.train.num_epochs = 1
+  c.train.log_every = 2
+  c.train.checkpoint_every_steps = 1
+  c.train.max_to_keep = 10
+  c.train.progress = False
+  c.train.plots = False
+  validate_config(c)
+  return c
+
+
+def test_train_run_initialises_once_and_a_resume_does_not_search(tmp_path, monkeypatch):
+  _fmnist_or_skip()
+  searches, draws = [], []
+  initialize, batches = methods.initialize, Loader.batches
+
+  def counting_initialize(method, loss_fn, params, data, *a, **k):
+    searches.append([b["image"].shape[0] for b in data])
+    return initialize(method, loss_fn, params, data, *a, **k)
+
+  def counting_batches(self, num, stream=1):
+    draws.append((self.batch_size, num, stream))
+    return batches(self, num, stream)
+
+  monkeypatch.setattr(methods, "initialize", counting_initialize)
+  monkeypatch.setattr(Loader, "batches", counting_batches)
+  wd = tmp_path / "run"
+  rec = experiment.train_run(_config(3), wd)
+  assert rec["status"] == "finished" and rec["step"] == 3 and not rec["resumed"]
+  assert searches == [[16, 16]]  # one search, on 2 batches of init.batch_size
+  assert [d for d in draws if d[2] == 1] == [(16, 2, 1)]  # the method's batches, drawn once
+  assert rec["search_steps"] == 2 and rec["search_seconds"] > 0
+  assert rec["after"]["gc"] != rec["before"]["gc"]
+  # One record: the accuracies the report reads are in it (no other summary file).
+  assert rec["final_test_acc"] == rec["acc_steps"]["3"] and not (wd / "summary.json").exists()
+  first = files.read_json(wd / files.RUN_RECORD)
+  assert first["final_test_acc"] == rec["final_test_acc"] and first["scales"]
+
+  # Checkpoint 0 holds the initialised params, as saved in init_params.msgpack.
+  run = experiment.build(_config(3))
+  init = files.load_variables(wd / "init_params.msgpack", run.variables)
+  step0 = files.load_checkpoint_variables(wd / "checkpoints", "0", run.variables)
+  for a, b in zip(jax.tree.leaves(init["params"]), jax.tree.leaves(step0["params"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for a, b in zip(jax.tree.leaves(init["params"]), jax.tree.leaves(run.variables["params"])):
+    assert not np.array_equal(np.asarray(a), np.asarray(b))  # the search changed them
+
+  # Resume to a later step: no search, no new init files; the record keeps the search's.
+  history = (wd / "init_history.json").read_text()
+  rec2 = experiment.train_run(_config(5), wd)
+  assert searches == [[16, 16]] and rec2["resumed"] and rec2["step"] == 5
+  assert (wd / "init_history.json").read_text() == history
+  for k in ("before", "after", "search_steps", "search_seconds", "scales"):
+    assert rec2[k] == first[k], k
+  assert set(rec2["acc_steps"]) == {"3", "5"}
