@@ -250,13 +250,41 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
   return cfg
 
 
+_METHOD_CONFIGS: dict[str, Any] = {}  # the init group's fingerprint -> its built config
+_METHOD_CONFIGS_MAX = 64
+
+
 def build_method_config(cfg) -> Any:
   """The method config to pass to `nio_jax.methods.initialize` (validated): the method's
-  config class built from `init.config` (a GradInit `init.recipe` merged under it)."""
+  config class built from `init.config` (a GradInit `init.recipe` merged under it).
+
+  Built once per distinct `init` group (method, `init.config`, recipe, data) and seed:
+  `validate_config` and `experiment.build` both ask for it on one run's path, and the second
+  call returns the first call's (frozen) object. A config changed in between is a new
+  fingerprint, so it is built (and checked) again.
+  """
   try:
     m = methods.get_method(cfg.init.method)
   except ValueError as e:
     raise ConfigError(str(e)) from None
+  key = repr(
+    (
+      m,  # the registered entry (a re-registered name is another entry)
+      cfg.init.config.to_dict(),
+      cfg.init.get("recipe"),
+      cfg.init.get("data"),
+      int(cfg.seed),
+    )
+  )
+  if key not in _METHOD_CONFIGS:
+    if len(_METHOD_CONFIGS) >= _METHOD_CONFIGS_MAX:
+      _METHOD_CONFIGS.pop(next(iter(_METHOD_CONFIGS)))
+    _METHOD_CONFIGS[key] = _build_method_config(cfg, m)
+  built = _METHOD_CONFIGS[key]
+  return dict(built) if isinstance(built, dict) else built  # a plain dict is the caller's
+
+
+def _build_method_config(cfg, m) -> Any:
   values = cfg.init.config.to_dict()
   recipe = cfg.init.get("recipe")
   try:
@@ -316,16 +344,6 @@ def validate_config(cfg) -> None:
       raise ConfigError(f"data.{k} must be >= 1")
   if int(cfg.init.measure_batches) < 0:
     raise ConfigError("init.measure_batches must be >= 0")
-  gc_every = cfg.train.get("gc_every", 0)
-  if isinstance(gc_every, bool) or not isinstance(gc_every, int) or gc_every < 0:
-    raise ConfigError(
-      f"train.gc_every must be an int >= 0 (steps between GC measurements; 0 = off), "
-      f"got {gc_every!r}"
-    )
-  if gc_every and int(cfg.init.measure_batches) < 1:
-    raise ConfigError(
-      "train.gc_every measures GC on the GC report's batches: set init.measure_batches >= 1"
-    )
   if "eval" in cfg:
     steps = tuple(cfg.eval.steps or ())
     if any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in steps):
@@ -336,9 +354,13 @@ def validate_config(cfg) -> None:
     raise ConfigError("max_steps must be >= 1 (or None for all epochs)")
   build_method_config(cfg)
   try:
-    validate_train_config(cfg.train)
-  except ValueError as e:
-    raise ConfigError(f"train: {e}") from None
+    validate_train_config(cfg.train, prefix="train")  # the train group's own checks
+  except (ValueError, TypeError) as e:
+    raise ConfigError(str(e)) from None
+  if cfg.train.get("gc_every") and int(cfg.init.measure_batches) < 1:  # spans two groups
+    raise ConfigError(
+      "train.gc_every measures GC on the GC report's batches: set init.measure_batches >= 1"
+    )
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -87,6 +87,31 @@ def test_cifar_table_cells_and_published_numbers():
     ncfg.load_config(str(ROOT / "configs" / "cifar10_table.py") + ":resnet9,gradinit")
 
 
+def test_method_config_is_built_once_per_run_path(monkeypatch):
+  """`load_config` checks the method config and `experiment.build` asks for it again: one
+  build (the same frozen object); a changed `init.config` is built and checked anew."""
+  calls = []
+  real = ncfg._build_method_config
+  monkeypatch.setattr(
+    ncfg, "_build_method_config", lambda cfg, m: calls.append(m.name) or real(cfg, m)
+  )
+  cfg = ncfg.load_config(str(ROOT / "configs" / "fmnist_nio.py"), ["seed=12345"])
+  first = ncfg.build_method_config(cfg)  # what experiment.build does
+  assert calls == ["nio"] and ncfg.build_method_config(cfg) is first
+  cfg.init.config.num_steps = int(first.num_steps) + 1
+  assert ncfg.build_method_config(cfg).num_steps == first.num_steps + 1 and len(calls) == 2
+  cfg.init.config.num_steps = -1
+  with pytest.raises(ncfg.ConfigError, match="num_steps"):
+    ncfg.build_method_config(cfg)
+
+
+def test_train_group_errors_name_the_override_key():
+  cfg = ncfg.base_config()
+  cfg.train.momentum = 1.5
+  with pytest.raises(ncfg.ConfigError, match=r"train\.momentum=1\.5 must be < 1"):
+    ncfg.validate_config(cfg)
+
+
 def test_parse_value_literals_only():
   assert ncfg.parse_value("3") == 3 and ncfg.parse_value("1e-3") == 1e-3
   assert ncfg.parse_value("(16, 32)") == (16, 32)

@@ -91,26 +91,31 @@ def total_epochs(config) -> int:
   return int(config.num_epochs) + (0 if config.baseline == "none" else 1)
 
 
-def validate_train_config(config) -> None:
+def validate_train_config(config, prefix: str = "config") -> None:
   """Checks a training config: baseline and schedule names, `max_to_keep`, `num_epochs`,
-  and the range of every numeric field.
+  and the range of every numeric field. Messages name a field `<prefix>.<name>` (an
+  experiment config's checks pass `prefix="train"`, so the name is the override's key).
 
   Raises:
     ValueError: a name is unknown or a value out of range (the message names the field).
     TypeError: a numeric field holds another type.
   """
   if config.baseline not in BASELINES:
-    raise ValueError(f"baseline must be one of {BASELINES}, got {config.baseline!r}")
+    raise ValueError(f"{prefix}.baseline must be one of {BASELINES}, got {config.baseline!r}")
   if config.schedule not in SCHEDULES:
-    raise ValueError(f"schedule must be one of {SCHEDULES}, got {config.schedule!r}")
+    raise ValueError(f"{prefix}.schedule must be one of {SCHEDULES}, got {config.schedule!r}")
   if int(config.max_to_keep) < 2:
-    raise ValueError("max_to_keep must be >= 2 so a good checkpoint survives a failed write")
+    raise ValueError(
+      f"{prefix}.max_to_keep must be >= 2 so a good checkpoint survives a failed write"
+    )
   if int(config.num_epochs) < 1:
-    raise ValueError("num_epochs must be >= 1")
-  _check_numbers(config)
+    raise ValueError(f"{prefix}.num_epochs must be >= 1")
+  _check_numbers(config, prefix)
 
 
-def _number(config, name, *, positive=False, optional=False, lo=None, hi=None, integer=False):
+def _number(
+  config, prefix, name, *, positive=False, optional=False, lo=None, hi=None, integer=False
+):
   """Checks the numeric field `name` of `config` against the given bounds."""
   import math  # noqa: PLC0415
 
@@ -118,34 +123,35 @@ def _number(config, name, *, positive=False, optional=False, lo=None, hi=None, i
   if v is None:
     if optional:
       return
-    raise ValueError(f"config.{name} must be set")
+    raise ValueError(f"{prefix}.{name} must be set")
   kind = "an int" if integer else "a number"
   if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not isinstance(v, int)):
-    raise TypeError(f"config.{name} must be {kind}, got {v!r}")
+    raise TypeError(f"{prefix}.{name} must be {kind}, got {v!r}")
   if not math.isfinite(v):
-    raise ValueError(f"config.{name}={v} must be finite")
+    raise ValueError(f"{prefix}.{name}={v} must be finite")
   if positive and v <= 0:
-    raise ValueError(f"config.{name}={v} must be > 0")
+    raise ValueError(f"{prefix}.{name}={v} must be > 0")
   if lo is not None and v < lo:
-    raise ValueError(f"config.{name}={v} must be >= {lo}")
+    raise ValueError(f"{prefix}.{name}={v} must be >= {lo}")
   if hi is not None and v >= hi:
-    raise ValueError(f"config.{name}={v} must be < {hi}")
+    raise ValueError(f"{prefix}.{name}={v} must be < {hi}")
 
 
-def _check_numbers(config) -> None:
+def _check_numbers(config, prefix: str) -> None:
   """Ranges of the numeric fields: a NaN / negative learning rate etc. fails here, naming
   the field, instead of as a NaN loss many steps later."""
-  _number(config, "lr", positive=True, optional=True)
-  _number(config, "base_lr", positive=True)
-  _number(config, "batch_size", positive=True, integer=True)
-  _number(config, "lr_reference_batch", positive=True, integer=True)
-  _number(config, "momentum", lo=0.0, hi=1.0)
-  _number(config, "weight_decay", lo=0.0)
-  _number(config, "warmup_epochs", lo=0.0)
-  _number(config, "label_smoothing", lo=0.0, hi=1.0)
-  _number(config, "grad_clip_norm", positive=True, optional=True)
-  _number(config, "slow_lr_factor", lo=0.0)
-  _number(config, "eval_batch_size", positive=True, integer=True)
-  _number(config, "log_every", positive=True, integer=True)
-  _number(config, "checkpoint_every_steps", lo=0, integer=True, optional=True)
-  _number(config, "gc_every", lo=0, integer=True, optional=True)
+  _number(config, prefix, "lr", positive=True, optional=True)
+  _number(config, prefix, "base_lr", positive=True)
+  _number(config, prefix, "batch_size", positive=True, integer=True)
+  _number(config, prefix, "lr_reference_batch", positive=True, integer=True)
+  _number(config, prefix, "momentum", lo=0.0, hi=1.0)
+  _number(config, prefix, "weight_decay", lo=0.0)
+  _number(config, prefix, "warmup_epochs", lo=0.0)
+  _number(config, prefix, "label_smoothing", lo=0.0, hi=1.0)
+  _number(config, prefix, "grad_clip_norm", positive=True, optional=True)
+  _number(config, prefix, "slow_lr_factor", lo=0.0)
+  _number(config, prefix, "eval_batch_size", positive=True, integer=True)
+  _number(config, prefix, "log_every", positive=True, integer=True)
+  _number(config, prefix, "checkpoint_every_steps", lo=0, integer=True, optional=True)
+  if "gc_every" in config:  # absent in a hand-built config from before `gc_every`: off
+    _number(config, prefix, "gc_every", lo=0, integer=True)

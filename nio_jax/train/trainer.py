@@ -245,181 +245,258 @@ class _Clock:
 
 def _fit(job: _Job, log: MetricsLog, ckpt: Checkpointer) -> TrainResult:
   """The loop of `train`: restore or start, then epochs of steps, evaluations, checkpoints."""
-  config, loader, workdir = job.config, job.train_loader, job.workdir
-  spe = int(loader.steps_per_epoch)
-  epochs = total_epochs(config)
-  total_steps = epochs * spe
-  stop_after = job.stop_after_step
-  log_every = max(1, int(config.log_every))
-  ckpt_every = int(config.checkpoint_every_steps or 0)
-  from tqdm.auto import tqdm  # noqa: PLC0415
+  return _Loop(job, log, ckpt).run()
 
-  has_bs = bool(jax.tree_util.tree_leaves(job.variables.get("batch_stats", {})))
-  no_norm = resolve_no_norm(config, job.variables)
-  steps = build_steps(job.model, config, spe, has_bs, no_norm)
-  state = TrainState.create(job.variables, steps.tx, int(config.seed))
 
-  latest = ckpt.latest_step()
-  resumed = latest is not None
-  if resumed:
-    saved, meta = ckpt.restore(latest, state.as_dict())
-    state, record = TrainState.from_dict(saved), Progress.from_meta(meta)
-    log.truncate_after(int(latest))
-    # The log continues (records up to the checkpoint are kept) and says where it resumed.
-    log.write({"type": "resume", "step": int(latest)})
-  else:
-    record = Progress()
-    log.reset()
-    log.write(
-      {
-        "type": "config",
-        "step": 0,
-        "no_norm_recipe": no_norm,
-        "grad_clip_norm": resolve_grad_clip(config, no_norm),
-        "steps_per_epoch": spe,
-        "total_epochs": epochs,
-        "config": config.to_dict(),
-      }
+class _Loop:
+  """One `train` call, in the order it runs: `start` (restore or start, step 0's GC
+  measurement and checkpoint), then for each epoch `step`s with `after_step` (logging,
+  `eval_at`, `gc_every`, mid-epoch checkpoints) and `end_epoch` (evaluation and checkpoint),
+  then `result`.
+
+  Attributes (the mutable ones):
+    state: the `TrainState` the compiled steps carry.
+    record: the `Progress` so far (restored from the checkpoint on resume).
+    sums: the steps' accumulators (`_new_sums`).
+    clock: the wall seconds outside the training steps.
+    g: the global step reached.
+  """
+
+  def __init__(self, job: _Job, log: MetricsLog, ckpt: Checkpointer):
+    config = job.config
+    self.job, self.log, self.ckpt, self.config = job, log, ckpt, config
+    self.spe = int(job.train_loader.steps_per_epoch)
+    self.epochs = total_epochs(config)
+    self.total_steps = self.epochs * self.spe
+    stop = job.stop_after_step
+    self.last_step = self.total_steps if stop is None else min(self.total_steps, stop)
+    self.log_every = max(1, int(config.log_every))
+    self.ckpt_every = int(config.checkpoint_every_steps or 0)
+    has_bs = bool(jax.tree_util.tree_leaves(job.variables.get("batch_stats", {})))
+    self.no_norm = resolve_no_norm(config, job.variables)
+    self.steps = build_steps(job.model, config, self.spe, has_bs, self.no_norm)
+    self.state = TrainState.create(job.variables, self.steps.tx, int(config.seed))
+    self.record = Progress()
+    self.clock = _Clock()
+    # GradCosine tracking (`gc_every`): at step 0, every `gc_every` steps and at the last step.
+    self.gc_every = int(config.get("gc_every") or 0)
+    self.gc_fn = None
+    if self.gc_every:
+      self.gc_fn = job.gc_fn or default_gc_fn(job.model, job.variables, job.train_loader, config)
+    self.put = jax.device_put
+    self.g = 0
+    self.sums = None
+    self.t_window, self.g_window = 0.0, 0
+    self.pbar = None
+
+  # ---- start: restore or start, step 0
+
+  def start(self) -> None:
+    """Restores the latest checkpoint (and continues its log), or starts the log and saves
+    checkpoint 0; measures GC at step 0; replicates the state over the mesh."""
+    config, log, ckpt, spe = self.config, self.log, self.ckpt, self.spe
+    latest = ckpt.latest_step()
+    if latest is not None:
+      saved, meta = ckpt.restore(latest, self.state.as_dict())
+      self.state, self.record = TrainState.from_dict(saved), Progress.from_meta(meta)
+      log.truncate_after(int(latest))
+      # The log continues (records up to the checkpoint are kept) and says where it resumed.
+      log.write({"type": "resume", "step": int(latest)})
+    else:
+      log.reset()
+      log.write(
+        {
+          "type": "config",
+          "step": 0,
+          "no_norm_recipe": self.no_norm,
+          "grad_clip_norm": resolve_grad_clip(config, self.no_norm),
+          "steps_per_epoch": spe,
+          "total_epochs": self.epochs,
+          "config": config.to_dict(),
+        }
+      )
+    if self.gc_fn is not None and int(self.state.step) == 0 and 0 not in self.record.gc_steps:
+      self.measure_gc(0)
+    if latest is None:
+      ckpt.save(0, self.state.as_dict(), self.record.meta(0, spe))
+    if self.job.mesh is not None:
+      from nio_jax import distributed  # noqa: PLC0415
+
+      self.state = distributed.replicate(self.state, self.job.mesh)
+      self.put = functools.partial(distributed.shard_batch, mesh=self.job.mesh)
+    self.g = int(self.state.step)
+    self.sums = _new_sums(self.record.epoch_sums, self.job.mesh)
+
+  # ---- helpers of the steps
+
+  def check(self) -> None:
+    """`NonFiniteLossError` when a step so far had a non-finite loss."""
+    _check_finite(
+      self.state,
+      ckpt=self.ckpt,
+      log=self.log,
+      spe=self.spe,
+      config=self.config,
+      workdir=self.job.workdir,
     )
-  clock = _Clock()
-  # GradCosine tracking (`gc_every`): at step 0, every `gc_every` steps and at the last step.
-  gc_every = int(config.get("gc_every") or 0)
-  gc_fn = None
-  if gc_every:
-    gc_fn = job.gc_fn or default_gc_fn(job.model, job.variables, loader, config)
-  last_step = total_steps if stop_after is None else min(total_steps, stop_after)
-  if gc_fn is not None and int(state.step) == 0 and 0 not in record.gc_steps:
-    _measure_gc(gc_fn, state, 0, record, clock, log)
-  if not resumed:
-    ckpt.save(0, state.as_dict(), record.meta(0, spe))
-  put = jax.device_put
-  if job.mesh is not None:
-    from nio_jax import distributed  # noqa: PLC0415
 
-    state = distributed.replicate(state, job.mesh)
-    put = functools.partial(distributed.shard_batch, mesh=job.mesh)
+  def measure_gc(self, step: int) -> float:
+    """`gc_fn` on the current variables, recorded at `step`; returns its wall seconds."""
+    return _measure_gc(self.gc_fn, self.state, step, self.record, self.clock, self.log)
 
-  eval_bs = int(config.eval_batch_size)
-  eval_data = as_eval_data(job.test_data, eval_bs)
-  step_eval_data = {int(k): as_eval_data(v, eval_bs) for k, v in job.eval_at.items()}
+  def evaluate(self, data: EvalData) -> tuple[float, float]:
+    """`(mean test loss, test accuracy)` of the current state on `data`."""
+    return _evaluate(self.steps, self.state, data, self.put, self.clock)
 
-  g = int(state.step)
-  epoch, s0 = divmod(g, spe)
-  sums = _new_sums(record.epoch_sums, job.mesh)
-  pbar = tqdm(
-    total=total_steps,
-    initial=g,
-    disable=not config.progress,
-    unit="step",
-    dynamic_ncols=True,
-    desc=workdir.name,
-  )
-  t_window, g_window = time.perf_counter(), g
-  t_loop, gc_before_loop = time.perf_counter(), clock.gc_seconds
-  finished = True
-  check = functools.partial(
-    _check_finite, ckpt=ckpt, log=log, spe=spe, config=config, workdir=workdir
-  )
-  try:
-    while epoch < epochs:
-      t_epoch = time.perf_counter()
-      it = loader.epoch(epoch, s0)
-      try:
-        for batch in _device_prefetch(it, 2, put):
-          state, sums = steps.train_step(state, sums, batch)
-          g += 1
-          pbar.update(1)
-          if g % log_every == 0:
-            check(state)
-            now = time.perf_counter()
-            ips = (g - g_window) * loader.batch_size / max(now - t_window, 1e-9)
-            rec = _train_record(sums, g, spe, float(steps.schedule(g - 1)), ips)
-            log.write(rec)
-            pbar.set_postfix(
-              loss=f"{rec['loss']:.3f}",
-              acc=f"{rec['acc']:.3f}",
-              ips=f"{ips:.0f}",
-              lr=f"{rec['lr']:.3g}",
-            )
-            sums = sums.at[0].set(0.0)
-            t_window, g_window = now, g
-          if g in step_eval_data and g not in record.step_evals:
-            check(state)
-            _, record.step_evals[g] = _evaluate(steps, state, step_eval_data[g], put, clock)
-            log.write({"type": "step_eval", "step": g, "test_acc": record.step_evals[g]})
-          if (
-            gc_fn is not None and g not in record.gc_steps and (g % gc_every == 0 or g >= last_step)
-          ):
-            check(state)
-            t_window += _measure_gc(gc_fn, state, g, record, clock, log)  # not in images/s
-          end_of_epoch = g % spe == 0
-          stop = stop_after is not None and g >= stop_after
-          if not end_of_epoch and (stop or (ckpt_every and g % ckpt_every == 0)):
-            check(state)
-            record.epoch_sums = np.asarray(sums[1]).tolist()
-            ckpt.save(g, state.as_dict(), record.meta(g, spe))
-          if stop and not end_of_epoch:
-            finished = False
-            break
-      finally:
-        close = getattr(it, "close", None)
-        if close is not None:
-          close()
-      if not finished:
-        break
-      # ---- end of epoch: check, evaluate, log, checkpoint
-      check(state)
-      e = np.asarray(sums[1], np.float64)
-      test_loss, test_acc = _evaluate(steps, state, eval_data, put, clock)
-      rec = {
-        "type": "eval",
-        "step": g,
-        "epoch": epoch + 1,
-        "train_loss": e[0] / e[2],
-        "train_acc": e[1] / e[2],
-        "test_loss": test_loss,
-        "test_acc": test_acc,
-        "lr": float(steps.schedule(g - 1)),
-        "epoch_time": time.perf_counter() - t_epoch,
-      }
-      log.write(rec)
-      record.add_epoch_eval(rec, epoch, config.baseline)
-      if config.progress:
-        tqdm.write(
-          f"epoch {epoch + 1}/{epochs}: train loss {rec['train_loss']:.4f} "
-          f"acc {rec['train_acc']:.4f} | test loss {test_loss:.4f} "
-          f"acc {test_acc:.4f}"
-        )
-      record.epoch_sums = [0.0, 0.0, 0.0]
-      sums = _new_sums(record.epoch_sums, job.mesh)
-      epoch, s0 = epoch + 1, 0
-      ckpt.save(g, state.as_dict(), record.meta(g, spe))
-      if stop_after is not None and g >= stop_after:
-        finished = epoch >= epochs
-        break
-  finally:
-    pbar.close()
-  loop_seconds = time.perf_counter() - t_loop
+  def save(self, g: int) -> None:
+    self.ckpt.save(g, self.state.as_dict(), self.record.meta(g, self.spe))
 
-  ckpt.wait()
-  result = TrainResult(
-    variables=state.variables(),
-    acc_1=record.acc_1,
-    acc_1_main=record.acc_1_main,
-    acc_best=record.acc_best,
-    final_test_acc=record.evals[-1]["test_acc"] if record.evals else None,
-    epochs_completed=g // spe,
-    step=g,
-    evals=list(record.evals),
-    finished=finished and g >= total_steps,
-    step_evals=dict(sorted(record.step_evals.items())),
-    train_seconds=loop_seconds - clock.eval_seconds - (clock.gc_seconds - gc_before_loop),
-    eval_seconds=clock.eval_seconds,
-    gc_steps=dict(sorted(record.gc_steps.items())),
-    gc_seconds=clock.gc_seconds,
-  )
-  _finish_plots(config, log, workdir)
-  return result
+  # ---- after each step
+
+  def log_window(self, g: int) -> None:
+    """The `train` line of the metrics log (and the progress bar) for the last window."""
+    now = time.perf_counter()
+    ips = (g - self.g_window) * self.job.train_loader.batch_size / max(now - self.t_window, 1e-9)
+    rec = _train_record(self.sums, g, self.spe, float(self.steps.schedule(g - 1)), ips)
+    self.log.write(rec)
+    self.pbar.set_postfix(
+      loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}", ips=f"{ips:.0f}", lr=f"{rec['lr']:.3g}"
+    )
+    self.sums = self.sums.at[0].set(0.0)
+    self.t_window, self.g_window = now, g
+
+  def after_step(self, g: int, step_eval_data: dict) -> bool:
+    """Logging, the `eval_at` evaluation, the `gc_every` measurement and a mid-epoch
+    checkpoint after global step `g`; True when the call stops here, inside an epoch."""
+    record, stop_after = self.record, self.job.stop_after_step
+    if g % self.log_every == 0:
+      self.check()
+      self.log_window(g)
+    if g in step_eval_data and g not in record.step_evals:
+      self.check()
+      _, record.step_evals[g] = self.evaluate(step_eval_data[g])
+      self.log.write({"type": "step_eval", "step": g, "test_acc": record.step_evals[g]})
+    if (
+      self.gc_fn is not None
+      and g not in record.gc_steps
+      and (g % self.gc_every == 0 or g >= self.last_step)
+    ):
+      self.check()
+      self.t_window += self.measure_gc(g)  # not in images/s
+    end_of_epoch = g % self.spe == 0
+    stop = stop_after is not None and g >= stop_after
+    if not end_of_epoch and (stop or (self.ckpt_every and g % self.ckpt_every == 0)):
+      self.check()
+      record.epoch_sums = np.asarray(self.sums[1]).tolist()
+      self.save(g)
+    return stop and not end_of_epoch
+
+  # ---- after each epoch
+
+  def end_epoch(self, epoch: int, eval_data: EvalData, t_epoch: float) -> None:
+    """The epoch's evaluation and `eval` line, its accuracies in the record, and the
+    checkpoint at its last step."""
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    self.check()
+    g, config = self.g, self.config
+    e = np.asarray(self.sums[1], np.float64)
+    test_loss, test_acc = self.evaluate(eval_data)
+    rec = {
+      "type": "eval",
+      "step": g,
+      "epoch": epoch + 1,
+      "train_loss": e[0] / e[2],
+      "train_acc": e[1] / e[2],
+      "test_loss": test_loss,
+      "test_acc": test_acc,
+      "lr": float(self.steps.schedule(g - 1)),
+      "epoch_time": time.perf_counter() - t_epoch,
+    }
+    self.log.write(rec)
+    self.record.add_epoch_eval(rec, epoch, config.baseline)
+    if config.progress:
+      tqdm.write(
+        f"epoch {epoch + 1}/{self.epochs}: train loss {rec['train_loss']:.4f} "
+        f"acc {rec['train_acc']:.4f} | test loss {test_loss:.4f} "
+        f"acc {test_acc:.4f}"
+      )
+    self.record.epoch_sums = [0.0, 0.0, 0.0]
+    self.sums = _new_sums(self.record.epoch_sums, self.job.mesh)
+    self.save(g)
+
+  # ---- the loop
+
+  def run(self) -> TrainResult:
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    job, config, spe = self.job, self.config, self.spe
+    self.start()
+    eval_bs = int(config.eval_batch_size)
+    eval_data = as_eval_data(job.test_data, eval_bs)
+    step_eval_data = {int(k): as_eval_data(v, eval_bs) for k, v in job.eval_at.items()}
+    epoch, s0 = divmod(self.g, spe)
+    self.pbar = tqdm(
+      total=self.total_steps,
+      initial=self.g,
+      disable=not config.progress,
+      unit="step",
+      dynamic_ncols=True,
+      desc=job.workdir.name,
+    )
+    self.t_window, self.g_window = time.perf_counter(), self.g
+    t_loop, gc_before_loop = self.t_window, self.clock.gc_seconds
+    finished = True
+    try:
+      while epoch < self.epochs:
+        t_epoch = time.perf_counter()
+        it = job.train_loader.epoch(epoch, s0)
+        try:
+          for batch in _device_prefetch(it, 2, self.put):
+            self.state, self.sums = self.steps.train_step(self.state, self.sums, batch)
+            self.g += 1
+            self.pbar.update(1)
+            if self.after_step(self.g, step_eval_data):
+              finished = False
+              break
+        finally:
+          close = getattr(it, "close", None)
+          if close is not None:
+            close()
+        if not finished:
+          break
+        self.end_epoch(epoch, eval_data, t_epoch)
+        epoch, s0 = epoch + 1, 0
+        if job.stop_after_step is not None and self.g >= job.stop_after_step:
+          finished = epoch >= self.epochs
+          break
+    finally:
+      self.pbar.close()
+    loop_seconds = time.perf_counter() - t_loop
+    self.ckpt.wait()
+    train_seconds = loop_seconds - self.clock.eval_seconds
+    result = self.result(finished, train_seconds - (self.clock.gc_seconds - gc_before_loop))
+    _finish_plots(config, self.log, job.workdir)
+    return result
+
+  def result(self, finished: bool, train_seconds: float) -> TrainResult:
+    record, g = self.record, self.g
+    return TrainResult(
+      variables=self.state.variables(),
+      acc_1=record.acc_1,
+      acc_1_main=record.acc_1_main,
+      acc_best=record.acc_best,
+      final_test_acc=record.evals[-1]["test_acc"] if record.evals else None,
+      epochs_completed=g // self.spe,
+      step=g,
+      evals=list(record.evals),
+      finished=finished and g >= self.total_steps,
+      step_evals=dict(sorted(record.step_evals.items())),
+      train_seconds=train_seconds,
+      eval_seconds=self.clock.eval_seconds,
+      gc_steps=dict(sorted(record.gc_steps.items())),
+      gc_seconds=self.clock.gc_seconds,
+    )
 
 
 def _new_sums(epoch_sums, mesh):
