@@ -190,29 +190,67 @@ def zero_pad_channels(x: jax.Array, features: int) -> jax.Array:
   return jnp.concatenate([x, jnp.zeros(x.shape[:-1] + (extra,), x.dtype)], axis=-1)
 
 
-def scan_blocks(block_cls, length: int, **kwargs):
+# The most scanned blocks that `scan_unroll=None` unrolls on XLA:CPU: every registry default
+# (ResNet-110's stage tails of 17 blocks, ViT-B's 11, ResNet-50's 5) but not ResNet-1202's
+# 199, whose unrolled compile is tens of minutes on CPU (`benchmarks/compile_time.py`).
+CPU_UNROLL_MAX = 32
+
+
+def resolve_unroll(unroll: int | bool | None, length: int, backend: str | None = None) -> int:
+  """`nn.scan`'s `unroll` for a scan over `length` blocks.
+
+  Args:
+    unroll: a model's `scan_unroll`. `None` (the default): the whole scan on XLA:CPU when
+      `length <= CPU_UNROLL_MAX`, else 1. On XLA:CPU a convolution inside the scan's while
+      loop runs many times slower than the same convolution in straight-line code (a plain
+      `jax.jit(jax.grad(loss))` step of the scanned ResNet-20: 36x PyTorch, unrolled 2x;
+      issue 20, `benchmarks/user_loop.py`), while an unrolled scan keeps the stacked
+      parameter layout. On accelerators the rolled loop (1) keeps compile time flat in
+      depth. `True`: the whole scan. An int >= 1: that many blocks per loop iteration.
+    length: the number of scanned blocks.
+    backend: the backend to resolve for (default `jax.default_backend()`).
+
+  Raises:
+    ValueError: `unroll` is not None, a bool or an int >= 1.
+  """
+  if unroll is None:
+    backend = backend or jax.default_backend()
+    return length if backend == "cpu" and length <= CPU_UNROLL_MAX else 1
+  if unroll is True:
+    return length
+  if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
+    raise ValueError(f"scan_unroll must be None, True or an int >= 1, got {unroll!r}")
+  return min(unroll, length)
+
+
+def scan_blocks(block_cls, length: int, *, unroll: int | bool | None = None, **kwargs):
   """`nn.scan` over `length` identical blocks whose `__call__(x) -> (x, None)`.
 
-  `params` and `batch_stats` get a leading block axis; RNGs are split per block.
+  `params` and `batch_stats` get a leading block axis; RNGs are split per block. `unroll`
+  (`resolve_unroll`) changes only the compiled loop, never the parameter layout or values.
   """
   return nn.scan(
     block_cls,
     variable_axes={"params": 0, "batch_stats": 0},
     split_rngs={"params": True, "dropout": True},
     length=length,
+    unroll=resolve_unroll(unroll, length),
   )(**kwargs)
 
 
-def stack_tail(block_cls, n: int, prefix: str, x, *, scan: bool, **kwargs):
+def stack_tail(
+  block_cls, n: int, prefix: str, x, *, scan: bool, unroll: int | bool | None = None, **kwargs
+):
   """Apply blocks 1..n-1 of a group (block0 is built by the caller, it usually differs):
-  one scanned `<prefix>_scan` (`scan=True`) or `<prefix>_block1 .. <prefix>_block{n-1}`.
+  one scanned `<prefix>_scan` (`scan=True`, unrolled per `resolve_unroll(unroll, n - 1)`) or
+  `<prefix>_block1 .. <prefix>_block{n-1}`.
 
   Must be called from inside a compact method. `block_cls(**kwargs)(x) -> (x, None)`.
   """
   if n <= 1:
     return x
   if scan:
-    x, _ = scan_blocks(block_cls, n - 1, **kwargs, name=f"{prefix}_scan")(x)
+    x, _ = scan_blocks(block_cls, n - 1, unroll=unroll, **kwargs, name=f"{prefix}_scan")(x)
   else:
     for i in range(1, n):
       x, _ = block_cls(**kwargs, name=f"{prefix}_block{i}")(x)

@@ -135,6 +135,9 @@ class CifarResNet(nn.Module):
     variant: `"standard"` or `"fixup"` (no normalisation).
     scan: `nn.scan` blocks 1..n-1 of every stage (`stage{s}_scan`); `False` = unrolled
       `stage{s}_block{i}`. Convert with `unstack_blocks`/`stack_blocks`.
+    scan_unroll: how the scan compiles (`_common.resolve_unroll`): None = unrolled on
+      XLA:CPU (up to 32 blocks per stage; a while loop there is many times slower), rolled
+      elsewhere. The parameter layout is the scanned one either way.
     width: channels of the first stage (16 in the paper).
     fixup_rescale: Fixup only; see module docstring.
 
@@ -147,6 +150,7 @@ class CifarResNet(nn.Module):
   norm: str | None = None
   variant: str = "standard"
   scan: bool = True
+  scan_unroll: int | bool | None = None
   width: int = 16
   fixup_rescale: bool = True
   dtype: Any = None
@@ -202,6 +206,7 @@ class CifarResNet(nn.Module):
         f"stage{s + 1}",
         x,
         scan=self.scan,
+        unroll=self.scan_unroll,
         features=feats,
         stride=1,
         train=train,

@@ -57,6 +57,7 @@ class ResNetImageNet(nn.Module):
   width: int = 64
   num_classes: int = 1000
   scan: bool = True
+  scan_unroll: int | bool | None = None  # `_common.resolve_unroll`: unrolled on CPU
   dtype: Any = None
 
   @nn.compact
@@ -77,6 +78,7 @@ class ResNetImageNet(nn.Module):
         f"layer{s + 1}",
         x,
         scan=self.scan,
+        unroll=self.scan_unroll,
         planes=planes,
         stride=1,
         train=train,

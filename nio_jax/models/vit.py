@@ -100,6 +100,7 @@ class ViT(nn.Module):
   mlp_ratio: float = 4.0
   pool: str = "cls"
   scan: bool = True
+  scan_unroll: int | bool | None = None  # `_common.resolve_unroll`: unrolled on CPU
   eps: float = 1e-6
   dtype: Any = None
 
@@ -126,7 +127,9 @@ class ViT(nn.Module):
       dtype=self.dtype,
     )
     x, _ = EncoderBlock(**kw, name="encoder_block0")(x)
-    x = stack_tail(EncoderBlock, self.depth, "encoder", x, scan=self.scan, **kw)
+    x = stack_tail(
+      EncoderBlock, self.depth, "encoder", x, scan=self.scan, unroll=self.scan_unroll, **kw
+    )
     x = nn.LayerNorm(self.eps, dtype=self.dtype, name="norm")(x)
     x = x[:, 0] if self.pool == "cls" else jnp.mean(x, axis=1)
     return _dense(self.num_classes, "head", self.dtype)(x)

@@ -74,6 +74,7 @@ class WideResNet(nn.Module):
   norm: str = "bn"
   dropout_rate: float = 0.0
   scan: bool = True
+  scan_unroll: int | bool | None = None  # `_common.resolve_unroll`: unrolled on CPU
   dtype: Any = None
 
   @nn.compact
@@ -88,7 +89,15 @@ class WideResNet(nn.Module):
       kw = dict(norm=self.norm, dropout_rate=self.dropout_rate, train=train, dtype=self.dtype)
       x, _ = WideBasic(feats, 1 if s == 0 else 2, **kw, name=f"stage{s + 1}_block0")(x)
       x = stack_tail(
-        WideBasic, n, f"stage{s + 1}", x, scan=self.scan, features=feats, stride=1, **kw
+        WideBasic,
+        n,
+        f"stage{s + 1}",
+        x,
+        scan=self.scan,
+        unroll=self.scan_unroll,
+        features=feats,
+        stride=1,
+        **kw,
       )
     x = bn_relu_pool(x, use_bn, train, "bn_final", momentum=0.1, dtype=self.dtype)
     return nn.Dense(
