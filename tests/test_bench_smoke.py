@@ -83,6 +83,24 @@ def test_bench_mlp_batch8(tmp_path):
   assert "Load average" in md and "GFLOP/s" in md and "JAX RSS MB" in md
 
 
+def test_gradinit_part_lowers_and_runs():
+  """The GradInit part's step is a jitted function like the other parts' (it was a plain
+  wrapper: `'function' object has no attribute 'lower'`)."""
+  import jax
+
+  from nio_jax.bench import timing, workloads
+
+  spec = workloads.build("mlp", 4)
+  tctx = workloads.build_torch(spec, "cpu")
+  jfns, torch_fn = workloads.part_fns("gradinit", spec, [], [], tctx)
+  fn, args = jfns["default"]
+  compiled, info = timing.jax_compile(fn, *args)
+  scales, _, metrics = compiled(*args)
+  assert info["compile_s"] >= 0 and jax.tree.leaves(scales)
+  assert all(bool(jax.numpy.isfinite(v)) for v in jax.tree.leaves(metrics))
+  torch_fn()
+
+
 def test_formulation_options(capsys):
   """--pullback-*/--conv-* are crossed, "auto" resolves as the library's default, bad names
   are refused with the valid values."""
