@@ -11,7 +11,9 @@ is initialised or run. Optionally (``--nio``) the same for one NIO search step
     python -m benchmarks.compile_time                       # CPU defaults, writes results
     python -m benchmarks.compile_time --depths 20,56 --norms none --no-unrolled
 
-The registry's default layout is the scanned one on every backend (``scan=True``); on XLA:CPU
+The registry's default layout is the scanned one on every backend (``scan=True``), compiled
+unrolled on XLA:CPU up to 32 blocks per stage (``scan_unroll=None``; ``--scan-unroll 1``
+times the rolled loop, the default before issue 20); on XLA:CPU
 the training and NIO steps canonicalise their convolutions (``jaxpr_rewrites.canonical_convs``),
 which makes the scanned layout's step as fast as the unrolled one. NIO-step compile time of
 ResNet-110 and ResNet-1202 in the default (scanned) layout:
@@ -160,6 +162,13 @@ def main(argv=None):
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--max-unrolled-depth", type=int, default=110)
   ap.add_argument("--no-unrolled", action="store_true")
+  ap.add_argument(
+    "--scan-unroll",
+    type=int,
+    default=None,
+    help="the scanned models' scan_unroll (default: the registry's, unrolled on XLA:CPU up to "
+    "32 blocks; 1 = the rolled loop, the default before issue 20)",
+  )
   ap.add_argument("--nio", action="store_true", help="also time one NIO step (make_nio_step)")
   ap.add_argument("--nio-max-depth", type=int, default=110)
   ap.add_argument(
@@ -212,7 +221,8 @@ def main(argv=None):
           rows.append(row)
           print(row, flush=True)
           continue
-        model = models.get(f"resnet{depth}", norm=norm, scan=scan, dtype=None)
+        unroll = {"scan_unroll": args.scan_unroll} if scan else {}
+        model = models.get(f"resnet{depth}", norm=norm, scan=scan, dtype=None, **unroll)
         variables, x = _abstract_variables(model, args.batch, dtype)
         y = jax.ShapeDtypeStruct((args.batch,), jnp.int32)
         has_bn = "batch_stats" in variables
