@@ -90,11 +90,12 @@ def test_cifar_table_cells_and_published_numbers():
 def test_method_config_is_built_once_per_run_path(monkeypatch):
   """`load_config` checks the method config and `experiment.build` asks for it again: one
   build (the same frozen object); a changed `init.config` is built and checked anew."""
+  from nio_jax import methods
+
   calls = []
-  real = ncfg._build_method_config
-  monkeypatch.setattr(
-    ncfg, "_build_method_config", lambda cfg, m: calls.append(m.name) or real(cfg, m)
-  )
+  cls = methods.get_method("nio").config_cls
+  real = cls.create  # bound to the class
+  monkeypatch.setattr(cls, "create", lambda values=None: calls.append("nio") or real(values))
   cfg = ncfg.load_config(str(ROOT / "configs" / "fmnist_nio.py"), ["seed=12345"])
   first = ncfg.build_method_config(cfg)  # what experiment.build does
   assert calls == ["nio"] and ncfg.build_method_config(cfg) is first
