@@ -324,11 +324,13 @@ def plot_curves(grid: dict, records: list[dict], out: pathlib.Path) -> list[path
   return paths
 
 
-def environment() -> dict:
+def environment(extra_dists: tuple[str, ...] = ()) -> dict:
+  """Devices, CPU count, platform, package versions (and of `extra_dists`), the git commit
+  and the UTC date: what every result file records."""
   import jax  # noqa: PLC0415
 
   vers = {"python": platform.python_version()}
-  for dist in ("jax", "jaxlib", "flax", "optax", "numpy", "orbax-checkpoint"):
+  for dist in ("jax", "jaxlib", "flax", "optax", "numpy", "orbax-checkpoint", *extra_dists):
     try:
       vers[dist] = importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:

@@ -29,11 +29,9 @@ Results: `benchmarks/results/user_loop_<platform>.json` and `.md`.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import pathlib
-import platform
 import re
 import sys
 
@@ -174,18 +172,13 @@ def render_markdown(res: dict) -> str:
 
 
 def environment() -> dict:
-  import importlib.metadata  # noqa: PLC0415
+  """`benchmarks.sweep.environment` (with torch's version), the device, the dtype and whether
+  the timed code had uncommitted changes."""
   import subprocess  # noqa: PLC0415
 
-  vers = {"python": platform.python_version()}
-  for dist in ("jax", "jaxlib", "flax", "optax", "numpy", "torch"):
-    try:
-      vers[dist] = importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-      pass
-  commit = subprocess.run(
-    ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False
-  ).stdout.strip()
+  from benchmarks.sweep import environment as run_environment  # noqa: PLC0415
+
+  env = run_environment(("torch",))
   dirty = subprocess.run(
     ["git", "status", "--porcelain", "nio_jax", "benchmarks/user_loop.py"],
     cwd=REPO,
@@ -194,15 +187,9 @@ def environment() -> dict:
     check=False,
   ).stdout.strip()
   dev = jax.devices()[0]
-  return {
-    "device": f"{dev.platform}:{getattr(dev, 'device_kind', dev.platform)}",
-    "platform": platform.platform(),
-    "cpu_count": os.cpu_count(),
-    "versions": vers,
-    "git_commit": commit + ("+uncommitted" if dirty else ""),
-    "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    "dtype": "float32",
-  }
+  env["git_commit"] += "+uncommitted" if dirty else ""
+  env.update(device=f"{dev.platform}:{getattr(dev, 'device_kind', dev.platform)}", dtype="float32")
+  return env
 
 
 def main(argv=None) -> int:
