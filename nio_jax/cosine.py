@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nio_jax import checks, errors, formulation, leaves, per_example, search
+from nio_jax import checks, errors, formulation, leaves, per_example, per_example_norms, search
 from nio_jax.formulation import Formulation
 from nio_jax.step_cache import StepCache
 
@@ -74,6 +74,27 @@ def unit_sum(grads) -> tuple[list[jax.Array], jax.Array]:
   return [jnp.tensordot(inv, g, axes=1) for g in rows], norms
 
 
+def sample_unit_sum(loss_fn, params, batch, form: Formulation, wrt=None):
+  """`(losses, Σ_i u_i per leaf, norms)` of the B per-example gradients (sample-wise).
+
+  With `form.pullback == "norms"` from per-layer norms, never building a per-example
+  gradient (`nio_jax.per_example_norms.unit_sum`); where "auto" chose it and the loss is
+  refused there, `form.fallback` runs instead. Otherwise `unit_sum` of
+  `per_example.sample_grads_selected`'s gradients. Traceable and differentiable.
+  """
+  if form.pullback == "norms":
+    sel, rebuild, _ = per_example.select_leaves(params, wrt)
+    try:
+      return per_example_norms.unit_sum(per_example.rewritten(loss_fn, form), sel, rebuild, batch)
+    except per_example_norms.NormsUnsupported:
+      if form.fallback is None:
+        raise
+      form = form.fallback
+  losses, grads = per_example.sample_grads_selected(loss_fn, params, batch, form, wrt)
+  usum, norms = unit_sum(grads)
+  return losses, usum, norms
+
+
 def gc_from_unit_sum(usum: list[jax.Array], d) -> jax.Array:
   """The finishing step of GradCosine: `(‖Σ_i u_i‖² − D) / (D(D−1))` from `unit_sum`'s sums."""
   return (sum(jnp.sum(u**2) for u in usum) - d) / (d * (d - 1))
@@ -111,12 +132,13 @@ def compute_stats(
   overlap ratio `overlap`.
   """
   if num_chunks is None:
-    losses, grads = per_example.sample_grads_selected(loss_fn, params, batch, form, wrt)
+    losses, usum, norms = sample_unit_sum(loss_fn, params, batch, form, wrt)
+    gc = gc_from_unit_sum(usum, checks.batch_size(batch))
   else:
     losses, grads = per_example.subbatch_grads_selected(
       loss_fn, params, batch, num_chunks, overlap, form, wrt
     )
-  gc, norms = gc_from_grads(grads)
+    gc, norms = gc_from_grads(grads)
   loss = jnp.mean(jax.lax.stop_gradient(losses))
   return GCStats(gc=gc, grad_norms=norms, loss=loss)
 

@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nio_jax import checks, cosine, per_example
+from nio_jax import checks, cosine
 from nio_jax.formulation import Formulation
 
 PyTree = Any
@@ -132,8 +132,7 @@ def samplewise_stats(loss_fn, params, batch, mesh: Mesh, form: Formulation, *, w
   b = checks.batch_size(batch)
 
   def local(p, bt):
-    losses, grads = per_example.sample_grads_selected(loss_fn, p, bt, form, wrt)
-    usum, norms = cosine.unit_sum(grads)
+    losses, usum, norms = cosine.sample_unit_sum(loss_fn, p, bt, form, wrt)
     usum = [jax.lax.psum(u, AXIS) for u in usum]
     loss_sum = jax.lax.psum(jnp.sum(jax.lax.stop_gradient(losses)), AXIS)
     return usum, norms, loss_sum

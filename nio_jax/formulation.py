@@ -14,6 +14,12 @@ sample-wise setting is the batch setting with D = B one-example sub-batches, r =
   "vmap": jax.vmap(jax.grad) over one-example batches (sample-wise only: the sub-batches
           must have equal sizes); `chunk_size` turns it into lax.map over vmapped chunks.
   "map":  lax.map of jax.grad over the examples, one at a time (sample-wise only).
+  No per-example gradient at all:
+  "norms": the per-example gradient norms and Σ_i g_i/‖g_i‖ from each layer's inputs and
+          output cotangents (ghost norms; `nio_jax.per_example_norms`), all GradCosine
+          needs (sample-wise GradCosine only; exact without cross-example coupling, and
+          refused for a leaf that is not used by exactly one dense / conv / bias / scale
+          operation).
   "segments": the batch is cut at every sub-batch boundary into disjoint segments (6 for
           D = 4, r = 0.2); each segment gets one forward and backward (together one
           training step's work instead of one forward + D backwards), and each sub-batch
@@ -41,8 +47,10 @@ from nio_jax import checks, jaxpr_rewrites
 
 PyTree = Any
 
-PULLBACKS = ("vjp", "loop", "scan", "vmap", "map", "segments")
-SAMPLE_PULLBACKS = ("vjp", "loop", "scan", "vmap", "map")
+PULLBACKS = ("vjp", "loop", "scan", "vmap", "map", "norms", "segments")
+SAMPLE_PULLBACKS = ("vjp", "loop", "scan", "vmap", "map", "norms")
+# The sample-wise pullbacks that build the per-example gradients (`per_example_grads`).
+GRAD_PULLBACKS = ("vjp", "loop", "scan", "vmap", "map")
 SUBBATCH_PULLBACKS = ("vjp", "loop", "scan", "segments")
 CONVS = ("none", *jaxpr_rewrites.CONV_MODES)
 
@@ -56,11 +64,19 @@ class Formulation(NamedTuple):
       not fit in `IM2COL_MAX_BYTES`.
     group: rows ("vjp", "loop", "scan"; in the batch setting each group under
       `jax.checkpoint`) or examples ("vmap", "map") processed at a time; None = all at once.
+    fallback: where "auto" chose "norms": the formulation run instead for a loss that
+      "norms" refuses (`nio_jax.per_example_norms.NormsUnsupported`); None elsewhere.
   """
 
   pullback: str
   conv: str
   group: int | None = None
+  fallback: Formulation | None = None
+
+
+# Backends where the sample-wise "auto" runs "norms" (falling back to `default_formulation`'s
+# pullback for a loss it refuses), because it was measured faster there (docs/performance.md).
+AUTO_NORMS_BACKENDS: tuple[str, ...] = ()
 
 
 def default_formulation(num_chunks, backend: str | None = None) -> tuple[str, str]:
@@ -122,6 +138,23 @@ def auto_subbatch_pullback(loss_fn, params, batch, backend: str | None = None) -
   return "segments"
 
 
+def auto_sample_pullback(loss_fn, params, batch, backend: str | None = None) -> str:
+  """The pullback that `pullback="auto"` runs in the sample-wise setting for this loss.
+
+  `"norms"` on the backends of `AUTO_NORMS_BACKENDS` for a loss without cross-example
+  coupling (measured faster there, docs/performance.md); `default_formulation`'s pullback
+  otherwise. `resolve_formulation` keeps that one as the fallback for a loss whose leaves
+  "norms" refuses. Traceable: it reads the loss's jaxpr only.
+  """
+  backend = backend or jax.default_backend()
+  default = default_formulation(None, backend)[0]
+  if backend not in AUTO_NORMS_BACKENDS:
+    return default
+  if jaxpr_rewrites.couples_examples(loss_fn, params, batch):
+    return default
+  return "norms"
+
+
 def check_segments(loss_fn, params, batch) -> None:
   """Refuses `pullback="segments"` for a loss that couples the examples (batch norm).
 
@@ -144,7 +177,7 @@ def check_segments(loss_fn, params, batch) -> None:
 # the whole batch):
 #   * one forward + D rows pulled back together ("vjp", "loop", "scan"): P·(1 + D);
 #   * own forward per example ("vmap", "map"), c examples at a time: 2·P·c/B;
-#   * "segments" (one training step's work): 2·P.
+#   * "segments" and "norms" (one training step's work): 2·P.
 # Above this budget the D rows (or the examples) are processed in groups that fit; the row
 # groups under `jax.checkpoint` so that the NIO step's second-order pass does not keep every
 # group's intermediates (example chunks without it, see `nio_jax.per_example`); when not
@@ -161,7 +194,7 @@ def plan_formulation(loss_fn, params, batch, num_chunks, pullback, conv) -> Form
   patches = jaxpr_rewrites.im2col_bytes(loss_fn, params, batch)
   if patches == 0:
     return Formulation(pullback, conv)
-  if pullback == "segments":
+  if pullback in ("segments", "norms"):  # one forward and backward over the batch
     return Formulation(pullback, conv if 2 * patches <= budget else "none")
   if pullback in ("vmap", "map"):
     fit = int(b * budget // (2 * patches))  # examples whose patches fit at once
@@ -185,6 +218,7 @@ def resolve_formulation(
   conv: str | None = "auto",
   chunk_size: int | None = None,
   backend: str | None = None,
+  grads: bool = False,
 ) -> Formulation:
   """The concrete `Formulation` of a setting for this loss: the one place "auto" is resolved.
 
@@ -201,6 +235,8 @@ def resolve_formulation(
     conv: one of `CONVS`, or "auto" (None = "auto").
     chunk_size: sample-wise only: at most this many examples (or rows) at a time.
     backend: whose defaults "auto" takes; None = `jax.default_backend()`.
+    grads: the caller needs the per-example gradients themselves (`per_example_grads`):
+      "auto" never picks "norms".
 
   Returns:
     The `Formulation`, after the im2col memory guard (`plan_formulation`).
@@ -211,7 +247,8 @@ def resolve_formulation(
   """
   check_formulation(num_chunks, pullback, conv)
   auto_pullback, auto_conv = default_formulation(num_chunks, backend)
-  if pullback in ("auto", None):
+  pullback_was_auto = pullback in ("auto", None)
+  if pullback_was_auto:
     if num_chunks is None:
       pullback = auto_pullback
     else:
@@ -222,7 +259,29 @@ def resolve_formulation(
   form = plan_formulation(loss_fn, params, batch, num_chunks, pullback, conv)
   if num_chunks is None and chunk_size is not None:
     form = form._replace(group=min(chunk_size, form.group or chunk_size))
+  auto_norms = num_chunks is None and pullback_was_auto and not grads and chunk_size is None
+  if auto_norms and auto_sample_pullback(loss_fn, params, batch, backend) == "norms":
+    norms = plan_formulation(loss_fn, params, batch, None, "norms", conv)
+    return norms._replace(fallback=form)
   return form
+
+
+def resolve_conv(conv: str | None = "auto", backend: str | None = None) -> str:
+  """The conv mode of a step without a pullback choice (GradInit, MetaInit).
+
+  "auto" (or None) is the backend's measured default (`default_formulation`: "im2col" on
+  CPU, "none" elsewhere); any other value must be one of `CONVS`.
+
+  Raises:
+    ValueError: an unknown conv mode (the message lists the valid ones).
+  """
+  checks.check_choice("conv", "auto" if conv is None else conv, (*CONVS, "auto"))
+  return default_formulation(2, backend)[1] if conv in ("auto", None) else conv
+
+
+def with_conv(loss_fn: Callable, conv: str) -> Callable:
+  """`loss_fn` with its convolutions evaluated as `conv` ("none": as written)."""
+  return loss_fn if conv == "none" else jaxpr_rewrites.rewrite_convs(loss_fn, conv)
 
 
 def with_canonical_convs(fn: Callable, form: Formulation) -> Callable:

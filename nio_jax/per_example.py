@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nio_jax import checks, formulation, jaxpr_rewrites
+from nio_jax import checks, formulation
 from nio_jax.formulation import Formulation
 
 PyTree = Any
@@ -170,9 +170,9 @@ def _segment_grads(loss_fn, sel, rebuild, batch, num_chunks, overlap):
   return jnp.concatenate(losses), grads
 
 
-def _rewritten(loss_fn, form: Formulation):
+def rewritten(loss_fn, form: Formulation):
   """`loss_fn` with its convolutions in `form.conv` ("none": as written)."""
-  return loss_fn if form.conv == "none" else jaxpr_rewrites.rewrite_convs(loss_fn, form.conv)
+  return formulation.with_conv(loss_fn, form.conv)
 
 
 def sample_grads_selected(loss_fn, params, batch, form: Formulation, wrt=None):
@@ -185,7 +185,7 @@ def sample_grads_selected(loss_fn, params, batch, form: Formulation, wrt=None):
       `num_chunks=None`); `form.group` examples (or rows) at a time.
     wrt: predicate `(path, leaf) -> bool` selecting the leaves (`select_leaves`).
   """
-  loss_fn = _rewritten(loss_fn, form)
+  loss_fn = rewritten(loss_fn, form)
   sel, rebuild, _ = select_leaves(params, wrt)
   b = checks.batch_size(batch)
   # Sample-wise chunks are not rematerialised: with the XLA:CPU YNN fusions
@@ -221,7 +221,7 @@ def subbatch_grads_selected(loss_fn, params, batch, num_chunks, overlap, form, w
       `form.group` rows at a time, each group under `jax.checkpoint`.
     wrt: predicate `(path, leaf) -> bool` selecting the leaves (`select_leaves`).
   """
-  loss_fn = _rewritten(loss_fn, form)
+  loss_fn = rewritten(loss_fn, form)
   sel, rebuild, _ = select_leaves(params, wrt)
   b = checks.batch_size(batch)
   if form.pullback == "segments":
@@ -233,7 +233,9 @@ def subbatch_grads_selected(loss_fn, params, batch, num_chunks, overlap, form, w
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "pullback", "conv", "chunk_size", "wrt"))
 def _per_example_grads_jit(loss_fn, params, batch, pullback, conv, chunk_size, wrt):
-  form = formulation.resolve_formulation(loss_fn, params, batch, None, pullback, conv, chunk_size)
+  form = formulation.resolve_formulation(
+    loss_fn, params, batch, None, pullback, conv, chunk_size, grads=True
+  )
   grads = lambda p, bt: sample_grads_selected(loss_fn, p, bt, form, wrt)[1]
   return formulation.with_canonical_convs(grads, form)(params, batch)
 
@@ -256,8 +258,8 @@ def per_example_grads(
     loss_fn: `loss_fn(params, batch) -> [B]` per-example losses.
     params: pytree of float arrays.
     batch: pytree of arrays with a shared leading batch axis `B`.
-    pullback: one of `formulation.SAMPLE_PULLBACKS` or "auto" (see `nio_jax.formulation`);
-      None = "vmap".
+    pullback: one of `formulation.GRAD_PULLBACKS` or "auto" (see `nio_jax.formulation`);
+      None = "vmap". ("norms" builds no per-example gradient, so it is refused here.)
     conv: one of `formulation.CONVS` or "auto"; None = "none".
     chunk_size: if set, examples (or cotangent rows) are processed `chunk_size` at a time
       (`lax.map` over `vmap`).
@@ -272,6 +274,12 @@ def per_example_grads(
   """
   checks.check_params(params)
   b = checks.check_batch(batch, minimum=1)
+  if pullback == "norms":
+    raise ValueError(
+      "pullback='norms' computes only the per-example gradient norms and the sum of their "
+      "unit vectors (GradCosine), never the gradients; per_example_grads takes one of "
+      f"{', '.join(formulation.GRAD_PULLBACKS)}, auto."
+    )
   if chunk_size is not None and (chunk_size < 1 or chunk_size > b):
     raise ValueError(f"chunk_size={chunk_size} must be in [1, batch size {b}].")
   checks.check_loss_fn(loss_fn, params, batch)

@@ -100,7 +100,7 @@ def _assert_rows_equal(got, ref):
 
 
 @pytest.mark.parametrize("conv", formulation.CONVS)
-@pytest.mark.parametrize("pullback", formulation.SAMPLE_PULLBACKS)
+@pytest.mark.parametrize("pullback", formulation.GRAD_PULLBACKS)
 def test_sample_formulations_equal_loop_of_grads(pullback, conv):
   with jax.enable_x64(True):
     loss_fn, params, batch = _setup()

@@ -1,0 +1,433 @@
+"""Sample-wise GradCosine without per-example gradients: `pullback="norms"`.
+
+GradCosine needs only the per-example gradient norms `n_i = ‖g_i‖` and the sum of the unit
+vectors `S = Σ_i g_i / n_i` (`nio_jax.cosine`: `GC = (‖S‖² − B) / (B(B − 1))`). Neither needs
+the `B × P` stack of per-example gradients that `vmap(grad)` builds.
+
+How (`unit_sum`):
+1. The loss's jaxpr is evaluated once with a zero perturbation added to the output of every
+   *site*: an operation `y = op(x, W)` that is linear (or affine) in a selected parameter
+   leaf `W`, with the examples on axis 0 of `x` and `y` (dense and convolution layers, bias
+   adds, layer-norm scales; also inside `scan` bodies, whose stacked leaves are used one slice
+   per step). One VJP of the summed losses gives every site's output cotangent `b`; because
+   the examples do not interact, `b_i` is `∂ℓ_i/∂y_i`. The site inputs `x` are kept from the
+   same forward.
+2. Each site's contribution to `n_i²` is `‖g_i‖²` with `g_i = ∂ℓ_i/∂W`, from `x_i` and `b_i`
+   alone:
+   * for a matmul site `y_i = x_i W` with `x_i: T×d`, `b_i: T×p`, either the *ghost norm*
+     `⟨x_i x_iᵀ, b_i b_iᵀ⟩` (T²(d + p) work, no d×p tensor; Goodfellow 2015, Li et al. 2021)
+     when `T(d + p) < d·p`, or the norm of `x_iᵀ b_i` materialised for this one layer;
+   * any other site: the per-example weight gradient of that one operation (`vmap` of its
+     VJP), reduced at once.
+   A leaf used by one site (or one slice per scan step) has `n_i² = Σ_sites`, exactly.
+3. `S` is, per site, the weight VJP of the whole batch with the cotangents `b_i / n_i`: one
+   weight-gradient operation per layer, no second backward through the network.
+
+Everything is ordinary differentiable JAX (no `custom_vjp`, nothing detached), so the NIO
+search differentiates GC with respect to the scales through it, second order included, and
+forward-over-reverse products work.
+
+Guarantees: exact (same sums as `vmap(grad)`, up to float summation order) for every loss
+whose selected leaves are all used as sites. `plan` refuses, with a `NormsUnsupported` that
+names the leaf and the operation, a loss that couples the examples (batch norm), a leaf that
+is used twice (tied weights, a leaf broadcast over the steps of a scan), or used by an
+operation that is not a site; `formulation.resolve_formulation` then falls back to the
+per-example gradients where "auto" asked for this form.
+
+Reads JAX's internal jaxpr like `nio_jax.jaxpr_rewrites` (`check_jaxpr_internals`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nio_jax import checks, jaxpr_rewrites
+
+PyTree = Any
+
+
+class NormsUnsupported(ValueError):
+  """The loss cannot be evaluated by `pullback="norms"` (the message says which leaf and why)."""
+
+
+# Unary operations that only change how a leaf is viewed; the first three keep its norm.
+_NORM_PRESERVING_VIEWS = ("reshape", "transpose", "convert_element_type", "squeeze", "copy")
+_VIEWS = (*_NORM_PRESERVING_VIEWS, "broadcast_in_dim", "expand_dims")
+# Operations that are linear (affine for add/sub) in one operand.
+_SITES = ("dot_general", "conv_general_dilated", "mul", "add", "sub")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ref:
+  """A value derived from a selected leaf: `view(leaf[i_1, ..., i_k])` for scan steps i."""
+
+  leaf: int
+  stack: tuple[int, ...]  # the scan lengths it is sliced by (outermost first)
+  chain: tuple  # the view equations applied after slicing
+
+
+@dataclasses.dataclass(frozen=True)
+class _Site:
+  """One site `y = eqn(x, view(leaf slice))` (see the module docstring)."""
+
+  leaf: int
+  stack: tuple[int, ...]
+  chain: tuple
+  eqn: Any
+  w_pos: int  # operand position of the leaf-derived operand
+  slice_aval: Any  # the leaf slice's shape/dtype
+  x_aval: Any
+  y_aval: Any
+
+  def apply(self, x, w):
+    """The site's output for input `x` and leaf slice `w`."""
+    for e in self.chain:
+      (w,) = jaxpr_rewrites.bind_equation(e, [w])
+    ops = [x, x]
+    ops[self.w_pos] = w
+    return jaxpr_rewrites.bind_equation(self.eqn, ops)[0]
+
+  def weight_vjp(self, x, b):
+    """`∂⟨b, apply(x, w)⟩/∂w`, the leaf-slice gradient of the site for cotangent `b`."""
+    w0 = jnp.zeros(self.slice_aval.shape, self.slice_aval.dtype)
+    return jax.vjp(lambda w: self.apply(x, w), w0)[1](b.astype(self.y_aval.dtype))[0]
+
+  def matmul_dims(self):
+    """`(T, d, p, x permutation)` when the site is `x @ W` with a norm-keeping view, else None."""
+    if self.eqn.primitive.name != "dot_general" or self.w_pos != 1:
+      return None
+    if any(e.primitive.name not in _NORM_PRESERVING_VIEWS for e in self.chain):
+      return None
+    (lc, rc), (lb, rb) = self.eqn.params["dimension_numbers"]
+    if lb or rb or 0 in lc:
+      return None
+    xs = self.x_aval.shape
+    free = [a for a in range(len(xs)) if a not in lc]
+    t = int(np.prod([xs[a] for a in free[1:]]))
+    d = int(np.prod([xs[a] for a in lc]))
+    p = int(np.prod(self.y_aval.shape)) // (xs[0] * t)
+    return t, d, p, (*free, *lc)
+
+
+def uses_ghost_norm(site: _Site) -> bool:
+  """Whether the site's norms are ghost norms (a matmul with T(d + p) < d·p) or materialised."""
+  dims = site.matmul_dims()
+  if dims is None:
+    return False
+  t, d, p, _ = dims
+  return t * (d + p) < d * p  # FLOPs of the ghost norm against the materialised gradient
+
+
+def _site_sq_norms(site: _Site, x, b):
+  """`[B]`: ‖∂ℓ_i/∂(leaf slice)‖² of one (unstacked) site."""
+  acc = jnp.promote_types(site.y_aval.dtype, jnp.float32)
+  n = x.shape[0]
+  if uses_ghost_norm(site):
+    t, d, p, perm = site.matmul_dims()
+    xr = jnp.reshape(jnp.transpose(x, perm), (n, t, d)).astype(acc)
+    br = jnp.reshape(b, (n, t, p)).astype(acc)
+    if t == 1:
+      return jnp.sum(xr[:, 0] ** 2, -1) * jnp.sum(br[:, 0] ** 2, -1)
+    gram_x = jnp.einsum("btd,bsd->bts", xr, xr)
+    gram_b = jnp.einsum("btp,bsp->bts", br, br)
+    return jnp.sum(gram_x * gram_b, axis=(1, 2))
+  g = jax.vmap(lambda xi, bi: site.weight_vjp(xi[None], bi[None]))(x, b)
+  return jnp.sum(jnp.reshape(g.astype(acc), (n, -1)) ** 2, axis=1)
+
+
+def _over_stack(fn, depth, *args):
+  for _ in range(depth):
+    fn = jax.vmap(fn)
+  return fn(*args)
+
+
+class _Walker:
+  """Evaluates a jaxpr with the sites' perturbations added (or, planning, finds the sites)."""
+
+  def __init__(self, batch_size: int, names: list[str], slice_aval: dict):
+    self.b = batch_size
+    self.names = names  # the selected leaves' paths, for messages
+    self.slice_aval = slice_aval  # (leaf, stack) -> the shape/dtype of one slice
+    self.used = {}  # (leaf, stack) -> the site equation that uses it
+
+  def unsupported(self, ref: _Ref, what: str):
+    return NormsUnsupported(
+      f"pullback='norms' cannot use parameter leaf {self.names[ref.leaf]}: {what}. Use "
+      "pullback='vmap' (per-example gradients) for this model."
+    )
+
+  def check_no_refs(self, refs, what: str):
+    for r in refs:
+      if r is not None:
+        raise self.unsupported(r, what)
+
+  def site_of(self, eqn, refs, avals):
+    """The operand position of the leaf-derived operand if `eqn` is a site, else None."""
+    name = eqn.primitive.name
+    pos = [i for i, r in enumerate(refs) if r is not None]
+    if name not in _SITES or len(pos) != 1 or len(eqn.invars) != 2:
+      return None
+    w_pos = pos[0]
+    x_aval, y_aval = avals[1 - w_pos], eqn.outvars[0].aval
+    if not x_aval.shape or x_aval.shape[0] != self.b or not y_aval.shape:
+      return None
+    if y_aval.shape[0] != self.b:
+      return None
+    if name == "sub" and w_pos == 1:
+      return None  # x - W: affine with a sign; keep it simple and refuse
+    if name == "dot_general":
+      (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+      x_contract = lc if w_pos == 1 else rc
+      if lb or rb or 0 in x_contract or w_pos != 1:
+        return None
+    if name == "conv_general_dilated":
+      dn = eqn.params["dimension_numbers"]
+      if w_pos != 1 or dn.lhs_spec[0] != 0 or dn.out_spec[0] != 0:
+        return None
+      if eqn.params.get("batch_group_count", 1) != 1:
+        return None
+    return w_pos
+
+  def run(self, jaxpr, consts, args, refs_in, perts, plan):
+    """(outputs, activations) of `jaxpr`; `perts`/`plan` follow the sites in walk order.
+
+    `perts` is None when planning: zeros are added and each site's `_Site` (or, for a scan,
+    `("scan", length, [its sites])`) is appended to `plan`. Otherwise `perts[k]` is the k-th
+    entry's perturbation (a list for a scan, stacked over its steps).
+    """
+    env, refs = {}, {}
+    k = 0
+    acts = []
+
+    def read(v):
+      return v.val if type(v).__name__ == "Literal" else env[v]
+
+    def ref(v):
+      return None if type(v).__name__ == "Literal" else refs.get(v)
+
+    for v, c in zip(jaxpr.constvars, consts):
+      env[v] = c
+    for v, a, r in zip(jaxpr.invars, args, refs_in):
+      env[v] = a
+      if r is not None:
+        refs[v] = r
+    for eqn in jaxpr.eqns:
+      inv = [read(v) for v in eqn.invars]
+      in_refs = [ref(v) for v in eqn.invars]
+      name = eqn.primitive.name
+      out_refs = [None] * len(eqn.outvars)
+      if not any(r is not None for r in in_refs):
+        outs = jaxpr_rewrites.bind_equation(eqn, inv)
+      elif name in _VIEWS and len(inv) == 1:
+        outs = jaxpr_rewrites.bind_equation(eqn, inv)
+        r = in_refs[0]
+        out_refs = [dataclasses.replace(r, chain=(*r.chain, eqn))]
+      elif (w_pos := self.site_of(eqn, in_refs, [v.aval for v in eqn.invars])) is not None:
+        r = in_refs[w_pos]
+        if self.used.setdefault((r.leaf, r.stack), eqn) is not eqn:
+          raise self.unsupported(r, "it is used by more than one operation (shared weights)")
+        outs = jaxpr_rewrites.bind_equation(eqn, inv)
+        if perts is None:
+          plan.append(
+            _Site(
+              r.leaf,
+              r.stack,
+              r.chain,
+              eqn,
+              w_pos,
+              self.slice_aval[r.leaf, r.stack],
+              eqn.invars[1 - w_pos].aval,
+              eqn.outvars[0].aval,
+            )
+          )
+          outs = [outs[0] + jnp.zeros_like(outs[0])]
+        else:
+          outs = [outs[0] + perts[k].astype(outs[0].dtype)]
+        acts.append(inv[1 - w_pos])
+        k += 1
+      elif name in jaxpr_rewrites.INLINE_CALLS and jaxpr_rewrites.INLINE_CALLS[name] in eqn.params:
+        sub = eqn.params[jaxpr_rewrites.INLINE_CALLS[name]]
+        sub_consts = getattr(sub, "consts", ())
+        sub = getattr(sub, "jaxpr", sub)
+        n_in = len(sub.invars)
+        sub_perts = None if perts is None else perts[k]
+        sub_plan = [] if perts is None else None
+        outs, sub_acts, out_refs = self.run(
+          sub, sub_consts, inv[len(inv) - n_in :], in_refs[len(inv) - n_in :], sub_perts, sub_plan
+        )
+        if perts is None:
+          plan.append(("call", 0, sub_plan))
+        acts.append(sub_acts)
+        k += 1
+      elif name == "scan":
+        outs, scan_acts = self.scan(eqn, inv, in_refs, None if perts is None else perts[k], plan)
+        acts.append(scan_acts)
+        k += 1
+      else:
+        r = next(r for r in in_refs if r is not None)
+        raise self.unsupported(
+          r, f"it is used by `{name}`, which is not a site (dense, conv, bias add, scale)"
+        )
+      for v, o, r in zip(eqn.outvars, outs, out_refs):
+        if type(v).__name__ != "DropVar":
+          env[v] = o
+          if r is not None:
+            refs[v] = r
+    return [read(v) for v in jaxpr.outvars], acts, [ref(v) for v in jaxpr.outvars]
+
+  def scan(self, eqn, inv, in_refs, perts, plan):
+    p = eqn.params
+    nc, ncar, length = p["num_consts"], p["num_carry"], p["length"]
+    self.check_no_refs(in_refs[:nc], "a scan uses it at every step (shared over the steps)")
+    self.check_no_refs(in_refs[nc : nc + ncar], "it is carried through a scan")
+    body_refs = list(in_refs[: nc + ncar])
+    for r in in_refs[nc + ncar :]:
+      if r is not None and r.chain:
+        raise self.unsupported(r, "a scan slices a view of it (reshape before the scan)")
+      if r is not None:
+        r = dataclasses.replace(r, stack=(*r.stack, length))
+        slice_shape = self.slice_aval[r.leaf, r.stack[:-1]]
+        self.slice_aval[r.leaf, r.stack] = jax.ShapeDtypeStruct(
+          slice_shape.shape[1:], slice_shape.dtype
+        )
+      body_refs.append(r)
+    sc, carry0, xs = inv[:nc], inv[nc : nc + ncar], inv[nc + ncar :]
+    cj = p["jaxpr"]
+    holder = {}
+
+    def body(carry, x):
+      xv, pv = x
+      sub_plan = [] if perts is None else None
+      outs, acts, out_refs = self.run(
+        cj.jaxpr, cj.consts, [*sc, *carry, *xv], body_refs, pv, sub_plan
+      )
+      self.check_no_refs(out_refs, "a scan returns it")
+      holder["plan"] = sub_plan
+      return list(outs[:ncar]), (list(outs[ncar:]), acts)
+
+    carry, (ys, acts) = jax.lax.scan(
+      body,
+      list(carry0),
+      (list(xs), perts),
+      length=length,
+      reverse=p["reverse"],
+      unroll=p["unroll"],
+    )
+    if perts is None:
+      plan.append(("scan", length, holder["plan"]))
+    return [*carry, *ys], acts
+
+
+def _zeros_like_plan(plan, stack=()):
+  out = []
+  for entry in plan:
+    if isinstance(entry, _Site):
+      out.append(jnp.zeros((*stack, *entry.y_aval.shape), entry.y_aval.dtype))
+    else:
+      kind, length, sub = entry
+      out.append(_zeros_like_plan(sub, (*stack, length) if kind == "scan" else stack))
+  return out
+
+
+def _flat_sites(plan, acts, cots):
+  """(site, x, b) for every site, with the scan steps as leading axes of x and b."""
+  for entry, a, c in zip(plan, acts, cots):
+    if isinstance(entry, _Site):
+      yield entry, a, c
+    else:
+      yield from _flat_sites(entry[2], a, c)
+
+
+def plan(loss_fn, sel, rebuild, batch):
+  """Finds the sites of `loss_fn` for the selected leaves (traceable: reads shapes only).
+
+  Returns `(closed jaxpr, walker, input refs, sites)` for `unit_sum`.
+
+  Raises:
+    NormsUnsupported: the loss couples the examples, or a selected leaf is not used as
+      exactly one site (see the module docstring); the message names the leaf.
+  """
+  jaxpr_rewrites.check_jaxpr_internals()
+  params = rebuild(sel)
+  if jaxpr_rewrites.couples_examples(loss_fn, params, batch):
+    raise NormsUnsupported(
+      "pullback='norms' needs per-example losses that do not interact, and loss_fn reduces "
+      "over the batch axis (batch norm?); use pullback='vjp' or 'loop' (one forward over the "
+      "whole batch)."
+    )
+  b = checks.batch_size(batch)
+  f = lambda s, bt: loss_fn(rebuild(s), bt)
+  closed = jax.make_jaxpr(f)(sel, batch)
+  n_sel = len(sel)
+  paths = _leaf_names(params, sel)
+  walker = _Walker(b, paths, {(i, ()): _aval(x) for i, x in enumerate(sel)})
+  refs = [_Ref(i, (), ()) for i in range(n_sel)] + [None] * (len(closed.jaxpr.invars) - n_sel)
+  found = []
+
+  def trace(*args):
+    outs, _, out_refs = walker.run(closed.jaxpr, closed.consts, list(args), refs, None, found)
+    walker.check_no_refs(out_refs, "the loss returns it")
+    return outs
+
+  jax.eval_shape(trace, *map(_aval, jax.tree_util.tree_leaves((sel, batch))))
+  return closed, walker, refs, found
+
+
+def _aval(x):
+  return jax.ShapeDtypeStruct(jnp.shape(x), jnp.result_type(x))
+
+
+def _leaf_names(params, sel):
+  ids = {id(x): i for i, x in enumerate(sel)}
+  names = [f"#{i}" for i in range(len(sel))]
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    if id(leaf) in ids:
+      names[ids[id(leaf)]] = jax.tree_util.keystr(path)
+  return names
+
+
+def unit_sum(loss_fn, sel, rebuild, batch):
+  """`(losses [B], Σ_i u_i per selected leaf, norms [B])` without per-example gradients.
+
+  The sample-wise counterpart of `nio_jax.cosine.unit_sum` over `vmap(grad)`'s gradients:
+  same values, traceable and differentiable (second order included) with respect to `sel`.
+
+  Args:
+    loss_fn: `loss_fn(params, batch) -> [B]` per-example losses (convolutions already in
+      the formulation's form).
+    sel, rebuild: `nio_jax.per_example.select_leaves`'s selected leaves and rebuild.
+    batch: the batch.
+
+  Raises:
+    NormsUnsupported: see `plan`.
+  """
+  closed, walker, refs, found = plan(loss_fn, sel, rebuild, batch)
+  args = jax.tree_util.tree_leaves((sel, batch))
+
+  def tapped(perts):
+    outs, acts, _ = walker.run(closed.jaxpr, closed.consts, args, refs, perts, None)
+    return outs[0], acts
+
+  losses, pull, acts = jax.vjp(tapped, _zeros_like_plan(found), has_aux=True)
+  (cots,) = pull(jnp.ones_like(losses))
+  sites = list(_flat_sites(found, acts, cots))
+  acc = jnp.promote_types(losses.dtype, jnp.float32)
+  sq = jnp.zeros(losses.shape, acc)
+  for site, x, b in sites:
+    depth = len(site.stack)
+    s = _over_stack(lambda xx, bb, site=site: _site_sq_norms(site, xx, bb), depth, x, b)
+    sq = sq + jnp.sum(jnp.reshape(s, (-1, s.shape[-1])), axis=0).astype(acc)
+  pos = sq > 0  # cosine.safe_sqrt (cosine imports this module): no NaN in the backward
+  norms = jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
+  inv = jnp.where(norms > 0, 1.0 / jnp.where(norms > 0, norms, 1.0), 0.0)
+  usum = []
+  for site, x, b in sites:
+    scale = lambda bb: bb * jnp.reshape(inv, (-1,) + (1,) * (bb.ndim - 1)).astype(bb.dtype)
+    s = _over_stack(lambda xx, bb, site=site: site.weight_vjp(xx, scale(bb)), len(site.stack), x, b)
+    usum.append(jnp.reshape(s.astype(acc), (-1,)))
+  return losses, usum, norms
