@@ -83,22 +83,29 @@ def test_bench_mlp_batch8(tmp_path):
   assert "Load average" in md and "GFLOP/s" in md and "JAX RSS MB" in md
 
 
-def test_gradinit_part_lowers_and_runs():
-  """The GradInit part's step is a jitted function like the other parts' (it was a plain
-  wrapper: `'function' object has no attribute 'lower'`)."""
+@pytest.mark.parametrize("part", ["gradinit", "metainit"])
+def test_search_parts_lower_and_run(part):
+  """The GradInit and MetaInit parts' steps are jitted functions like the other parts' (the
+  GradInit one was a plain wrapper: `'function' object has no attribute 'lower'`), and their
+  PyTorch twins run and change the scales."""
   import jax
 
   from nio_jax.bench import timing, workloads
 
   spec = workloads.build("mlp", 4)
   tctx = workloads.build_torch(spec, "cpu")
-  jfns, torch_fn = workloads.part_fns("gradinit", spec, [], [], tctx)
-  fn, args = jfns["default"]
+  jfns, torch_fn = workloads.part_fns(part, spec, [], [], tctx)
+  assert list(jfns) == ["conv=auto"]  # no --conv-b: the library's default
+  fn, args = jfns["conv=auto"]
   compiled, info = timing.jax_compile(fn, *args)
   scales, _, metrics = compiled(*args)
   assert info["compile_s"] >= 0 and jax.tree.leaves(scales)
   assert all(bool(jax.numpy.isfinite(v)) for v in jax.tree.leaves(metrics))
-  torch_fn()
+  assert any(float(jax.numpy.max(jax.numpy.abs(s - 1.0))) > 0 for s in jax.tree.leaves(scales))
+  out = torch_fn()
+  # the twins compute the same statistic on the same weights and batch (before the update)
+  key = {"gradinit": "grad_norm", "metainit": "gq"}[part]
+  assert float(out[key]) == pytest.approx(float(metrics[key]), rel=1e-3)
 
 
 def test_formulation_options(capsys):

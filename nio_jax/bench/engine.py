@@ -14,6 +14,7 @@ times, with JAX and PyTorch repetitions interleaved in the same run (medians):
   nio_sw    one full NIO step, sample-wise GradCosine
   nio_b     one full NIO step, batch setting D=4, r=0.2 (the released default)
   gradinit  one GradInit step (SGD variant, η=0.1)
+  metainit  one MetaInit step (sign-momentum variant: gradient quotient, double backward)
   train     one plain training step (forward + backward + SGD with momentum)
 
 JAX timings exclude compilation; lower and compile times are recorded separately, with XLA's
@@ -206,7 +207,7 @@ def run_row(name, batch, parts, args, tdev, tdev_why, peak):
       "gradients)"
     )
   backend = jax.default_backend()
-  forms_sw = workloads.formulations(args.pullback_sw, args.conv_sw, None, backend)
+  forms_sw = workloads.formulations(args.pullback_sw, args.conv_sw, None, backend, spec)
   forms_b = workloads.formulations(
     args.pullback_b, args.conv_b, workloads.NIO_B_CHUNKS, backend, spec
   )
@@ -249,7 +250,7 @@ def run_row(name, batch, parts, args, tdev, tdev_why, peak):
   row.d["noisy"] = any(e.get("machine", {}).get("noisy") for e in row.d["parts"].values())
   # derived ratios: NIO step / training step, within each framework
   tr = row.d["parts"].get("train", {})
-  for part in ("nio_sw", "nio_b", "gradinit"):
+  for part in ("nio_sw", "nio_b", "gradinit", "metainit"):
     for k, v in row.d["parts"].get(part, {}).items():
       if isinstance(v, dict) and "median_s" in v:
         base = tr.get("torch" if k == "torch" else "jax[default]", {}).get("median_s")

@@ -24,7 +24,7 @@ ALL_MODELS = (
   "vgg19_bn",
   "vit_mini",
 )
-ALL_PARTS = ("pe", "gc", "nio_sw", "nio_b", "gradinit", "train")
+ALL_PARTS = ("pe", "gc", "nio_sw", "nio_b", "gradinit", "metainit", "train")
 NIO_B_CHUNKS, NIO_B_OVERLAP = 4, 0.2  # the released batch setting
 # A model without normalisation whose logits at init exceed this std gets scaled inputs
 # (`build`): the bench then times the same computation without a saturated softmax.
@@ -59,9 +59,10 @@ def formulations(pullbacks, convs, num_chunks, backend: str, spec=None) -> list[
   from nio_jax import formulation
 
   auto_p, auto_c = formulation.default_formulation(num_chunks, backend=backend)
-  if spec is not None and num_chunks is not None:
+  if spec is not None:
     jbatch = {"image": spec["x"][: spec["batch"]], "label": spec["y"][: spec["batch"]]}
-    auto_p = formulation.auto_subbatch_pullback(spec["loss_fn"], spec["params"], jbatch, backend)
+    auto = formulation.auto_subbatch_pullback if num_chunks else formulation.auto_sample_pullback
+    auto_p = auto(spec["loss_fn"], spec["params"], jbatch, backend)
   return [
     f"{auto_p if p == 'auto' else p}/{auto_c if c == 'auto' else c}"
     for p in pullbacks or ["auto"]
@@ -72,13 +73,22 @@ def formulations(pullbacks, convs, num_chunks, backend: str, spec=None) -> list[
 def default_formulations(backend: str, spec=None) -> tuple[list[str], list[str]]:
   """The library's default formulation for the sample-wise and the batch setting (for the
   row `spec`'s loss when given)."""
-  return formulations([], [], None, backend), formulations([], [], NIO_B_CHUNKS, backend, spec)
+  return (
+    formulations([], [], None, backend, spec),
+    formulations([], [], NIO_B_CHUNKS, backend, spec),
+  )
 
 
 def split_form(form: str) -> dict:
   """`{"pullback": ..., "conv": ...}` of a "pullback/conv" label."""
   pullback, conv = form.split("/")
   return dict(pullback=pullback, conv=conv)
+
+
+def search_convs(forms_b) -> list[str]:
+  """The conv modes the GradInit / MetaInit parts time: those of the batch-setting
+  formulations (`--conv-b`), or the library's default ("auto") when there are none."""
+  return sorted({split_form(f)["conv"] for f in forms_b}) or ["auto"]
 
 
 def jax_gradcosine(loss_fn, params, batch, num_chunks, overlap, wrt, form):
@@ -99,7 +109,9 @@ def jax_per_example_fn(loss_fn, wrt, form):
   f = split_form(form)
 
   def grads(p, b):
-    resolved = formulation.resolve_formulation(loss_fn, p, b, None, f["pullback"], f["conv"])
+    resolved = formulation.resolve_formulation(
+      loss_fn, p, b, None, f["pullback"], f["conv"], grads=True
+    )
     return per_example.sample_grads_selected(loss_fn, p, b, resolved, wrt)[1]
 
   return jax.jit(grads)
@@ -245,7 +257,10 @@ def part_fns(part: str, spec: dict, forms_sw, forms_b, tctx: dict | None):
     )
   torch_fn = None
   if part == "pe":
-    jfns = {f: (jax_per_example_fn(loss_fn, wrt, f), (params, jbatch)) for f in forms_sw}
+    grad_forms = [f for f in forms_sw if split_form(f)["pullback"] != "norms"]
+    if not grad_forms:
+      raise PartSkipped("pullback 'norms' builds no per-example gradients")
+    jfns = {f: (jax_per_example_fn(loss_fn, wrt, f), (params, jbatch)) for f in grad_forms}
     if tctx:
       sm = TA.ScaledModel(tctx["model"])
       pd = {n: v.detach() for n, v in sm.params().items()}
@@ -274,17 +289,32 @@ def part_fns(part: str, spec: dict, forms_sw, forms_b, tctx: dict | None):
   elif part == "gradinit":
     from nio_jax.methods.gradinit import GradInitConfig, make_gradinit_step
 
-    cfg = GradInitConfig.create(None, batch_size=batch)
-    step, txo, _ = make_gradinit_step(loss_fn, sspec, cfg)
-    # `step` closes over the scale spec and calls the cached jitted step: jit it (the inner
-    # jit inlines) so the bench can lower and compile it like the other parts' steps
-    jfns = {"default": (jax.jit(step), (params, scales0, txo.init(scales0), jbatch, jnext))}
+    jfns = {}
+    for conv in search_convs(forms_b):
+      cfg = GradInitConfig.create(None, batch_size=batch, conv=conv)
+      step, txo, _ = make_gradinit_step(loss_fn, sspec, cfg)
+      # `step` closes over the scale spec and calls the cached jitted step: jit it (the inner
+      # jit inlines) so the bench can lower and compile it like the other parts' steps
+      args = (params, scales0, txo.init(scales0), jbatch, jnext)
+      jfns[f"conv={conv}"] = (jax.jit(step), args)
     if tctx:
       sm = TA.ScaledModel(tctx["model"], grad_filter=lambda n: True)
       opt = TA.RescaleAdam(sm, 1e-3)
       torch_fn = lambda: TA.gradinit_step(
         sm, opt, tctx["x"], tctx["y"], tctx["x2"], tctx["y2"], eta=0.1, gamma=1.0
       )
+  elif part == "metainit":
+    from nio_jax.methods.metainit import MetaInitConfig, make_metainit_step
+
+    jfns = {}
+    for conv in search_convs(forms_b):
+      step, init_state = make_metainit_step(loss_fn, sspec, MetaInitConfig.create(conv=conv))
+      # as for GradInit: jit the wrapper so that the bench can lower and compile it
+      jfns[f"conv={conv}"] = (jax.jit(step), (params, scales0, init_state(scales0), jbatch))
+    if tctx:
+      sm = TA.ScaledModel(tctx["model"], grad_filter=lambda n: True)
+      mom = {}
+      torch_fn = lambda: TA.metainit_step(sm, mom, tctx["x"], tctx["y"], lr=0.1, mom=0.9)
   elif part == "train":
     opt = optax.sgd(0.1, momentum=0.9)
     mdl, bs = spec["model"], spec["batch_stats"]

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from nio_jax import checks, leaves, method_config
+from nio_jax import checks, formulation, leaves, method_config
 from nio_jax import scales as scmod
 from nio_jax.jaxpr_rewrites import canonical_convs
 from nio_jax.methods.registry import register
@@ -124,6 +124,8 @@ class GradInitConfig:
     select: predicate for the leaves whose scales are tuned; None = all non-zero leaves.
     device_loop: run all steps in one compiled `lax.scan` over batches stacked beforehand
       (no host round-trip per step; see `nio_jax.search.run_scale_search(on_device=...)`).
+    conv: how the step evaluates convolutions (`nio_jax.formulation.CONVS`): "auto" = the
+      backend's default (`formulation.resolve_conv`: im2col on CPU), "none" as written.
   """
 
   variant: str = "sgd"
@@ -144,6 +146,7 @@ class GradInitConfig:
   grad_filter: Callable | None = None
   select: Callable | None = None
   device_loop: bool = False
+  conv: str = "auto"
 
   @classmethod
   def create(cls, config=None, **overrides) -> GradInitConfig:
@@ -156,6 +159,7 @@ class GradInitConfig:
     """Raises `TypeError` / `ValueError` naming a bad field."""
     checks.check_choice("variant", self.variant, VARIANTS)
     checks.check_choice("lookahead", self.lookahead, LOOKAHEADS)
+    formulation.resolve_conv(self.conv)
     method_config.check_int("num_steps", self.num_steps, 1, " (GradInit iterations)")
     checks.check_positive("eta", self.eta)
     checks.check_positive("gamma", self.gamma)
@@ -301,8 +305,7 @@ def _scale_grad(loss_fn, cfg: GradInitConfig, params0, scales, s_batch, t_batch)
 _STEPS = StepCache("gradinit", maxsize=32)
 
 
-@canonical_convs
-def _gradinit_step(loss_fn, cfg, spec, params0, scales, opt_state, batch, next_batch):
+def _gradinit_update(loss_fn, cfg, spec, params0, scales, opt_state, batch, next_batch):
   s_batch, t_batch = lookahead_batches(batch, next_batch, cfg.lookahead)
   grads, metrics = _scale_grad(loss_fn, cfg, params0, scales, s_batch, t_batch)
   updates, opt_state = _make_tx(cfg, spec).update(
@@ -310,6 +313,14 @@ def _gradinit_step(loss_fn, cfg, spec, params0, scales, opt_state, batch, next_b
   )
   new_scales = jax.tree_util.tree_map(lambda s, u: s + u, scales, updates)
   return new_scales, opt_state, metrics
+
+
+def _gradinit_step(loss_fn, cfg, *args):
+  # Convolutions as `cfg.conv` ("auto": im2col on CPU, where the double backward's
+  # convolutions are slow); plain ones in the canonical layout XLA:CPU needs.
+  conv = formulation.resolve_conv(cfg.conv)
+  update = functools.partial(_gradinit_update, formulation.with_conv(loss_fn, conv), cfg)
+  return (canonical_convs(update) if conv == "none" else update)(*args)
 
 
 def make_gradinit_step(loss_fn: Callable, spec: scmod.ScaleSpec, config=None):

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nio_jax import checks, leaves, method_config
+from nio_jax import checks, formulation, leaves, method_config
 from nio_jax import scales as scmod
 from nio_jax.jaxpr_rewrites import canonical_convs
 from nio_jax.methods.registry import register
@@ -79,6 +79,8 @@ class MetaInitConfig:
       never tuned.
     device_loop: run all steps in one compiled `lax.scan` over batches stacked beforehand
       (no host round-trip per step; see `nio_jax.search.run_scale_search(on_device=...)`).
+    conv: how the step evaluates convolutions (`nio_jax.formulation.CONVS`): "auto" = the
+      backend's default (`formulation.resolve_conv`: im2col on CPU), "none" as written.
   """
 
   variant: str = "sign_momentum"
@@ -96,6 +98,7 @@ class MetaInitConfig:
   grad_filter: Callable | None = None
   select: Callable | None = None
   device_loop: bool = False
+  conv: str = "auto"
 
   def __post_init__(self):
     if self.num_steps is None and self.variant in _DEFAULT_STEPS:
@@ -111,6 +114,7 @@ class MetaInitConfig:
   def validate(self) -> None:
     """Raises `TypeError` / `ValueError` naming a bad field."""
     checks.check_choice("variant", self.variant, VARIANTS)
+    formulation.resolve_conv(self.conv)
     method_config.check_int("num_steps", self.num_steps, 1, " (MetaInit iterations)")
     if self.lr is not None:
       checks.check_positive("lr", self.lr)
@@ -283,8 +287,15 @@ def _make_tx(cfg: MetaInitConfig, spec: scmod.ScaleSpec):
 _STEPS = StepCache("metainit", maxsize=32)
 
 
-@canonical_convs
-def _metainit_step(loss_fn, cfg, spec, params0, scales, state, batch):
+def _metainit_step(loss_fn, cfg, *args):
+  # Convolutions as `cfg.conv` ("auto": im2col on CPU, where the Hessian-vector product's
+  # convolutions are slow); plain ones in the canonical layout XLA:CPU needs.
+  conv = formulation.resolve_conv(cfg.conv)
+  update = functools.partial(_metainit_update, formulation.with_conv(loss_fn, conv), cfg)
+  return (canonical_convs(update) if conv == "none" else update)(*args)
+
+
+def _metainit_update(loss_fn, cfg, spec, params0, scales, state, batch):
   (gq, aux), grads = jax.value_and_grad(_gq_of_scales, argnums=2, has_aux=True)(
     loss_fn, cfg, scales, params0, batch
   )

@@ -244,6 +244,45 @@ def gradinit_step(sm: ScaledModel, opt: RescaleAdam, x, y, x2, y2, *, eta=0.1, g
 
 
 # ---------------------------------------------------------------------------------------
+# One MetaInit step (sign-momentum variant, the paper's)
+
+
+def metainit_step(sm: ScaledModel, momentum: dict, x, y, *, lr=0.1, mom=0.9, eps=1e-5):
+  """GQ = mean |(g − Hg) / (g + ε·sign g) − 1| over every parameter, Hg = ∇θ ½‖g‖²
+  (double backward, as the MetaInit reference computes it); its gradient w.r.t. the scales
+  (a third backward); then the sign-momentum update of each ≥ 2-dim tensor's norm
+  (`nio_jax.methods.metainit`). `momentum` (name -> tensor) is updated in place."""
+  params = sm.params()
+  names = list(params)
+  plist = [params[n] for n in names]
+  loss = sm.losses(params, x, y).mean()
+  g = torch.autograd.grad(loss, plist, create_graph=True)
+  hg = torch.autograd.grad(sum((t * t).sum() for t in g) / 2, plist, create_graph=True)
+  n = sum(t.numel() for t in g)
+  gq = (
+    sum(
+      ((gl - hl) / (gl + eps * torch.where(gl >= 0, 1.0, -1.0).detach()) - 1).abs().sum()
+      for gl, hl in zip(g, hg)
+    )
+    / n
+  )
+  for s in sm.scales.values():
+    s.grad = None
+  gq.backward()
+  with torch.no_grad():
+    for name in names:
+      s = sm.scales[name]
+      if s.grad is None or sm.w0[name].dim() < 2 or not sm.trainable[name]:
+        continue
+      d = torch.sign(s * s.grad)
+      m = mom * momentum.get(name, torch.zeros(())) - lr * d
+      norm = s.abs() * sm.w0[name].norm()
+      s.mul_((norm + m) / norm)
+      momentum[name] = m
+  return dict(gq=gq.detach(), loss=loss.detach())
+
+
+# ---------------------------------------------------------------------------------------
 # One plain training step
 
 
