@@ -16,12 +16,15 @@ How (`unit_sum`):
    alone:
    * for a matmul site `y_i = x_i W` with `x_i: T×d`, `b_i: T×p`, either the *ghost norm*
      `⟨x_i x_iᵀ, b_i b_iᵀ⟩` (T²(d + p) work, no d×p tensor; Goodfellow 2015, Li et al. 2021)
-     when `T(d + p) < d·p`, or the norm of `x_iᵀ b_i` materialised for this one layer;
+     when `T(d + p) < d·p`, or the norm of the materialised `x_iᵀ b_i`;
    * any other site: the per-example weight gradient of that one operation (`vmap` of its
-     VJP), reduced at once.
+     VJP).
+   The materialised per-example gradients are kept for step 3 (one weight product per layer
+   instead of two), so only the ghost sites save memory.
    A leaf used by one site (or one slice per scan step) has `n_i² = Σ_sites`, exactly.
-3. `S` is, per site, the weight VJP of the whole batch with the cotangents `b_i / n_i`: one
-   weight-gradient operation per layer, no second backward through the network.
+3. `S`: for a materialised site, `Σ_i g_i / n_i` of the per-example gradients step 2 built;
+   for a ghost site, the weight VJP of the whole batch with the cotangents `b_i / n_i` (one
+   weight-gradient product). No second backward through the network.
 
 Everything is ordinary differentiable JAX (no `custom_vjp`, nothing detached), so the NIO
 search differentiates GC with respect to the scales through it, second order included, and
@@ -123,21 +126,24 @@ def uses_ghost_norm(site: _Site) -> bool:
   return t * (d + p) < d * p  # FLOPs of the ghost norm against the materialised gradient
 
 
-def _site_sq_norms(site: _Site, x, b):
-  """`[B]`: ‖∂ℓ_i/∂(leaf slice)‖² of one (unstacked) site."""
+def _ghost_sq_norms(site: _Site, x, b):
+  """`[B]`: ‖∂ℓ_i/∂(leaf slice)‖² of one (unstacked) matmul site, by its ghost norm."""
   acc = jnp.promote_types(site.y_aval.dtype, jnp.float32)
   n = x.shape[0]
-  if uses_ghost_norm(site):
-    t, d, p, perm = site.matmul_dims()
-    xr = jnp.reshape(jnp.transpose(x, perm), (n, t, d)).astype(acc)
-    br = jnp.reshape(b, (n, t, p)).astype(acc)
-    if t == 1:
-      return jnp.sum(xr[:, 0] ** 2, -1) * jnp.sum(br[:, 0] ** 2, -1)
-    gram_x = jnp.einsum("btd,bsd->bts", xr, xr)
-    gram_b = jnp.einsum("btp,bsp->bts", br, br)
-    return jnp.sum(gram_x * gram_b, axis=(1, 2))
-  g = jax.vmap(lambda xi, bi: site.weight_vjp(xi[None], bi[None]))(x, b)
-  return jnp.sum(jnp.reshape(g.astype(acc), (n, -1)) ** 2, axis=1)
+  t, d, p, perm = site.matmul_dims()
+  xr = jnp.reshape(jnp.transpose(x, perm), (n, t, d)).astype(acc)
+  br = jnp.reshape(b, (n, t, p)).astype(acc)
+  if t == 1:
+    return jnp.sum(xr[:, 0] ** 2, -1) * jnp.sum(br[:, 0] ** 2, -1)
+  gram_x = jnp.einsum("btd,bsd->bts", xr, xr)
+  gram_b = jnp.einsum("btp,bsp->bts", br, br)
+  return jnp.sum(gram_x * gram_b, axis=(1, 2))
+
+
+def _per_example_grads(site: _Site, x, b):
+  """`[B, *slice]`: the per-example leaf-slice gradients of one (unstacked) site."""
+  acc = jnp.promote_types(site.y_aval.dtype, jnp.float32)
+  return jax.vmap(lambda xi, bi: site.weight_vjp(xi[None], bi[None]))(x, b).astype(acc)
 
 
 def _over_stack(fn, depth, *args):
@@ -418,16 +424,27 @@ def unit_sum(loss_fn, sel, rebuild, batch):
   sites = list(_flat_sites(found, acts, cots))
   acc = jnp.promote_types(losses.dtype, jnp.float32)
   sq = jnp.zeros(losses.shape, acc)
-  for site, x, b in sites:
+  grads = {}  # materialised sites: their per-example gradients, [*stack, B, *slice]
+  for k, (site, x, b) in enumerate(sites):
     depth = len(site.stack)
-    s = _over_stack(lambda xx, bb, site=site: _site_sq_norms(site, xx, bb), depth, x, b)
+    if uses_ghost_norm(site):
+      s = _over_stack(lambda xx, bb, site=site: _ghost_sq_norms(site, xx, bb), depth, x, b)
+    else:
+      g = grads[k] = _over_stack(
+        lambda xx, bb, site=site: _per_example_grads(site, xx, bb), depth, x, b
+      )
+      s = jnp.sum(jnp.reshape(g, (*g.shape[: depth + 1], -1)) ** 2, axis=-1)
     sq = sq + jnp.sum(jnp.reshape(s, (-1, s.shape[-1])), axis=0).astype(acc)
   pos = sq > 0  # cosine.safe_sqrt (cosine imports this module): no NaN in the backward
   norms = jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
   inv = jnp.where(norms > 0, 1.0 / jnp.where(norms > 0, norms, 1.0), 0.0)
   usum = []
-  for site, x, b in sites:
-    scale = lambda bb: bb * jnp.reshape(inv, (-1,) + (1,) * (bb.ndim - 1)).astype(bb.dtype)
-    s = _over_stack(lambda xx, bb, site=site: site.weight_vjp(xx, scale(bb)), len(site.stack), x, b)
+  for k, (site, x, b) in enumerate(sites):
+    depth = len(site.stack)
+    if k in grads:  # Σ_i g_i / n_i from the gradients already there
+      s = jnp.tensordot(grads[k], inv, axes=[[depth], [0]])
+    else:  # ghost: one weight VJP of the whole batch with the cotangents b_i / n_i
+      scale = lambda bb: bb * jnp.reshape(inv, (-1,) + (1,) * (bb.ndim - 1)).astype(bb.dtype)
+      s = _over_stack(lambda xx, bb, site=site: site.weight_vjp(xx, scale(bb)), depth, x, b)
     usum.append(jnp.reshape(s.astype(acc), (-1,)))
   return losses, usum, norms
