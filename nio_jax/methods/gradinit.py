@@ -319,6 +319,11 @@ def _gradinit_step(loss_fn, cfg, *args):
   # Convolutions as `cfg.conv` ("auto": im2col on CPU, where the double backward's
   # convolutions are slow); plain ones in the canonical layout XLA:CPU needs.
   conv = formulation.resolve_conv(cfg.conv)
+  # the structural leaf kinds are read from the loss as written: the rewrite turns its
+  # convolutions into matmuls, which `nio_jax.leaves` would classify differently
+  params0 = args[1]
+  grad_filter = leaves.resolve_grad_filter(cfg.grad_filter, loss_fn, params0)
+  cfg = dataclasses.replace(cfg, grad_filter=grad_filter)
   update = functools.partial(_gradinit_update, formulation.with_conv(loss_fn, conv), cfg)
   return (canonical_convs(update) if conv == "none" else update)(*args)
 
