@@ -85,7 +85,9 @@ def sample_unit_sum(loss_fn, params, batch, form: Formulation, wrt=None):
   if form.pullback == "norms":
     sel, rebuild, _ = per_example.select_leaves(params, wrt)
     try:
-      return per_example_norms.unit_sum(per_example.rewritten(loss_fn, form), sel, rebuild, batch)
+      return per_example_norms.unit_sum(
+        formulation.with_conv(loss_fn, form.conv), sel, rebuild, batch
+      )
     except per_example_norms.NormsUnsupported:
       if form.fallback is None:
         raise

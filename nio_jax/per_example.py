@@ -170,11 +170,6 @@ def _segment_grads(loss_fn, sel, rebuild, batch, num_chunks, overlap):
   return jnp.concatenate(losses), grads
 
 
-def rewritten(loss_fn, form: Formulation):
-  """`loss_fn` with its convolutions in `form.conv` ("none": as written)."""
-  return formulation.with_conv(loss_fn, form.conv)
-
-
 def sample_grads_selected(loss_fn, params, batch, form: Formulation, wrt=None):
   """(losses [B], per-example gradients of the selected leaves as `[B, ...]` arrays).
 
@@ -185,7 +180,7 @@ def sample_grads_selected(loss_fn, params, batch, form: Formulation, wrt=None):
       `num_chunks=None`); `form.group` examples (or rows) at a time.
     wrt: predicate `(path, leaf) -> bool` selecting the leaves (`select_leaves`).
   """
-  loss_fn = rewritten(loss_fn, form)
+  loss_fn = formulation.with_conv(loss_fn, form.conv)
   sel, rebuild, _ = select_leaves(params, wrt)
   b = checks.batch_size(batch)
   # Sample-wise chunks are not rematerialised: with the XLA:CPU YNN fusions
@@ -221,7 +216,7 @@ def subbatch_grads_selected(loss_fn, params, batch, num_chunks, overlap, form, w
       `form.group` rows at a time, each group under `jax.checkpoint`.
     wrt: predicate `(path, leaf) -> bool` selecting the leaves (`select_leaves`).
   """
-  loss_fn = rewritten(loss_fn, form)
+  loss_fn = formulation.with_conv(loss_fn, form.conv)
   sel, rebuild, _ = select_leaves(params, wrt)
   b = checks.batch_size(batch)
   if form.pullback == "segments":

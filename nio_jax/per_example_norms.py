@@ -101,14 +101,16 @@ class _Site:
     return jax.vjp(lambda w: self.apply(x, w), w0)[1](b.astype(self.y_aval.dtype))[0]
 
   def matmul_dims(self):
-    """`(T, d, p, x permutation)` when the site is `x @ W` with a norm-keeping view, else None."""
-    if self.eqn.primitive.name != "dot_general" or self.w_pos != 1:
+    """`(T, d, p, x permutation)` when the site is `x @ W` with a norm-keeping view, else None.
+
+    (`_Walker.site_of` admits a `dot_general` site only as `x @ W` without batch dimensions
+    and with the examples not contracted.)
+    """
+    if self.eqn.primitive.name != "dot_general":
       return None
     if any(e.primitive.name not in _NORM_PRESERVING_VIEWS for e in self.chain):
       return None
-    (lc, rc), (lb, rb) = self.eqn.params["dimension_numbers"]
-    if lb or rb or 0 in lc:
-      return None
+    (lc, _), _ = self.eqn.params["dimension_numbers"]
     xs = self.x_aval.shape
     free = [a for a in range(len(xs)) if a not in lc]
     t = int(np.prod([xs[a] for a in free[1:]]))
@@ -186,10 +188,9 @@ class _Walker:
       return None
     if name == "sub" and w_pos == 1:
       return None  # x - W: affine with a sign; keep it simple and refuse
-    if name == "dot_general":
-      (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
-      x_contract = lc if w_pos == 1 else rc
-      if lb or rb or 0 in x_contract or w_pos != 1:
+    if name == "dot_general":  # x @ W, no batch dimensions, the examples not contracted
+      (lc, _), (lb, rb) = eqn.params["dimension_numbers"]
+      if w_pos != 1 or lb or rb or 0 in lc:
         return None
     if name == "conv_general_dilated":
       dn = eqn.params["dimension_numbers"]

@@ -10,6 +10,7 @@ the last finite ones). `device_loop` runs the same steps inside one `lax.scan` i
 from __future__ import annotations
 
 import collections.abc
+import dataclasses
 import functools
 import itertools
 from collections.abc import Callable, Iterable
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nio_jax import checks, errors, leaves
+from nio_jax import checks, errors, formulation, jaxpr_rewrites, leaves
 from nio_jax import scales as scmod
 from nio_jax.results import InitResult, stack_history
 from nio_jax.scales import apply_scales
@@ -135,6 +136,23 @@ def init_search_scales(loss_fn: Callable, params: PyTree, cfg, *, select: Any):
     min_scale_bias=cfg.min_scale_bias,
     kinds=leaves.leaf_kinds_for(loss_fn, params),
   )
+
+
+def conv_step(update: Callable, loss_fn: Callable, cfg, spec, params0, *state):
+  """`update(loss_fn', cfg', spec, params0, *state)` of GradInit / MetaInit, with the loss's
+  convolutions as `cfg.conv` ("auto": im2col on CPU, where their second-order products'
+  convolutions are slow; plain ones run in the canonical layout XLA:CPU needs).
+
+  `cfg.grad_filter` is resolved from the loss as written, before the rewrite: it turns
+  convolutions into matmuls, which `nio_jax.leaves` would classify differently.
+  """
+  conv = formulation.resolve_conv(cfg.conv)
+  grad_filter = leaves.resolve_grad_filter(cfg.grad_filter, loss_fn, params0)
+  cfg = dataclasses.replace(cfg, grad_filter=grad_filter)
+  fn = functools.partial(update, formulation.with_conv(loss_fn, conv), cfg)
+  if conv == "none":
+    fn = jaxpr_rewrites.canonical_convs(fn)
+  return fn(spec, params0, *state)
 
 
 def shard_search(mesh, trees, batches):

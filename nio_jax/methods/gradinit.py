@@ -43,12 +43,12 @@ import optax
 
 from nio_jax import checks, formulation, leaves, method_config
 from nio_jax import scales as scmod
-from nio_jax.jaxpr_rewrites import canonical_convs
 from nio_jax.methods.registry import register
 from nio_jax.rescale_adam import rescale_adam
 from nio_jax.results import InitResult
 from nio_jax.search import (
   check_search_inputs,
+  conv_step,
   init_search_scales,
   run_scale_search,
   shard_search,
@@ -316,16 +316,7 @@ def _gradinit_update(loss_fn, cfg, spec, params0, scales, opt_state, batch, next
 
 
 def _gradinit_step(loss_fn, cfg, *args):
-  # Convolutions as `cfg.conv` ("auto": im2col on CPU, where the double backward's
-  # convolutions are slow); plain ones in the canonical layout XLA:CPU needs.
-  conv = formulation.resolve_conv(cfg.conv)
-  # the structural leaf kinds are read from the loss as written: the rewrite turns its
-  # convolutions into matmuls, which `nio_jax.leaves` would classify differently
-  params0 = args[1]
-  grad_filter = leaves.resolve_grad_filter(cfg.grad_filter, loss_fn, params0)
-  cfg = dataclasses.replace(cfg, grad_filter=grad_filter)
-  update = functools.partial(_gradinit_update, formulation.with_conv(loss_fn, conv), cfg)
-  return (canonical_convs(update) if conv == "none" else update)(*args)
+  return conv_step(_gradinit_update, loss_fn, cfg, *args)
 
 
 def make_gradinit_step(loss_fn: Callable, spec: scmod.ScaleSpec, config=None):
