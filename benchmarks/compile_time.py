@@ -25,6 +25,8 @@ and both layouts of ResNet-110 (``--depths 110 --nio --nio-layouts scan,unrolled
 
 Unrolled ResNet-1202 (600 blocks) is skipped by default (``--max-unrolled-depth 110``): its
 trace alone is minutes and its compile tens of minutes on CPU; that is the point of scanning.
+The whole measuring phase is one ``nio_jax.bench.machine.CpuWindow``: the result file stores
+the other processes' CPU share and the quiet verdict (``meta["quiet"]``, NOISY above 5 %).
 Results: ``benchmarks/results/compile_time_<platform>.json`` and ``.md``.
 """
 
@@ -47,6 +49,7 @@ import flax  # noqa: E402
 
 from benchmarks import rerender  # noqa: E402
 from nio_jax import models  # noqa: E402
+from nio_jax.bench import machine  # noqa: E402
 from nio_jax.jaxpr_rewrites import canonical_convs  # noqa: E402
 
 
@@ -113,7 +116,7 @@ def render_markdown(data: dict) -> str:
     f"Forward + backward of mean cross-entropy, train mode, batch {meta['batch']}, "
     f"{meta['dtype']}, 32x32x3 input; seconds. `lower` = trace + StableHLO, `compile` = XLA. "
     f"Load average at start {meta['loadavg_at_start'][0]:.1f} on {meta['cpu_count']} cores; "
-    f"{meta['date']}.",
+    f"{meta['date']}; {machine.verdict_markdown(meta.get('quiet'))}.",
     "",
   ]
   has_nio = any("nio_compile_s" in r for r in rows)
@@ -208,50 +211,51 @@ def main(argv=None):
     ),
   )
   rows = []
-  for depth in [int(d) for d in args.depths.split(",")]:
-    for norm in args.norms.split(","):
-      for scan in (True, False):
-        row = dict(model=f"resnet{depth}", norm=norm, scan=scan, depth=depth)
-        if not scan and (args.no_unrolled or depth > args.max_unrolled_depth):
-          row.update(
-            skipped="--no-unrolled"
-            if args.no_unrolled
-            else f"unrolled depth > {args.max_unrolled_depth} (trace+compile too slow on CPU)"
+  with machine.CpuWindow() as window:
+    for depth in [int(d) for d in args.depths.split(",")]:
+      for norm in args.norms.split(","):
+        for scan in (True, False):
+          row = dict(model=f"resnet{depth}", norm=norm, scan=scan, depth=depth)
+          if not scan and (args.no_unrolled or depth > args.max_unrolled_depth):
+            row.update(
+              skipped="--no-unrolled"
+              if args.no_unrolled
+              else f"unrolled depth > {args.max_unrolled_depth} (trace+compile too slow on CPU)"
+            )
+            rows.append(row)
+            print(row, flush=True)
+            continue
+          unroll = {"scan_unroll": args.scan_unroll} if scan else {}
+          model = models.get(f"resnet{depth}", norm=norm, scan=scan, dtype=None, **unroll)
+          variables, x = _abstract_variables(model, args.batch, dtype)
+          y = jax.ShapeDtypeStruct((args.batch,), jnp.int32)
+          has_bn = "batch_stats" in variables
+          rest = {k: v for k, v in variables.items() if k != "params"}
+          # as the library's trainer: canonical convolutions on XLA:CPU
+          lo, co = time_lower_compile(
+            jax.jit(canonical_convs(train_grad_fn(model, has_bn))), variables["params"], rest, x, y
           )
+          row.update(
+            params=models.count_params(variables["params"]),
+            lower_s=round(lo, 3),
+            compile_s=round(co, 3),
+            total_s=round(lo + co, 3),
+          )
+          if (
+            args.nio
+            and depth <= args.nio_max_depth
+            and ("scan" if scan else "unrolled") in args.nio_layouts.split(",")
+          ):
+            r = nio_step_hook(model, variables, x, y, has_bn)
+            if r is None:
+              row["nio_step"] = "make_nio_step not available"
+            else:
+              row.update(nio_lower_s=round(r[0], 3), nio_compile_s=round(r[1], 3))
           rows.append(row)
           print(row, flush=True)
-          continue
-        unroll = {"scan_unroll": args.scan_unroll} if scan else {}
-        model = models.get(f"resnet{depth}", norm=norm, scan=scan, dtype=None, **unroll)
-        variables, x = _abstract_variables(model, args.batch, dtype)
-        y = jax.ShapeDtypeStruct((args.batch,), jnp.int32)
-        has_bn = "batch_stats" in variables
-        rest = {k: v for k, v in variables.items() if k != "params"}
-        # as the library's trainer: canonical convolutions on XLA:CPU
-        lo, co = time_lower_compile(
-          jax.jit(canonical_convs(train_grad_fn(model, has_bn))), variables["params"], rest, x, y
-        )
-        row.update(
-          params=models.count_params(variables["params"]),
-          lower_s=round(lo, 3),
-          compile_s=round(co, 3),
-          total_s=round(lo + co, 3),
-        )
-        if (
-          args.nio
-          and depth <= args.nio_max_depth
-          and ("scan" if scan else "unrolled") in args.nio_layouts.split(",")
-        ):
-          r = nio_step_hook(model, variables, x, y, has_bn)
-          if r is None:
-            row["nio_step"] = "make_nio_step not available"
-          else:
-            row.update(nio_lower_s=round(r[0], 3), nio_compile_s=round(r[1], 3))
-        rows.append(row)
-        print(row, flush=True)
-        with open(out, "w") as f:  # keep partial results
-          json.dump(dict(meta=meta, results=rows), f, indent=1)
-
+          with open(out, "w") as f:  # keep partial results
+            json.dump(dict(meta=meta, results=rows), f, indent=1)
+  meta["quiet"] = machine.verdict(window.record())
   meta["loadavg_at_end"] = os.getloadavg()
   with open(out, "w") as f:
     json.dump(dict(meta=meta, results=rows), f, indent=1)

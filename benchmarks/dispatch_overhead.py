@@ -9,8 +9,11 @@ difference per step is the overhead the device loop removes (dispatch, transfers
     python -m benchmarks.dispatch_overhead --model cnn_small --steps 500 --reps 5
 
 Both loops are compiled first (one untimed run each); then `--reps` interleaved timed runs of
-each; medians are reported. Results: `benchmarks/results/dispatch_overhead_<platform>.json`
-and `.md`, with the device, versions, model, batch, dtype and the load average before/after.
+each; medians are reported. The compile and timed runs are one
+`nio_jax.bench.machine.CpuWindow`: the result file stores the other processes' CPU share and
+the quiet verdict (`meta["quiet"]`, NOISY above 5 %). Results:
+`benchmarks/results/dispatch_overhead_<platform>.json` and `.md`, with the device, versions,
+model, batch, dtype and the load average before/after.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import flax  # noqa: E402
 
 import nio_jax  # noqa: E402
 from nio_jax import models, scales  # noqa: E402
+from nio_jax.bench import machine  # noqa: E402
 from nio_jax.flax_utils import linen_loss_fn  # noqa: E402
 from nio_jax.search import run_scale_search  # noqa: E402
 
@@ -53,6 +57,27 @@ def build(name: str, batch: int, dtype, num_batches: int = 4):
     for i in range(num_batches)
   ]
   return linen_loss_fn(model), params, data
+
+
+def render_markdown(data: dict) -> str:
+  """The .md of one result JSON (`{"meta", "results"}`); "quiet verdict not recorded" for a
+  file written before the verdict was stored."""
+  meta, res = data["meta"], data["results"]
+  med, per_step = res["median_s"], res["per_step_ms"]
+  chunks = meta["num_chunks"]
+  return (
+    f"# Search loop dispatch overhead ({meta['device']}, jax {meta['jax']})\n\n"
+    f"NIO step, {meta['model']} {SMALL[meta['model']]}, batch {meta['batch']}, {meta['dtype']}, "
+    f"{'sample-wise' if chunks is None else f'batch setting D={chunks}'}, "
+    f"{meta['steps']} steps, median of {meta['reps']}. Load average "
+    f"{meta['loadavg_at_start'][0]:.2f} -> {meta['loadavg_at_end'][0]:.2f} on "
+    f"{meta['cpu_count']} cores; {machine.verdict_markdown(meta.get('quiet'))}.\n\n"
+    "| loop | total s | per step ms |\n|---|---|---|\n"
+    f"| host | {med['host']:.3f} | {per_step['host']:.3f} |\n"
+    f"| device (`lax.scan`) | {med['device']:.3f} | {per_step['device']:.3f} |\n\n"
+    f"Overhead removed: {res['overhead_per_step_ms']:.3f} ms per step "
+    f"(host / device = {res['host_over_device']:.2f}).\n"
+  )
 
 
 def main(argv=None):
@@ -114,11 +139,13 @@ def main(argv=None):
     jax.block_until_ready(r.scales)
     return time.perf_counter() - t0
 
-  t_compile = {"host": run(False), "device": run(True)}  # compile + first run
-  times = {"host": [], "device": []}
-  for _ in range(args.reps):
-    times["host"].append(run(False))
-    times["device"].append(run(True))
+  with machine.CpuWindow() as window:
+    t_compile = {"host": run(False), "device": run(True)}  # compile + first run
+    times = {"host": [], "device": []}
+    for _ in range(args.reps):
+      times["host"].append(run(False))
+      times["device"].append(run(True))
+  meta["quiet"] = machine.verdict(window.record())
   med = {k: float(np.median(v)) for k, v in times.items()}
   res = dict(
     first_run_s=t_compile,
@@ -134,19 +161,7 @@ def main(argv=None):
     json.dump(dict(meta=meta, results=res), f, indent=1)
   md = out[: -len(".json")] + ".md"
   with open(md, "w") as f:
-    f.write(
-      f"# Search loop dispatch overhead ({meta['device']}, jax {meta['jax']})\n\n"
-      f"NIO step, {args.model} {SMALL[args.model]}, batch {args.batch}, {meta['dtype']}, "
-      f"{'sample-wise' if num_chunks is None else f'batch setting D={num_chunks}'}, "
-      f"{args.steps} steps, median of {args.reps}. Load average "
-      f"{meta['loadavg_at_start'][0]:.2f} -> {meta['loadavg_at_end'][0]:.2f} on "
-      f"{meta['cpu_count']} cores.\n\n"
-      "| loop | total s | per step ms |\n|---|---|---|\n"
-      f"| host | {med['host']:.3f} | {res['per_step_ms']['host']:.3f} |\n"
-      f"| device (`lax.scan`) | {med['device']:.3f} | {res['per_step_ms']['device']:.3f} |\n\n"
-      f"Overhead removed: {res['overhead_per_step_ms']:.3f} ms per step "
-      f"(host / device = {res['host_over_device']:.2f}).\n"
-    )
+    f.write(render_markdown(dict(meta=meta, results=res)))
   print(json.dumps(res, indent=1))
   print("wrote", out, md)
 

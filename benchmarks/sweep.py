@@ -109,28 +109,9 @@ def committed_record(results, grid: dict, cell: dict, seed: int) -> dict | None:
   return rec if same else None
 
 
-def quiet_verdict(window: dict) -> dict:
-  """The quiet verdict of one run from its `nio_jax.bench.machine.CpuWindow` record.
-
-  Returns:
-    `{"other_cpu_share", "verdict", "threshold", ...}`: the share of the machine (wall time x
-    cores) that other processes used during the run (machine busy CPU time from /proc/stat
-    minus this process' own CPU time), `"NOISY"` above `machine.NOISE_SHARE` (5 %, the rule
-    of `shared/tools/quiet`), `"QUIET"` otherwise, None where /proc/stat is missing; plus the
-    window's figures (other / own CPU seconds, cores, wall seconds, load averages).
-  """
-  noisy = window.get("noisy")
-  return {
-    "other_cpu_share": window.get("other_share"),
-    "verdict": None if noisy is None else ("NOISY" if noisy else "QUIET"),
-    "threshold": machine.NOISE_SHARE,
-    "other_cpu_s": window.get("other_cpu_s"),
-    "own_cpu_s": window.get("own_cpu_s"),
-    "cores": window.get("cores"),
-    "wall_s": window.get("wall_s"),
-    "load_before": window.get("load_before"),
-    "load_after": window.get("load_after"),
-  }
+# The quiet verdict of one run from its `CpuWindow` record (`{"other_cpu_share", "verdict",
+# "threshold", ...}`, NOISY above 5 %); shared with the other benchmark scripts.
+quiet_verdict = machine.verdict
 
 
 def run_one(grid: dict, cell: dict, seed: int, root, results, log=print) -> dict:

@@ -135,7 +135,6 @@ def row(depth: int, batch: int, reps: int, budget_s: float, torch_on: bool) -> d
 
 def render_markdown(res: dict) -> str:
   env, win = res["environment"], res["window"]
-  verdict = "NOISY" if win.get("noisy") else "QUIET" if win.get("noisy") is False else "unknown"
   lines = [
     f"# A user's own training loop over the registry's ResNets ({env['device']}, "
     f"jax {env['versions'].get('jax')}, flax {env['versions'].get('flax')}, "
@@ -145,7 +144,7 @@ def render_markdown(res: dict) -> str:
     f"`models.get('resnet<depth>', norm='none')`, batch {res['batch']}, float32, synthetic "
     f"32x32x3 inputs; PyTorch twin with the same weights. {env['date_utc']}; load average "
     f"{win.get('load_before')} before, {win.get('load_after')} after, {win.get('cores')} "
-    f"cores; other processes' CPU share {win.get('other_share')}: **{verdict}**.",
+    f"cores; {machine.verdict_markdown(machine.verdict(win))}.",
     "",
     "| model | form | while loop | lower s | compile s | step ms | / PyTorch |",
     "|---|---|---|---|---|---|---|",

@@ -22,4 +22,12 @@ def test_dispatch_overhead_writes_result(tmp_path):
   np.testing.assert_allclose(
     res["overhead_per_step_ms"], 1e3 * (med["host"] - med["device"]) / 2, rtol=1e-9
   )
-  assert (tmp_path / "d.md").read_text().count("| host |") == 1
+  md = (tmp_path / "d.md").read_text()
+  assert md.count("| host |") == 1
+  # the quiet verdict of the compile and timed runs lands in the JSON and the Markdown
+  quiet = meta["quiet"]
+  assert quiet["verdict"] in ("QUIET", "NOISY", None) and quiet["threshold"] == 0.05
+  assert f"other processes' CPU share {quiet['other_cpu_share']}: **" in md
+  # a result file written before the verdict was stored still renders
+  del meta["quiet"]
+  assert "quiet verdict not recorded" in dispatch_overhead.render_markdown(rec)

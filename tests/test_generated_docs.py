@@ -106,6 +106,25 @@ def test_compile_time_skip_reason_names_the_flag(tmp_path, monkeypatch):
   assert "Command: `python -m benchmarks.compile_time --depths 20" in md
 
 
+def test_compile_time_stores_the_quiet_verdict(tmp_path, monkeypatch):
+  """The measuring phase's quiet verdict lands in the JSON and the .md; `--render` of a JSON
+  written before the verdict was stored says it was not recorded."""
+  from benchmarks import compile_time
+
+  out = tmp_path / "ct.json"
+  monkeypatch.setattr(compile_time, "time_lower_compile", lambda *a: (0.5, 1.5))
+  compile_time.main(["--depths", "20", "--norms", "none", "--no-unrolled", "--out", str(out)])
+  data = json.loads(out.read_text())
+  quiet = data["meta"]["quiet"]
+  assert quiet["verdict"] in ("QUIET", "NOISY", None) and quiet["threshold"] == 0.05
+  md = out.with_suffix(".md").read_text()
+  assert f"other processes' CPU share {quiet['other_cpu_share']}: **" in md
+  del data["meta"]["quiet"]
+  out.write_text(json.dumps(data))
+  compile_time.main(["--render", str(out)])
+  assert "; quiet verdict not recorded." in out.with_suffix(".md").read_text()
+
+
 if __name__ == "__main__":
   long, short = param_count_tables()
   for path, table in ((MODELS_DOC, long), (README, short)):

@@ -118,6 +118,40 @@ class CpuWindow:
     return rec
 
 
+def verdict(window: dict) -> dict:
+  """The quiet verdict of a measured part from its `CpuWindow.record`.
+
+  Returns:
+    `{"other_cpu_share", "verdict", "threshold", ...}`: the share of the machine (wall time x
+    cores) that other processes used during the part (machine busy CPU time from /proc/stat
+    minus this process' own CPU time), `"NOISY"` above `NOISE_SHARE` (5 %, the rule of
+    `shared/tools/quiet`), `"QUIET"` otherwise, None where /proc/stat is missing; plus the
+    window's figures (other / own CPU seconds, cores, wall seconds, load averages).
+  """
+  noisy = window.get("noisy")
+  return {
+    "other_cpu_share": window.get("other_share"),
+    "verdict": None if noisy is None else ("NOISY" if noisy else "QUIET"),
+    "threshold": NOISE_SHARE,
+    "other_cpu_s": window.get("other_cpu_s"),
+    "own_cpu_s": window.get("own_cpu_s"),
+    "cores": window.get("cores"),
+    "wall_s": window.get("wall_s"),
+    "load_before": window.get("load_before"),
+    "load_after": window.get("load_after"),
+  }
+
+
+def verdict_markdown(quiet: dict | None) -> str:
+  """A `verdict` as a Markdown phrase for a result file's header: "other processes' CPU
+  share 0.0046: **QUIET**" (**unknown** where /proc/stat was missing), or "quiet verdict
+  not recorded" for a result file written before the verdict was stored (`quiet` None)."""
+  if quiet is None:
+    return "quiet verdict not recorded"
+  word = quiet.get("verdict") or "unknown"
+  return f"other processes' CPU share {quiet.get('other_cpu_share')}: **{word}**"
+
+
 def maxrss_mb() -> float:
   """This process' peak resident set size so far, in MiB.
 
