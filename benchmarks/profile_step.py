@@ -241,6 +241,8 @@ def main(argv=None) -> dict:
   ap.add_argument("--batch", type=int, default=32)
   ap.add_argument("--parts", default="train,nio_sw,nio_b")
   ap.add_argument("--reps", type=int, default=5)
+  ap.add_argument("--form-sw", help="sample-wise 'pullback/conv' (default: the backend's)")
+  ap.add_argument("--form-b", help="batch-setting 'pullback/conv' (default: the backend's)")
   ap.add_argument("--no-torch", action="store_true")
   ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
   a = ap.parse_args(argv)
@@ -252,6 +254,8 @@ def main(argv=None) -> dict:
   backend = jax.default_backend()
   spec = workloads.build(a.model, a.batch)
   forms_sw, forms_b = workloads.default_formulations(backend, spec)
+  forms_sw = [a.form_sw] if a.form_sw else forms_sw
+  forms_b = [a.form_b] if a.form_b else forms_b
   tctx = None
   if not a.no_torch:
     tdev, _ = workloads.torch_device(backend)
@@ -285,7 +289,8 @@ def main(argv=None) -> dict:
   res["load_after"] = machine.load_average()
   out = pathlib.Path(a.out)
   out.mkdir(parents=True, exist_ok=True)
-  stem = out / f"profile_{a.model}_b{a.batch}_{backend}"
+  chosen = [f.replace("/", "-") for f in (a.form_sw, a.form_b) if f]
+  stem = out / "_".join([f"profile_{a.model}_b{a.batch}_{backend}", *chosen])
   stem.with_suffix(".json").write_text(json.dumps(res, indent=1))
   md = markdown(res)
   stem.with_suffix(".md").write_text(md)

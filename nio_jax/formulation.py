@@ -26,6 +26,12 @@ sample-wise setting is the batch setting with D = B one-example sub-batches, r =
           gradient is the weighted sum of its segments' gradients (batch setting only).
           With batch norm every segment would use its own statistics, which is not the
           released semantics: refused when the loss reduces over the batch axis.
+  "sites": the same segment gradients from ONE forward and backward over the whole batch:
+          each dense / conv / bias / scale operation's weight gradient is taken on the
+          segments' slices of its input and output cotangent
+          (`nio_jax.per_example_norms.segment_sums`), so the network is traced once instead
+          of once per segment (batch setting only; the same refusals as "norms": coupling,
+          shared weights, a leaf used by another operation).
 `conv`: how convolutions are evaluated (`nio_jax.jaxpr_rewrites.rewrite_convs`): "none" (as
   written), "slices" (k×k shifted slices @ kernel) or "im2col" (one matmul on the
   concatenated slices). Every pullback combines with every conv mode.
@@ -47,11 +53,11 @@ from nio_jax import checks, jaxpr_rewrites
 
 PyTree = Any
 
-PULLBACKS = ("vjp", "loop", "scan", "vmap", "map", "norms", "segments")
+PULLBACKS = ("vjp", "loop", "scan", "vmap", "map", "norms", "segments", "sites")
 SAMPLE_PULLBACKS = ("vjp", "loop", "scan", "vmap", "map", "norms")
 # The sample-wise pullbacks that build the per-example gradients (`per_example_grads`).
 GRAD_PULLBACKS = ("vjp", "loop", "scan", "vmap", "map")
-SUBBATCH_PULLBACKS = ("vjp", "loop", "scan", "segments")
+SUBBATCH_PULLBACKS = ("vjp", "loop", "scan", "segments", "sites")
 CONVS = ("none", *jaxpr_rewrites.CONV_MODES)
 
 
@@ -155,8 +161,8 @@ def auto_sample_pullback(loss_fn, params, batch, backend: str | None = None) -> 
   return "norms"
 
 
-def check_segments(loss_fn, params, batch) -> None:
-  """Refuses `pullback="segments"` for a loss that couples the examples (batch norm).
+def check_segments(loss_fn, params, batch, pullback: str = "segments") -> None:
+  """Refuses `pullback="segments"` (or "sites") for a loss that couples the examples.
 
   Raises:
     ValueError: `nio_jax.jaxpr_rewrites.couples_examples` found a reduction over the batch
@@ -164,7 +170,7 @@ def check_segments(loss_fn, params, batch) -> None:
   """
   if jaxpr_rewrites.couples_examples(loss_fn, params, batch):
     raise ValueError(
-      "pullback='segments' is exact only for models without cross-example coupling, and "
+      f"pullback={pullback!r} is exact only for models without cross-example coupling, and "
       "loss_fn reduces over the batch axis (batch norm?): each segment would use its own "
       "statistics. Use pullback='loop', 'vjp' or 'scan' (one forward over the whole batch)."
     )
@@ -194,7 +200,7 @@ def plan_formulation(loss_fn, params, batch, num_chunks, pullback, conv) -> Form
   patches = jaxpr_rewrites.im2col_bytes(loss_fn, params, batch)
   if patches == 0:
     return Formulation(pullback, conv)
-  if pullback in ("segments", "norms"):  # one forward and backward over the batch
+  if pullback in ("segments", "sites", "norms"):  # one forward and backward over the batch
     return Formulation(pullback, conv if 2 * patches <= budget else "none")
   if pullback in ("vmap", "map"):
     fit = int(b * budget // (2 * patches))  # examples whose patches fit at once
@@ -253,8 +259,8 @@ def resolve_formulation(
       pullback = auto_pullback
     else:
       pullback = auto_subbatch_pullback(loss_fn, params, batch, backend)
-  elif pullback == "segments":
-    check_segments(loss_fn, params, batch)
+  elif pullback in ("segments", "sites"):
+    check_segments(loss_fn, params, batch, pullback)
   conv = auto_conv if conv in ("auto", None) else conv
   form = plan_formulation(loss_fn, params, batch, num_chunks, pullback, conv)
   if num_chunks is None and chunk_size is not None:

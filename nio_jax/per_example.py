@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nio_jax import checks, formulation
+from nio_jax import checks, formulation, per_example_norms
 from nio_jax.formulation import Formulation
 
 PyTree = Any
@@ -148,26 +148,33 @@ def _pullback_rows(f, primal, w, pullback, group=None, remat=False):
   return losses, _in_groups(rows, w, group, remat)
 
 
-def _segment_grads(loss_fn, sel, rebuild, batch, num_chunks, overlap):
-  """(losses [B], [D, ...] sub-batch gradients) from one forward/backward per segment."""
+def _segment_grads(loss_fn, sel, rebuild, batch, num_chunks, overlap, sites=False):
+  """(losses [B], [D, ...] sub-batch gradients) from the segments' summed gradients.
+
+  Each segment gets its own forward and backward, or with `sites` all of them share one
+  (`nio_jax.per_example_norms.segment_sums`, which may raise `NormsUnsupported`).
+  """
   b = checks.batch_size(batch)
   segs = segment_bounds(b, num_chunks, overlap)
-  losses, seg_grads = [], []
-  for a, e in segs:
-    part = jax.tree_util.tree_map(lambda x: x[a:e], batch)
-    l, vjp = jax.vjp(lambda s: loss_fn(rebuild(s), part), sel)
-    losses.append(l)
-    seg_grads.append(vjp(jnp.ones_like(l))[0])  # sum of the segment's gradients
+  if sites:
+    losses, stacked = per_example_norms.segment_sums(loss_fn, sel, rebuild, batch, segs)
+  else:
+    losses, seg_grads = [], []
+    for a, e in segs:
+      part = jax.tree_util.tree_map(lambda x: x[a:e], batch)
+      l, vjp = jax.vjp(lambda s: loss_fn(rebuild(s), part), sel)
+      losses.append(l)
+      seg_grads.append(vjp(jnp.ones_like(l))[0])  # sum of the segment's gradients
+    losses = jnp.concatenate(losses)
+    stacked = [jnp.stack(gs) for gs in zip(*seg_grads)]
   # sub-batch i = (1/|i|) * sum of the segments it contains
   m = np.zeros((num_chunks, len(segs)), np.float64)
   for i, (a, e) in enumerate(subbatch_bounds(b, num_chunks, overlap)):
     for k, (sa, se) in enumerate(segs):
       if sa >= a and se <= e:
         m[i, k] = 1.0 / (e - a)
-  grads = jax.tree_util.tree_map(
-    lambda *gs: jnp.tensordot(jnp.asarray(m.astype(gs[0].dtype)), jnp.stack(gs), axes=1), *seg_grads
-  )
-  return jnp.concatenate(losses), grads
+  grads = [jnp.tensordot(jnp.asarray(m.astype(g.dtype)), g, axes=1) for g in stacked]
+  return losses, grads
 
 
 def sample_grads_selected(loss_fn, params, batch, form: Formulation, wrt=None):
@@ -219,6 +226,13 @@ def subbatch_grads_selected(loss_fn, params, batch, num_chunks, overlap, form, w
   loss_fn = formulation.with_conv(loss_fn, form.conv)
   sel, rebuild, _ = select_leaves(params, wrt)
   b = checks.batch_size(batch)
+  if form.pullback == "sites":
+    try:
+      return _segment_grads(loss_fn, sel, rebuild, batch, num_chunks, overlap, sites=True)
+    except per_example_norms.NormsUnsupported:
+      if form.fallback is None:
+        raise
+      form = form.fallback
   if form.pullback == "segments":
     return _segment_grads(loss_fn, sel, rebuild, batch, num_chunks, overlap)
   w = subbatch_weights(b, num_chunks, overlap, np.float64)  # cast to the losses' dtype later

@@ -1,4 +1,4 @@
-"""Sample-wise GradCosine without per-example gradients: `pullback="norms"`.
+"""GradCosine from each layer's inputs and output cotangents: `pullback="norms"` and `"sites"`.
 
 GradCosine needs only the per-example gradient norms `n_i = ‖g_i‖` and the sum of the unit
 vectors `S = Σ_i g_i / n_i` (`nio_jax.cosine`: `GC = (‖S‖² − B) / (B(B − 1))`). Neither needs
@@ -25,6 +25,11 @@ How (`unit_sum`):
 3. `S`: for a materialised site, `Σ_i g_i / n_i` of the per-example gradients step 2 built;
    for a ghost site, the weight VJP of the whole batch with the cotangents `b_i / n_i` (one
    weight-gradient product). No second backward through the network.
+
+The same sites give the batch setting's sub-batch gradients without a forward per segment
+(`segment_sums`, `pullback="sites"`): a segment's summed gradient is each site's weight
+gradient on the segment's slices `x[a:e]`, `b[a:e]`, so all segments share the one forward
+and backward of step 1.
 
 Everything is ordinary differentiable JAX (no `custom_vjp`, nothing detached), so the NIO
 search differentiates GC with respect to the scales through it, second order included, and
@@ -63,6 +68,9 @@ _NORM_PRESERVING_VIEWS = ("reshape", "transpose", "convert_element_type", "squee
 _VIEWS = (*_NORM_PRESERVING_VIEWS, "broadcast_in_dim", "expand_dims")
 # Operations that are linear (affine for add/sub) in one operand.
 _SITES = ("dot_general", "conv_general_dilated", "mul", "add", "sub")
+# What a refusal suggests instead: the same quantities through each example's (or
+# segment's) own forward.
+_ALTERNATIVE = {"norms": "vmap", "sites": "segments"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,16 +165,17 @@ def _over_stack(fn, depth, *args):
 class _Walker:
   """Evaluates a jaxpr with the sites' perturbations added (or, planning, finds the sites)."""
 
-  def __init__(self, batch_size: int, names: list[str], slice_aval: dict):
+  def __init__(self, batch_size: int, names: list[str], slice_aval: dict, pullback: str):
     self.b = batch_size
+    self.pullback = pullback  # the pullback that plans, for messages
     self.names = names  # the selected leaves' paths, for messages
     self.slice_aval = slice_aval  # (leaf, stack) -> the shape/dtype of one slice
     self.used = {}  # (leaf, stack) -> the site equation that uses it
 
   def unsupported(self, ref: _Ref, what: str):
     return NormsUnsupported(
-      f"pullback='norms' cannot use parameter leaf {self.names[ref.leaf]}: {what}. Use "
-      "pullback='vmap' (per-example gradients) for this model."
+      f"pullback={self.pullback!r} cannot use parameter leaf {self.names[ref.leaf]}: {what}. "
+      f"Use pullback={_ALTERNATIVE[self.pullback]!r} for this model."
     )
 
   def check_no_refs(self, refs, what: str):
@@ -350,10 +359,11 @@ def _flat_sites(plan, acts, cots):
       yield from _flat_sites(entry[2], a, c)
 
 
-def plan(loss_fn, sel, rebuild, batch):
+def plan(loss_fn, sel, rebuild, batch, pullback="norms"):
   """Finds the sites of `loss_fn` for the selected leaves (traceable: reads shapes only).
 
-  Returns `(closed jaxpr, walker, input refs, sites)` for `unit_sum`.
+  Returns `(closed jaxpr, walker, input refs, sites)` for `unit_sum`. `pullback` ("norms"
+  or "sites") is the name the messages give.
 
   Raises:
     NormsUnsupported: the loss couples the examples, or a selected leaf is not used as
@@ -363,16 +373,16 @@ def plan(loss_fn, sel, rebuild, batch):
   params = rebuild(sel)
   if jaxpr_rewrites.couples_examples(loss_fn, params, batch):
     raise NormsUnsupported(
-      "pullback='norms' needs per-example losses that do not interact, and loss_fn reduces "
-      "over the batch axis (batch norm?); use pullback='vjp' or 'loop' (one forward over the "
-      "whole batch)."
+      f"pullback={pullback!r} needs per-example losses that do not interact, and loss_fn "
+      "reduces over the batch axis (batch norm?); use pullback='vjp' or 'loop' (one forward "
+      "over the whole batch)."
     )
   b = checks.batch_size(batch)
   f = lambda s, bt: loss_fn(rebuild(s), bt)
   closed = jax.make_jaxpr(f)(sel, batch)
   n_sel = len(sel)
   paths = _leaf_names(params, sel)
-  walker = _Walker(b, paths, {(i, ()): _aval(x) for i, x in enumerate(sel)})
+  walker = _Walker(b, paths, {(i, ()): _aval(x) for i, x in enumerate(sel)}, pullback)
   refs = [_Ref(i, (), ()) for i in range(n_sel)] + [None] * (len(closed.jaxpr.invars) - n_sel)
   found = []
 
@@ -398,6 +408,59 @@ def _leaf_names(params, sel):
   return names
 
 
+def _sites_with_cotangents(loss_fn, sel, rebuild, batch, pullback):
+  """`(losses [B], [(site, x, b)])`: every site's input and output cotangent, one forward and
+  one backward of the summed losses (`b_i = ∂ℓ_i/∂y_i`; see `plan` for what is refused)."""
+  closed, walker, refs, found = plan(loss_fn, sel, rebuild, batch, pullback)
+  args = jax.tree_util.tree_leaves((sel, batch))
+
+  def tapped(perts):
+    outs, acts, _ = walker.run(closed.jaxpr, closed.consts, args, refs, perts, None)
+    return outs[0], acts
+
+  losses, pull, acts = jax.vjp(tapped, _zeros_like_plan(found), has_aux=True)
+  (cots,) = pull(jnp.ones_like(losses))
+  return losses, list(_flat_sites(found, acts, cots))
+
+
+def segment_sums(loss_fn, sel, rebuild, batch, segments):
+  """`(losses [B], [S, *leaf.shape] per selected leaf)`: each segment's summed gradient.
+
+  Segment `k = (a, e)` gets `Σ_{a ≤ i < e} ∂ℓ_i/∂leaf`, from one forward and one backward
+  over the whole batch: each site's weight gradient is taken on the slices `x[a:e]`,
+  `b[a:e]` of its input and output cotangent (the site is linear in its leaf, so this is
+  the segment's sum exactly). So the segments share one trace of the network instead of one
+  forward and backward each (`nio_jax.per_example`'s "segments"), and the work is one
+  training step's. Traceable and differentiable (second order included) like `unit_sum`.
+
+  Args:
+    loss_fn, sel, rebuild, batch: as in `unit_sum`.
+    segments: `[(a, e)]` half-open example ranges that cut `[0, B)` in order.
+
+  Raises:
+    NormsUnsupported: see `plan`.
+  """
+  losses, sites = _sites_with_cotangents(loss_fn, sel, rebuild, batch, "sites")
+  sizes = [e - a for a, e in segments]
+  if [a for a, _ in segments] != [0, *np.cumsum(sizes)[:-1].tolist()] or sum(sizes) != len(losses):
+    raise ValueError(f"segments {segments} do not cut [0, {len(losses)}) in order.")
+
+  def per_segment(site, xx, bb):  # [S, *slice]; lax.split transposes to one concatenate
+    parts = zip(jax.lax.split(xx, sizes), jax.lax.split(bb, sizes))
+    return jnp.stack([site.weight_vjp(xs, bs) for xs, bs in parts])
+
+  out: list = [None] * len(sel)
+  for site, x, b in sites:
+    depth = len(site.stack)
+    g = _over_stack(lambda xx, bb, site=site: per_segment(site, xx, bb), depth, x, b)
+    g = jnp.moveaxis(g, depth, 0)  # [S, *stack, *slice]
+    out[site.leaf] = jnp.reshape(g, (len(segments), *jnp.shape(sel[site.leaf])))
+  for i, leaf in enumerate(sel):  # a selected leaf the loss does not use
+    if out[i] is None:
+      out[i] = jnp.zeros((len(segments), *jnp.shape(leaf)), jnp.result_type(leaf))
+  return losses, out
+
+
 def unit_sum(loss_fn, sel, rebuild, batch):
   """`(losses [B], Σ_i u_i per selected leaf, norms [B])` without per-example gradients.
 
@@ -413,16 +476,7 @@ def unit_sum(loss_fn, sel, rebuild, batch):
   Raises:
     NormsUnsupported: see `plan`.
   """
-  closed, walker, refs, found = plan(loss_fn, sel, rebuild, batch)
-  args = jax.tree_util.tree_leaves((sel, batch))
-
-  def tapped(perts):
-    outs, acts, _ = walker.run(closed.jaxpr, closed.consts, args, refs, perts, None)
-    return outs[0], acts
-
-  losses, pull, acts = jax.vjp(tapped, _zeros_like_plan(found), has_aux=True)
-  (cots,) = pull(jnp.ones_like(losses))
-  sites = list(_flat_sites(found, acts, cots))
+  losses, sites = _sites_with_cotangents(loss_fn, sel, rebuild, batch, "norms")
   acc = jnp.promote_types(losses.dtype, jnp.float32)
   sq = jnp.zeros(losses.shape, acc)
   grads = {}  # materialised sites: their per-example gradients, [*stack, B, *slice]

@@ -4,6 +4,10 @@ import pytest
 
 # Tests run on CPU; keep XLA from grabbing every core's worth of threads per worker.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The CLI's persistent compilation cache (nio_jax.compile_cache) stays off in tests: a test
+# compiles afresh and writes nothing under ~/.cache (tests/test_compile_cache.py turns it on
+# in a subprocess with its own directory).
+os.environ.setdefault("NIO_JAX_COMPILE_CACHE", "0")
 
 
 def pytest_addoption(parser):

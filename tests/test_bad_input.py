@@ -114,7 +114,10 @@ def test_mismatched_batch_leaves():
     ({"overlap": 1.2}, "outside"),
     ({"num_chunks": 1}, "at least 2"),
     ({"typo": 1}, "unknown NIO config"),
-    ({"pullback": "magic"}, "unknown pullback 'magic'; known: vjp, loop, scan, segments, auto"),
+    (
+      {"pullback": "magic"},
+      "unknown pullback 'magic'; known: vjp, loop, scan, segments, sites, auto",
+    ),
     ({"pullback": "vmap"}, "pullback='vmap' does not exist in the batch setting"),
     (
       {"num_chunks": None, "overlap": 0.0, "pullback": "segments"},

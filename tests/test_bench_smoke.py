@@ -126,7 +126,7 @@ def test_formulation_options(capsys):
   assert workloads.split_form("vjp/slices") == {"pullback": "vjp", "conv": "slices"}
   with pytest.raises(SystemExit):
     engine.parse(["--pullback-b", "vmap"])
-  assert "unknown --pullback-b 'vmap'; valid: vjp, loop, scan, segments, auto" in (
+  assert "unknown --pullback-b 'vmap'; valid: vjp, loop, scan, segments, sites, auto" in (
     capsys.readouterr().err
   )
 

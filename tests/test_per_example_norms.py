@@ -1,4 +1,5 @@
-"""`pullback="norms"`: GradCosine from per-layer norms equals the per-example gradients' one.
+"""`pullback="norms"` and `"sites"`: GradCosine from per-layer quantities equals the one of
+the per-example (or sub-batch) gradients.
 
 References in float64: a Python loop of `jax.grad` per example (norms and GC, via the brute
 force D×D cosine matrix), and for the second order (the NIO step differentiates GC) the
@@ -16,7 +17,7 @@ import numpy as np
 import pytest
 
 import nio_jax
-from nio_jax import cosine, formulation, models, per_example_norms
+from nio_jax import cosine, formulation, models, per_example, per_example_norms
 
 
 class _Block(nn.Module):
@@ -208,3 +209,62 @@ def test_batch_setting_refuses_norms():
   loss_fn, params, batch = CASES["mlp"]()
   with pytest.raises(ValueError, match="pullback='norms' does not exist in the batch setting"):
     cosine.gradcosine(loss_fn, params, batch, num_chunks=2, pullback="norms")
+
+
+# `pullback="sites"` (batch setting): the segments' gradients from one forward and backward.
+
+
+def _subbatch_ref(loss_fn, params, batch, b, d, r):
+  bounds = per_example.subbatch_bounds(b, d, r)
+  return [jax.grad(lambda p, a=a, e=e: loss_fn(p, batch)[a:e].mean())(params) for a, e in bounds]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_sites_subbatch_grads_and_second_order(case):
+  """Sub-batch gradients against a loop of `jax.grad`; ∂(GC + 0.1·gn)/∂params against the
+  `loop` formulation (one forward, D backwards)."""
+  with jax.enable_x64(True):
+    loss_fn, params, batch = {
+      "mlp": lambda: _setup(MLP(), (4, 3), b=10),
+      "conv_scan": lambda: _setup(ConvNet(), (7, 7, 2), b=10),
+      "tokens_layernorm": lambda: _setup(TokenNet(), (2, 5), b=10),
+    }[case]()
+    ref = _subbatch_ref(loss_fn, params, batch, 10, 3, 0.2)
+    form = formulation.resolve_formulation(loss_fn, params, batch, 3, "sites", "none")
+    losses, got = per_example.subbatch_grads_selected(loss_fn, params, batch, 3, 0.2, form)
+    np.testing.assert_allclose(losses, loss_fn(params, batch), rtol=1e-12)
+    for i, r in enumerate(ref):
+      for g, want in zip(got, jax.tree_util.tree_leaves(r)):
+        np.testing.assert_allclose(g[i], want, rtol=1e-9, atol=1e-12)
+
+    def grad_gc(pullback):
+      f = lambda p: cosine.gradcosine_stats(
+        loss_fn, p, batch, num_chunks=3, overlap=0.2, pullback=pullback, conv="im2col"
+      )
+      return jax.grad(lambda p: f(p).gc + 0.1 * f(p).grad_norm)(params)
+
+    for a, b in zip(
+      jax.tree_util.tree_leaves(grad_gc("sites")), jax.tree_util.tree_leaves(grad_gc("loop"))
+    ):
+      np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-12)
+
+
+def test_sites_refusals_name_the_pullback():
+  with jax.enable_x64(True):
+    model = Tied()
+    x = jax.random.normal(jax.random.key(1), (6, 3), jnp.float64)
+    params = model.init(jax.random.key(0), x)["params"]
+    loss_fn = lambda p, bt: jnp.sum(model.apply({"params": p}, bt) ** 2, axis=1)
+    with pytest.raises(
+      per_example_norms.NormsUnsupported,
+      match=r"pullback='sites' cannot use parameter leaf \['w'\].*more than one.*'segments'",
+    ):
+      cosine.gradcosine(loss_fn, params, x, num_chunks=2, pullback="sites")
+    loss_fn, params, batch = CASES["mlp"]()
+    sel, treedef = jax.tree_util.tree_flatten(params)
+    rebuild = lambda s: jax.tree_util.tree_unflatten(treedef, s)
+    with pytest.raises(ValueError, match=r"do not cut \[0, 6\) in order"):
+      per_example_norms.segment_sums(loss_fn, sel, rebuild, batch, [(0, 2), (3, 6)])
+    coupled = lambda p, bt: loss_fn(p, bt) - jnp.mean(loss_fn(p, bt))
+    with pytest.raises(ValueError, match="pullback='sites' is exact only for models without"):
+      cosine.gradcosine(coupled, params, batch, num_chunks=2, pullback="sites")

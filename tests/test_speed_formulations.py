@@ -118,9 +118,13 @@ def test_sample_formulations_equal_loop_of_grads(pullback, conv):
 def test_subbatch_formulations_equal_loop_of_grads(pullback, conv, bn):
   with jax.enable_x64(True):
     loss_fn, params, batch = _setup(bn=bn, b=10)
-    if pullback == "segments" and bn:  # not exact with batch norm: refused, named
-      with pytest.raises(ValueError, match="pullback='segments' is exact only .*batch norm"):
+    if pullback in ("segments", "sites") and bn:  # not exact with batch norm: refused, named
+      with pytest.raises(ValueError, match=f"pullback='{pullback}' is exact only .*batch norm"):
         cosine.gradcosine(loss_fn, params, batch, num_chunks=3, overlap=0.2, pullback=pullback)
+      return
+    if pullback == "sites" and conv == "slices":  # the kernel is sliced: not one operation
+      with pytest.raises(ValueError, match="pullback='sites' cannot use .*used by `slice`"):
+        _subbatch_grads(loss_fn, params, batch, 3, 0.2, pullback, conv)
       return
     bounds = per_example.subbatch_bounds(10, 3, 0.2)
     ref = [jax.grad(lambda p, a=a, e=e: loss_fn(p, batch)[a:e].mean())(params) for a, e in bounds]
@@ -137,7 +141,17 @@ def test_subbatch_formulations_equal_loop_of_grads(pullback, conv, bn):
   "setting,forms",
   [
     (None, (("vmap", "none"), ("vmap", "im2col"), ("vjp", "slices"), ("map", "im2col"))),
-    (3, (("loop", "none"), ("segments", "im2col"), ("loop", "im2col"), ("scan", "slices"))),
+    (
+      3,
+      (
+        ("loop", "none"),
+        ("segments", "im2col"),
+        ("sites", "im2col"),
+        ("sites", "none"),
+        ("loop", "im2col"),
+        ("scan", "slices"),
+      ),
+    ),
   ],
 )
 def test_second_order_same_across_formulations(setting, forms):
@@ -195,7 +209,7 @@ def test_default_formulation_per_backend_as_documented():
     (None, "segments", "none", "pullback='segments' does not exist in the sample-wise"),
     (4, "vmap", "none", "pullback='vmap' does not exist in the batch setting; valid there: vjp"),
     (4, "map", "none", "does not exist in the batch setting; valid there: vjp, loop, scan"),
-    (4, "grad", "none", "unknown pullback 'grad'; known: vjp, loop, scan, segments, auto"),
+    (4, "grad", "none", "unknown pullback 'grad'; known: vjp, loop, scan, segments, sites, auto"),
     (None, "vjp", "fft", "unknown conv 'fft'; known: none, slices, im2col, auto"),
   ],
 )
@@ -302,7 +316,7 @@ def test_im2col_memory_guard_groups_then_falls_back(monkeypatch):
     jaxpr = str(jax.make_jaxpr(lambda p: stats(p, None, "vmap"))(params))
     assert "while" in jaxpr or "scan" in jaxpr
     # ... while one row next to the forward patches (P·2) does not fit: plain convolutions.
-    for pb in ("loop", "vjp", "scan", "segments"):
+    for pb in ("loop", "vjp", "scan", "segments", "sites"):
       assert plan(3, pb) == formulation.Formulation(pb, "none", None)
     assert plan(None, "vjp") == formulation.Formulation("vjp", "none", None)
     assert not _has_remat(lambda p: stats(p, 3, "loop"), params)

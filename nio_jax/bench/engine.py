@@ -79,8 +79,8 @@ def check_gradcosine(row, spec, parts, forms_sw, forms_b, tctx):
       continue
     r = workloads.NIO_B_OVERLAP if d else 0.0
     form = forms_sw[0] if d is None else forms_b[0]
-    if spec["has_bn"] and workloads.split_form(form)["pullback"] == "segments":
-      form = "loop/" + workloads.split_form(form)["conv"]  # segments is refused with batch norm
+    if spec["has_bn"] and workloads.split_form(form)["pullback"] in workloads.UNCOUPLED_ONLY:
+      form = "loop/" + workloads.split_form(form)["conv"]  # refused with batch norm
     wrt = leaves.resolve_grad_filter("default", spec["loss_fn"], spec["params"])
     st = workloads.jax_gradcosine(spec["loss_fn"], spec["params"], jbatch, d, r, wrt, form)
     jgc = float(st.gc)
@@ -212,8 +212,11 @@ def run_row(name, batch, parts, args, tdev, tdev_why, peak):
     args.pullback_b, args.conv_b, workloads.NIO_B_CHUNKS, backend, spec
   )
   row.d["forms_sw"], row.d["forms_b"] = forms_sw, forms_b
-  if spec["has_bn"] and any(workloads.split_form(f)["pullback"] == "segments" for f in forms_b):
-    row.note("pullback=segments not timed: refused with batch norm (not exact)")
+  uncoupled = [
+    f for f in forms_b if workloads.split_form(f)["pullback"] in workloads.UNCOUPLED_ONLY
+  ]
+  if spec["has_bn"] and uncoupled:
+    row.note(f"{', '.join(uncoupled)} not timed: refused with batch norm (not exact)")
   tctx = workloads.build_torch(spec, tdev) if tdev is not None else None
   if tctx is None:
     row.note(f"PyTorch absent: {tdev_why}")

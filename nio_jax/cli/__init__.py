@@ -27,6 +27,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from nio_jax import compile_cache
 from nio_jax.cli.commands import (
   cmd_bench,
   cmd_compare,
@@ -127,6 +128,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.overrides = overrides
     if overrides and args.command in ("report",):
       raise ConfigError("report takes no config overrides")
+    if args.command != "report":  # the steps compile once per machine (nio_jax.compile_cache)
+      print(f"nio-jax: {compile_cache.enable()}", file=sys.stderr)
     return int(args.fn(args) or 0)
   except ConfigError as e:
     print(f"nio-jax: error: {e}", file=sys.stderr)
