@@ -230,6 +230,11 @@ def markdown(res: dict) -> str:
   if res.get("quiet"):  # added to the JSON afterwards from `../shared/tools/quiet`'s verdict
     lines.append(f"`../shared/tools/quiet` on this run: `{res['quiet']}`.")
     lines.append("")
+  if res.get("window"):  # the run's own CpuWindow (profiles from 2026-12-06 on)
+    from nio_jax.bench import machine  # noqa: PLC0415
+
+    lines.append(f"This run: {machine.verdict_markdown(machine.verdict(res['window']))}.")
+    lines.append("")
   return "\n".join(lines)
 
 
@@ -274,18 +279,20 @@ def main(argv=None) -> dict:
     load_before=machine.load_average(),
     parts={},
   )
-  for part in a.parts.split(","):
-    try:
-      jfns, torch_fn = workloads.part_fns(part, spec, forms_sw[:1], forms_b[:1], tctx)
-    except workloads.PartSkipped as e:
-      print(f"[profile] {part}: skipped ({e})", flush=True)
-      continue
-    form, (fn, args) = next(iter(jfns.items()))
-    print(f"[profile] {part} ({form}) ...", flush=True)
-    ent = dict(form=form, jax=profile_jax(fn, args, a.reps))
-    if torch_fn is not None:
-      ent["torch"] = profile_torch(torch_fn, a.reps)
-    res["parts"][part] = ent
+  with machine.CpuWindow() as window:
+    for part in a.parts.split(","):
+      try:
+        jfns, torch_fn = workloads.part_fns(part, spec, forms_sw[:1], forms_b[:1], tctx)
+      except workloads.PartSkipped as e:
+        print(f"[profile] {part}: skipped ({e})", flush=True)
+        continue
+      form, (fn, args) = next(iter(jfns.items()))
+      print(f"[profile] {part} ({form}) ...", flush=True)
+      ent = dict(form=form, jax=profile_jax(fn, args, a.reps))
+      if torch_fn is not None:
+        ent["torch"] = profile_torch(torch_fn, a.reps)
+      res["parts"][part] = ent
+  res["window"] = window.record()
   res["load_after"] = machine.load_average()
   out = pathlib.Path(a.out)
   out.mkdir(parents=True, exist_ok=True)

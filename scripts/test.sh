@@ -10,4 +10,5 @@ export JAX_PLATFORMS=cpu
 # One code style (configured in pyproject.toml): fail fast before the long suite.
 ruff format --check .
 ruff check .
-exec python -m pytest -n "${NIO_JAX_TEST_WORKERS:-2}" --timeout 1200 -q "$@"
+# --durations: the slowest tests are listed, to keep the suite within its ~15 min budget.
+exec python -m pytest -n "${NIO_JAX_TEST_WORKERS:-2}" --timeout 1200 --durations=30 -q "$@"

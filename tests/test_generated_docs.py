@@ -72,7 +72,13 @@ def test_param_count_tables_are_generated_from_the_registry():
   assert _between(README) == short, "README.md stale: python -m tests.test_generated_docs"
 
 
-RENDERED = {"compile_time_": "compile_time", "scaling_": "scaling"}
+RENDERED = {
+  "compile_time_": "compile_time",
+  "scaling_": "scaling",
+  "compile_cache_": "compile_cache",
+  "user_loop_": "user_loop",
+  "dispatch_overhead_": "dispatch_overhead",
+}
 RESULTS = sorted(
   p
   for p in (ROOT / "benchmarks" / "results").glob("*.json")
@@ -133,3 +139,29 @@ if __name__ == "__main__":
       text[: text.index(BEGIN) + len(BEGIN)] + "\n" + table + "\n" + text[text.index(END) :]
     )
     print("wrote", path)
+
+
+def test_compile_cache_rows_and_verdict(tmp_path, monkeypatch):
+  """Every formulation gets a cold and a cached process on one cache directory; an extra XLA
+  flag set only a cold one, with its flags passed on; the verdict lands in the .md."""
+  from benchmarks import compile_cache
+
+  calls = []
+
+  def fake_child(model, form, batch, reps, cache_dir, flags=""):
+    calls.append((form, flags, cache_dir))
+    return dict(cache=cache_dir, lower_s=1.0, compile_s=2.0, first_run_s=0.5, step_s=0.25)
+
+  monkeypatch.setattr(compile_cache, "child", fake_child)
+  compile_cache.main(["--forms", "a/b", "--xla-flags=--x=1", "--out", str(tmp_path)])
+  assert [(f, fl) for f, fl, _ in calls] == [("a/b", ""), ("a/b", ""), ("a/b", "--x=1")]
+  assert calls[0][2] == calls[1][2]  # the cached process reads the cold one's directory
+  data = json.loads(next(tmp_path.glob("compile_cache_*.json")).read_text())
+  assert [sorted(r) for r in data["rows"]] == [
+    ["cached", "cold", "flags", "form"],
+    ["cold", "flags", "form"],
+  ]
+  md = next(tmp_path.glob("compile_cache_*.md")).read_text()
+  assert "| a/b | - | cached | 1.0 | 2.0 | 3.0 | 0.5 | 0.25 |" in md
+  assert "| a/b | --x=1 | cold |" in md
+  assert "other processes' CPU share" in md
