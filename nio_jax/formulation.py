@@ -285,6 +285,17 @@ def resolve_conv(conv: str | None = "auto", backend: str | None = None) -> str:
   return default_formulation(2, backend)[1] if conv in ("auto", None) else conv
 
 
+def guard_conv(loss_fn: Callable, params: PyTree, batch: PyTree, conv: str) -> str:
+  """`conv` for a step of one training step's second-order work (GradInit, MetaInit), after
+  the im2col memory guard: "none" where the forward patches and their cotangents (2·P,
+  `jaxpr_rewrites.im2col_bytes`) would exceed `IM2COL_MAX_BYTES`, the rule
+  `plan_formulation` applies to "segments", "sites" and "norms". Traceable (reads shapes)."""
+  budget = IM2COL_MAX_BYTES
+  if conv != "im2col" or budget is None:
+    return conv
+  return conv if 2 * jaxpr_rewrites.im2col_bytes(loss_fn, params, batch) <= budget else "none"
+
+
 def with_conv(loss_fn: Callable, conv: str) -> Callable:
   """`loss_fn` with its convolutions evaluated as `conv` ("none": as written)."""
   return loss_fn if conv == "none" else jaxpr_rewrites.rewrite_convs(loss_fn, conv)

@@ -138,21 +138,23 @@ def init_search_scales(loss_fn: Callable, params: PyTree, cfg, *, select: Any):
   )
 
 
-def conv_step(update: Callable, loss_fn: Callable, cfg, spec, params0, *state):
-  """`update(loss_fn', cfg', spec, params0, *state)` of GradInit / MetaInit, with the loss's
-  convolutions as `cfg.conv` ("auto": im2col on CPU, where their second-order products'
-  convolutions are slow; plain ones run in the canonical layout XLA:CPU needs).
+def conv_step(update: Callable, loss_fn: Callable, cfg, spec, params0, scales, state, batch, *rest):
+  """`update(loss_fn', cfg', spec, params0, scales, state, batch, *rest)` of GradInit /
+  MetaInit, with the loss's convolutions as `cfg.conv` ("auto": im2col on CPU, where their
+  second-order products' convolutions are slow; plain ones run in the canonical layout
+  XLA:CPU needs). im2col falls back to plain convolutions where its patches for `batch` do
+  not fit the memory guard (`formulation.guard_conv`).
 
   `cfg.grad_filter` is resolved from the loss as written, before the rewrite: it turns
   convolutions into matmuls, which `nio_jax.leaves` would classify differently.
   """
-  conv = formulation.resolve_conv(cfg.conv)
+  conv = formulation.guard_conv(loss_fn, params0, batch, formulation.resolve_conv(cfg.conv))
   grad_filter = leaves.resolve_grad_filter(cfg.grad_filter, loss_fn, params0)
   cfg = dataclasses.replace(cfg, grad_filter=grad_filter)
   fn = functools.partial(update, formulation.with_conv(loss_fn, conv), cfg)
   if conv == "none":
     fn = jaxpr_rewrites.canonical_convs(fn)
-  return fn(spec, params0, *state)
+  return fn(spec, params0, scales, state, batch, *rest)
 
 
 def shard_search(mesh, trees, batches):

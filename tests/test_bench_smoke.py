@@ -28,7 +28,7 @@ def test_bench_mlp_batch8(tmp_path):
       "--reps",
       "1",
       "--parts",
-      "gc,nio_b,train",
+      "pe,gc,nio_sw,nio_b,train",
       "--pullback-b",
       "loop,scan",
       "--conv-b",
@@ -53,7 +53,7 @@ def test_bench_mlp_batch8(tmp_path):
   assert row["model"] == "mlp" and row["batch"] == 8
   assert not row["flagged"], row["gc_check"]
   assert row["gc_check"]["sample"]["ok"] and row["gc_check"]["batch"]["ok"]
-  for part in ("gc", "nio_b", "train"):
+  for part in ("pe", "gc", "nio_sw", "nio_b", "train"):  # every part but the searches (below)
     ent = row["parts"][part]
     jax_keys = [k for k in ent if k.startswith("jax[")]
     assert jax_keys and all("median_s" in ent[k] and "compile_s" in ent[k] for k in jax_keys)

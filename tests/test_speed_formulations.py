@@ -356,3 +356,38 @@ def test_grouped_second_order_equals_ungrouped(monkeypatch, setting, pb):
       2,
     )
     np.testing.assert_allclose(grad_gc(), ref, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", ["gradinit", "metainit"])
+def test_search_steps_apply_the_im2col_memory_guard(monkeypatch, method):
+  """GradInit and MetaInit run im2col where 2·P fits `IM2COL_MAX_BYTES` and plain (canonical)
+  convolutions where it does not, like the NIO step's one-forward pullbacks."""
+  from nio_jax import scales as scmod
+  from nio_jax.methods.gradinit import GradInitConfig, make_gradinit_step
+  from nio_jax.methods.metainit import MetaInitConfig, make_metainit_step
+
+  loss_fn, params, batch = _setup(b=4)
+  params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params)
+  batch = {"x": batch["x"].astype(jnp.float32), "y": batch["y"]}
+  need = 2 * jaxpr_rewrites.im2col_bytes(loss_fn, params, batch)
+  assert formulation.guard_conv(loss_fn, params, batch, "slices") == "slices"
+  s0, spec = scmod.init_scales(params)
+
+  def convs(budget):
+    monkeypatch.setattr(formulation, "IM2COL_MAX_BYTES", budget)
+    assert formulation.guard_conv(loss_fn, params, batch, "im2col") == (
+      "im2col" if budget >= need else "none"
+    )
+    fresh = lambda p, bt: loss_fn(p, bt)  # a new loss: no step traced with another budget
+    if method == "gradinit":
+      cfg = GradInitConfig.create(None, batch_size=4, conv="im2col")
+      step, txo, _ = make_gradinit_step(fresh, spec, cfg)
+      args = (params, s0, txo.init(s0), batch, batch)
+    else:
+      cfg = MetaInitConfig.create(conv="im2col")
+      step, init_state = make_metainit_step(fresh, spec, cfg)
+      args = (params, s0, init_state(s0), batch)
+    return str(jax.make_jaxpr(step)(*args)).count("conv_general_dilated")
+
+  assert convs(need) == 0
+  assert convs(need - 1) > 0
