@@ -7,6 +7,8 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent("""
@@ -70,6 +72,7 @@ def run_on_8_devices(script: str) -> str:
   return out.stdout
 
 
+@pytest.mark.slow  # 60-90 s on 2 cores: CI runs it (NIO_JAX_SLOW=1)
 def test_data_parallel_nio_equals_single_device():
   assert "OK" in run_on_8_devices(SCRIPT)
 
@@ -193,6 +196,7 @@ SCALE_OUT_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # 60-90 s on 2 cores: CI runs it (NIO_JAX_SLOW=1)
 def test_data_parallel_gradinit_metainit_and_training_equal_single_device():
   stdout = run_on_8_devices(SCALE_OUT_SCRIPT)
   assert "OK" in stdout

@@ -100,7 +100,9 @@ def _saved_layout(ckpt_dir, step):
 
 
 @pytest.mark.parametrize(
-  "first_scan", [True, False], ids=["scanned_to_unrolled", "unrolled_to_scanned"]
+  "first_scan",
+  [True, pytest.param(False, marks=pytest.mark.slow)],
+  ids=["scanned_to_unrolled", "unrolled_to_scanned"],
 )
 def test_resume_in_the_other_layout_continues_exactly(tmp_path, first_scan):
   """A BN run with momentum stopped after 2 steps and resumed with the other `scan` setting

@@ -100,7 +100,10 @@ def test_norms_and_gc_equal_loop_of_grads(case, conv):
     np.testing.assert_allclose(st.loss, loss_fn(params, batch).mean(), rtol=1e-12)
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize(
+  "case",
+  [pytest.param(c, marks=pytest.mark.slow) if c == "conv_scan" else c for c in sorted(CASES)],
+)
 def test_second_order_equals_per_example_gradients(case):
   """∂GC/∂params (what the NIO search differentiates) equals the vmap formulation's."""
   with jax.enable_x64(True):
@@ -219,7 +222,10 @@ def _subbatch_ref(loss_fn, params, batch, b, d, r):
   return [jax.grad(lambda p, a=a, e=e: loss_fn(p, batch)[a:e].mean())(params) for a, e in bounds]
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize(
+  "case",
+  [pytest.param(c, marks=pytest.mark.slow) if c == "conv_scan" else c for c in sorted(CASES)],
+)
 def test_sites_subbatch_grads_and_second_order(case):
   """Sub-batch gradients against a loop of `jax.grad`; ∂(GC + 0.1·gn)/∂params against the
   `loop` formulation (one forward, D backwards)."""

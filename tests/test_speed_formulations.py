@@ -99,8 +99,17 @@ def _assert_rows_equal(got, ref):
     np.testing.assert_allclose(_flat([g[i] for g in got]), _flat(r), rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("conv", formulation.CONVS)
-@pytest.mark.parametrize("pullback", formulation.GRAD_PULLBACKS)
+def _cases(pullbacks, keep):
+  """(pullback, conv) pairs; the `slices` conv mode (a default nowhere) is slow except with
+  the pullbacks in `keep`: CI runs them all (NIO_JAX_SLOW=1)."""
+  return [
+    pytest.param(pb, cv, marks=pytest.mark.slow) if cv == "slices" and pb not in keep else (pb, cv)
+    for pb in pullbacks
+    for cv in formulation.CONVS
+  ]
+
+
+@pytest.mark.parametrize("pullback,conv", _cases(formulation.GRAD_PULLBACKS, ("vmap",)))
 def test_sample_formulations_equal_loop_of_grads(pullback, conv):
   with jax.enable_x64(True):
     loss_fn, params, batch = _setup()
@@ -113,8 +122,7 @@ def test_sample_formulations_equal_loop_of_grads(pullback, conv):
 
 
 @pytest.mark.parametrize("bn", [False, True])
-@pytest.mark.parametrize("conv", formulation.CONVS)
-@pytest.mark.parametrize("pullback", formulation.SUBBATCH_PULLBACKS)
+@pytest.mark.parametrize("pullback,conv", _cases(formulation.SUBBATCH_PULLBACKS, ("loop", "sites")))
 def test_subbatch_formulations_equal_loop_of_grads(pullback, conv, bn):
   with jax.enable_x64(True):
     loss_fn, params, batch = _setup(bn=bn, b=10)
@@ -140,14 +148,17 @@ def test_subbatch_formulations_equal_loop_of_grads(pullback, conv, bn):
 @pytest.mark.parametrize(
   "setting,forms",
   [
-    (None, (("vmap", "none"), ("vmap", "im2col"), ("vjp", "slices"), ("map", "im2col"))),
+    pytest.param(
+      None,
+      (("vmap", "none"), ("vmap", "im2col"), ("vjp", "slices"), ("map", "im2col")),
+      marks=pytest.mark.slow,  # 46 s; the sample-wise second order is also in test_per_example_norms
+    ),
     (
       3,
       (
         ("loop", "none"),
         ("segments", "im2col"),
         ("sites", "im2col"),
-        ("sites", "none"),
         ("loop", "im2col"),
         ("scan", "slices"),
       ),
