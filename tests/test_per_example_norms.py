@@ -86,8 +86,14 @@ def _loop_grads(loss_fn, params, batch, b):
   return [jax.grad(lambda p, i=i: loss_fn(p, one(i))[0])(params) for i in range(b)]
 
 
-@pytest.mark.parametrize("conv", ["none", "im2col"])
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize(
+  "case,conv",
+  [
+    pytest.param(c, v, marks=pytest.mark.slow) if (c, v) == ("conv_scan", "none") else (c, v)
+    for c in sorted(CASES)
+    for v in ("none", "im2col")
+  ],
+)
 def test_norms_and_gc_equal_loop_of_grads(case, conv):
   with jax.enable_x64(True):
     loss_fn, params, batch = CASES[case]()
