@@ -130,7 +130,7 @@ def main(argv=None) -> int:
   a = ap.parse_args(argv)
   import jax  # noqa: PLC0415
 
-  from benchmarks.user_loop import environment  # noqa: PLC0415
+  from benchmarks.user_loop import environment, write_results  # noqa: PLC0415
 
   res = {
     "command": "python -m benchmarks.compile_cache "
@@ -150,14 +150,8 @@ def main(argv=None) -> int:
           res["rows"].append(row)
   res["window"] = w.record()
   res["environment"] = environment()
-  out = pathlib.Path(a.out)
-  out.mkdir(parents=True, exist_ok=True)
-  stem = out / f"compile_cache_{jax.default_backend()}{a.tag}"
-  stem.with_suffix(".json").write_text(json.dumps(res, indent=1, default=float) + "\n")
-  md = render_markdown(res)
-  stem.with_suffix(".md").write_text(md)
-  print(md)
-  print(f"wrote {stem}.json and .md")
+  name = f"compile_cache_{jax.default_backend()}{a.tag}"
+  write_results(a.out, name, res, render_markdown(res))
   return 0
 
 

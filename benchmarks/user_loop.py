@@ -221,15 +221,20 @@ def main(argv=None) -> int:
       res["rows"].append(r)
   res["window"] = w.record()
   res["environment"] = environment()
-  out = pathlib.Path(a.out)
+  write_results(a.out, f"user_loop_{jax.default_backend()}", res, render_markdown(res))
+  return 0
+
+
+def write_results(out_dir, name: str, res: dict, md: str) -> None:
+  """Writes `<out_dir>/<name>.json` (the record) and `.md` (its rendering), and prints the
+  rendering (shared by the benchmark scripts that render from their JSON)."""
+  out = pathlib.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
-  stem = out / f"user_loop_{jax.default_backend()}"
+  stem = out / name
   stem.with_suffix(".json").write_text(json.dumps(res, indent=1, default=float) + "\n")
-  md = render_markdown(res)
   stem.with_suffix(".md").write_text(md)
   print(md)
   print(f"wrote {stem}.json and .md")
-  return 0
 
 
 if __name__ == "__main__":

@@ -196,12 +196,12 @@ def plan_formulation(loss_fn, params, batch, num_chunks, pullback, conv) -> Form
   budget = IM2COL_MAX_BYTES
   if conv != "im2col" or budget is None:
     return Formulation(pullback, conv)
+  if pullback in ("segments", "sites", "norms"):  # one forward and backward over the batch
+    return Formulation(pullback, guard_conv(loss_fn, params, batch, conv))
   b = checks.batch_size(batch)
   patches = jaxpr_rewrites.im2col_bytes(loss_fn, params, batch)
   if patches == 0:
     return Formulation(pullback, conv)
-  if pullback in ("segments", "sites", "norms"):  # one forward and backward over the batch
-    return Formulation(pullback, conv if 2 * patches <= budget else "none")
   if pullback in ("vmap", "map"):
     fit = int(b * budget // (2 * patches))  # examples whose patches fit at once
     n = b
@@ -286,10 +286,11 @@ def resolve_conv(conv: str | None = "auto", backend: str | None = None) -> str:
 
 
 def guard_conv(loss_fn: Callable, params: PyTree, batch: PyTree, conv: str) -> str:
-  """`conv` for a step of one training step's second-order work (GradInit, MetaInit), after
-  the im2col memory guard: "none" where the forward patches and their cotangents (2·P,
-  `jaxpr_rewrites.im2col_bytes`) would exceed `IM2COL_MAX_BYTES`, the rule
-  `plan_formulation` applies to "segments", "sites" and "norms". Traceable (reads shapes)."""
+  """`conv` for a step of one training step's second-order work, after the im2col memory
+  guard: "none" where the forward patches and their cotangents (2·P,
+  `jaxpr_rewrites.im2col_bytes`) would exceed `IM2COL_MAX_BYTES`. The rule of GradInit and
+  MetaInit, and of `plan_formulation` for "segments", "sites" and "norms". Traceable (reads
+  shapes)."""
   budget = IM2COL_MAX_BYTES
   if conv != "im2col" or budget is None:
     return conv

@@ -226,15 +226,9 @@ def subbatch_grads_selected(loss_fn, params, batch, num_chunks, overlap, form, w
   loss_fn = formulation.with_conv(loss_fn, form.conv)
   sel, rebuild, _ = select_leaves(params, wrt)
   b = checks.batch_size(batch)
-  if form.pullback == "sites":
-    try:
-      return _segment_grads(loss_fn, sel, rebuild, batch, num_chunks, overlap, sites=True)
-    except per_example_norms.NormsUnsupported:
-      if form.fallback is None:
-        raise
-      form = form.fallback
-  if form.pullback == "segments":
-    return _segment_grads(loss_fn, sel, rebuild, batch, num_chunks, overlap)
+  if form.pullback in ("segments", "sites"):
+    sites = form.pullback == "sites"
+    return _segment_grads(loss_fn, sel, rebuild, batch, num_chunks, overlap, sites=sites)
   w = subbatch_weights(b, num_chunks, overlap, np.float64)  # cast to the losses' dtype later
   f = lambda s: loss_fn(rebuild(s), batch)
   return _pullback_rows(f, sel, w, form.pullback, form.group, remat=form.group is not None)
