@@ -24,7 +24,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nio_jax import checks, errors, formulation, leaves, per_example, per_example_norms, search
+from nio_jax import (
+  checks,
+  errors,
+  formulation,
+  leaves,
+  per_example,
+  per_example_norms,
+  search,
+  stochastic,
+)
 from nio_jax.formulation import Formulation
 from nio_jax.step_cache import StepCache
 
@@ -312,7 +321,7 @@ def measure(
   checks.check_params(params)
   checks.check_optional_int("chunk_size", chunk_size)
   checks.check_predicate("wrt", wrt, allow=("default",))
-  first, batches = search.peek(batches)
+  first, batches = search.peek(stochastic.keyed_batches(loss_fn, batches))
   b = checks.check_batch(first)
   checks.check_chunks(b, num_chunks, overlap)
   checks.check_loss_fn(loss_fn, params, first)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nio_jax import checks, errors, formulation, jaxpr_rewrites, leaves
+from nio_jax import checks, errors, formulation, jaxpr_rewrites, leaves, stochastic
 from nio_jax import scales as scmod
 from nio_jax.results import InitResult, stack_history
 from nio_jax.scales import apply_scales
@@ -93,7 +93,9 @@ def check_search_inputs(
 ):
   """The input checks every scale search runs first, in one order.
 
-  Checks `params`, takes the first batch (`peek`, unless `first` is given), checks its batch
+  Checks `params`, attaches per-example PRNG keys to every batch when `loss_fn` is
+  stochastic (`nio_jax.stochastic`), takes the first batch (`peek`, unless `first` is
+  given), checks its batch
   size (at least `minimum`, then the method's own `check_size(b)`), that `loss_fn` returns
   per-example losses on it, and that `mesh` (if any) can split it.
 
@@ -104,8 +106,12 @@ def check_search_inputs(
     ValueError / TypeError naming the bad input.
   """
   checks.check_params(params)
+  # A stochastic loss (`loss_fn.rng_seed`, e.g. dropout) gets a fresh key per batch drawn.
+  batches = stochastic.keyed_batches(loss_fn, batches)
   if first is None:
     first, batches = peek(batches)
+  else:
+    first = stochastic.keyed_batch(loss_fn, first)
   b = checks.check_batch(first, minimum=minimum)
   if check_size is not None:
     check_size(b)
@@ -268,7 +274,7 @@ def run_scale_search(
       for i in range(per_step)
     )
     scales, _, ms, finite, first_bad = device_loop(step_fn, params0, scales, opt_state, stacked)
-    ms, finite = jax.device_get((ms, finite))
+    ms, finite = _to_host((ms, finite))
     last = num_steps if int(first_bad) < 0 else int(first_bad) + 1
     for step in range(last):
       m = {k: v[step] for k, v in ms.items()}
@@ -283,7 +289,7 @@ def run_scale_search(
   for step, group in enumerate(bar):
     b0 = check_step_batches(group, b0, min_batch)
     new_scales, new_opt_state, metrics = step_fn(params0, scales, opt_state, *group)
-    m = jax.device_get(metrics)
+    m = _to_host(metrics)  # per-example entries may span other processes' devices
     check(
       step, m, all(bool(jnp.all(jnp.isfinite(s))) for s in jax.tree_util.tree_leaves(new_scales))
     )
@@ -292,6 +298,13 @@ def run_scale_search(
     if show_progress and hasattr(bar, "set_postfix"):
       bar.set_postfix({k: float(np.mean(m[k])) for k in postfix if k in m})
   return result(scales)
+
+
+def _to_host(tree):
+  """`jax.device_get`, gathering arrays that span other processes (`distributed.to_host`)."""
+  from nio_jax import distributed  # noqa: PLC0415
+
+  return distributed.to_host(tree)
 
 
 def _step_failed(metrics: dict, scales_finite: jax.Array) -> jax.Array:
