@@ -50,10 +50,25 @@ def check_batch(batch, *, minimum: int = 2, what: str = "batch") -> int:
   for leaf in jax.tree_util.tree_leaves(batch):
     if isinstance(leaf, jax.core.Tracer):
       continue  # inside a transformation: only shapes can be checked
-    x = np.asarray(leaf)  # concrete: checked on the host, also inside an outer trace
-    if jnp.issubdtype(x.dtype, jnp.floating) and not bool(np.all(np.isfinite(x))):
+    if jnp.issubdtype(jnp.result_type(leaf), jnp.floating) and not _all_finite(leaf):
       raise ValueError(f"{what} contains NaN or inf values in a float input.")
   return b
+
+
+@jax.jit
+def _all_finite_global(x):
+  return jnp.all(jnp.isfinite(x))
+
+
+def _all_finite(x) -> bool:
+  """Whether a concrete array has no NaN/inf. Read on the host, also inside an outer trace;
+  an array spanning other processes' devices (a multi-process global batch) is reduced on
+  its devices instead, so every process gets the same answer (all of them must call this on
+  the same arrays: it is a collective)."""
+  if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+    ok = _all_finite_global(x)
+    return True if isinstance(ok, jax.core.Tracer) else bool(ok)  # staged: cannot check
+  return bool(np.all(np.isfinite(np.asarray(x))))
 
 
 def check_chunks(b: int, num_chunks, overlap: float) -> None:
@@ -77,8 +92,26 @@ def check_chunks(b: int, num_chunks, overlap: float) -> None:
     raise ValueError("overlap only applies to the batch setting; set num_chunks as well.")
 
 
+def check_not_callable(params, what: str = "params") -> None:
+  """`params` is a pytree of arrays, not a function or a model: the public entry points take
+  `(loss_fn, params, ...)`, and swapped arguments would otherwise fail deep inside JAX
+  ("Cannot determine dtype of <function ...>")."""
+  if callable(params) and not hasattr(params, "shape"):
+    swapped = (
+      " The argument order is (loss_fn, params, ...), e.g. nio_jax.nio(loss_fn, params, "
+      "batches): were loss_fn and params swapped?"
+      if what == "params"
+      else ""
+    )
+    raise TypeError(
+      f"{what} must be a pytree of arrays (e.g. variables['params']), got the callable "
+      f"{getattr(params, '__qualname__', type(params).__name__)}.{swapped}"
+    )
+
+
 def check_params(params, what: str = "params") -> None:
   """`params` has array leaves, all floating point (`what` names it in the messages)."""
+  check_not_callable(params, what)
   if not jax.tree_util.tree_leaves(params):
     raise ValueError(f"{what} has no array leaves.")
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
@@ -127,28 +160,90 @@ def check_choice(name: str, value, choices) -> None:
     raise ValueError(f"unknown {name} {value!r}; known: {', '.join(map(str, choices))}.")
 
 
-def _first_line(e: BaseException, limit: int = 300) -> str:
-  text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-  return text[:limit].rstrip(".")
+def _inner_message(e: BaseException) -> str:
+  """The whole message of `e` (without JAX's note on its removed internal frames)."""
+  text = str(e).strip()
+  cut = text.find("\n--------------------")
+  return (text[:cut] if cut > 0 else text).strip()
+
+
+def _cause_hint(e: BaseException, batch) -> str:
+  """The likely cause of a `loss_fn` failure and its fix, recognised from the exception
+  (the empty string when it is not one of the known cases)."""
+  text, name = str(e), type(e).__name__
+  if name == "InvalidRngError" or "needs PRNG for" in text:
+    stream = text.split('needs PRNG for "')[1].split('"')[0] if 'needs PRNG for "' in text else ""
+    return (
+      f"Likely cause: the model needs a random key for the {stream or 'an'!r} rng stream "
+      "(dropout or another stochastic layer) and loss_fn passes none. Fix: build the loss "
+      "with nio_jax.flax_utils.linen_loss_fn(model, ...), which passes a fresh key per batch "
+      "(dropout=False turns dropout off), or pass rngs={...} to model.apply yourself."
+    )
+  if name == "TraceContextError" or "from a different trace level" in text:
+    return (
+      "Likely cause: an NNX model's state (BatchNorm statistics, an Rngs counter of "
+      "Dropout) is mutated inside the traced loss while the model object lives outside it. "
+      "Fix: use nio_jax.flax_utils.nnx_loss_fn(model), which merges a fresh copy of the "
+      "model on every call."
+    )
+  if "unexpected keyword argument" in text:
+    kw = text.split("unexpected keyword argument ")[-1].strip().strip("'\"")
+    return (
+      f"Likely cause: the model's __call__ has no {kw!r} argument (its training flag is "
+      "named otherwise). Fix: name it with nio_jax.flax_utils.linen_loss_fn(model, "
+      "train_flag='training') (or 'is_training', or 'deterministic', which is inverted; "
+      "train_flag=None passes no flag)."
+    )
+  if "indices must be integers" in text and isinstance(batch, (tuple, list)):
+    return (
+      "Likely cause: the batch is a tuple/list but loss_fn reads it by key. Fix: tell the "
+      "adapter where inputs and labels are, e.g. nio_jax.flax_utils.linen_loss_fn(model, "
+      "inputs=0, labels=1) (a key, an index or a function batch -> value), or index the "
+      "tuple in your loss_fn."
+    )
+  shape_words = ("shape", "dimension", "incompatible", "broadcast", "dot_general")
+  if name in ("TypeError", "ValueError", "ScopeParamShapeError") and any(
+    w in text for w in shape_words
+  ):
+    return (
+      "Likely cause: a shape mismatch: the batch's inputs do not have the shape the params "
+      "were initialised for (or the params belong to another model). Fix: give the batch the "
+      "input shape used at model.init (batch axis first), or initialise the model on it."
+    )
+  return ""
 
 
 def check_loss_fn(loss_fn, params, batch) -> None:
   """Checks, without running it, that `loss_fn(params, batch)` traces and returns one
   floating-point loss per example; any failure inside `loss_fn` becomes a `LossFnError`
-  naming the cause instead of a traceback from deep inside JAX."""
+  that keeps the inner message whole, names the likely cause when it is a known one (a
+  missing rng stream, an NNX trace-level mutation, an unexpected training keyword, a tuple
+  batch read by key, a shape mismatch) and its fix, and chains the original exception
+  (`__cause__`)."""
   if not callable(loss_fn):
-    raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.")
+    swapped = (
+      " The argument order is (loss_fn, params, ...): were loss_fn and params swapped?"
+      if callable(params)
+      else ""
+    )
+    raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}.{swapped}")
+  check_not_callable(params)
   b = batch_size(batch)
   try:
     out = jax.eval_shape(loss_fn, params, batch)
   except Exception as e:  # noqa: BLE001 - re-raised with context
-    keys = list(batch) if isinstance(batch, dict) else type(batch).__name__
-    shapes = {k: tuple(np.shape(v)) for k, v in batch.items()} if isinstance(batch, dict) else keys
+    if isinstance(batch, dict):
+      shapes = {k: tuple(np.shape(v)) for k, v in batch.items()}
+    else:  # any other pytree: its structure with each leaf's shape
+      shapes = jax.tree_util.tree_map(lambda v: tuple(np.shape(v)), batch)
+    hint = _cause_hint(e, batch)
+    generic = (
+      "Check that params belong to the model loss_fn applies and that the batch has the "
+      "keys/shapes it expects"
+    )
     raise LossFnError(
       f"loss_fn(params, batch) failed on the first batch with {type(e).__name__}: "
-      f"{_first_line(e)}. Check that params belong to the "
-      f"model loss_fn applies and that the batch has the keys/shapes it expects "
-      f"(batch: {shapes})."
+      f"{_inner_message(e)}\n{hint or generic + '.'} (batch: {shapes})"
     ) from e
   shape = getattr(out, "shape", None)
   if shape != (b,):

@@ -200,3 +200,33 @@ SCALE_OUT_SCRIPT = textwrap.dedent("""
 def test_data_parallel_gradinit_metainit_and_training_equal_single_device():
   stdout = run_on_8_devices(SCALE_OUT_SCRIPT)
   assert "OK" in stdout
+
+
+def test_multihost_start_helpers():
+  """The single-process side of the multi-process start (tests/test_multiprocess.py runs the
+  real thing): no coordinator in the environment is a no-op, a half-set environment and an
+  unreachable coordinator raise DistributedInitError naming the fix."""
+  import socket
+  import time
+
+  import jax.numpy as jnp
+  import numpy as np
+
+  from nio_jax import distributed
+
+  assert distributed.initialize_from_env({}) is False
+  assert distributed.initialize_from_env({"NIO_JAX_NUM_PROCESSES": "1"}) is False
+  with pytest.raises(distributed.DistributedInitError, match="NIO_JAX_PROCESS_ID"):
+    distributed.initialize_from_env({"NIO_JAX_COORDINATOR": "localhost:1234"})
+  with pytest.raises(distributed.DistributedInitError, match="HOST:PORT"):
+    distributed.wait_for_coordinator("localhost", 1.0)
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    port = s.getsockname()[1]
+  t = time.monotonic()
+  with pytest.raises(distributed.DistributedInitError, match=f"localhost:{port} did not answer"):
+    distributed.wait_for_coordinator(f"localhost:{port}", 0.5, process_id=1)
+  assert time.monotonic() - t < 10
+  assert distributed.process_tag() == ""
+  x = np.arange(4.0)
+  np.testing.assert_array_equal(distributed.to_host({"a": jnp.asarray(x)})["a"], x)

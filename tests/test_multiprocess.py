@@ -1,0 +1,156 @@
+"""Several JAX processes on localhost, one global mesh (JAX's multi-controller runtime on CPU).
+
+Each test starts worker processes (`tests/multiprocess_worker.py`) that join one coordinator
+on a free port, build a mesh over every process's CPU devices and feed their own rows of each
+global batch. The single-process reference runs in its own subprocess with the same total
+number of devices. Every subprocess has a timeout.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TIMEOUT = 300
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def worker_env(devices: int, **extra) -> dict:
+  env = dict(
+    os.environ,
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    JAX_PLATFORMS="cpu",
+    PYTHONPATH=str(ROOT),
+    PYTHONUNBUFFERED="1",
+  )
+  for k in ("NIO_JAX_COORDINATOR", "NIO_JAX_NUM_PROCESSES", "NIO_JAX_PROCESS_ID"):
+    env.pop(k, None)
+  env.update(extra)
+  return env
+
+
+def start(args, devices: int, log: pathlib.Path, **env) -> subprocess.Popen:
+  with open(log, "w") as f:
+    return subprocess.Popen(
+      [sys.executable, "-m", "tests.multiprocess_worker", *map(str, args)],
+      cwd=ROOT,
+      env=worker_env(devices, **env),
+      stdout=f,
+      stderr=subprocess.STDOUT,
+    )
+
+
+def start_group(mode, out, n, devices, tmp_path, *extra, port=None):
+  """`n` worker processes of one run, each with `devices` local CPU devices."""
+  port = port or free_port()
+  procs = []
+  for i in range(n):
+    args = [mode, out, "--coordinator", f"localhost:{port}", "--num-processes", n]
+    procs.append(start([*args, "--process-id", i, *extra], devices, tmp_path / f"{mode}{i}.log"))
+  return procs
+
+
+def wait_all(procs, timeout=TIMEOUT):
+  deadline = time.monotonic() + timeout
+  codes = []
+  for p in procs:
+    try:
+      codes.append(p.wait(timeout=max(1.0, deadline - time.monotonic())))
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      raise
+  return codes
+
+
+def logs(tmp_path) -> str:
+  return "\n".join(f"--- {p.name}\n{p.read_text()[-3000:]}" for p in sorted(tmp_path.glob("*.log")))
+
+
+@pytest.mark.slow  # two processes + the reference compile every method: ~60-90 s on 2 cores
+def test_methods_two_processes_equal_single_process(tmp_path):
+  """NIO (sample-wise and batch setting), GradInit, MetaInit and LSUV run as 2 processes x 2
+  CPU devices on one 4-device mesh, each process feeding half of every batch, give the result
+  of one process with 4 devices."""
+  ref = start(["methods", tmp_path / "ref.npz"], 4, tmp_path / "ref.log")
+  procs = start_group("methods", tmp_path / "mp.npz", 2, 2, tmp_path)
+  codes = wait_all([*procs, ref])
+  assert codes == [0, 0, 0], logs(tmp_path)
+  a, b = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "mp.npz")
+  assert sorted(a.files) == sorted(b.files)
+  for name in ("nio_sw", "nio_batch", "gradinit", "metainit", "lsuv"):
+    assert any(k.startswith(name + "/") for k in a.files), name
+  for k in a.files:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=k)
+  log = (tmp_path / "methods1.log").read_text()
+  assert "[process 1/2] 2 local / 4 devices" in log, log
+
+
+def test_unreachable_coordinator_fails_fast_and_clearly(tmp_path):
+  """A process whose coordinator never answers raises DistributedInitError naming the
+  address and the fix after `initialization_timeout`, instead of JAX's fatal abort."""
+  port = free_port()  # nothing listens there
+  args = ["methods", tmp_path / "x.npz", "--coordinator", f"localhost:{port}"]
+  t = time.monotonic()
+  p = start(
+    [*args, "--num-processes", 2, "--process-id", 1, "--init-timeout", 3], 1, tmp_path / "w.log"
+  )
+  code = wait_all([p], timeout=120)[0]
+  elapsed = time.monotonic() - t
+  log = (tmp_path / "w.log").read_text()
+  assert code != 0, log
+  assert "DistributedInitError" in log and f"localhost:{port} did not answer within 3 s" in log
+  assert "Start process 0" in log, log
+  assert elapsed < 60, elapsed
+
+
+def wait_for_text(path: pathlib.Path, text: str, timeout: float, procs=()) -> None:
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    if path.exists() and text in path.read_text():
+      return
+    if any(p.poll() is not None for p in procs):
+      break
+    time.sleep(0.5)
+  raise AssertionError(f"{text!r} not in {path.name} after {timeout} s")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("killed", [1, 0])
+def test_killed_process_stops_the_others(tmp_path, killed):
+  """One of two processes killed (SIGKILL) in the middle of NIO searches, a worker or the
+  coordinator (process 0): the survivor stops within a bounded time (the heartbeat timeout,
+  here 5 s, plus slack) with an error that says the other process died, instead of waiting
+  forever in a collective."""
+  procs = start_group("hang", tmp_path / "x", 2, 2, tmp_path, "--heartbeat-timeout", 5)
+  survivor = 1 - killed
+  try:
+    for i in range(2):
+      wait_for_text(tmp_path / f"hang{i}.log", "searching", TIMEOUT, procs)
+    procs[killed].kill()
+    t = time.monotonic()
+    code = wait_all([procs[survivor]], timeout=90)[0]
+    elapsed = time.monotonic() - t
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  log = (tmp_path / f"hang{survivor}.log").read_text()
+  print(f"survivor stopped {elapsed:.1f} s after the kill, exit code {code}")
+  print("\n".join(line for line in log.splitlines() if not line.startswith("    @"))[-2000:])
+  assert code != 0, log
+  assert elapsed < 60, (elapsed, log[-3000:])
+  assert "JAX distributed service detected fatal errors" in log, log[-3000:]
