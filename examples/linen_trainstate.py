@@ -1,4 +1,5 @@
-"""Drop NIO into a linen `TrainState` loop (a batch-norm CNN, so `batch_stats` is handled)."""
+"""Drop NIO into a linen `TrainState` loop: a CNN with BatchNorm and Dropout, a `training`
+flag, and `(images, labels)` tuple batches."""
 
 import flax.linen as nn
 import jax
@@ -12,10 +13,11 @@ from nio_jax.flax_utils import linen_loss_fn
 
 class CNN(nn.Module):
   @nn.compact
-  def __call__(self, x, train: bool = True):
-    x = nn.relu(nn.BatchNorm(use_running_average=not train)(nn.Conv(8, (3, 3))(x)))
+  def __call__(self, x, training: bool = False):
+    x = nn.relu(nn.BatchNorm(use_running_average=not training)(nn.Conv(8, (3, 3))(x)))
     x = nn.relu(nn.Conv(16, (3, 3), strides=2)(x))
-    return nn.Dense(10)(jnp.mean(x, axis=(1, 2)))
+    x = nn.Dropout(0.2, deterministic=not training)(jnp.mean(x, axis=(1, 2)))
+    return nn.Dense(10)(x)
 
 
 class TrainState(train_state.TrainState):
@@ -26,11 +28,13 @@ model = CNN()
 key = jax.random.PRNGKey(0)
 images = jax.random.normal(key, (64, 28, 28, 1))
 labels = jax.random.randint(key, (64,), 0, 10)
-batches = [{"image": images[i : i + 16], "label": labels[i : i + 16]} for i in range(0, 64, 16)]
-variables = model.init(key, images[:2], train=False)
+batches = [(images[i : i + 16], labels[i : i + 16]) for i in range(0, 64, 16)]
+variables = model.init(key, images[:2])
 
-# 1. NIO tunes one scale per parameter tensor of variables["params"]. The loss uses batch
-#    statistics and discards their update: the running statistics stay untouched.
+# 1. NIO tunes one scale per parameter tensor of variables["params"]. The loss runs the model
+#    as in training (training=True, found in the signature): batch statistics, whose update
+#    is discarded (the running statistics stay untouched), and dropout with a fresh key for
+#    every batch (dropout=False turns it off for the search).
 loss_fn = linen_loss_fn(model, batch_stats=variables["batch_stats"])
 result = nio_jax.nio(
   loss_fn,
@@ -50,21 +54,24 @@ state = TrainState.create(
 
 
 @jax.jit
-def train_step(state, batch):
+def train_step(state, batch, key):
+  x, y = batch
+
   def loss(params):
     logits, updates = state.apply_fn(
       {"params": params, "batch_stats": state.batch_stats},
-      batch["image"],
-      train=True,
+      x,
+      training=True,
+      rngs={"dropout": key},
       mutable=["batch_stats"],
     )
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
     return losses.mean(), updates["batch_stats"]
 
   (value, stats), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
   return state.apply_gradients(grads=grads, batch_stats=stats), value
 
 
-for batch in batches:
-  state, value = train_step(state, batch)
+for step, batch in enumerate(batches):
+  state, value = train_step(state, batch, jax.random.fold_in(key, step))
 print("last training loss:", float(value))
