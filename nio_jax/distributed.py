@@ -79,16 +79,31 @@ def shard_batch(batch: PyTree, mesh: Mesh, *, global_batch: bool = True) -> PyTr
         f"batch size {b} is not divisible by the {n} devices of the mesh; use a multiple of {n}."
       )
     if global_batch:
-      return jax.device_put(x, sharding)
+      return _put_global(x, sharding)
     return jax.make_array_from_process_local_data(sharding, np.asarray(x))
 
   return jax.tree_util.tree_map(put, batch)
 
 
+def _put_global(x, sharding: NamedSharding):
+  """`jax.device_put(x, sharding)`; in a multi-process run a host value (the same on every
+  process) is cut into this process's shards with `make_array_from_callback` (a local
+  jax.Array put on other processes' devices gives an array whose shards cannot be read
+  back, e.g. by Orbax)."""
+  if jax.process_count() == 1 or (isinstance(x, jax.Array) and not x.is_fully_addressable):
+    return jax.device_put(x, sharding)
+  if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    data = _put_global(jax.random.key_data(x), sharding)
+    return jax.random.wrap_key_data(data, impl=jax.random.key_impl(x))
+  a = np.asarray(x)
+  return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
+
+
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
-  """Places every leaf of `tree` on all devices of the mesh."""
+  """Places every leaf of `tree` on all devices of the mesh (of every process: a host value
+  must then be the same on every process)."""
   sharding = NamedSharding(mesh, P())
-  return jax.tree_util.tree_map(lambda x: jax.device_put(x, sharding), tree)
+  return jax.tree_util.tree_map(lambda x: _put_global(x, sharding), tree)
 
 
 def sharded_batches(batches, mesh: Mesh):

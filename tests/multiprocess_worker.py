@@ -37,6 +37,8 @@ def parse(argv):
   p.add_argument("--process-id", type=int, default=0)
   p.add_argument("--init-timeout", type=int, default=60)
   p.add_argument("--heartbeat-timeout", type=int, default=10)
+  p.add_argument("--sigterm-at", type=int, default=0, help="train: SIGTERM itself at this step")
+  p.add_argument("--no-mesh", dest="mesh", action="store_false", help="train: no mesh")
   return p.parse_args(argv)
 
 
@@ -96,6 +98,49 @@ def run_hang(mesh):
     i += 1
 
 
+class SigtermAt:
+  """A loader that sends SIGTERM to its own process when batch `at` (global step) is
+  drawn, mid-run, as a preemptible machine's scheduler would."""
+
+  def __init__(self, loader, at: int):
+    self.loader, self.at = loader, at
+
+  def __getattr__(self, name):
+    return getattr(self.loader, name)
+
+  def epoch(self, epoch, start_step=0):
+    import os
+    import signal
+
+    g = epoch * self.loader.steps_per_epoch + start_step
+    for batch in self.loader.epoch(epoch, start_step):
+      g += 1
+      if g == self.at:
+        os.kill(os.getpid(), signal.SIGTERM)
+      yield batch
+
+
+def run_train(out, mesh, sigterm_at):
+  import pathlib
+
+  from nio_jax import train
+  from tests.test_train import make_setup, tiny_config
+
+  model, variables, loader, test_set = make_setup(bn=True)
+  if sigterm_at and jax.process_index() == 0:
+    loader = SigtermAt(loader, sigterm_at)
+  cfg = tiny_config(num_epochs=2, eval_batch_size=20)
+  out = pathlib.Path(out)
+  r = train.train(model, variables, loader, test_set, cfg, out / "run", mesh=mesh)
+  res = {}
+  flat("variables", r.variables, res)
+  res["evals/test_acc"] = np.asarray([e["test_acc"] for e in r.evals])
+  res["evals/train_loss"] = np.asarray([e["train_loss"] for e in r.evals])
+  res["step"] = np.asarray(r.step)
+  if jax.process_index() == 0:
+    np.savez(out / "result.npz", **res)
+
+
 def main(argv=None):
   a = parse(argv)
   if a.coordinator:
@@ -116,6 +161,8 @@ def main(argv=None):
     run_methods(a.out, mesh)
   elif a.mode == "hang":
     run_hang(mesh)
+  elif a.mode == "train":
+    run_train(a.out, mesh if a.mesh else None, a.sigterm_at)
   print(f"[process {jax.process_index()}] OK", flush=True)
 
 

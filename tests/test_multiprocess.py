@@ -154,3 +154,61 @@ def test_killed_process_stops_the_others(tmp_path, killed):
   assert code != 0, log
   assert elapsed < 60, (elapsed, log[-3000:])
   assert "JAX distributed service detected fatal errors" in log, log[-3000:]
+
+
+def assert_same_result(ref: pathlib.Path, other: pathlib.Path, logs_text: str = "") -> None:
+  a, b = np.load(ref), np.load(other)
+  assert sorted(a.files) == sorted(b.files)
+  for k in a.files:
+    np.testing.assert_allclose(a[k], b[k], rtol=1e-5, atol=1e-7, err_msg=f"{k}\n{logs_text}")
+
+
+def records(workdir: pathlib.Path) -> list[dict]:
+  from nio_jax import train
+
+  return train.read_metrics(workdir / "run" / "metrics.jsonl")
+
+
+def test_sigterm_checkpoints_and_resumes_exactly(tmp_path):
+  """SIGTERM (a preemption) in the middle of an epoch: `train` checkpoints the step reached
+  and exits with code 143; the same command resumes and ends equal to an uninterrupted run."""
+  ref = start(["train", tmp_path / "ref", "--no-mesh"], 1, tmp_path / "ref.log")
+  cut = start(["train", tmp_path / "cut", "--no-mesh", "--sigterm-at", 4], 1, tmp_path / "cut.log")
+  assert wait_all([ref, cut]) == [0, 143], logs(tmp_path)
+  assert "SIGTERM: training stopped at step" in (tmp_path / "cut.log").read_text()
+  again = start(["train", tmp_path / "cut", "--no-mesh"], 1, tmp_path / "again.log")
+  assert wait_all([again]) == [0], logs(tmp_path)
+  assert_same_result(tmp_path / "ref" / "result.npz", tmp_path / "cut" / "result.npz")
+  rec = records(tmp_path / "cut")
+  stopped = [r["step"] for r in rec if r["type"] == "preempted"]
+  assert len(stopped) == 1 and 1 <= stopped[0] < 6, stopped  # mid-epoch (6 steps per epoch)
+  assert [r["step"] for r in rec if r["type"] == "resume"] == stopped
+
+
+@pytest.mark.slow  # ~40 s on 2 cores
+def test_training_two_processes_sigterm_and_resume_in_both_layouts(tmp_path):
+  """Data-parallel training as 2 processes x 1 CPU device: SIGTERM to process 0 mid-epoch
+  stops both at the same step with one checkpoint (JAX's preemption sync point); resumed as
+  2 processes, or as 1 process x 2 devices from the same checkpoint, the run ends equal
+  (exactly, here) to an uninterrupted single-process run on 2 devices. Only process 0 writes
+  the metrics log; every process's lines say which process it is."""
+  ref = start(["train", tmp_path / "ref"], 2, tmp_path / "ref.log")
+  procs = start_group("train", tmp_path / "mp", 2, 1, tmp_path, "--sigterm-at", 4)
+  assert wait_all([*procs, ref]) == [143, 143, 0], logs(tmp_path)
+  for i in range(2):
+    log = (tmp_path / f"train{i}.log").read_text()
+    assert f"[process {i}/2] SIGTERM: training stopped at step" in log, log
+  import shutil
+
+  shutil.copytree(tmp_path / "mp", tmp_path / "one")
+  for p in tmp_path.glob("train*.log"):
+    p.rename(p.with_suffix(".first.log"))
+  procs = start_group("train", tmp_path / "mp", 2, 1, tmp_path)
+  one = start(["train", tmp_path / "one"], 2, tmp_path / "one.log")
+  assert wait_all([*procs, one]) == [0, 0, 0], logs(tmp_path)
+  for d in ("mp", "one"):
+    assert_same_result(tmp_path / "ref" / "result.npz", tmp_path / d / "result.npz", logs(tmp_path))
+  rec = records(tmp_path / "mp")
+  assert [r["type"] for r in rec].count("config") == 1, rec  # process 1 wrote nothing
+  assert [r["type"] for r in rec].count("preempted") == 1, rec
+  assert [r["type"] for r in rec].count("eval") == 2, rec

@@ -27,7 +27,7 @@ from nio_jax.train.train_config import (
   total_epochs,
   validate_train_config,
 )
-from nio_jax.train.trainer import NonFiniteLossError, default_gc_fn, train
+from nio_jax.train.trainer import NonFiniteLossError, TrainingPreempted, default_gc_fn, train
 
 __all__ = [
   "BASELINES",
@@ -37,6 +37,7 @@ __all__ = [
   "SCHEDULES",
   "TrainResult",
   "TrainState",
+  "TrainingPreempted",
   "build_steps",
   "decay_mask",
   "default_config",

@@ -19,9 +19,13 @@ the same). The steps themselves are `nio_jax.train.steps`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import pathlib
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -72,6 +76,85 @@ class NonFiniteLossError(NonFiniteError):
     return type(self), (self.step, self.epoch, self.last_checkpoint)
 
 
+class TrainingPreempted(SystemExit):
+  """SIGTERM (how preemptible machines stop a job) arrived during `train`: the step reached
+  was checkpointed, and calling `train` again with the same `workdir` resumes from it and
+  ends equal to an uninterrupted run.
+
+  A `SystemExit` with code 143 (128 + SIGTERM): uncaught, the process exits as a terminated
+  job would, after the checkpoint; `except Exception` in user code does not swallow it.
+
+  Attributes:
+    step: the global step checkpointed.
+  """
+
+  def __init__(self, step: int):
+    super().__init__(128 + signal.SIGTERM)
+    self.step = step
+
+  def __str__(self) -> str:
+    return (
+      f"SIGTERM: training stopped at step {self.step}, checkpointed; run the same command "
+      "(train with the same workdir) to resume."
+    )
+
+
+class _Preemption:
+  """Whether SIGTERM asked the run to stop, agreed by every process.
+
+  One process: a Python SIGTERM handler (installed for the `train` call, main thread only,
+  the previous handler restored after) sets a flag that the loop reads after each step.
+  Several processes (`jax.distributed`): JAX's own preemption notifier takes SIGTERM, and
+  `multihost_utils.reached_preemption_sync_point(step)` makes every process stop at the same
+  step (the checkpoint is collective).
+  """
+
+  def __init__(self):
+    self.flag = threading.Event()
+    self.multi = jax.process_count() > 1
+
+  @contextlib.contextmanager
+  def installed(self):
+    if self.multi or threading.current_thread() is not threading.main_thread():
+      yield self
+      return
+    previous = signal.signal(signal.SIGTERM, lambda *_: self.flag.set())
+    try:
+      yield self
+    finally:
+      signal.signal(signal.SIGTERM, previous)
+
+  def requested(self, step: int) -> bool:
+    if self.multi:
+      from jax.experimental import multihost_utils  # noqa: PLC0415
+
+      try:
+        return bool(multihost_utils.reached_preemption_sync_point(int(step)))
+      except RuntimeError:  # no preemption manager (JAX without the distributed client)
+        return False
+    return self.flag.is_set()
+
+
+class _NullLog:
+  """The metrics log of a process other than 0 in a multi-process run: writes nothing (the
+  primary process writes the one log), reads the primary's file."""
+
+  def __init__(self, path: pathlib.Path):
+    self.path = path
+
+  def reset(self) -> None:
+    pass
+
+  def truncate_after(self, step: int) -> None:
+    pass
+
+  def write(self, record: dict) -> None:
+    pass
+
+  def read(self) -> list[dict]:
+    return MetricsLog(self.path).read()
+
+
 def train(
   model,
   variables: PyTree,
@@ -116,7 +199,11 @@ def train(
       gradient all-reduce; batch-norm statistics are computed over the global batch, so the
       result equals single-device training to float tolerance. The loader's batch size and
       `eval_batch_size` must be multiples of the number of devices. Checkpoints are the same
-      as without a mesh.
+      as without a mesh. Multi-process (after `nio_jax.distributed.initialize_multihost`,
+      `mesh` over every process's devices): every process runs `train` with the same
+      arguments and loader (each feeds the global batch; its own rows go to its devices),
+      checkpoints are written together (Orbax), and only process 0 writes `metrics.jsonl`
+      and `curves.png`.
     gc_fn: for `config.gc_every = N > 0`: `gc_fn(variables) -> dict` with at least `gc`
       and `grad_norm` (e.g. `nio_jax.measure` on fixed batches), called at step 0 (the
       initial variables), every `N` steps and at the last step. The results are in
@@ -131,6 +218,8 @@ def train(
 
   Raises:
     NonFiniteLossError: the loss became NaN/inf; the last good checkpoint stays intact.
+    TrainingPreempted: SIGTERM arrived; the step reached was checkpointed first (a
+      `SystemExit`, code 143).
   """
   _check_inputs(model, variables, train_loader, test_data, stop_after_step, eval_at, mesh, gc_fn)
   workdir = pathlib.Path(workdir)
@@ -148,8 +237,10 @@ def train(
     mesh=mesh,
     gc_fn=gc_fn,
   )
+  primary = jax.process_index() == 0
+  log = (MetricsLog if primary else _NullLog)(workdir / "metrics.jsonl")
   try:
-    return _fit(job, MetricsLog(workdir / "metrics.jsonl"), ckpt)
+    return _fit(job, log, ckpt)
   finally:
     ckpt.close()
 
@@ -245,7 +336,9 @@ class _Clock:
 
 def _fit(job: _Job, log: MetricsLog, ckpt: Checkpointer) -> TrainResult:
   """The loop of `train`: restore or start, then epochs of steps, evaluations, checkpoints."""
-  return _Loop(job, log, ckpt).run()
+  loop = _Loop(job, log, ckpt)
+  with loop.preemption.installed():
+    return loop.run()
 
 
 class _Loop:
@@ -288,6 +381,8 @@ class _Loop:
     self.sums = None
     self.t_window, self.g_window = 0.0, 0
     self.pbar = None
+    self.preemption = _Preemption()
+    self.preempted = False
 
   # ---- start: restore or start, step 0
 
@@ -295,6 +390,13 @@ class _Loop:
     """Restores the latest checkpoint (and continues its log), or starts the log and saves
     checkpoint 0; measures GC at step 0; replicates the state over the mesh."""
     config, log, ckpt, spe = self.config, self.log, self.ckpt, self.spe
+    if self.job.mesh is not None:
+      # Replicated first: restore and checkpoint 0 then see the state's real (global)
+      # shardings, which Orbax needs to write and read one checkpoint from every process.
+      from nio_jax import distributed  # noqa: PLC0415
+
+      self.state = distributed.replicate(self.state, self.job.mesh)
+      self.put = functools.partial(distributed.shard_batch, mesh=self.job.mesh)
     latest = ckpt.latest_step()
     if latest is not None:
       saved, meta = ckpt.restore(latest, self.state.as_dict())
@@ -319,11 +421,6 @@ class _Loop:
       self.measure_gc(0)
     if latest is None:
       ckpt.save(0, self.state.as_dict(), self.record.meta(0, spe))
-    if self.job.mesh is not None:
-      from nio_jax import distributed  # noqa: PLC0415
-
-      self.state = distributed.replicate(self.state, self.job.mesh)
-      self.put = functools.partial(distributed.shard_batch, mesh=self.job.mesh)
     self.g = int(self.state.step)
     self.sums = _new_sums(self.record.epoch_sums, self.job.mesh)
 
@@ -385,6 +482,9 @@ class _Loop:
       self.t_window += self.measure_gc(g)  # not in images/s
     end_of_epoch = g % self.spe == 0
     stop = stop_after is not None and g >= stop_after
+    if self.preemption.requested(g):
+      self.preempted = stop = True
+      self.log.write({"type": "preempted", "step": g})
     if not end_of_epoch and (stop or (self.ckpt_every and g % self.ckpt_every == 0)):
       self.check()
       record.epoch_sums = np.asarray(self.sums[1]).tolist()
@@ -417,7 +517,7 @@ class _Loop:
     self.record.add_epoch_eval(rec, epoch, config.baseline)
     if config.progress:
       tqdm.write(
-        f"epoch {epoch + 1}/{self.epochs}: train loss {rec['train_loss']:.4f} "
+        f"{_process_tag()}epoch {epoch + 1}/{self.epochs}: train loss {rec['train_loss']:.4f} "
         f"acc {rec['train_acc']:.4f} | test loss {test_loss:.4f} "
         f"acc {test_acc:.4f}"
       )
@@ -442,7 +542,7 @@ class _Loop:
       disable=not config.progress,
       unit="step",
       dynamic_ncols=True,
-      desc=job.workdir.name,
+      desc=_process_tag() + job.workdir.name,
     )
     self.t_window, self.g_window = time.perf_counter(), self.g
     t_loop, gc_before_loop = self.t_window, self.clock.gc_seconds
@@ -467,13 +567,17 @@ class _Loop:
           break
         self.end_epoch(epoch, eval_data, t_epoch)
         epoch, s0 = epoch + 1, 0
-        if job.stop_after_step is not None and self.g >= job.stop_after_step:
+        if self.preempted or (job.stop_after_step is not None and self.g >= job.stop_after_step):
           finished = epoch >= self.epochs
           break
     finally:
       self.pbar.close()
     loop_seconds = time.perf_counter() - t_loop
     self.ckpt.wait()
+    if self.preempted and not (finished and self.g >= self.total_steps):
+      err = TrainingPreempted(self.g)
+      print(f"{_process_tag()}{err}", file=sys.stderr, flush=True)
+      raise err
     train_seconds = loop_seconds - self.clock.eval_seconds
     result = self.result(finished, train_seconds - (self.clock.gc_seconds - gc_before_loop))
     _finish_plots(config, self.log, job.workdir)
@@ -497,6 +601,13 @@ class _Loop:
       gc_steps=dict(sorted(record.gc_steps.items())),
       gc_seconds=self.clock.gc_seconds,
     )
+
+
+def _process_tag() -> str:
+  """`"[process i/N] "` in a multi-process run, else `""` (prefix of log lines)."""
+  from nio_jax import distributed  # noqa: PLC0415
+
+  return distributed.process_tag()
 
 
 def _new_sums(epoch_sums, mesh):
