@@ -236,14 +236,15 @@ def check_loss_fn(loss_fn, params, batch) -> None:
       shapes = {k: tuple(np.shape(v)) for k, v in batch.items()}
     else:  # any other pytree: its structure with each leaf's shape
       shapes = jax.tree_util.tree_map(lambda v: tuple(np.shape(v)), batch)
-    hint = _cause_hint(e, batch)
-    generic = (
+    hint = _cause_hint(e, batch) or (
       "Check that params belong to the model loss_fn applies and that the batch has the "
-      "keys/shapes it expects"
+      "keys/shapes it expects."
     )
+    inner = _inner_message(e)
+    inner += "" if inner.endswith((".", "!", "?", ")")) else "."
     raise LossFnError(
       f"loss_fn(params, batch) failed on the first batch with {type(e).__name__}: "
-      f"{_inner_message(e)}\n{hint or generic + '.'} (batch: {shapes})"
+      f"{inner}\n{hint} Batch: {shapes}."
     ) from e
   shape = getattr(out, "shape", None)
   if shape != (b,):

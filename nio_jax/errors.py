@@ -6,7 +6,23 @@ in `nio_jax.checks`.
 
 from __future__ import annotations
 
+import pathlib
+import sys
 from typing import Any
+
+_PACKAGE_DIR = str(pathlib.Path(__file__).resolve().parent)
+
+
+def user_stacklevel() -> int:
+  """The `stacklevel` that makes a `warnings.warn` issued by the calling function point at the
+  first frame outside nio_jax: the user's call, however many library frames (e.g.
+  `methods.initialize` -> the method -> its input checks) lie in between."""
+  level, frame = 1, sys._getframe(1)
+  while frame is not None and str(pathlib.Path(frame.f_code.co_filename).resolve()).startswith(
+    _PACKAGE_DIR
+  ):
+    level, frame = level + 1, frame.f_back
+  return level
 
 
 class NonFiniteError(ValueError):

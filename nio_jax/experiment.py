@@ -26,6 +26,7 @@ on (model, config).
 from __future__ import annotations
 
 import dataclasses
+import json
 import pathlib
 import time
 from typing import Any
@@ -94,12 +95,8 @@ def build(cfg) -> Run:
       train_subset=d.train_subset,
       test_subset=d.test_subset,
     )
-  except (FileNotFoundError, ImportError) as e:
-    # load_dataset(source="auto") may surface TFDS's ImportError with the file error as
-    # its context: show the file error, which says where the files were looked for.
-    ctx = e.__context__ if isinstance(e, ImportError) else None
-    msg = f"{ctx}; TFDS fallback: {e}" if isinstance(ctx, FileNotFoundError) else str(e)
-    raise ConfigError(f"dataset {d.dataset!r} not available: {msg}") from None
+  except (FileNotFoundError, ImportError, RuntimeError, OSError) as e:
+    raise ConfigError(missing_data_message(cfg, e)) from None
   kwargs = cfg.model.kwargs.to_dict()
   kwargs.setdefault("num_classes", data.NUM_CLASSES[d.dataset])
   try:
@@ -113,6 +110,41 @@ def build(cfg) -> Run:
     _INIT_FNS[key] = jax.jit(lambda k, x: model.init(k, x, train=False))
   variables = _INIT_FNS[key](jax.random.key(int(cfg.seed)), jnp.zeros((1,) + shape, jnp.float32))
   return Run(cfg, model, dict(variables), loader, test_set, shape, mcfg)
+
+
+def missing_data_message(cfg, error: BaseException) -> str:
+  """What `nio-jax` says when the dataset of `cfg` cannot be loaded: where the files were
+  looked for, where to put them (`$NIO_JAX_DATA` or `data.data_dir`), and the TFDS
+  fallback's own error in one line."""
+  d = cfg.data
+  file_error = error if isinstance(error, FileNotFoundError) else None
+  if file_error is None and d.source != "tfds" and d.dataset != "imagenet2012":
+    try:  # the file loader's message says where it looked (cheap: it fails before reading)
+      data.load_dataset(d.dataset, "train", data_dir=d.data_dir, source="files")
+    except FileNotFoundError as e:
+      file_error = e
+    except Exception:  # noqa: BLE001 - only the message is wanted
+      pass
+  where = {
+    "fashion_mnist": "the four Fashion-MNIST IDX files (train-images-idx3-ubyte.gz, "
+    "train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz; "
+    "on Debian/Ubuntu `apt-get install dataset-fashion-mnist` puts them in "
+    "/usr/share/datasets/fashion-mnist)",
+    "cifar10": "the extracted CIFAR-10 python archive (cifar-10-batches-py/)",
+    "cifar100": "the extracted CIFAR-100 python archive (cifar-100-python/)",
+    "imagenet2012": "the prepared TFDS imagenet2012 dataset (tfds build imagenet2012)",
+  }.get(d.dataset, "its files")
+  parts = [f"dataset {d.dataset!r} not found."]
+  if file_error is not None:
+    parts.append(str(file_error).strip().splitlines()[0])
+  parts.append(
+    f"Put {where} in a directory DIR and point NIO_JAX_DATA=DIR at it, or pass "
+    f"--set data.data_dir=DIR (data.data_dir={d.data_dir!r} now)."
+  )
+  if not isinstance(error, FileNotFoundError):
+    text = " ".join(str(error).split())
+    parts.append(f"TFDS fallback: {type(error).__name__}: {text[:300]}")
+  return " ".join(parts)
 
 
 _LOSS_FNS: dict = {}
@@ -322,10 +354,110 @@ def _save_init_files(workdir: pathlib.Path, run: Run, init: Initialised) -> None
 # --------------------------------------------------------------------------------------------
 
 
-def init_run(cfg, workdir, *, progress: bool = False) -> Initialised:
-  """`nio-jax init`: the configured method alone (`initialise` on a fresh build)."""
+# --------------------------------------------------------------------------------------------
+# The workdir: one config per run directory
+# --------------------------------------------------------------------------------------------
+
+# The resolved config of the run a workdir holds (`resolved_config`), written by every run.
+CONFIG_FILE = "config.json"
+
+# Config keys that do not change a run's results, left out when a rerun's config is compared
+# with the one that made the run in that workdir (`check_workdir`).
+RESULT_NEUTRAL_KEYS = (
+  "workdir",  # where the run lives
+  "max_steps",  # where training stops: a larger value continues the same run
+  "data.prefetch",  # how many batches are prepared ahead
+  "train.progress",  # progress bars
+  "train.plots",  # whether curves.png is drawn
+  "train.checkpoint_every_steps",  # how often checkpoints are written (not what they hold)
+  "train.max_to_keep",  # how many checkpoints are kept
+)
+
+
+def resolved_config(cfg) -> dict:
+  """The config as JSON values with `init.config` resolved: the method config that runs
+  (`build_method_config`: the method's defaults filled in, a GradInit `init.recipe` merged),
+  so that a key set to its default compares equal to the key left unset."""
+  out = json.loads(cfg.to_json_best_effort())
+  mcfg = build_method_config(cfg)
+  resolved = mcfg.to_dict() if hasattr(mcfg, "to_dict") else (mcfg or {})
+  out["init"]["config"] = files.to_jsonable(resolved)
+  return out
+
+
+def _flat(d: Any, prefix: str = "") -> dict:
+  if not isinstance(d, dict) or not d:
+    return {prefix: d}
+  out = {}
+  for k, v in d.items():
+    out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+  return out
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+  """`["key: old -> new", ...]` for every key whose value differs between two resolved
+  configs, except `RESULT_NEUTRAL_KEYS` (and the keys under them)."""
+  a, b = _flat(old), _flat(new)
+  neutral = lambda k: any(k == n or k.startswith(n + ".") for n in RESULT_NEUTRAL_KEYS)  # noqa: E731
+  unset = "(unset)"
+  return [
+    f"{k}: {a.get(k, unset)!r} -> {b.get(k, unset)!r}"
+    for k in sorted(set(a) | set(b))
+    if not neutral(k) and a.get(k, unset) != b.get(k, unset)
+  ]
+
+
+def check_workdir(cfg, workdir, *, overwrite: bool = False) -> str | None:
+  """Makes `workdir` the home of `cfg`'s run, or refuses: the one rule for reruns.
+
+  A workdir that holds a run (`files.holds_run`) of the same resolved config (`resolved_config`,
+  compared without `RESULT_NEUTRAL_KEYS`) is continued: `train_run` resumes from its last
+  checkpoint and does not search again. A run of another config (or one whose config is
+  unknown) is refused with a `ConfigError` naming the ways on, unless `overwrite`, which
+  deletes that run's files (`files.clear_run`) first. Then writes `config.json` (the
+  resolved config).
+
+  Returns:
+    A line saying how the run starts when it is not a fresh start (e.g. "resuming from step
+    120, search skipped"), else None.
+
+  Raises:
+    ConfigError: the workdir holds a run of another config and `overwrite` is False.
+  """
   workdir = pathlib.Path(workdir)
+  new = resolved_config(cfg)
+  note = None
+  if overwrite and files.holds_run(workdir):
+    removed = files.clear_run(workdir)
+    note = f"--overwrite: deleted the earlier run's files in {workdir} ({len(removed)} entries)"
+  elif files.holds_run(workdir):
+    old = files.read_json(workdir / CONFIG_FILE)
+    changes = ["no config.json to compare with"] if old is None else config_changes(old, new)
+    if changes:
+      shown = "; ".join(changes[:6]) + (f"; ... ({len(changes)} keys)" if len(changes) > 6 else "")
+      raise ConfigError(
+        f"workdir {workdir} holds a run of another config ({shown}); continuing it would mix "
+        "two configs' results. Either pass --overwrite (deletes that run's files in the "
+        f"workdir, then starts afresh) or give another --workdir; to continue that run, rerun "
+        f"it with its own config (see {workdir / 'run.json'}). In Python: "
+        "experiment.train_run(cfg, workdir, overwrite=True)."
+      )
+    steps = files.checkpoint_steps(workdir / "checkpoints")
+    if steps:
+      done = " (the run finished: nothing left to train)" if is_finished(workdir) else ""
+      note = f"resuming from step {max(steps)}, search skipped{done}"
+    else:
+      note = "same config, no checkpoint yet: the search runs again"
   workdir.mkdir(parents=True, exist_ok=True)
+  files.write_json(workdir / CONFIG_FILE, new)
+  return note
+
+
+def init_run(cfg, workdir, *, progress: bool = False, overwrite: bool = False) -> Initialised:
+  """`nio-jax init`: the configured method alone (`initialise` on a fresh build), in a workdir
+  that holds no run of another config (`check_workdir`)."""
+  workdir = pathlib.Path(workdir)
+  check_workdir(cfg, workdir, overwrite=overwrite)
   return initialise(build(cfg), workdir, progress=progress)
 
 
@@ -334,10 +466,12 @@ def is_finished(workdir) -> bool:
   return bool((files.read_json(pathlib.Path(workdir) / files.RUN_RECORD) or {}).get("finished"))
 
 
-def train_run(cfg, workdir, *, progress: bool | None = None) -> dict:
+def train_run(cfg, workdir, *, progress: bool | None = None, overwrite: bool = False) -> dict:
   """Init + training + evaluations of one config; resumes from the trainer's checkpoints.
 
-  The order is the module's: build, then resume (a checkpoint exists: no search) or
+  The workdir must hold no run of another config (`check_workdir`; `overwrite` deletes such
+  a run's files first). The order is the module's: build, then resume (a checkpoint
+  exists: no search) or
   initialise (`initialise`: the method between two GC reports), then train from the
   initialised variables, then record. The test accuracy is measured after each
   `eval.steps` step (first `eval.subset` test images), at each epoch end and, when
@@ -348,9 +482,9 @@ def train_run(cfg, workdir, *, progress: bool | None = None) -> dict:
     The run's record, also written to `<workdir>/run_record.json` (`run_record`).
   """
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   if progress is not None:
     cfg.train.progress = bool(progress)
+  check_workdir(cfg, workdir, overwrite=overwrite)
   run = build(cfg)
   saved_steps = files.checkpoint_steps(workdir / "checkpoints")
   init = None if saved_steps else initialise(run, workdir, progress=bool(cfg.train.progress))
@@ -518,12 +652,15 @@ def method_run_config(cfg, method: str):
   return c
 
 
-def compare_run(cfg, workdir, *, methods_=None, progress: bool | None = None) -> dict:
+def compare_run(
+  cfg, workdir, *, methods_=None, progress: bool | None = None, overwrite: bool = False
+) -> dict:
   """Runs `train_run` for each method of `compare_methods` on the same config.
 
   Every method starts from the same seed, hence the same initial params and the same data
   order; each run lives in `<workdir>/<method>` (resumable: a finished run is read back,
-  not repeated). Compiled steps are shared where the shapes agree: the model's init, the
+  not repeated; a method's folder holding a run of another config is refused, see
+  `check_workdir`; `overwrite` deletes the earlier runs first). Compiled steps are shared where the shapes agree: the model's init, the
   GC report and the training step compile once for all methods (they are cached per model
   and training config; see the module docstring).
 
@@ -532,9 +669,13 @@ def compare_run(cfg, workdir, *, methods_=None, progress: bool | None = None) ->
     of this call}, "reused": [methods read back], "wall_seconds": total}`.
   """
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
   names = compare_methods(cfg, methods_)
   configs = {m: method_run_config(cfg, m) for m in names}  # every config checked first
+  check_workdir(cfg, workdir, overwrite=overwrite)
+  for m in names:  # every method's folder checked before the first one runs
+    if progress is not None:
+      configs[m].train.progress = bool(progress)
+    check_workdir(configs[m], workdir / m, overwrite=overwrite)
   out: dict = {"methods": names, "records": {}, "seconds": {}, "reused": []}
   t_all = time.perf_counter()
   for m in names:
@@ -544,8 +685,6 @@ def compare_run(cfg, workdir, *, methods_=None, progress: bool | None = None) ->
       out["reused"].append(m)
       out["seconds"][m] = 0.0
       continue
-    if progress is not None:
-      configs[m].train.progress = bool(progress)
     print(f"[nio-jax compare] {m}: {d}", flush=True)
     t = time.perf_counter()
     out["records"][m] = train_run(configs[m], d)

@@ -192,12 +192,37 @@ def apply_override(cfg: ml_collections.ConfigDict, key: str, value: Any) -> None
     node[last] = value
 
 
-def load_config_file(spec: str) -> tuple[ml_collections.ConfigDict, str, str | None]:
-  """`path.py` or `path.py:arg` -> (config, path, arg). The file is Python (like
-  ml_collections config files); its `get_config([arg])` builds the config."""
+# The configs shipped with the package (`configs/` in a source checkout links here).
+SHIPPED_CONFIGS = pathlib.Path(__file__).resolve().parent / "configs"
+
+
+def shipped_configs() -> list[str]:
+  """The names of the config files shipped with the package (`--config NAME`)."""
+  return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.py") if not p.name.startswith("_"))
+
+
+def config_path(spec: str) -> tuple[str, str | None]:
+  """`path.py[:arg]` or a bare `NAME[:arg]` -> (path of the file, arg).
+
+  A path that exists is used as it is; a bare name (no directory part) that is not a file
+  here is a config shipped with the package (`nio_jax/configs/NAME.py`), so
+  `--config fmnist_nio` works from any install.
+  """
   path, arg = spec, None
   if ":" in spec and not os.path.exists(spec):
     path, _, arg = spec.partition(":")
+  if not os.path.exists(path) and os.sep not in path and "/" not in path:
+    shipped = SHIPPED_CONFIGS / (path if path.endswith(".py") else path + ".py")
+    if shipped.is_file():
+      path = str(shipped)
+  return path, arg
+
+
+def load_config_file(spec: str) -> tuple[ml_collections.ConfigDict, str, str | None]:
+  """`path.py`, `path.py:arg` or a shipped config's `NAME[:arg]` -> (config, path, arg)
+  (`config_path`). The file is Python (like ml_collections config files); its
+  `get_config([arg])` builds the config."""
+  path, arg = config_path(spec)
   p = pathlib.Path(path)
   module = _exec_config_file(path)
   if not hasattr(module, "get_config"):
@@ -215,7 +240,10 @@ def _exec_config_file(path: str):
   """The config file `path` run as a module of its own (config files are not a package)."""
   p = pathlib.Path(path)
   if not p.is_file():
-    raise ConfigError(f"config file {path!r} not found")
+    raise ConfigError(
+      f"config file {path!r} not found; give a path, or the name of a shipped config: "
+      f"{', '.join(shipped_configs())}"
+    )
   name = "nio_jax_config_" + "".join(ch if ch.isalnum() else "_" for ch in p.stem)
   mod_spec = importlib.util.spec_from_file_location(name, p)
   module = importlib.util.module_from_spec(mod_spec)
@@ -242,12 +270,62 @@ def config_from(name: str, relative_to: str) -> ml_collections.ConfigDict:
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
-  """Loads `spec`, applies `key=value` overrides and validates."""
+  """Loads `spec`, applies `key=value` overrides and validates.
+
+  An override that switches `init.method` away from the file's method drops the file's
+  settings of the old method that the overrides did not set (`switch_method`).
+  """
   cfg, _, _ = load_config_file(spec)
+  file_method = cfg.init.method
+  keys = []
   for item in overrides:
-    apply_override(cfg, *parse_override(item))
+    key, value = parse_override(item)
+    apply_override(cfg, key, value)
+    keys.append(key)
+  if cfg.init.method != file_method:
+    switch_method(cfg, keys)
   validate_config(cfg)
   return cfg
+
+
+def switch_method(cfg, set_keys: Sequence[str] = ()) -> list[str]:
+  """After `init.method` changed: drops the settings of the previous method that were not set
+  by the overrides `set_keys` (dotted keys, in the order they were applied).
+
+  Dropped: every `init.config` key not set by an override (the file's hyper-parameters
+  belong to the file's method; an explicit `init.config={...}` keeps its keys), an
+  `init.recipe` the new method cannot take (not a GradInit variant), and
+  `init.data="random"` unless the new method is MetaInit. A key that the overrides did set
+  stays, and the new method's config class rejects it if it does not know it.
+
+  Returns:
+    The dropped keys (dotted).
+  """
+  user: set[str] = set()
+  whole = False
+  for key in set_keys:
+    if key == "init.config":
+      whole, user = True, set()
+    elif key.startswith("init.config."):
+      user.add(key.split(".")[2])
+  dropped = []
+  if not whole:
+    for k in list(cfg.init.config.keys()):
+      if k not in user:
+        del cfg.init.config[k]
+        dropped.append(f"init.config.{k}")
+  try:
+    cls = methods.get_method(cfg.init.method).config_cls
+  except ValueError:
+    cls = None  # unknown method: validate_config names the known ones
+  takes_recipe = cls is not None and issubclass(cls, methods.GradInitConfig)
+  if cfg.init.get("recipe") is not None and "init.recipe" not in set_keys and not takes_recipe:
+    cfg.init.recipe = None
+    dropped.append("init.recipe")
+  if cfg.init.data == "random" and "init.data" not in set_keys and cfg.init.method != "metainit":
+    cfg.init.data = "real"
+    dropped.append("init.data")
+  return dropped
 
 
 _METHOD_CONFIGS: dict[str, Any] = {}  # the init group's fingerprint -> its built config
@@ -303,7 +381,13 @@ def _build_method_config(cfg, m) -> Any:
     if m.config_cls is not None and hasattr(m.config_cls, "create"):
       return m.config_cls.create(values)
   except (ValueError, TypeError) as e:
-    raise ConfigError(f"init.config for method {m.name!r}: {e}") from None
+    hint = ""
+    if "unknown" in str(e) and "key" in str(e):
+      hint = (
+        " Remove that key (from --set init.config.KEY=... or the config file), or start "
+        "from the method's defaults with --set init.config={}."
+      )
+    raise ConfigError(f"init.config for method {m.name!r}: {e}{hint}") from None
   return values or None
 
 

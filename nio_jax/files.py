@@ -7,6 +7,8 @@ reports and `benchmarks/sweep.py` share:
   name of a run's record, `RUN_RECORD`;
 * `save_variables` / `load_variables`: Flax msgpack variables (never pickle), loaded in
   either block layout (`models.match_layout`) with their shapes checked;
+* `holds_run` / `clear_run`: whether a directory holds a run's results, and deleting them
+  (only the files a run writes; `nio-jax ... --overwrite`);
 * `checkpoint_steps` (the one listing of the trainer's checkpoint steps) and
   `load_checkpoint_variables` (the params / batch statistics of one of them).
 
@@ -19,6 +21,7 @@ import json
 import math
 import os
 import pathlib
+import shutil
 from typing import Any
 
 import jax
@@ -32,6 +35,70 @@ PyTree = Any
 # The record of one `nio_jax.experiment.train_run` in its run directory: accuracies, the GC
 # report, wall times (read by `nio_jax.reports` and `benchmarks/sweep.py`).
 RUN_RECORD = "run_record.json"
+
+
+# What a run writes into its directory that holds results (a rerun of another config must
+# not mix with them; `holds_run`).
+RESULT_FILES = (
+  "checkpoints",
+  "init_params.msgpack",
+  "final_params.msgpack",
+  "init_history.json",
+  "init_report.json",
+  "scales.json",
+  RUN_RECORD,
+  "metrics.jsonl",
+  "compare.json",
+)
+# Every other file a run writes there (deleted with the results by `clear_run`).
+OTHER_RUN_FILES = (
+  "config.json",
+  "run.json",
+  "report.md",
+  "curves.png",
+  "compare.md",
+  "compare.png",
+  "report_training.png",
+  "report_search.png",
+)
+
+
+def holds_run(workdir: str | os.PathLike) -> bool:
+  """True when `workdir` holds a run's results (any of `RESULT_FILES`)."""
+  workdir = pathlib.Path(workdir)
+  return any((workdir / name).exists() for name in RESULT_FILES)
+
+
+def clear_run(workdir: str | os.PathLike) -> list[pathlib.Path]:
+  """Deletes the files a run wrote into `workdir` (`RESULT_FILES`, `OTHER_RUN_FILES`, the
+  `report_scales*.png` plots) and, for a `nio-jax compare` directory, its methods' run
+  folders (those named in its `compare.json`); anything else in `workdir` stays.
+
+  Returns:
+    The paths deleted.
+  """
+  workdir = pathlib.Path(workdir)
+  if not workdir.is_dir():
+    return []
+  methods = (read_json(workdir / "compare.json") or {}).get("methods") or []
+  removed: list[pathlib.Path] = []
+  for m in methods:
+    sub = workdir / str(m)
+    if str(m) and "/" not in str(m) and sub.is_dir():
+      removed += clear_run(sub)
+      if not any(sub.iterdir()):
+        sub.rmdir()
+        removed.append(sub)
+  names = [*RESULT_FILES, *OTHER_RUN_FILES]
+  for p in [workdir / n for n in names] + sorted(workdir.glob("report_scales*.png")):
+    if p.is_dir() and not p.is_symlink():
+      shutil.rmtree(p)
+    elif p.exists() or p.is_symlink():
+      p.unlink()
+    else:
+      continue
+    removed.append(p)
+  return removed
 
 
 def to_jsonable(x: Any) -> Any:

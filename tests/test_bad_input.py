@@ -146,3 +146,119 @@ def test_batch_size_change_during_search():
     nio_jax.nio(
       tm.mlp_loss, P, [B, tm.mlp_batch(KEY, b=6)], {"num_steps": 2, "num_chunks": 2, "overlap": 0.0}
     )
+
+
+# ------------------------------------------------------------------ issue 29: clear errors
+
+
+@pytest.mark.parametrize(
+  "call",
+  [
+    lambda: nio_jax.nio(P, tm.mlp_loss, [B]),
+    lambda: nio_jax.gradinit(P, tm.mlp_loss, [B]),
+    lambda: nio_jax.metainit(P, tm.mlp_loss, [B]),
+    lambda: nio_jax.lsuv(P, tm.mlp_loss, [B]),
+    lambda: nio_jax.measure(P, tm.mlp_loss, [B]),
+    lambda: nio_jax.methods.initialize("nio", P, tm.mlp_loss, [B]),
+    lambda: nio_jax.methods.initialize("kaiming", P, tm.mlp_loss, None),
+  ],
+  ids=["nio", "gradinit", "metainit", "lsuv", "measure", "initialize", "initialize_kaiming"],
+)
+def test_swapped_loss_fn_and_params_name_the_order(call):
+  with pytest.raises(TypeError, match=r"got the callable mlp_loss.*\(loss_fn, params, \.\.\.\)"):
+    call()
+
+
+def test_init_result_repr_is_short():
+  res = nio_jax.nio(tm.mlp_loss, P, [B], {"num_steps": 2, "num_chunks": None, "overlap": 0.0})
+  text = repr(res)
+  assert text.startswith("InitResult(method='nio', steps=2, params=4 leaves/") and "\n" not in text
+  assert "scales=4 in [" in text and "final: gc=" in text and "Array(" not in text
+  assert len(text) < 300 and str(res) == text
+
+
+def test_gradinit_batch_size_warning_points_at_the_users_call():
+  with pytest.warns(UserWarning, match="expects batches of 4") as rec:
+    nio_jax.methods.initialize("gradinit", tm.mlp_loss, P, [B], {"num_steps": 1, "batch_size": 4})
+  assert [w.filename for w in rec] == [__file__]
+
+
+def _loss_error(loss_fn, params, batch) -> nio_jax.errors.LossFnError:
+  with pytest.raises(nio_jax.errors.LossFnError) as e:
+    nio_jax.measure(loss_fn, params, [batch])
+  assert e.value.__cause__ is not None  # the original exception is chained
+  return e.value
+
+
+def test_loss_fn_error_missing_rng_stream_keeps_flax_message_whole():
+  import flax.linen as nn
+
+  class Drop(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = True):
+      return nn.Dropout(0.5, deterministic=not train)(nn.Dense(3)(x))
+
+  model = Drop()
+  params = model.init(KEY, B["x"], train=False)["params"]
+  err = _loss_error(lambda p, b: tm.xent(model.apply({"params": p}, b["x"]), b["y"]), params, B)
+  msg = str(err)
+  assert "InvalidRngError" in msg and "needs PRNG for" in msg
+  url = "https://flax.readthedocs.io/en/latest/api_reference/flax.errors.html#flax.errors.InvalidRngError)"
+  assert url in msg  # not cut mid-URL
+  assert "'dropout' rng stream" in msg and "linen_loss_fn" in msg
+
+
+def test_loss_fn_error_nnx_trace_level_names_nnx_loss_fn():
+  from flax import nnx
+
+  class Net(nnx.Module):
+    def __init__(self, rngs):
+      self.lin = nnx.Linear(5, 3, rngs=rngs)
+      self.bn = nnx.BatchNorm(3, rngs=rngs)  # train mode: updates its statistics
+
+    def __call__(self, x):
+      return self.bn(self.lin(x))
+
+  graphdef, params, rest = nnx.split(Net(nnx.Rngs(0)), nnx.Param, ...)
+
+  def loss(p, b):  # reuses the model's own mutable state inside the trace
+    return tm.xent(nnx.merge(graphdef, p, rest)(b["x"]), b["y"])
+
+  msg = str(_loss_error(loss, params, B))
+  assert "TraceContextError" in msg and "different trace level" in msg
+  assert "nio_jax.flax_utils.nnx_loss_fn(model)" in msg and "fresh copy" in msg
+
+
+def test_loss_fn_error_unexpected_keyword_names_train_flag():
+  import flax.linen as nn
+
+  class Net(nn.Module):
+    @nn.compact
+    def __call__(self, x, training: bool = False):
+      return nn.Dense(3)(x)
+
+  model = Net()
+  params = model.init(KEY, B["x"])["params"]
+  loss = lambda p, b: tm.xent(model.apply({"params": p}, b["x"], train=True), b["y"])
+  msg = str(_loss_error(loss, params, B))
+  assert "unexpected keyword argument 'train'" in msg
+  assert "has no 'train' argument" in msg and "train_flag='training'" in msg
+
+
+def test_loss_fn_error_shape_mismatch():
+  wide = dict(B, x=jnp.ones((8, 6)))
+  msg = str(_loss_error(tm.mlp_loss, P, wide))
+  assert "Likely cause: a shape mismatch" in msg and "model.init" in msg
+  assert "'x': (8, 6)" in msg
+
+
+def test_loss_fn_error_tuple_batch_names_the_accessors():
+  batch = (B["x"], B["y"])
+  msg = str(_loss_error(tm.mlp_loss, P, batch))
+  assert "tuple indices must be integers" in msg
+  assert "inputs=0, labels=1" in msg and "((8, 5), (8,))" in msg
+
+
+def test_loss_fn_error_other_causes_keep_the_generic_advice():
+  msg = str(_loss_error(tm.mlp_loss, {"w": P}, B))
+  assert "Check that params belong to the model" in msg and "Likely cause" not in msg

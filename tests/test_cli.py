@@ -14,7 +14,7 @@ from nio_jax import cli
 from nio_jax import experiment_config as ncfg
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-CONFIGS = sorted((ROOT / "configs").glob("*.py"))
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.py") if not p.name.startswith("_"))
 
 
 def _module(path):
@@ -167,16 +167,83 @@ def test_overrides_apply_and_check():
     ("data.dataset=mnist", "fashion_mnist"),
     ("init.config.no_such_key=1", "num_steps"),
     ("init.recipe=vgg11", "resnet110_bn"),
-    ("init.method=fixup", "num_branches"),  # gradinit keys given to Fixup
+    # a GradInit key the user sets explicitly, given to Fixup: the fix is named
+    (("init.method=fixup", "init.config.eta=0.1"), "num_branches"),
+    (("init.method=fixup", "init.config.eta=0.1"), "--set init.config={}"),
   ],
 )
 def test_unknown_names_list_the_known_ones(override, known, capsys):
   cfg_path = str(ROOT / "configs" / "fmnist_gradinit.py")
-  rc = cli.main(
-    ["init", "--config", cfg_path, "--workdir", "/nonexistent/never", f"--set={override}"]
-  )
+  sets = [f"--set={o}" for o in ((override,) if isinstance(override, str) else override)]
+  rc = cli.main(["init", "--config", cfg_path, "--workdir", "/nonexistent/never", *sets])
   err = capsys.readouterr().err
   assert rc == 2 and "nio-jax: error:" in err and known in err, err
+
+
+def test_switching_method_drops_the_files_method_settings():
+  """`--set init.method=lsuv` on a NIO config: the file's NIO keys (gamma, num_steps) are
+  dropped, the user's own keys stay (and an unknown one names `--set init.config={}`);
+  a GradInit recipe and MetaInit's random inputs go with their method."""
+  nio = str(ROOT / "configs" / "fmnist_nio.py")
+  cfg = ncfg.load_config(nio, ["init.method=lsuv"])
+  assert cfg.init.config.to_dict() == {} and ncfg.build_method_config(cfg).tol == 0.1
+  cfg = ncfg.load_config(nio, ["init.method=gradinit", "init.config.num_steps=7"])
+  assert cfg.init.config.to_dict() == {"num_steps": 7}
+  cfg = ncfg.load_config(nio, ["init.config={'num_steps': 4}", "init.method=metainit"])
+  assert cfg.init.config.to_dict() == {"num_steps": 4}  # a whole dict is the user's
+  with pytest.raises(ncfg.ConfigError, match=r"\['gamma'\].*--set init\.config=\{\}"):
+    ncfg.load_config(nio, ["init.method=lsuv", "init.config.gamma=2.0"])
+  table = str(ROOT / "configs" / "cifar10_table.py")
+  cfg = ncfg.load_config(table + ":vgg19,gradinit", ["init.method=nio"])
+  assert cfg.init.recipe is None and cfg.init.config.to_dict() == {}
+  assert ncfg.load_config(table + ":vgg19,gradinit").init.recipe == "vgg19"  # no switch
+  cfg = ncfg.load_config(str(ROOT / "configs" / "fmnist_metainit.py"), ["init.method=nio"])
+  assert cfg.init.data == "real"
+
+
+def test_config_by_shipped_name():
+  """`--config NAME[:ARG]` finds the config shipped in the package (`configs/` of a checkout
+  links to the same files); an unknown name lists the shipped ones."""
+  assert (ROOT / "configs").resolve() == ncfg.SHIPPED_CONFIGS
+  a = ncfg.load_config("fmnist_nio")
+  b = ncfg.load_config(str(ROOT / "configs" / "fmnist_nio.py"))
+  assert a.to_dict() == b.to_dict()
+  assert (
+    ncfg.load_config("cifar10_table:vgg19,nio").name
+    == ncfg.load_config(str(ROOT / "configs" / "cifar10_table.py") + ":vgg19,nio").name
+  )
+  with pytest.raises(ncfg.ConfigError, match="shipped config: .*fmnist_nio"):
+    ncfg.load_config("fmnist_nop")
+
+
+@pytest.mark.parametrize("sub", ["init", "train", "compare", "measure"])
+def test_subcommand_help_shows_the_override_syntax(sub, capsys):
+  with pytest.raises(SystemExit) as e:
+    cli.main([sub, "--help"])
+  assert e.value.code == 0
+  out = capsys.readouterr().out
+  assert "--set key.path=value" in out and "e.g. --set init.config.num_steps=50" in out
+  assert "example:" in out and f"nio-jax {sub} " in out
+  if sub != "measure":
+    assert "--overwrite" in out
+
+
+def test_measure_names_a_missing_directory(tmp_path, capsys):
+  missing = tmp_path / "no_such_run"
+  assert cli.main(["measure", str(missing)]) == 2
+  assert f"nio-jax: error: run directory not found: {missing}" in capsys.readouterr().err
+
+
+def test_missing_dataset_is_a_config_error(tmp_path, capsys):
+  """No Fashion-MNIST files where data.data_dir points (and no prepared TFDS copy): one
+  `nio-jax: error:` naming $NIO_JAX_DATA, data.data_dir and the files, exit 2."""
+  argv = ["init", "--config", str(ROOT / "configs" / "fmnist_nio.py"), "--no-progress"]
+  argv += ["--workdir", str(tmp_path / "w"), f"--set=data.data_dir={tmp_path / 'nodata'}"]
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.count("nio-jax: error:") == 1 and "Traceback" not in err, err
+  for text in ("not found", "NIO_JAX_DATA=DIR", "--set data.data_dir=DIR", "t10k-images"):
+    assert text in err, (text, err)
 
 
 def test_malicious_override_is_a_string_never_code(tmp_path, monkeypatch, capsys):
@@ -260,6 +327,7 @@ def test_console_script_and_help(capsys):
   out = capsys.readouterr().out
   for sub in ("init", "train", "measure", "report", "bench"):
     assert sub in out
+  assert "--set key.path=value" in out
 
 
 # ------------------------------------------------------------------ end to end, tiny subset
@@ -413,3 +481,40 @@ def test_report_tables_and_plots(tiny_runs, capsys):
     "report_scales_init.png",
   ):
     assert (out / f).stat().st_size > 1000, f
+
+
+def test_rerun_resumes_the_same_config_and_refuses_another(tmp_path, capsys):
+  """The same config in the same workdir resumes (no new search, and it says so); another
+  config is refused with exit 2 naming --overwrite and --workdir, leaving the run as it
+  was; --overwrite deletes that run's files (only those) and starts afresh."""
+  _need_fmnist()
+  w = tmp_path / "run"
+  cfg = str(ROOT / "configs" / "fmnist_nio.py")
+  sets = [f"--set={s}" for s in TINY] + ["--set=init.measure_batches=0", "--set=max_steps=2"]
+  base = ["--config", cfg, "--workdir", str(w), "--no-progress", *sets]
+  two = "--set=init.config.num_steps=2"
+  assert cli.main(["train", *base, two]) == 0
+  history = (w / "init_history.json").read_text()
+  assert json.loads(history)["config"]["num_steps"] == 2
+  capsys.readouterr()
+  # Same config, a result-neutral key changed (progress, prefetch): resume, no search.
+  assert cli.main(["train", *base, two, "--set=data.prefetch=1"]) == 0
+  out = capsys.readouterr().out
+  assert "resuming from step 2, search skipped" in out
+  assert (w / "init_history.json").read_text() == history
+  # Another config (num_steps 3; for init too): refused, nothing in the workdir touched.
+  before = {p.name: p.stat().st_mtime_ns for p in w.iterdir()}
+  for argv in (["train", *base, "--set=init.config.num_steps=3"], ["init", *base]):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "nio-jax: error: workdir" in err and "holds a run of another config" in err
+    assert "--overwrite" in err and "--workdir" in err, err
+    assert "init.config.num_steps: 2 -> " in err, err
+  assert {p.name: p.stat().st_mtime_ns for p in w.iterdir()} == before  # nothing touched
+  (w / "notes.txt").write_text("mine")
+  assert cli.main(["init", *base, "--set=init.config.num_steps=3", "--overwrite"]) == 0
+  assert "deleted the earlier run's files" in capsys.readouterr().out
+  assert json.loads((w / "init_history.json").read_text())["config"]["num_steps"] == 3
+  assert not (w / "checkpoints").exists() and not (w / "run_record.json").exists()
+  assert (w / "notes.txt").read_text() == "mine"
+  assert json.loads((w / "config.json").read_text())["init"]["config"]["num_steps"] == 3

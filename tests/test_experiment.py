@@ -89,3 +89,34 @@ def test_train_run_initialises_once_and_a_resume_does_not_search(tmp_path, monke
   for k in ("before", "after", "search_steps", "search_seconds", "scales"):
     assert rec2[k] == first[k], k
   assert set(rec2["acc_steps"]) == {"3", "5"}
+
+
+def test_workdir_config_comparison_is_on_the_resolved_config(tmp_path):
+  """`check_workdir` compares resolved configs: a method key set to its default is the same
+  config, a result-neutral key (RESULT_NEUTRAL_KEYS) does not count, anything else refuses;
+  without a run's results in the workdir nothing is refused."""
+  from nio_jax.errors import ConfigError
+
+  a, b = _config(3), _config(3)
+  b.init.config.gamma = float(methods.get_method("nio").config_cls().gamma)  # = the default
+  b.max_steps, b.data.prefetch, b.train.progress = 9, 3, True  # result-neutral
+  assert (
+    experiment.config_changes(experiment.resolved_config(a), experiment.resolved_config(b)) == []
+  )
+  b.train.base_lr = 0.05
+  assert experiment.config_changes(
+    experiment.resolved_config(a), experiment.resolved_config(b)
+  ) == ["train.base_lr: 0.1 -> 0.05"]
+  wd = tmp_path / "w"
+  assert experiment.check_workdir(a, wd) is None and (wd / "config.json").is_file()
+  assert experiment.check_workdir(b, wd) is None  # no results yet: the config is replaced
+  files.write_json(wd / files.RUN_RECORD, {"finished": True})
+  with pytest.raises(ConfigError, match="train.base_lr: 0.05 -> 0.1.*--overwrite"):
+    experiment.check_workdir(a, wd)
+  assert experiment.check_workdir(b, wd) == "same config, no checkpoint yet: the search runs again"
+  assert "deleted" in experiment.check_workdir(a, wd, overwrite=True)
+  assert not (wd / files.RUN_RECORD).exists()
+  (wd / "init_params.msgpack").write_bytes(b"")
+  (wd / "config.json").unlink()
+  with pytest.raises(ConfigError, match="no config.json to compare with"):
+    experiment.check_workdir(a, wd)

@@ -1,5 +1,5 @@
-"""The built wheel works on its own: `nio-jax bench --help` and a tiny `nio-jax init`, run
-from a temporary directory by a fresh virtual environment that has only the wheel installed.
+"""The built wheel works on its own: `nio-jax bench --help` and a tiny `nio-jax init` of a
+config shipped in the wheel (`--config fmnist_nio`), run from a temporary directory by a fresh virtual environment that has only the wheel installed.
 
 How the environment is made without downloading anything: `python -m venv` creates it, a
 `.pth` file in its site-packages appends THIS interpreter's site-packages (jax, flax, torch...
@@ -66,6 +66,9 @@ def test_wheel_ships_the_bench_and_not_the_source_tree(wheel_venv):
   names = zipfile.ZipFile(wheel_venv["whl"]).namelist()
   for f in ("nio_jax/bench/engine.py", "nio_jax/bench/torch_baseline/models.py"):
     assert f in names
+  # The configs ship in the package (`--config NAME`); `configs/` of a checkout links there.
+  shipped = sorted(p.name for p in (ROOT / "nio_jax" / "configs").glob("*.py"))
+  assert len(shipped) > 10 and all(f"nio_jax/configs/{f}" in names for f in shipped)
   assert not any(n.startswith(("benchmarks/", "tests/", "configs/")) for n in names)
   vpy = str(wheel_venv["venv"] / "bin" / "python")
   where = _run(
@@ -109,7 +112,7 @@ def test_tiny_init_from_the_wheel(wheel_venv):
       str(wheel_venv["venv"] / "bin" / "nio-jax"),
       "init",
       "--config",
-      str(ROOT / "configs" / "fmnist_nio.py"),
+      "fmnist_nio",  # a bare name: the config shipped in the wheel
       "--workdir",
       str(workdir),
       "--no-progress",
@@ -119,3 +122,7 @@ def test_tiny_init_from_the_wheel(wheel_venv):
     wheel_venv["env"],
   )
   assert (workdir / "init_params.msgpack").is_file() and (workdir / "init_report.json").is_file()
+  import json
+
+  spec = json.loads((workdir / "run.json").read_text())["config"]
+  assert spec.startswith(wheel_venv["site"]) and spec.endswith("nio_jax/configs/fmnist_nio.py")

@@ -39,15 +39,32 @@ from nio_jax.cli.commands import (
 from nio_jax.errors import ConfigError, DivergedError
 from nio_jax.experiment_config import split_overrides
 
+OVERRIDES_HELP = """\
+config overrides (any number, after the subcommand):
+  --set key.path=value       e.g. --set init.config.num_steps=50
+  --config.key.path=value    e.g. --config.train.num_epochs=2 (also --config.key.path value)
+  Values are Python literals (ast.literal_eval: numbers, strings, tuples, dicts,
+  True/False/None), anything else a plain string; never evaluated as code. A dict replaces
+  a whole group: --set model.kwargs="{'hidden': (32,)}". Switching --set init.method=NAME
+  drops the file's init.config keys (--set init.config={} starts from NAME's defaults).
+  See docs/cli.md."""
+
+WORKDIR_HELP = """\
+reruns: a workdir that holds a run of the same config is continued (train / compare:
+from its last checkpoint, no new search; init searches again); one of another config is
+refused: pass --overwrite (deletes that run's files, then starts afresh) or another
+--workdir."""
+
 
 def make_parser() -> argparse.ArgumentParser:
   """The argparse parser: one subparser per subcommand (overrides are split off first)."""
+  raw = argparse.RawDescriptionHelpFormatter
   p = argparse.ArgumentParser(
     prog="nio-jax",
     description="Learned neural-network initialisation (NIO/GradCosine, "
     "GradInit, MetaInit, Fixup, Kaiming) in JAX/Flax.",
-    epilog="Overrides: --set key=value or --config.key=value (values are Python literals "
-    "parsed with ast.literal_eval, else strings). See docs/cli.md.",
+    epilog=OVERRIDES_HELP,
+    formatter_class=raw,
   )
   sub = p.add_subparsers(dest="command", required=True)
 
@@ -55,19 +72,40 @@ def make_parser() -> argparse.ArgumentParser:
     sp.add_argument(
       "--config",
       required=config_required,
-      help="config file, optionally with an argument: configs/x.py[:arg]",
+      metavar="FILE[:ARG]",
+      help="config file (configs/x.py[:arg]) or the name of a shipped config "
+      "(e.g. fmnist_nio, cifar10_table:vgg19,nio)",
     )
     sp.add_argument("--workdir", default=None, help="output directory (default runs/<name>)")
+    sp.add_argument(
+      "--overwrite",
+      action="store_true",
+      help="the workdir holds a run of another config: delete that run's files, start afresh",
+    )
     sp.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-  sp = sub.add_parser("init", help="run the init method, save params and a GC report")
+  def subparser(name, help_, epilog=OVERRIDES_HELP + "\n\n" + WORKDIR_HELP, example=""):
+    ex = f"example:\n  {example}\n\n" if example else ""
+    return sub.add_parser(name, help=help_, epilog=ex + epilog, formatter_class=raw)
+
+  sp = subparser(
+    "init",
+    "run the init method, save params and a GC report",
+    example="nio-jax init --config configs/fmnist_nio.py --set init.config.num_steps=10",
+  )
   common(sp)
   sp.set_defaults(fn=cmd_init)
-  sp = sub.add_parser("train", help="init + train, then a small report (table + plots)")
+  sp = subparser(
+    "train",
+    "init + train, then a small report (table + plots)",
+    example="nio-jax train --config fmnist_nio --set train.num_epochs=2 --workdir runs/x",
+  )
   common(sp)
   sp.set_defaults(fn=cmd_train)
-  sp = sub.add_parser(
-    "compare", help="init + train with several methods, then one picture comparing them"
+  sp = subparser(
+    "compare",
+    "init + train with several methods, then one picture comparing them",
+    example="nio-jax compare --config configs/fmnist_compare.py --methods kaiming,nio",
   )
   common(sp)
   sp.add_argument(
@@ -76,9 +114,19 @@ def make_parser() -> argparse.ArgumentParser:
     help="comma-separated methods, e.g. kaiming,nio,gradinit (default: compare.methods)",
   )
   sp.set_defaults(fn=cmd_compare)
-  sp = sub.add_parser("measure", help="GC / gradient norm of saved params")
+  sp = subparser(
+    "measure",
+    "GC / gradient norm of saved params",
+    epilog=OVERRIDES_HELP,
+    example="nio-jax measure runs/fmnist_nio --fresh --set init.measure_chunks=None",
+  )
   sp.add_argument("run_dir", nargs="?", help="run directory (its run.json gives the config)")
-  sp.add_argument("--config", default=None, help="config file (instead of run_dir/run.json)")
+  sp.add_argument(
+    "--config",
+    default=None,
+    metavar="FILE[:ARG]",
+    help="config file or shipped config name (instead of run_dir/run.json)",
+  )
   sp.add_argument("--params", action="append", default=[], help="msgpack params file(s)")
   sp.add_argument(
     "--batches", type=int, default=None, help="number of batches (default init.measure_batches)"

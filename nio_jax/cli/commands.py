@@ -10,32 +10,33 @@ from typing import Any
 
 from nio_jax import experiment, files, reports
 from nio_jax.errors import ConfigError, DivergedError
-from nio_jax.experiment_config import load_config
+from nio_jax.experiment_config import config_path, load_config
 
 
 def _workdir(cfg, arg: str | None) -> pathlib.Path:
-  """The run's directory (`--workdir`, else `workdir`, else `runs/<name>`), created."""
-  w = arg or cfg.get("workdir") or os.path.join("runs", cfg.name)
-  p = pathlib.Path(w)
-  p.mkdir(parents=True, exist_ok=True)
-  return p
+  """The run's directory (`--workdir`, else `workdir`, else `runs/<name>`)."""
+  return pathlib.Path(arg or cfg.get("workdir") or os.path.join("runs", cfg.name))
 
 
 def _absolute_spec(spec: str) -> str:
-  """`path.py[:arg]` with an absolute path (so `measure` works from any directory)."""
-  path, arg = spec, None
-  if ":" in spec and not os.path.exists(spec):
-    path, _, arg = spec.partition(":")
+  """`path.py[:arg]` (or a shipped config's NAME) with an absolute path (so `measure` works
+  from any directory)."""
+  path, arg = config_path(spec)
   path = os.path.abspath(path)
   return path if arg is None else f"{path}:{arg}"
 
 
 def _prepare(args, command: str):
-  """The config of `args` and its workdir, with `run.json` / `config.json` written."""
+  """The config of `args` and its workdir, checked (`experiment.check_workdir`: a workdir
+  holding a run of another config is refused unless `--overwrite`), with `run.json` /
+  `config.json` written."""
   cfg = load_config(args.config, args.overrides)
   if getattr(args, "no_progress", False):
     cfg.train.progress = False
   workdir = _workdir(cfg, args.workdir)
+  note = experiment.check_workdir(cfg, workdir, overwrite=getattr(args, "overwrite", False))
+  if note and command == "init" and note.startswith("resuming"):
+    note = "same config as the run in this workdir: the search runs again (init always searches)"
   files.write_json(
     workdir / "run.json",
     {
@@ -46,12 +47,13 @@ def _prepare(args, command: str):
       "argv": sys.argv,
     },
   )
-  (workdir / "config.json").write_text(cfg.to_json_best_effort(indent=1))
   print(
     f"[nio-jax] {cfg.name}: {cfg.model.name} on {cfg.data.dataset}, method "
     f"{cfg.init.method}; workdir {workdir}",
     flush=True,
   )
+  if note:
+    print(f"[nio-jax] {note}", flush=True)
   return cfg, workdir
 
 
@@ -91,7 +93,7 @@ def cmd_compare(args) -> int:
   config, then one picture and table comparing them (`compare.md`, `compare.png`)."""
   cfg, workdir = _prepare(args, "compare")
   names = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
-  out = experiment.compare_run(cfg, workdir, methods_=names)
+  out = experiment.compare_run(cfg, workdir, methods_=names, overwrite=args.overwrite)
   bad = {m: r["status"] for m, r in out["records"].items() if r["status"] != "finished"}
   text, png = reports.compare_report(out, workdir, title=f"{cfg.name}: {cfg.model.name}")
   print("\n" + text)
@@ -107,13 +109,19 @@ def cmd_compare(args) -> int:
 def cmd_measure(args) -> int:
   """`nio-jax measure`: the GC report of saved params, checkpoints or the model's own init."""
   rundir = pathlib.Path(args.run_dir) if args.run_dir else None
+  if rundir is not None and not rundir.is_dir():
+    raise ConfigError(f"run directory not found: {rundir}")
   if args.config:
     cfg = load_config(args.config, args.overrides)
   elif rundir is not None and (rundir / "run.json").exists():
     info = json.loads((rundir / "run.json").read_text())
     cfg = load_config(info["config"], list(info.get("overrides", [])) + list(args.overrides))
   else:
-    raise ConfigError("measure needs a run directory with run.json, or --config")
+    where = f"{rundir} has no run.json" if rundir is not None else "no run directory given"
+    raise ConfigError(
+      f"measure needs a run directory written by nio-jax init/train (with run.json), or "
+      f"--config: {where}"
+    )
   if args.batches is not None:
     cfg.init.measure_batches = int(args.batches)
   if int(cfg.init.measure_batches) < 1:
@@ -158,7 +166,7 @@ def cmd_report(args) -> int:
   dirs = [pathlib.Path(d) for d in args.run_dirs]
   for d in dirs:
     if not d.is_dir():
-      raise ConfigError(f"run directory {d} not found")
+      raise ConfigError(f"run directory not found: {d}")
   out = (
     pathlib.Path(args.out)
     if args.out

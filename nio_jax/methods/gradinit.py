@@ -43,6 +43,7 @@ import optax
 
 from nio_jax import checks, formulation, leaves, method_config
 from nio_jax import scales as scmod
+from nio_jax.errors import user_stacklevel
 from nio_jax.methods.registry import register
 from nio_jax.rescale_adam import rescale_adam
 from nio_jax.results import InitResult
@@ -390,7 +391,7 @@ def gradinit(
       warnings.warn(
         f"GradInit config expects batches of {cfg.batch_size} examples (|S|), got "
         f"{b}; set batch_size=None to silence this.",
-        stacklevel=4,
+        stacklevel=user_stacklevel(),  # the user's call, also through methods.initialize
       )
 
   _, batches = check_search_inputs(

@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from nio_jax import checks
 from nio_jax.results import InitResult
 
 PyTree = Any
@@ -100,4 +101,6 @@ def initialize(
       method: data parallel for those that do data-dependent work (nio, gradinit,
       gradinit_adam, metainit, lsuv); Kaiming and Fixup ignore it.
   """
-  return get_method(method).fn(loss_fn, params, data, config, progress=progress, mesh=mesh)
+  m = get_method(method)
+  checks.check_not_callable(params)  # initialize(method, params, loss_fn, ...): say so
+  return m.fn(loss_fn, params, data, config, progress=progress, mesh=mesh)
