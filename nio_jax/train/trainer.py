@@ -200,8 +200,8 @@ def train(
       result equals single-device training to float tolerance. The loader's batch size and
       `eval_batch_size` must be multiples of the number of devices. Checkpoints are the same
       as without a mesh. Multi-process (after `nio_jax.distributed.initialize_multihost`,
-      `mesh` over every process's devices): every process runs `train` with the same
-      arguments and loader (each feeds the global batch; its own rows go to its devices),
+      `mesh` over every process's devices, the default when `mesh` is None): every process
+      runs `train` with the same arguments and loader (each feeds the global batch; its own rows go to its devices),
       checkpoints are written together (Orbax), and only process 0 writes `metrics.jsonl`
       and `curves.png`.
     gc_fn: for `config.gc_every = N > 0`: `gc_fn(variables) -> dict` with at least `gc`
@@ -221,6 +221,10 @@ def train(
     TrainingPreempted: SIGTERM arrived; the step reached was checkpointed first (a
       `SystemExit`, code 143).
   """
+  if mesh is None and jax.process_count() > 1:  # several processes train one model together
+    from nio_jax import distributed  # noqa: PLC0415
+
+    mesh = distributed.make_mesh()
   _check_inputs(model, variables, train_loader, test_data, stop_after_step, eval_at, mesh, gc_fn)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -711,7 +715,7 @@ def _device_prefetch(
 
 def _finish_plots(config, log: MetricsLog, workdir: pathlib.Path) -> None:
   """Draws `curves.png` from the metrics log (when `config.plots`); a failure is logged."""
-  if not config.plots:
+  if not config.plots or jax.process_index() != 0:  # process 0 draws the one picture
     return
   try:
     plot_curves(log.read(), workdir / "curves.png", title=workdir.name)
