@@ -255,6 +255,44 @@ def initialize_from_env(environ=None) -> bool:
   return True
 
 
+def cli_setup(environ=None) -> None:
+  """The multi-process switch of the `nio-jax` entry point, called first (before any JAX
+  backend starts): `initialize_from_env`, and in a multi-process run every line this
+  process prints to stdout/stderr starts with `[process i/N]`. A failed start exits with
+  `nio-jax: error: ...` (status 2)."""
+  import sys  # noqa: PLC0415
+
+  try:
+    started = initialize_from_env(environ)
+  except DistributedInitError as e:
+    print(f"nio-jax: error: {e}", file=sys.stderr)
+    raise SystemExit(2) from None
+  if started and jax.process_count() > 1:
+    tag = process_tag()
+    sys.stdout = _Tagged(sys.stdout, tag)
+    sys.stderr = _Tagged(sys.stderr, tag)
+
+
+class _Tagged:
+  """A text stream whose every line starts with `tag` (the process of a multi-process run)."""
+
+  def __init__(self, stream, tag: str):
+    self._stream, self._tag, self._at_start = stream, tag, True
+
+  def write(self, text: str) -> int:
+    out = []
+    for piece in text.splitlines(keepends=True):
+      if self._at_start and not piece.startswith(self._tag):
+        out.append(self._tag)
+      out.append(piece)
+      self._at_start = piece.endswith(("\n", "\r"))
+    self._stream.write("".join(out))
+    return len(text)
+
+  def __getattr__(self, name):
+    return getattr(self._stream, name)
+
+
 def process_tag() -> str:
   """`"[process i/N] "` in a multi-process run, `""` otherwise (for log lines)."""
   n = jax.process_count()

@@ -125,7 +125,7 @@ def to_jsonable(x: Any) -> Any:
 def write_json(path: str | os.PathLike, obj: Any) -> pathlib.Path:
   """Writes `obj` as indented JSON (`to_jsonable` first), atomically; returns the path."""
   path = pathlib.Path(path)
-  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")  # per process (multi-process runs)
   tmp.write_text(json.dumps(to_jsonable(obj), indent=1))
   os.replace(tmp, path)
   return path
@@ -144,7 +144,7 @@ def save_variables(path: str | os.PathLike, variables: PyTree) -> pathlib.Path:
   from flax import serialization  # noqa: PLC0415
 
   path = pathlib.Path(path)
-  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
   tmp.write_bytes(serialization.to_bytes(jax.device_get(variables)))
   os.replace(tmp, path)
   return path

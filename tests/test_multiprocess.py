@@ -212,3 +212,82 @@ def test_training_two_processes_sigterm_and_resume_in_both_layouts(tmp_path):
   assert [r["type"] for r in rec].count("config") == 1, rec  # process 1 wrote nothing
   assert [r["type"] for r in rec].count("preempted") == 1, rec
   assert [r["type"] for r in rec].count("eval") == 2, rec
+
+
+CLI_SETS = [
+  "model.name=mlp",
+  "model.kwargs={'hidden': (32,)}",
+  "data.train_subset=256",
+  "data.test_subset=256",
+  "data.batch_size=64",
+  "data.prefetch=0",
+  "init.batch_size=32",
+  "init.config.num_steps=3",
+  "init.measure_batches=0",
+  "train.num_epochs=1",
+  "train.eval_batch_size=256",
+  "train.log_every=2",
+]
+
+
+@pytest.mark.slow  # ~60 s on 2 cores
+def test_cli_train_two_processes_through_the_launcher(tmp_path):
+  """`scripts/launch_local.sh 2 -- nio-jax train ...` (the documented command) trains one
+  model with 2 processes and ends with the single-process run's accuracy and test loss;
+  every printed line names its process, and the metrics log is written once."""
+  from nio_jax.data import find_fashion_mnist_dir
+
+  try:
+    find_fashion_mnist_dir()
+  except FileNotFoundError as e:
+    pytest.skip(str(e))
+  args = [
+    "train",
+    "--config",
+    str(ROOT / "configs" / "fmnist_nio.py"),
+    "--no-progress",
+    *[f"--set={s}" for s in CLI_SETS],
+  ]
+  nio = [sys.executable, "-c", "import sys; from nio_jax.cli import main; sys.exit(main())"]
+  env = worker_env(1, NIO_JAX_LOCAL_DEVICES="1")
+  env.pop("XLA_FLAGS")
+  with open(tmp_path / "mp.log", "w") as f:
+    mp = subprocess.Popen(
+      [
+        str(ROOT / "scripts" / "launch_local.sh"),
+        "2",
+        "--",
+        *nio,
+        *args,
+        "--workdir",
+        tmp_path / "mp",
+      ],
+      cwd=ROOT,
+      env=env,
+      stdout=f,
+      stderr=subprocess.STDOUT,
+    )
+  with open(tmp_path / "one.log", "w") as f:
+    one = subprocess.Popen(
+      [*nio, *args, "--workdir", tmp_path / "one"],
+      cwd=ROOT,
+      env=worker_env(1),
+      stdout=f,
+      stderr=subprocess.STDOUT,
+    )
+  assert wait_all([mp, one]) == [0, 0], logs(tmp_path)
+  log = (tmp_path / "mp.log").read_text()
+  for i in range(2):
+    assert f"[process {i}/2] nio-jax:" in log and f"[process {i}/2] plots:" in log, log
+  from nio_jax import train
+
+  evals = {}
+  for d in ("mp", "one"):
+    rec = train.read_metrics(tmp_path / d / "metrics.jsonl")
+    assert [r["type"] for r in rec].count("config") == 1, rec
+    evals[d] = [r for r in rec if r["type"] == "eval"]
+  assert len(evals["mp"]) == len(evals["one"]) == 1
+  a, b = evals["mp"][0], evals["one"][0]
+  assert a["test_acc"] == b["test_acc"], (a, b)
+  np.testing.assert_allclose(a["test_loss"], b["test_loss"], rtol=1e-4)
+  np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-4)

@@ -168,6 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     as `nio-jax: error: ...`).
   """
   argv = list(sys.argv[1:] if argv is None else argv)
+  from nio_jax.distributed import cli_setup  # noqa: PLC0415 (issue 32: multi-process hook)
+
+  cli_setup()  # NIO_JAX_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID: started before JAX
   try:
     if argv[:1] == ["bench"]:  # everything after `bench` belongs to the benchmark script
       return cmd_bench(argparse.Namespace(bench_args=argv[1:]))
