@@ -354,7 +354,11 @@ def nnx_loss_fn(
         if isinstance(node, nnx.Dropout):
           node.deterministic = True
     elif streams:
-      nnx.reseed(m, **_stream_keys(fixed_key if key is None else key, streams))
+      # "match_shape": a stream of a vmapped / scanned stack of layers holds one key per
+      # layer; each gets its own split of the batch's key.
+      nnx.reseed(
+        m, policy="match_shape", **_stream_keys(fixed_key if key is None else key, streams)
+      )
     return m(_access(data, inputs, "inputs"), **call)
 
   def loss_fn(p, batch):
