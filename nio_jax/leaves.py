@@ -25,7 +25,8 @@ How the kind of a module is decided (`classify`):
    NNX, the module's type decides (`nnx.BatchNorm`, `nnx.LayerNorm`, `nnx.Linear`, ...).
    The core never sees `batch_stats` or NNX types: only this mapping, attached to the loss
    function as its `module_kinds` attribute;
-2. otherwise by the params' own structure: a module holding `kernel` is a linear layer; a
+2. otherwise by the params' own structure: a module holding `kernel` (or, for hand-written
+   layers, `w` / `weight` / `weights`, with `b` as its bias) is a linear layer; a
    module whose parameters are only `scale` / `bias` (more than one element) is a
    normalisation layer, batch norm if it is in `module_kinds`, layer norm if not. **Without
    `module_kinds`** (a hand-written loss function) batch norm and layer norm hold the same
@@ -244,6 +245,12 @@ jax.tree_util.register_pytree_node(
 )
 
 
+# Hand-written layers (Flax's own toy examples hold `w` / `b`): the weight of a linear layer
+# by its conventional names, and its bias.
+_WEIGHT_NAMES = ("w", "weight", "weights")
+_BIAS_NAMES = ("b",)
+
+
 def _block_size(names: tuple[str, ...], leaf) -> int:
   shape = tuple(np.shape(leaf))
   if any(_STACKED.search(n) for n in names) and shape:
@@ -256,7 +263,7 @@ def _module_kind(module: tuple[str, ...], own: dict, module_kinds) -> str:
   (name -> per-block size)."""
   if module_kinds is not None and module in module_kinds:
     return module_kinds[module]
-  if "kernel" in own:
+  if "kernel" in own or any(n in _WEIGHT_NAMES for n in own):
     return "linear"
   if own and set(own) <= _NORM_LEAVES and any(n > 1 for n in own.values()):
     if module_kinds is None and module and _BATCHNORM_NAME.match(module[-1]):
@@ -297,7 +304,8 @@ def classify(params: PyTree, module_kinds: Mapping | None = None) -> LeafKinds:
     elif mk == "layer_norm":
       kind = LAYER_NORM_BIAS if bias else LAYER_NORM_SCALE
     elif mk == "linear":
-      kind = KERNEL if name == "kernel" else (BIAS if bias else OTHER)
+      bias = bias or name in _BIAS_NAMES
+      kind = KERNEL if name in ("kernel", *_WEIGHT_NAMES) else (BIAS if bias else OTHER)
     else:
       kind = SCALAR if own[module][name] == 1 else OTHER
     out[names] = kind

@@ -97,8 +97,17 @@ def select_leaves(params: PyTree, wrt: Callable[[tuple, Any], bool] | None):
   else:
     idx = [i for i, (p, leaf) in enumerate(leaves_with_path) if wrt(p, leaf)]
   if not idx:
+    if type(wrt).__name__ == "KindFilter":  # the default selection, not a user's predicate
+      raise ValueError(
+        "no parameter leaf is selected for the gradient: the default leaf selection (the "
+        "conv, dense and layer-norm weights and biases, by structure: nio_jax.leaves) found "
+        "none in params. Pass grad_filter=None (measure / gradcosine: wrt=None) to use every "
+        "leaf, or your "
+        "own (path, leaf) -> bool predicate."
+      )
     raise ValueError(
-      "no parameter leaf is selected for the gradient (the `wrt` predicate rejected every leaf)."
+      "no parameter leaf is selected for the gradient (the `wrt` / `grad_filter` predicate "
+      "you passed rejected every leaf)."
     )
 
   def rebuild(selected):

@@ -399,3 +399,51 @@ def test_nnx_attention_with_dropout_sample_wise():
     loss_fn, params, [(tokens, Y)], {"num_steps": 2, "num_chunks": None, "overlap": 0.0}
   )
   assert np.all(np.isfinite(result.history["gc"]))
+
+
+class HandLinear(nnx.Module):
+  """A hand-written layer holding `w` / `b`, as Flax's toy NNX examples do."""
+
+  def __init__(self, din, dout, *, rngs):
+    self.w = nnx.Param(jax.random.uniform(rngs.params(), (din, dout)))
+    self.b = nnx.Param(jnp.zeros((dout,)))
+
+  def __call__(self, x):
+    return x @ self.w + self.b
+
+
+class HandMLP(nnx.Module):
+  def __init__(self, rngs):
+    self.linear1 = HandLinear(2, 8, rngs=rngs)
+    self.drop = nnx.Dropout(0.1, rngs=rngs)
+    self.bn = nnx.BatchNorm(8, rngs=rngs)
+    self.linear2 = HandLinear(8, 3, rngs=rngs)
+
+  def __call__(self, x):
+    return self.linear2(nnx.gelu(self.drop(self.bn(self.linear1(x)))))
+
+
+def test_hand_written_w_b_layers_are_linear_and_nio_runs():
+  model = HandMLP(nnx.Rngs(0))
+  loss_fn, params = nnx_loss_fn(model)
+  kinds = nio_jax.leaves.leaf_kinds_for(loss_fn, params)
+  assert kinds.kind(("linear1", "w")) == "kernel" and kinds.kind(("linear1", "b")) == "bias"
+  x = jax.random.normal(KEY, (8, 2))
+  result = nio_jax.nio(loss_fn, params, [(x, Y)], {"num_steps": 2, "num_chunks": 2})
+  assert np.all(np.isfinite(result.history["gc"]))
+
+
+def test_default_selection_finding_nothing_says_so_not_blaming_wrt():
+  class OnlyEmbed(nnx.Module):
+    def __init__(self, rngs):
+      self.emb = nnx.Embed(20, 3, rngs=rngs)
+
+    def __call__(self, t):
+      return self.emb(t).mean(axis=1)
+
+  loss_fn, params = nnx_loss_fn(OnlyEmbed(nnx.Rngs(0)))
+  tokens = jax.random.randint(KEY, (8, 4), 0, 20)
+  with pytest.raises(ValueError, match="default leaf selection.*grad_filter=None"):
+    nio_jax.nio(loss_fn, params, [(tokens, Y)], {"num_steps": 1})
+  # The fix it names works.
+  nio_jax.nio(loss_fn, params, [(tokens, Y)], {"num_steps": 1, "grad_filter": None})
