@@ -269,7 +269,9 @@ def check_stats(stats: GCStats, num_chunks=None, step: int | None = None, last_g
     ZeroGradientError: a gradient is exactly zero (its cosine is undefined).
   """
   where = "" if step is None else f" at step {step}"
-  norms = jax.device_get(stats.grad_norms)
+  from nio_jax import distributed  # noqa: PLC0415 (gathers norms sharded over processes)
+
+  norms = distributed.to_host(stats.grad_norms)
   for name, value in (("loss", stats.loss), ("GradCosine", stats.gc), ("gradient norm", norms)):
     if not bool(jnp.all(jnp.isfinite(value))):
       raise errors.NonFiniteError(

@@ -79,6 +79,12 @@ def run_methods(out_path, mesh):
       if v.dtype.kind in "fiub":
         res[f"{name}/history/{k}"] = v
     print(f"[process {jax.process_index()}] {name} {time.perf_counter() - t:.1f}s", flush=True)
+  # GradCosine of a global batch outside a search (check_stats reads the sharded norms)
+  from nio_jax import cosine
+
+  st = cosine.gradcosine(tm.conv_loss, distributed.replicate(params, mesh), batches[0])
+  res["gradcosine/gc"] = np.asarray(distributed.to_host(st.gc))
+  res["gradcosine/grad_norms"] = np.asarray(distributed.to_host(st.grad_norms))
   if jax.process_index() == 0:
     np.savez(out_path, **res)
 
