@@ -57,3 +57,29 @@ def test_off_and_unwritable_are_reported(tmp_path):
   blocker.write_text("")
   line = compile_cache.enable({"NIO_JAX_COMPILE_CACHE": str(blocker / "xla")})
   assert line.startswith("compile cache: off (") and "unusable" in line
+
+
+def test_a_cache_directory_the_user_gave_jax_is_kept(tmp_path):
+  """`enable` never replaces a cache directory already set for JAX (by jax.config or by
+  JAX_COMPILATION_CACHE_DIR): the user's cache wins over NIO_JAX_COMPILE_CACHE."""
+  mine, ours = tmp_path / "mine", tmp_path / "ours"
+  program = (
+    "import jax\n"
+    f"jax.config.update('jax_compilation_cache_dir', {str(mine)!r})\n"
+    "from nio_jax import compile_cache\n"
+    "print(compile_cache.enable())\n"
+    "print(jax.config.jax_compilation_cache_dir)\n"
+  )
+  env = {**os.environ, "NIO_JAX_COMPILE_CACHE": str(ours), "JAX_PLATFORMS": "cpu"}
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  out = subprocess.run(
+    [sys.executable, "-c", program], env=env, capture_output=True, text=True, check=True
+  )
+  assert out.stdout.splitlines() == [f"compile cache: {mine} (set for JAX already)", str(mine)]
+  assert not ours.exists()
+  env["JAX_COMPILATION_CACHE_DIR"] = str(mine)
+  program = "from nio_jax import compile_cache\nprint(compile_cache.enable())\n"
+  out = subprocess.run(
+    [sys.executable, "-c", program], env=env, capture_output=True, text=True, check=True
+  )
+  assert out.stdout.splitlines() == [f"compile cache: {mine} (set for JAX already)"]

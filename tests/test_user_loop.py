@@ -17,6 +17,8 @@ from nio_jax.models._common import CPU_UNROLL_MAX, resolve_unroll
 def test_resolve_unroll_per_backend_and_bad_values():
   assert resolve_unroll(None, 17, "cpu") == 17  # ResNet-110's stage tails: unrolled on CPU
   assert resolve_unroll(None, CPU_UNROLL_MAX + 1, "cpu") == 1  # ResNet-1202: compile time
+  # The bound itself is inclusive: exactly CPU_UNROLL_MAX blocks are unrolled on CPU.
+  assert resolve_unroll(None, CPU_UNROLL_MAX, "cpu") == CPU_UNROLL_MAX
   assert resolve_unroll(None, 17, "gpu") == 1 and resolve_unroll(None, 17, "tpu") == 1
   assert resolve_unroll(True, 5) == 5 and resolve_unroll(3, 5) == 3 and resolve_unroll(9, 5) == 5
   for bad in (0, -1, 1.5, "all", False):
