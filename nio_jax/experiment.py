@@ -195,8 +195,9 @@ def init_batches(run: Run, num: int, stream: int):
 
 
 def init_data(run: Run):
-  """What the method consumes: `search_batches` real batches of `init.batch_size`, or
-  MetaInit's shape spec for Gaussian inputs (`init.data="random"`)."""
+  """What the method consumes: `search_batches` real batches of `init.batch_size`, or the
+  shape spec for Gaussian inputs (`init.data="random"`, for a method whose `Method.data`
+  takes it)."""
   cfg = run.cfg
   if cfg.init.data == "random":
     bs = int(cfg.init.batch_size or cfg.data.batch_size)
@@ -611,7 +612,8 @@ def run_record(run: Run, workdir, res, status: str, init: Initialised | None, *,
     # The optimiser recipe that ran (no-norm or with normalisation), from the trainer's log.
     "recipe": logged_recipe(metrics),
   }
-  if cfg.init.method != "kaiming" and record["search_seconds"] and record.get("step_seconds"):
+  searches = methods.get_method(cfg.init.method).searches
+  if searches and record["search_seconds"] and record.get("step_seconds"):
     record["search_rel_step"] = record["search_seconds"] / record["step_seconds"]
   if record["scales"] is None:
     del record["scales"]

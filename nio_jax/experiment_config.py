@@ -36,7 +36,7 @@ from nio_jax.train.train_config import default_config, validate_train_config
 
 # Sub-dicts whose keys are free (checked later by the method config class / the model).
 OPEN_DICTS = ("init.config", "model.kwargs", "compare.overrides")
-INIT_DATA = ("real", "random")
+INIT_DATA = methods.DATA_KINDS  # "real" batches or a "random" shape spec (`Method.data`)
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -45,19 +45,21 @@ def base_config() -> ml_collections.ConfigDict:
   Fields:
     name: run name; the default workdir is `runs/<name>`.
     workdir: output directory (None = `runs/<name>`).
-    seed: seed of the model init and the data order (and of MetaInit's Gaussian inputs
-      under `init.data="random"` and LSUV's orthonormal kernels, unless `init.config.seed`
-      is set).
+    seed: seed of the model init and the data order (and the method's `seed` where its
+      `Method.seeded` says so: MetaInit's Gaussian inputs under `init.data="random"`, LSUV's
+      orthonormal kernels; unless `init.config.seed` is set).
     model.name / model.kwargs: `nio_jax.models.get(name, **kwargs)`; `num_classes` is
       taken from the dataset unless given.
     data: `nio_jax.data.make_loaders` arguments (`dataset`, `batch_size`, `train_subset`,
       `test_subset`, `data_dir`, `source`, `pad_to_32`, `augment`, `prefetch`).
     init.method: a registered method (`nio_jax.methods.available_methods()`).
-    init.recipe: GradInit recipe name (`GRADINIT_RECIPES`), merged under `init.config`.
+    init.recipe: a recipe of the method (`Method.recipes`, e.g. GradInit's
+      `GRADINIT_RECIPES`), merged under `init.config`.
     init.config: the method's hyper-parameters (None/empty = the method's defaults).
     init.batch_size: batch size of the init batches (None = data.batch_size).
     init.num_batches: batches drawn for the method (None = steps x batches per step).
-    init.data: "real" (training batches) or "random" (MetaInit's Gaussian inputs).
+    init.data: "real" (training batches) or "random" (a shape spec for Gaussian inputs, for
+      the methods whose `Method.data` takes it: MetaInit).
     init.measure_batches: batches of the GC / gradient-norm report (0 = no report);
       init.measure_chunks / init.measure_overlap: its sub-batch setting (D, r).
     eval.steps: global steps after which the test accuracy is also measured, on the first
@@ -294,8 +296,8 @@ def switch_method(cfg, set_keys: Sequence[str] = ()) -> list[str]:
 
   Dropped: every `init.config` key not set by an override (the file's hyper-parameters
   belong to the file's method; an explicit `init.config={...}` keeps its keys), an
-  `init.recipe` the new method cannot take (not a GradInit variant), and
-  `init.data="random"` unless the new method is MetaInit. A key that the overrides did set
+  `init.recipe` the new method cannot take (its `Method.recipes` is empty), and an
+  `init.data` it does not accept (`Method.data`; set back to its first kind). A key that the overrides did set
   stays, and the new method's config class rejects it if it does not know it.
 
   Returns:
@@ -315,15 +317,14 @@ def switch_method(cfg, set_keys: Sequence[str] = ()) -> list[str]:
         del cfg.init.config[k]
         dropped.append(f"init.config.{k}")
   try:
-    cls = methods.get_method(cfg.init.method).config_cls
+    m = methods.get_method(cfg.init.method)
   except ValueError:
-    cls = None  # unknown method: validate_config names the known ones
-  takes_recipe = cls is not None and issubclass(cls, methods.GradInitConfig)
-  if cfg.init.get("recipe") is not None and "init.recipe" not in set_keys and not takes_recipe:
+    return dropped  # unknown method: validate_config names the known ones
+  if cfg.init.get("recipe") is not None and "init.recipe" not in set_keys and not m.recipes:
     cfg.init.recipe = None
     dropped.append("init.recipe")
-  if cfg.init.data == "random" and "init.data" not in set_keys and cfg.init.method != "metainit":
-    cfg.init.data = "real"
+  if cfg.init.data not in m.data and "init.data" not in set_keys:
+    cfg.init.data = m.data[0]
     dropped.append("init.data")
   return dropped
 
@@ -367,16 +368,19 @@ def _build_method_config(cfg, m) -> Any:
   recipe = cfg.init.get("recipe")
   try:
     if recipe is not None:
-      if not (m.config_cls and issubclass(m.config_cls, methods.GradInitConfig)):
-        raise ConfigError(f"init.recipe={recipe!r} is a GradInit recipe; method is {m.name!r}")
-      if recipe not in methods.GRADINIT_RECIPES:
+      if not m.recipes:
+        with_recipes = [n for n in methods.available_methods() if methods.get_method(n).recipes]
         raise ConfigError(
-          f"unknown GradInit recipe {recipe!r}; known: "
-          f"{', '.join(sorted(methods.GRADINIT_RECIPES))}"
+          f"init.recipe={recipe!r}: method {m.name!r} has no recipes (methods with recipes: "
+          f"{', '.join(with_recipes) or 'none'})"
         )
-      values = {**methods.GRADINIT_RECIPES[recipe], **values}
-    if (cfg.init.data == "random" or m.name == "lsuv") and "seed" not in values:
-      # the run's seed also draws MetaInit's Gaussian inputs and LSUV's orthonormal kernels
+      if recipe not in m.recipes:
+        raise ConfigError(
+          f"unknown {m.label} recipe {recipe!r}; known: {', '.join(sorted(m.recipes))}"
+        )
+      values = {**m.recipes[recipe], **values}
+    if m.is_seeded(cfg.init.data) and "seed" not in values:
+      # the run's seed also draws e.g. MetaInit's Gaussian inputs, LSUV's orthonormal kernels
       values["seed"] = int(cfg.seed)
     if m.config_cls is not None and hasattr(m.config_cls, "create"):
       return m.config_cls.create(values)
@@ -392,15 +396,11 @@ def _build_method_config(cfg, m) -> Any:
 
 
 def search_batches(cfg, mcfg) -> int:
-  """Batches the configured method consumes: `init.num_batches`, else the method config's
-  `num_steps x batches_per_step` (GradInit: 2 per step, 1 with `lookahead="thirds"`)."""
+  """Batches the configured method consumes: `init.num_batches`, else the method's
+  `Method.num_batches(mcfg)` (its config's `num_steps` x its batches per step)."""
   if cfg.init.get("num_batches"):
     return int(cfg.init.num_batches)
-  steps = getattr(mcfg, "num_steps", None)
-  if steps is None and isinstance(mcfg, dict):
-    steps = mcfg.get("num_steps")
-  per = int(getattr(mcfg, "batches_per_step", 1) or 1)
-  return int(steps or 1) * per
+  return methods.get_method(cfg.init.method).num_batches(mcfg)
 
 
 def validate_config(cfg) -> None:
@@ -421,8 +421,17 @@ def validate_config(cfg) -> None:
     )
   if cfg.init.data not in INIT_DATA:
     raise ConfigError(f"init.data must be one of {INIT_DATA}, got {cfg.init.data!r}")
-  if cfg.init.data == "random" and cfg.init.method != "metainit":
-    raise ConfigError("init.data='random' (Gaussian inputs) is for method 'metainit' only")
+  try:
+    m = methods.get_method(cfg.init.method)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if cfg.init.data not in m.data:
+    takers = [n for n in methods.available_methods() if cfg.init.data in methods.get_method(n).data]
+    raise ConfigError(
+      f"init.data={cfg.init.data!r} is not data method {m.name!r} takes (it takes "
+      f"{', '.join(map(repr, m.data))}); init.data={cfg.init.data!r} is for method(s) "
+      f"{', '.join(map(repr, takers))} only"
+    )
   for k in ("batch_size",):
     if int(cfg.data[k]) < 1:
       raise ConfigError(f"data.{k} must be >= 1")

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from nio_jax import methods
 from nio_jax.files import RUN_RECORD, read_json
 from nio_jax.train.metrics import gc_records, read_metrics
 
@@ -292,20 +293,14 @@ def report(dirs: Sequence[pathlib.Path], out: pathlib.Path) -> tuple[str, list[p
 # `nio-jax compare`: several methods on one config
 # --------------------------------------------------------------------------------------------
 
-METHOD_LABELS = {
-  "kaiming": "Kaiming",
-  "nio": "NIO",
-  "gradinit": "GradInit",
-  "gradinit_adam": "GradInit (Adam)",
-  "metainit": "MetaInit",
-  "fixup": "Fixup",
-  "lsuv": "LSUV",
-}
-
 
 def method_label(method: str) -> str:
-  """The display name of a registered method ("nio" -> "NIO")."""
-  return METHOD_LABELS.get(method, method)
+  """The display name of a method ("nio" -> "NIO"): its registered `Method.label`; an
+  unknown name (e.g. a record of a method no longer registered) shows as it is."""
+  try:
+    return methods.get_method(method).label
+  except ValueError:
+    return method
 
 
 def _curve(record: dict) -> tuple[list[int], list[float]]:

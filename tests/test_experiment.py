@@ -120,3 +120,91 @@ def test_workdir_config_comparison_is_on_the_resolved_config(tmp_path):
   (wd / "config.json").unlink()
   with pytest.raises(ConfigError, match="no config.json to compare with"):
     experiment.check_workdir(a, wd)
+
+
+def test_a_new_method_flows_through_with_its_facts_only(tmp_path):
+  """A method registered here, with its facts (`Method`: label, data kinds, batches per step,
+  seeding, recipes, searches), is configured, run, recorded and reported with no edit
+  outside `nio_jax/methods/`: the layers above read the facts, never a method's name."""
+  import dataclasses
+
+  import nio_jax
+  from nio_jax import experiment_config, reports
+  from nio_jax.errors import ConfigError
+
+  _fmnist_or_skip()
+
+  @dataclasses.dataclass(frozen=True)
+  class ToyConfig:
+    num_steps: int = 1
+    scale: float = 1.0
+    seed: int = 0
+
+    @classmethod
+    def create(cls, config=None, **overrides):
+      values = {**dict(config or {}), **overrides}
+      unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+      if unknown:
+        raise ValueError(f"unknown key(s) {sorted(unknown)}")
+      return cls(**values)
+
+    def to_dict(self):
+      return dataclasses.asdict(self)
+
+  seen = []
+
+  def toy(loss_fn, params, data, config=None, *, progress=False, mesh=None):
+    seen.append(data if isinstance(data, dict) else len(list(data)))
+    params = jax.tree.map(lambda p: p * config.scale, params)
+    history = {"loss": np.zeros(config.num_steps)}
+    return nio_jax.InitResult(params, None, history, "_test_toy", config.to_dict())
+
+  methods.register(
+    "_test_toy",
+    config_cls=ToyConfig,
+    label="Toy method",
+    data=("real", "random"),
+    batches_per_step=3,
+    seeded=("random",),
+    recipes={"big": {"scale": 2.0}},
+    searches=True,
+  )(toy)
+  try:
+    c = _config(2)
+    c.name = "toy"
+    c.init.method = "_test_toy"
+    c.init.config = {"num_steps": 2}
+    c.init.recipe = "big"
+    validate_config(c)
+    mcfg = experiment_config.build_method_config(c)
+    assert (mcfg.scale, mcfg.seed) == (2.0, 0)  # the recipe; no seed for real data
+    assert experiment_config.search_batches(c, mcfg) == 6  # 2 steps x 3 batches per step
+    c.init.recipe = "tiny"
+    with pytest.raises(ConfigError, match="unknown Toy method recipe 'tiny'; known: big"):
+      validate_config(c)
+    c.init.recipe = "big"
+
+    rec = experiment.train_run(c, tmp_path / "real")
+    assert seen == [6] and rec["status"] == "finished"
+    assert rec["search_steps"] == 2 and rec["search_rel_step"] > 0  # it searches
+    assert "| Toy method | 2 |" in reports.compare_table(
+      {"methods": ["_test_toy"], "records": {"_test_toy": rec}}
+    )
+
+    r = experiment_config.load_config(
+      "nio_jax/configs/fmnist_base.py",
+      ["init.method=_test_toy", "init.data=random", "seed=7", "init.config.num_steps=1"],
+    )
+    assert experiment_config.build_method_config(r).seed == 7  # seeded under random data
+    c.init.data, c.seed = "random", 3
+    init = experiment.init_run(c, tmp_path / "random")
+    assert seen[-1]["image"] == (16, 28, 28, 1) and init.result.config["seed"] == 3
+
+    nio = experiment_config.load_config(  # switching away drops what nio cannot take
+      "nio_jax/configs/fmnist_base.py",
+      ["init.method=_test_toy", "init.recipe=big", "init.data=random"],
+    )
+    nio.init.method = "nio"
+    assert experiment_config.switch_method(nio) == ["init.recipe", "init.data"]
+  finally:
+    methods.unregister("_test_toy")

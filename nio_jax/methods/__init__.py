@@ -5,7 +5,8 @@
 
 Methods (see `available_methods()`): "nio", "gradinit", "gradinit_adam", "metainit",
 "fixup", "kaiming", "lsuv". A new method = one module that decorates its entry point with
-`@register("name", config_cls=...)` + one import line below; every entry point has the shape
+`@register("name", config_cls=..., **facts)` (the `Method` facts: label, data, batches per
+step, seeding, recipes, searches) + one import line below; every entry point has the shape
 `fn(loss_fn, params, data, config=None, *, progress=False, mesh=None) -> InitResult`.
 """
 
@@ -31,6 +32,7 @@ from nio_jax.methods.metainit import (
   random_batches,
 )
 from nio_jax.methods.registry import (
+  DATA_KINDS,
   Method,
   available_methods,
   get_method,
@@ -39,7 +41,12 @@ from nio_jax.methods.registry import (
   unregister,
 )
 
+# LSUV's facts (its module's `@register` names the entry point): the run's seed draws its
+# orthonormal kernels, and its layer-by-layer passes are its search.
+register("lsuv", config_cls=LSUVConfig, label="LSUV", seeded=("real",), searches=True)(lsuv)
+
 __all__ = [
+  "DATA_KINDS",
   "GRADINIT_RECIPES",
   "FixupConfig",
   "GradInitAdamConfig",

@@ -221,7 +221,7 @@ def fixup_rules(
   return walk(params, ())
 
 
-@register("fixup", config_cls=FixupConfig)
+@register("fixup", config_cls=FixupConfig, label="Fixup")
 def fixup(
   loss_fn: Callable | None,
   params: PyTree,

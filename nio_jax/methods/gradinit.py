@@ -195,6 +195,11 @@ class GradInitConfig:
     return method_config.to_plain_dict(self)
 
 
+def _batches_per_step(cfg) -> int:
+  """The registry's `batches_per_step` of GradInit: 2, 1 with `lookahead="thirds"`."""
+  return cfg.batches_per_step if isinstance(cfg, GradInitConfig) else 2
+
+
 def lookahead_batches(
   batch: PyTree, next_batch: PyTree | None, lookahead: str
 ) -> tuple[PyTree, PyTree]:
@@ -343,7 +348,14 @@ def make_gradinit_step(loss_fn: Callable, spec: scmod.ScaleSpec, config=None):
   return step, _make_tx(cfg, spec), functools.partial(_scale_grad, loss_fn, cfg)
 
 
-@register("gradinit", config_cls=GradInitConfig)
+@register(
+  "gradinit",
+  config_cls=GradInitConfig,
+  label="GradInit",
+  batches_per_step=_batches_per_step,
+  recipes=GRADINIT_RECIPES,
+  searches=True,
+)
 def gradinit(
   loss_fn: Callable,
   params: PyTree,
@@ -449,7 +461,14 @@ class GradInitAdamConfig(GradInitConfig):
     return cfg
 
 
-@register("gradinit_adam", config_cls=GradInitAdamConfig)
+@register(
+  "gradinit_adam",
+  config_cls=GradInitAdamConfig,
+  label="GradInit (Adam)",
+  batches_per_step=_batches_per_step,
+  recipes=GRADINIT_RECIPES,
+  searches=True,
+)
 def gradinit_adam(
   loss_fn: Callable,
   params: PyTree,

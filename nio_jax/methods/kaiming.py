@@ -33,7 +33,7 @@ class KaimingConfig:
     return {}
 
 
-@register("kaiming", config_cls=KaimingConfig)
+@register("kaiming", config_cls=KaimingConfig, label="Kaiming")
 def kaiming(
   loss_fn: Callable | None,
   params: PyTree,

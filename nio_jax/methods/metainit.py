@@ -341,7 +341,14 @@ def make_metainit_step(loss_fn: Callable, spec: scmod.ScaleSpec, config=None):
   return step, lambda scales: MomentumState(jax.tree_util.tree_map(jnp.zeros_like, scales))
 
 
-@register("metainit", config_cls=MetaInitConfig)
+@register(
+  "metainit",
+  config_cls=MetaInitConfig,
+  label="MetaInit",
+  data=("real", "random"),
+  seeded=("random",),  # the run's seed draws the Gaussian inputs
+  searches=True,
+)
 def metainit(
   loss_fn: Callable,
   params: PyTree,

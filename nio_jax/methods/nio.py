@@ -220,7 +220,7 @@ def make_nio_step(
   return step, tx
 
 
-@register("nio", config_cls=NIOConfig)
+@register("nio", config_cls=NIOConfig, label="NIO", searches=True)
 def nio(
   loss_fn: Callable,
   params: PyTree,
