@@ -4,7 +4,10 @@
 # the same seed and data order, 150 training steps each, test accuracy every 25 steps. It
 # ends with one picture (runs/demo/compare.png: accuracy curves, GC and gradient norm before
 # and after each search), a table and a sentence (runs/demo/compare.md).
-# Measured: see README ("Two commands"). Extra arguments go to `nio-jax compare`, e.g.
+# It also writes benchmarks/results/demo_cpu.json (the table's data, wall times, command,
+# commit and quiet verdict; benchmarks/demo_record.py), from which
+# `python -m benchmarks.docs_figures` renders the README's demo table and
+# docs/images/demo_compare.png. Extra arguments go to `nio-jax compare`, e.g.
 #   bash scripts/demo.sh --methods kaiming,nio
 # NIO_JAX_SKIP_SETUP=1 skips scripts/setup.sh (an existing .venv is used as it is).
 # The demo's own output folder runs/demo is started afresh on every call.
@@ -18,5 +21,7 @@ fi
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 rm -rf runs/demo
 start=$(date +%s)
-nio-jax compare --config configs/fmnist_compare.py --workdir runs/demo "$@"
+python -m benchmarks.demo_record --workdir runs/demo \
+  --command-as-typed "${NIO_JAX_DEMO_COMMAND:-bash scripts/demo.sh${*:+ $*}}" \
+  -- nio-jax compare --config configs/fmnist_compare.py --workdir runs/demo "$@"
 echo "demo wall time: $(( $(date +%s) - start )) s (the compare command, after setup)"

@@ -1,4 +1,4 @@
-"""Generated text in the docs equals its generator: the parameter-count tables (README,
+"""Generated text in the docs equals its generator: the parameter-count tables (docs/api.md,
 docs/models.md) from the model registry, and the benchmark result tables
 (benchmarks/results/*.md) from their JSON. `python -m tests.test_generated_docs` rewrites
 the parameter-count tables."""
@@ -13,7 +13,7 @@ import pytest
 from nio_jax import models
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-README, MODELS_DOC = ROOT / "README.md", ROOT / "docs" / "models.md"
+README, MODELS_DOC = ROOT / "docs" / "api.md", ROOT / "docs" / "models.md"  # README: the short table
 BEGIN = "<!-- BEGIN param-count table (python -m tests.test_generated_docs) -->"
 END = "<!-- END param-count table -->"
 
@@ -69,7 +69,7 @@ def _between(path):
 def test_param_count_tables_are_generated_from_the_registry():
   long, short = param_count_tables()
   assert _between(MODELS_DOC) == long, "docs/models.md stale: python -m tests.test_generated_docs"
-  assert _between(README) == short, "README.md stale: python -m tests.test_generated_docs"
+  assert _between(README) == short, "docs/api.md stale: python -m tests.test_generated_docs"
 
 
 RENDERED = {
