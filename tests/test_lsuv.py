@@ -1,5 +1,8 @@
 """LSUV (`nio_jax.methods.lsuv`): unit output variance per layer, layer order from the
-execution, the `lsuv` 0.3.0 package on PyTorch twins, batch norm, scanned layouts, bad input."""
+execution, the `lsuv` 0.3.0 package on PyTorch twins, batch norm, scanned layouts, bad input;
+target_std and the bias zeroing (each test fails on a one-line break of the method), the
+tolerance rule, non-convergence warnings, tied weights, true biases only, input-only batches
+(`loss_fn.forward`) and dropout."""
 
 import sys
 
@@ -10,8 +13,8 @@ import numpy as np
 import pytest
 
 import nio_jax
-from nio_jax import models
-from nio_jax.flax_utils import linen_loss_fn
+from nio_jax import errors, models, stochastic
+from nio_jax.flax_utils import _stream_keys, linen_loss_fn, nnx_loss_fn
 from nio_jax.methods import (
   LSUVConfig,
   available_methods,
@@ -352,13 +355,17 @@ def test_matches_lsuv_package(case, mlp, cnn):
       model = CNN(bn=True)
       v = model.init(jax.random.PRNGKey(7), batch["image"])
       params = scaled(v["params"], 0.3)
-      loss = linen_loss_fn(model, batch_stats=v["batch_stats"], apply_kwargs={})
+      loss = linen_loss_fn(model, batch_stats=v["batch_stats"], train=False)
     if case == "cnn_max_iter_0":  # tol 0: one correction per layer, then the cap stops it
       cfg.update(max_iter=0, tol=0.0)
     x = np.asarray(batch["image"]).transpose(0, 3, 1, 2)
   kwargs = {"max_attempts": 0, "std_tol": 0.0} if "max_iter" in cfg else {}
   net = run_package(torch_twin(case[:3], params, bn=case == "cnn_bn_eval"), x, **kwargs)
-  res = initialize("lsuv", loss, params, [batch], cfg)
+  if case in ("mlp_11_iters", "cnn_max_iter_0"):  # tol not reached: warned and recorded
+    with pytest.warns(UserWarning, match=r"layer \d \(kernel '\w+/kernel'\) did not converge"):
+      res = initialize("lsuv", loss, params, [batch], cfg)
+  else:
+    res = initialize("lsuv", loss, params, [batch], cfg)
   its = res.history["iterations"]
   assert (its[1:] <= 1).all(), its  # where the package rescales the layer it measures
   if case == "mlp_11_iters":
@@ -382,7 +389,8 @@ def test_package_misplaces_later_corrections(mlp):
   model, params, batch = mlp
   params = {**params, "m_third": {**params["m_third"], "bias": jnp.linspace(-20.0, 20.0, 5)}}
   net = run_package(torch_twin("mlp", params), np.asarray(batch["image"]))
-  res = initialize("lsuv", linen_loss_fn(model), params, [batch], {"orthonormal": False})
+  with pytest.warns(UserWarning, match="layer 2 .*'m_third/kernel'.* did not converge"):
+    res = initialize("lsuv", linen_loss_fn(model), params, [batch], {"orthonormal": False})
   h, flat = res.history, leaf_dict(res.params)
   assert list(h["iterations"][:2]) == [1, 1] and h["iterations"][2] == 11
   first, _, last = torch_kernels(net)
@@ -401,7 +409,7 @@ def test_registered_with_config_plumbing():
   assert "lsuv" in available_methods()
   assert get_method("lsuv").config_cls is LSUVConfig
   assert LSUVConfig.create().to_dict() == dict(
-    target_std=1.0, tol=0.1, max_iter=10, orthonormal=True, seed=0
+    target_std=1.0, tol=0.1, max_iter=10, orthonormal=True, seed=0, tol_on="std", exclude=()
   )
   from nio_jax import experiment_config as cfgmod
 
@@ -466,3 +474,286 @@ def test_bad_input(mlp):
   no_layer = lambda p, b: tm.xent(b["x"][:, :3] * p["s"], b["y"])
   with pytest.raises(ValueError, match="no conv / dense layer"):
     initialize("lsuv", no_layer, {"s": jnp.ones(3)}, [tm.mlp_batch(jax.random.PRNGKey(0))])
+
+
+# ------------------------------------------------------------------ issue 29: target, biases
+
+
+def with_biases(params, names=MLP.names):
+  """Every named layer's bias set to a non-zero spread."""
+  out = dict(params)
+  for n in names:
+    b = params[n]["bias"]
+    out[n] = {**params[n], "bias": jnp.linspace(-0.5, 1.0, b.shape[0])}
+  return out
+
+
+@pytest.mark.parametrize("orthonormal", [False, True])
+def test_target_std_is_reached_per_layer(mlp, orthonormal):
+  """`target_std=0.5` ends with every layer's output at std 0.5 (fails if the method scales
+  every layer to std 1 whatever `target_std` says)."""
+  model, params, batch = mlp
+  cfg = {"target_std": 0.5, "tol": 0.02, "orthonormal": orthonormal}
+  res = initialize("lsuv", linen_loss_fn(model), params, [batch], cfg)
+  stds = layer_stds(model, {"params": res.params}, batch["image"])
+  assert len(stds) == 3
+  for name, s in stds.items():
+    assert abs(s - 0.5) <= 0.02, (name, stds)
+  np.testing.assert_allclose(res.history["std_after"], 0.5, atol=0.02)
+  assert res.history["converged"].all()
+
+
+def test_orthonormal_pre_init_zeroes_nonzero_biases(mlp):
+  """Non-zero initial biases are exactly 0 after the orthonormal pre-init (fails if the
+  method keeps them); without it they are kept."""
+  model, params, batch = mlp
+  params = with_biases(params)
+  res = initialize("lsuv", linen_loss_fn(model), params, [batch])
+  for n in MLP.names:
+    np.testing.assert_array_equal(np.asarray(res.params[n]["bias"]), 0.0)
+  stds = layer_stds(model, {"params": res.params}, batch["image"])
+  assert all(abs(s - 1.0) <= 0.1 for s in stds.values()), stds
+  kept = initialize("lsuv", linen_loss_fn(model), params, [batch], {"orthonormal": False})
+  for n in MLP.names:
+    np.testing.assert_array_equal(kept.params[n]["bias"], params[n]["bias"])
+
+
+# ------------------------------------------------------------------ tolerance rule
+
+
+def test_tol_on_std_or_variance():
+  """`tol_on="std"` (the package's rule) accepts a layer at std 1.07 (variance 1.145);
+  `tol_on="variance"` (the paper's, |Var − 1| < tol) rescales it until |std² − 1| < 0.1."""
+  batch = tm.mlp_batch(jax.random.PRNGKey(0), b=64, d=6, c=4)
+  w = jax.random.normal(jax.random.PRNGKey(1), (6, 4))
+  w = w * 1.07 / jnp.std(batch["x"] @ w, ddof=1)
+  loss = lambda p, b: tm.xent(b["x"] @ p["w"], b["y"])
+  cfg = {"orthonormal": False, "tol": 0.1}
+  on_std = initialize("lsuv", loss, {"w": w}, [batch], {**cfg, "tol_on": "std"})
+  h = on_std.history
+  assert h["iterations"][0] == 0 and h["converged"][0]
+  assert abs(h["std_after"][0] - 1.07) < 1e-4 and h["std_after"][0] ** 2 > 1.1
+  on_var = initialize("lsuv", loss, {"w": w}, [batch], {**cfg, "tol_on": "variance"})
+  h = on_var.history
+  assert h["iterations"][0] >= 1 and h["converged"][0]
+  assert abs(h["std_after"][0] ** 2 - 1.0) < 0.1
+  s = float(jnp.std(batch["x"] @ on_var.params["w"], ddof=1))
+  np.testing.assert_allclose(s, h["std_after"][0], rtol=1e-5)
+  assert on_var.config["tol_on"] == "variance"
+  with pytest.raises(ValueError, match="unknown tol_on 'var'"):
+    LSUVConfig.create({"tol_on": "var"})
+
+
+# ------------------------------------------------------------------ non-convergence, messages
+
+
+def test_non_converged_layer_warns_at_the_users_call(mlp):
+  """A zero batch with the orthonormal step off and non-zero biases: the first layer's
+  output is its bias whatever its kernel, so 11 corrections leave it off target: a warning
+  (pointing at this file) names the layer, its std and the corrections, and the history
+  marks it."""
+  model, params, batch = mlp
+  zero = {**batch, "image": jnp.zeros_like(batch["image"])}
+  cfg = {"orthonormal": False}
+  for call in (
+    lambda: initialize("lsuv", linen_loss_fn(model), with_biases(params), [zero], cfg),
+    lambda: lsuv(linen_loss_fn(model), with_biases(params), [zero], cfg),
+  ):
+    with pytest.warns(UserWarning, match="did not converge") as rec:
+      res = call()
+    msgs = [w for w in rec if "did not converge" in str(w.message)]
+    assert len(msgs) == 1, [str(w.message) for w in rec]
+    text = str(msgs[0].message)
+    std = res.history["std_after"][0]
+    assert "layer 0 (kernel 'z_first/kernel')" in text and f"{std:.8g}" in text
+    assert "after 11 corrections" in text
+    assert msgs[0].filename == __file__
+    assert list(res.history["converged"]) == [False, True, True]
+    assert res.history["iterations"][0] == 11
+    assert float(res.scales["z_first"]["kernel"]) > 1e3  # 11 corrections that did nothing
+
+
+def test_constant_output_message_fits_the_orthonormal_setting(mlp):
+  model, params, batch = mlp
+  loss = linen_loss_fn(model)
+  dead = {**params, "z_first": jax.tree_util.tree_map(jnp.zeros_like, params["z_first"])}
+  with pytest.raises(ValueError, match="constant on the batch.*Use orthonormal=True"):
+    initialize("lsuv", loss, dead, [batch], {"orthonormal": False})
+  zero = {**batch, "image": jnp.zeros_like(batch["image"])}
+  with pytest.raises(ValueError, match="constant on the batch") as e:
+    initialize("lsuv", loss, params, [zero])  # orthonormal=True: biases zeroed, input 0
+  assert "already a random orthonormal" in str(e.value)
+  assert "Use orthonormal=True" not in str(e.value)
+
+
+# ------------------------------------------------------------------ true biases, tied weights
+
+
+class PosAfterDense(nn.Module):
+  """A parameter of the enclosing module added right after a bias-free Dense."""
+
+  @nn.compact
+  def __call__(self, x, train: bool = False):
+    x = x.reshape(x.shape[0], -1)
+    pos = self.param("pos", nn.initializers.normal(1.0), (8,))
+    x = jnp.tanh(nn.Dense(8, use_bias=False, name="proj")(x) + pos)
+    return nn.Dense(3, name="head")(x)
+
+
+def test_only_a_true_bias_is_taken_as_the_bias():
+  model = PosAfterDense()
+  batch = batch_of(jax.random.PRNGKey(6), (7,))
+  params = model.init(jax.random.PRNGKey(0), batch["image"])["params"]
+  params = {**params, "head": {**params["head"], "bias": jnp.full((3,), 0.3)}}
+  layers = lsuv_layers(linen_loss_fn(model), params, batch)
+  assert [(la.kernel, la.bias) for la in layers] == [
+    ("proj/kernel", None),
+    ("head/kernel", "head/bias"),
+  ]
+  res = initialize("lsuv", linen_loss_fn(model), params, [batch])
+  np.testing.assert_array_equal(np.asarray(res.params["pos"]), np.asarray(params["pos"]))
+  np.testing.assert_array_equal(np.asarray(res.params["head"]["bias"]), 0.0)
+
+  # Plain JAX, one flat module: named like a bias (Haiku's "b") and one per output: a bias;
+  # another name, or another size, is not.
+  x = {"x": jnp.ones((4, 5)), "y": jnp.zeros((4,), jnp.int32)}
+  k = jnp.ones((5, 3))
+  for extra, bias in (({"b": jnp.ones(3)}, "b"), ({"pos": jnp.ones(3)}, None)):
+    name = next(iter(extra))
+    loss = lambda p, b, n=name: tm.xent(b["x"] @ p["w"] + p[n], b["y"])
+    assert lsuv_layers(loss, {"w": k, **extra}, x)[0].bias == bias
+  loss = lambda p, b: tm.xent(b["x"] @ p["lin"]["w"] + p["lin"]["bias"], b["y"])
+  assert lsuv_layers(loss, {"lin": {"w": k, "bias": jnp.ones(())}}, x)[0].bias is None
+
+
+class TiedLM(nn.Module):
+  """An embedding whose `attend` is the output projection (tied weights)."""
+
+  @nn.compact
+  def __call__(self, tokens, train: bool = False):
+    embed = nn.Embed(11, 8, name="embed")
+    h = jnp.tanh(nn.Dense(8, name="hidden")(embed(tokens)))
+    return embed.attend(h)
+
+
+def test_tied_embedding_is_refused_with_the_fix():
+  """The embedding is both the input lookup and the last layer's kernel: rescaling it for
+  the last layer would change the earlier layer's output after it was measured (its std
+  would be recorded as 1 but be 1.51), so LSUV refuses it, naming the leaf and the fixes;
+  `exclude` leaves it alone and the other layers are initialised."""
+  model = TiedLM()
+  batch = {"x": jnp.arange(B) % 11, "y": jnp.arange(B) % 11}
+  v = model.init(jax.random.PRNGKey(0), batch["x"])
+  loss = linen_loss_fn(model)
+  with pytest.raises(ValueError, match=r"'embed/embedding'.*\['hidden/kernel'\].*tied.*exclude="):
+    initialize("lsuv", loss, v["params"], [batch])
+  with pytest.raises(ValueError, match="exclude=\\['nope'\\] names no parameter leaf"):
+    initialize("lsuv", loss, v["params"], [batch], {"exclude": ["nope"]})
+  res = initialize("lsuv", loss, v["params"], [batch], {"exclude": ("embed/embedding",)})
+  assert list(res.history["layer"]) == ["hidden/kernel"]
+  np.testing.assert_array_equal(res.params["embed"]["embedding"], v["params"]["embed"]["embedding"])
+  stds = layer_stds(model, {"params": res.params}, batch["x"])
+  np.testing.assert_allclose(stds["hidden"], res.history["std_after"][0], rtol=1e-5)
+  assert abs(stds["hidden"] - 1.0) <= 0.1
+  assert res.config["exclude"] == ("embed/embedding",)
+
+
+# ------------------------------------------------------------------ input-only batches, dropout
+
+
+class NNXMLP:
+  """Built lazily (flax.nnx imported inside the test)."""
+
+  @staticmethod
+  def make():
+    from flax import nnx
+
+    class Net(nnx.Module):
+      def __init__(self, rngs):
+        self.first = nnx.Linear(7, 16, rngs=rngs)
+        self.second = nnx.Linear(16, 5, rngs=rngs)
+
+      def __call__(self, x):
+        return self.second(jnp.tanh(self.first(x)))
+
+    return Net(nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("adapter", ["linen", "nnx"])
+def test_batches_need_only_the_inputs(adapter, mlp):
+  """The adapters' `loss_fn.forward` reads only the inputs, and LSUV runs it: a dict with
+  only "image", a bare array and a tuple `(x,)` give the same result as a labelled batch."""
+  model, params, batch = mlp
+  if adapter == "linen":
+    loss = linen_loss_fn(model)
+  else:
+    loss, params = nnx_loss_fn(NNXMLP.make())
+  x = batch["image"]
+  runs = [initialize("lsuv", loss, params, [b]) for b in (batch, {"image": x}, x, (x,))]
+  for res in runs:
+    assert res.history["converged"].all() and len(res.history["layer"]) >= 2
+    for a, b in zip(
+      jax.tree_util.tree_leaves(res.params), jax.tree_util.tree_leaves(runs[0].params)
+    ):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  assert len(lsuv_layers(loss, params, x)) == len(runs[0].history["layer"])
+
+
+def test_forward_input_checks(mlp):
+  _, params, batch = mlp
+  x = batch["image"]
+  loss = lambda p, b: tm.xent(b @ p["z_first"]["kernel"], jnp.zeros(b.shape[0], jnp.int32))
+  loss.forward = lambda p, b: b["missing"] @ p["z_first"]["kernel"]
+  with pytest.raises(errors.LossFnError, match=r"LSUV runs loss_fn.forward.*forward\(params"):
+    initialize("lsuv", loss, params, [x])
+  loss.forward = lambda p, b: jnp.sum(b @ p["z_first"]["kernel"])
+  with pytest.raises(ValueError, match="batch axis first"):
+    initialize("lsuv", loss, params, [x])
+  loss.forward = lambda p, b: b @ p["z_first"]["kernel"]  # labels never read
+  with pytest.warns(UserWarning, match=r"\['a_second/kernel', 'm_third/kernel'\] are not"):
+    res = initialize("lsuv", loss, params, [x])
+  assert list(res.history["layer"]) == ["z_first/kernel"]
+
+
+class DropoutMLP(nn.Module):
+  """Dropout (rate 0.5) behind a flag named `training`."""
+
+  @nn.compact
+  def __call__(self, x, training: bool = False):
+    x = nn.relu(nn.Dense(16, name="d0")(x))
+    x = nn.Dropout(0.5, deterministic=not training)(x)
+    x = jnp.tanh(nn.Dense(12, name="d1")(x))
+    x = nn.Dropout(0.5, deterministic=not training)(x)
+    return nn.Dense(5, name="d2")(x)
+
+
+def test_dropout_on_and_off():
+  """Dropout on (the adapter's default): the first batch is keyed once, and the layers are
+  found and measured with the masks of that key (the outputs recomputed with flax's own
+  dropout and that key have the recorded, unit std). Dropout off: measured deterministic."""
+  model = DropoutMLP()
+  batch = batch_of(jax.random.PRNGKey(8), (7,), classes=5, b=64)
+  params = model.init(jax.random.PRNGKey(0), batch["image"])["params"]
+  on = linen_loss_fn(model)
+  res_on = initialize("lsuv", on, params, [batch])
+  key = stochastic.keyed_batch(on, batch).keys[0]
+  stds_on = layer_stds(
+    model,
+    {"params": res_on.params},
+    batch["image"],
+    training=True,
+    rngs=_stream_keys(key, ("dropout",)),
+  )
+  stds_on = {k: stds_on[k] for k in ("d0", "d1", "d2")}
+  np.testing.assert_allclose(list(stds_on.values()), res_on.history["std_after"], rtol=1e-5)
+  assert all(abs(s - 1.0) <= 0.1 for s in stds_on.values()), stds_on
+
+  off = linen_loss_fn(model, dropout=False)
+  res_off = initialize("lsuv", off, params, [batch])
+  stds_off = layer_stds(model, {"params": res_off.params}, batch["image"], training=False)
+  stds_off = {k: stds_off[k] for k in ("d0", "d1", "d2")}
+  np.testing.assert_allclose(list(stds_off.values()), res_off.history["std_after"], rtol=1e-5)
+  assert all(abs(s - 1.0) <= 0.1 for s in stds_off.values()), stds_off
+  # the masks matter: the layers after a dropout get other kernels
+  np.testing.assert_array_equal(res_on.params["d0"]["kernel"], res_off.params["d0"]["kernel"])
+  assert not np.allclose(res_on.params["d2"]["kernel"], res_off.params["d2"]["kernel"])

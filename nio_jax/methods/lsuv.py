@@ -13,20 +13,33 @@ twins), except where listed at the end:
   package's forward hook sits);
 * while `|std − target_std| > tol`: `kernel ← kernel · target_std / (std + 1e-8)`, the
   output measured again, `attempts += 1`, and the loop stops once `attempts > max_iter`
-  (so at most `max_iter + 1` corrections, as in the package); the bias is never rescaled;
+  (so at most `max_iter + 1` corrections, as in the package); the bias is never rescaled.
+  The tolerance is the package's, on the std (`tol_on="std"`: at `tol=0.1` the variance
+  ends in [0.81, 1.21]). The paper's rule (Algorithm 1, `while |Var(B_L) − 1.0| ≥ Tol_var`)
+  is on the variance: `tol_on="variance"` stops once `|std² − target_std²| < tol` (at
+  `tol=0.1`: variance in (0.9, 1.1), std in (0.949, 1.049)). A layer still off target after
+  the last correction is marked `converged=False` and warned about (`UserWarning` at the
+  caller's line, naming the layer, its std and the corrections);
 * the orthonormal pre-initialisation (`do_orthonorm=True` by default) replaces each kernel,
   reshaped to a `(fan_in, fan_out)` matrix, by a random orthonormal one (gain 1, as
   `torch.nn.init.orthogonal_`) and sets its bias to 0, for every layer before the loop starts.
 
 Layers and their order come from the model's execution, not from parameter names: the loss
-function is traced once to a jaxpr (`jax.make_jaxpr(loss_fn)(params, batch)`), and every
+function is traced once to a jaxpr (`jax.make_jaxpr(loss_fn)(params, batch)`; when `loss_fn`
+has a `forward` attribute, as the Flax adapters attach, `loss_fn.forward(params, batch) ->
+model outputs` is traced instead, so a batch needs only the inputs), and every
 `conv_general_dilated` / `dot_general` equation one of whose operands is a parameter leaf
 (directly or through reshapes, transposes, dtype casts) is a layer, in jaxpr order. When the
-very next use of its output adds another parameter leaf (the flax `Dense` / `Conv` bias), that
-sum is the layer's output and that leaf its bias. Layer outputs are then computed by
-re-evaluating the jaxpr with the current params and recording those values (one compiled
-function for all layers). This works for any `loss_fn(params, batch)`, Flax or not, and sees
-through `jit`, `remat` and custom-derivative calls.
+very next use of its output adds the layer's *own bias*, that sum is the layer's output and
+that leaf its bias: a leaf of the same module (the kernel's parent path), named like a bias
+("bias" in its name, or "b") and with one element per output feature. Anything else added
+there (a position embedding of the enclosing module, `x @ W + self.param("pos", ...)`) is
+not the bias: it is neither zeroed nor part of the measured output. Layer outputs are then
+computed by re-evaluating the jaxpr with the current params and recording those values (one
+compiled function for all layers). This works for any `loss_fn(params, batch)`, Flax or not,
+and sees through `jit`, `remat` and custom-derivative calls. A stochastic loss
+(`loss_fn.rng_seed`, dropout on) has its first batch keyed once (`nio_jax.stochastic`), so
+the layers are found and measured with the same dropout masks.
 
 Supported: dense layers (`nn.Dense`, `nn.DenseGeneral`, plain `x @ W`), convolutions of any
 dimension, stride, padding, dilation and feature grouping, and batch norm (the layers are
@@ -35,7 +48,14 @@ batch_stats=)` uses batch statistics; the package puts the model in eval mode, i
 statistics, so pass a loss that applies the model with `train=False` to reproduce it).
 Not supported (a clear `ValueError`): layers inside `lax.scan` / `nn.scan` (the models'
 `stageN_scan` layouts: build them with `scan=False`), a kernel used by several layers
-(weight sharing), and dot products with batch dimensions on the parameter.
+(weight sharing), a kernel that also reaches an *earlier* layer's output by another use (a
+tied embedding: `nn.Embed`'s lookup feeds the first layers and `Embed.attend` is the output
+projection; rescaling it for the last layer would silently change the earlier layers after
+they were measured, e.g. a std recorded as 1.0 that is 1.51), and dot products with batch
+dimensions on the parameter. An error rather than a joint treatment, because no single
+kernel scale can serve both uses: LSUV's premise is that a layer's scale leaves the layers
+before it alone. The fix is named in the message: `exclude=("embed/embedding",)` (the leaf is
+then no layer: neither orthonormalised nor rescaled) or untie the projection.
 
 Differences from the package:
 
@@ -47,7 +67,9 @@ Differences from the package:
 * attention is not one unit (the package scales `nn.MultiheadAttention` by its output
   projection only; here the query / key / value / output projections are four dense layers);
 * a layer whose output is constant (deviation 0) raises instead of having its kernel
-  multiplied by 1e8;
+  multiplied by 1e8 (the message depends on `orthonormal`: with it on, the input carries no
+  variation; with it off, the kernel may be zero);
+* a layer that does not converge warns (the package logs nothing unless `verbose`);
 * the layer order is the execution order (the package's is the modules' registration order,
   the same for sequential models).
 """
@@ -64,7 +86,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nio_jax import checks, errors, leaves, method_config
+from nio_jax import checks, errors, leaves, method_config, stochastic
 from nio_jax.jaxpr_rewrites import (
   INLINE_CALLS,
   bind_equation,
@@ -96,6 +118,9 @@ _SCAN_HINT = (
 )
 
 
+TOL_ON = ("std", "variance")
+
+
 @dataclasses.dataclass(frozen=True)
 class LSUVConfig:
   """LSUV hyper-parameters; the defaults are those of the `lsuv` 0.3.0 package.
@@ -103,12 +128,19 @@ class LSUVConfig:
   Attributes:
     target_std: the standard deviation each layer's output is brought to (the package's
       `needed_std`, 1.0: unit variance).
-    tol: tolerance on the standard deviation, `|std − target_std| ≤ tol` (`std_tol`, 0.1).
+    tol: the tolerance; what it bounds is `tol_on` (`std_tol`, 0.1).
+    tol_on: "std" (default, the package's rule): a layer is done when
+      `|std − target_std| ≤ tol`, so at `tol=0.1` its variance ends in [0.81, 1.21].
+      "variance" (the paper's rule, Algorithm 1: `|Var(B_L) − 1.0| < Tol_var`): done when
+      `|std² − target_std²| < tol`, so at `tol=0.1` the variance ends in (0.9, 1.1) and the
+      std in (0.949, 1.049).
     max_iter: the package's `max_attempts` (10): the loop stops once more than `max_iter`
       corrections were made, so a layer gets at most `max_iter + 1`.
     orthonormal: replace every kernel by a random orthonormal one and zero its bias first
       (`do_orthonorm`, True, as in the paper).
     seed: PRNG seed of the orthonormal draw (layer `l` uses `fold_in(PRNGKey(seed), l)`).
+    exclude: kernel leaf paths ("embed/embedding") LSUV leaves alone: not a layer, neither
+      orthonormalised nor rescaled (e.g. a tied embedding, which LSUV refuses otherwise).
   """
 
   target_std: float = 1.0
@@ -116,11 +148,18 @@ class LSUVConfig:
   max_iter: int = 10
   orthonormal: bool = True
   seed: int = 0
+  tol_on: str = "std"
+  exclude: tuple[str, ...] = ()
 
   @classmethod
   def create(cls, config=None, **overrides) -> LSUVConfig:
     """From None (defaults), an LSUVConfig, a dict or an ml_collections ConfigDict."""
-    cfg = cls(**method_config.config_values(cls, config, overrides, "LSUV"))
+    values = method_config.config_values(cls, config, overrides, "LSUV")
+    if isinstance(values.get("exclude"), str):
+      values["exclude"] = (values["exclude"],)
+    elif isinstance(values.get("exclude"), (list, tuple)):
+      values["exclude"] = tuple(values["exclude"])
+    cfg = cls(**values)
     cfg.validate()
     return cfg
 
@@ -132,6 +171,17 @@ class LSUVConfig:
     if not isinstance(self.orthonormal, (bool, np.bool_)):
       raise TypeError(f"orthonormal must be a bool, got {self.orthonormal!r}.")
     method_config.check_int("seed", self.seed, 0)
+    checks.check_choice("tol_on", self.tol_on, TOL_ON)
+    if not isinstance(self.exclude, tuple) or not all(isinstance(e, str) for e in self.exclude):
+      raise TypeError(
+        f"exclude must be a tuple of leaf paths such as ('embed/embedding',), got {self.exclude!r}."
+      )
+
+  def within(self, std: float) -> bool:
+    """Whether a layer whose output has deviation `std` is done (`tol_on`)."""
+    if self.tol_on == "variance":
+      return abs(std * std - self.target_std * self.target_std) < self.tol
+    return abs(std - self.target_std) <= self.tol
 
   def to_dict(self) -> dict:
     """The fields as a plain dict."""
@@ -218,26 +268,71 @@ def _layer_axes(eqn, side: int):
   return "dense", fan_in, tuple(a for a in range(len(shape)) if a not in fan_in)
 
 
-def _walk(jaxpr, origin: dict, path: tuple, found: list, names: list) -> None:
+@dataclasses.dataclass(frozen=True)
+class _LeafInfo:
+  """What the walker needs to know about the parameter leaves (flat order)."""
+
+  names: list  # "/"-joined paths, for messages
+  parts: list  # path component tuples (NNX-aware, `leaves.path_names`)
+  sizes: list  # element counts
+  excluded: frozenset  # leaf indices of `LSUVConfig.exclude`
+
+
+def _fan_out_size(layer: LSUVLayer) -> int:
+  return math.prod(layer.operand_shape[a] for a in layer.fan_out_axes)
+
+
+def _is_bias_of(info: _LeafInfo, layer: LSUVLayer, leaf: int) -> bool:
+  """Whether parameter `leaf`, added to the output of `layer`, is that layer's own bias: owned
+  by the same module (the kernel's parent path), named like a bias ("bias" in its name, or
+  "b" as in Haiku / hand-written layers) and with one element per output feature. Anything
+  else added there (a position embedding, a learned offset of the enclosing module) is not
+  the layer's bias: the orthonormal pre-init leaves it alone."""
+  own = info.parts[leaf]
+  name = own[-1].lower() if own else ""
+  return (
+    leaf != layer.kernel_index
+    and own[:-1] == info.parts[layer.kernel_index][:-1]
+    and ("bias" in name or name == "b")
+    and info.sizes[leaf] == _fan_out_size(layer)
+  )
+
+
+def _walk(jaxpr, origin, taint, path, found, site_taint, info: _LeafInfo) -> None:
   """Appends the layers of `jaxpr` to `found` in execution order.
 
   `origin` maps a variable to `(leaf index, view, broadcast)` when it is a linear view of a
   parameter leaf (`broadcast`: a `broadcast_in_dim` is among the ops: a bias, not a kernel).
+  `taint` maps a variable to the parameter leaves that reach it through a use *other* than
+  being a layer's kernel (an embedding lookup, a bias add, a norm scale, ...);
+  `site_taint[i]` is that set at the output of layer `found[i]` (it finds tied weights).
   """
   pending = {}  # layer output var -> index in `found`, until its first use is seen
+  empty = frozenset()
   for k, eqn in enumerate(jaxpr.eqns):
     here, name = (*path, k), eqn.primitive.name
     src = [None if _is_literal(v) else origin.get(v) for v in eqn.invars]
+    tin = empty.union(*(taint.get(v, empty) for v in eqn.invars if not _is_literal(v)))
     used = [v for v in eqn.invars if not _is_literal(v) and v in pending]
     if used:
       i = pending.pop(used[0])
       for v in used[1:]:
         pending.pop(v, None)
       other = [s for v, s in zip(eqn.invars, src) if _is_literal(v) or v is not used[0]]
-      if name == "add" and len(eqn.invars) == 2 and len(other) == 1 and other[0] is not None:
+      if (
+        name == "add"
+        and len(eqn.invars) == 2
+        and len(other) == 1
+        and other[0] is not None
+        and _is_bias_of(info, found[i], other[0][0])
+      ):
         found[i] = dataclasses.replace(
-          found[i], bias=names[other[0][0]], bias_index=other[0][0], site=here
+          found[i], bias=info.names[other[0][0]], bias_index=other[0][0], site=here
         )
+        site_taint[i] = tin
+        if tin:
+          taint[eqn.outvars[0]] = tin
+        continue
     if name in _BIAS_VIEW_OPS and len(eqn.invars) == 1 and src[0] is not None:
       leaf, view, bcast = src[0]
       origin[eqn.outvars[0]] = (
@@ -245,26 +340,28 @@ def _walk(jaxpr, origin: dict, path: tuple, found: list, names: list) -> None:
         (*view, _view_step(eqn)),
         bcast or name not in _VIEW_OPS,
       )
+      if tin:
+        taint[eqn.outvars[0]] = tin
       continue
     if name in _LAYER_OPS:
       sides = [s for s in (0, 1) if src[s] is not None]
       if name == "conv_general_dilated":
         sides = [1] if sides == [1] else []
-      if len(sides) == 1 and not src[sides[0]][2]:
+      if len(sides) == 1 and not src[sides[0]][2] and src[sides[0]][0] not in info.excluded:
         side = sides[0]
         axes = _layer_axes(eqn, side)
         leaf, view, _ = src[side]
         if axes is None:
           raise ValueError(
-            f"LSUV: parameter {names[leaf]!r} enters a dot_general with batch dimensions on "
-            "the parameter (a batched matmul), which is not a conv / dense layer LSUV can "
-            "rescale."
+            f"LSUV: parameter {info.names[leaf]!r} enters a dot_general with batch dimensions "
+            "on the parameter (a batched matmul), which is not a conv / dense layer LSUV can "
+            f"rescale. Leave it out with exclude=({info.names[leaf]!r},)."
           )
         kind, fan_in, fan_out = axes
         found.append(
           LSUVLayer(
             kind=kind,
-            kernel=names[leaf],
+            kernel=info.names[leaf],
             bias=None,
             kernel_index=leaf,
             bias_index=None,
@@ -275,49 +372,98 @@ def _walk(jaxpr, origin: dict, path: tuple, found: list, names: list) -> None:
             view=view,
           )
         )
+        site_taint.append(tin)
+        if tin:
+          taint[eqn.outvars[0]] = tin
         pending[eqn.outvars[0]] = len(found) - 1
-      continue
+        continue
     subs = list(sub_jaxprs(eqn.params))
-    if not subs:
-      continue
-    if name in INLINE_CALLS and INLINE_CALLS[name] in eqn.params:
+    if subs and name in INLINE_CALLS and INLINE_CALLS[name] in eqn.params:
       body = eqn.params[INLINE_CALLS[name]]
       body = getattr(body, "jaxpr", body)
       offset = len(eqn.invars) - len(body.invars)
       inner = {bv: src[offset + j] for j, bv in enumerate(body.invars) if src[offset + j]}
-      _walk(body, inner, here, found, names)
+      inner_taint = {}
+      for j, bv in enumerate(body.invars):
+        v = eqn.invars[offset + j]
+        if not _is_literal(v) and taint.get(v):
+          inner_taint[bv] = taint[v]
+      _walk(body, inner, inner_taint, here, found, site_taint, info)
       for ov, bv in zip(eqn.outvars, body.outvars):
-        if not _is_literal(bv) and bv in inner:
+        if _is_literal(bv):
+          continue
+        if bv in inner:
           origin[ov] = inner[bv]
-    elif any(s is not None for s in src) and any(_has_layer_op(j) for j in subs):
+        if inner_taint.get(bv):
+          taint[ov] = inner_taint[bv]
+      continue
+    if subs and any(s is not None for s in src) and any(_has_layer_op(j) for j in subs):
       leaf = next(s for s in src if s is not None)[0]
-      raise ValueError(f"{_SCAN_HINT} Parameter {names[leaf]!r} enters a {name!r} equation.")
+      raise ValueError(f"{_SCAN_HINT} Parameter {info.names[leaf]!r} enters a {name!r} equation.")
+    # Any other use: the parameter leaves it reads reach its outputs by a non-layer path.
+    out = tin.union(s[0] for s in src if s is not None)
+    if out:
+      for ov in eqn.outvars:
+        taint[ov] = out
 
 
-def lsuv_layers(loss_fn: Callable, params: PyTree, batch: PyTree) -> list[LSUVLayer]:
+def lsuv_layers(
+  loss_fn: Callable, params: PyTree, batch: PyTree, *, exclude: tuple[str, ...] = ()
+) -> list[LSUVLayer]:
   """The layers LSUV rescales, in the order `loss_fn(params, batch)` runs them.
 
-  Read from the jaxpr of the loss (see the module docstring); nothing is run.
+  Read from the jaxpr (see the module docstring); nothing is run. When `loss_fn` has a
+  `forward` attribute (the Flax adapters attach `loss_fn.forward(params, batch) -> model
+  outputs`), that is traced instead of the loss, so the batch needs no labels; a stochastic
+  loss's batch is keyed as LSUV keys it (`nio_jax.stochastic.keyed_batch`). `exclude`: kernel
+  paths left out (`LSUVConfig.exclude`).
 
   Raises:
     ValueError: a layer inside `lax.scan` / `nn.scan` (scanned layouts), a kernel used by
-      several layers, a batched dot on a parameter, or no conv / dense layer at all.
+      several layers or tied to an earlier layer's input, a batched dot on a parameter, an
+      unknown `exclude` path, or no conv / dense layer at all.
   """
-  return _find_layers(loss_fn, params, batch)[1]
+  fn = _traced_fn(loss_fn)
+  return _find_layers(fn, params, stochastic.keyed_batch(loss_fn, batch), exclude)[1]
 
 
-def _find_layers(loss_fn, params, batch):
-  """`(closed jaxpr of the loss, layers)`; see `lsuv_layers`."""
+def _traced_fn(loss_fn: Callable) -> Callable:
+  """`loss_fn.forward` when the loss has one (LSUV needs only the inputs), else `loss_fn`."""
+  forward = getattr(loss_fn, "forward", None)
+  if forward is None:
+    return loss_fn
+  if not callable(forward):
+    raise TypeError(
+      f"loss_fn.forward must be a function (params, batch) -> model outputs, got "
+      f"{type(forward).__name__}."
+    )
+  return forward
+
+
+def _find_layers(fn, params, batch, exclude=()):
+  """`(closed jaxpr of fn, layers)`; see `lsuv_layers`."""
   check_jaxpr_internals()
   with_path = jax.tree_util.tree_leaves_with_path(params)
-  names = ["/".join(leaves.path_names(p)) for p, _ in with_path]
+  parts = [tuple(leaves.path_names(p)) for p, _ in with_path]
+  names = ["/".join(x) for x in parts]
   for name, (p, x) in zip(names, with_path):
     if leaves.is_stacked(p) and jnp.ndim(x) >= 1:
       raise ValueError(f"{_SCAN_HINT} Stacked leaf: {name!r}.")
-  closed = jax.make_jaxpr(loss_fn)(params, batch)
+  unknown = sorted(set(exclude) - set(names))
+  if unknown:
+    raise ValueError(f"LSUV: exclude={unknown} names no parameter leaf; the leaves are {names}.")
+  info = _LeafInfo(
+    names=names,
+    parts=parts,
+    sizes=[int(np.size(x)) for _, x in with_path],
+    excluded=frozenset(names.index(e) for e in exclude),
+  )
+  closed = jax.make_jaxpr(fn)(params, batch)
   invars = closed.jaxpr.invars[: len(names)]
   found: list[LSUVLayer] = []
-  _walk(closed.jaxpr, {v: (i, (), False) for i, v in enumerate(invars)}, (), found, names)
+  site_taint: list[frozenset] = []
+  origin = {v: (i, (), False) for i, v in enumerate(invars)}
+  _walk(closed.jaxpr, origin, {}, (), found, site_taint, info)
   if not found:
     raise ValueError(
       "LSUV found no conv / dense layer in loss_fn: no conv_general_dilated or dot_general "
@@ -330,8 +476,22 @@ def _find_layers(loss_fn, params, batch):
   if shared:
     raise ValueError(
       f"LSUV: kernel(s) {shared} are used by several layers (weight sharing, or a module "
-      "called twice); LSUV rescales each layer's own kernel once, so it cannot initialise them."
+      "called twice); LSUV rescales each layer's own kernel once, so it cannot initialise "
+      f"them. Untie the weights, or leave them out with exclude={tuple(shared)!r}."
     )
+  for l, layer in enumerate(found):
+    earlier = [found[j].kernel for j in range(l) if layer.kernel_index in site_taint[j]]
+    if earlier:
+      raise ValueError(
+        f"LSUV: kernel {layer.kernel!r} is the weight of layer {l} and also feeds the output "
+        f"of earlier layer(s) {earlier} by another use (a tied embedding: nn.Embed's lookup "
+        "and Embed.attend as the output projection, or any other weight sharing). Rescaling "
+        "it for layer "
+        f"{l} would change those layers' outputs after LSUV measured them (their recorded "
+        "std would be wrong). Leave it out with "
+        f"exclude=({layer.kernel!r},) (it is then neither orthonormalised nor rescaled), or "
+        "untie the output projection (a separate nn.Dense)."
+      )
   return closed, found
 
 
@@ -369,21 +529,25 @@ def _evaluate(jaxpr, consts, args, path, sites, prefixes, out):
 
 
 def _make_stats(closed, layers):
-  """Jitted `(param leaves, batch leaves) -> (std [L], mean [L], mean loss)` of every layer's
-  output (unbiased std over all its elements, in float32), from the loss's jaxpr `closed`."""
+  """Jitted `(param leaves, batch leaves) -> (std [L], mean [L], mean of the first output,
+  all outputs finite)`: the statistics of every layer's output (unbiased std over all its
+  elements, in float32), from the jaxpr `closed` of the loss or of `loss_fn.forward`."""
   sites = [layer.site for layer in layers]
   prefixes = {s[:i] for s in sites for i in range(1, len(s))}
 
   @jax.jit
   def stats(param_leaves, batch_leaves):
     out = {}
-    losses = _evaluate(
+    outs = _evaluate(
       closed.jaxpr, closed.consts, [*param_leaves, *batch_leaves], (), set(sites), prefixes, out
     )
     ys = [jnp.asarray(out[s], jnp.float32) for s in sites]
     std = jnp.stack([jnp.std(y, ddof=1) for y in ys])
     mean = jnp.stack([jnp.mean(y) for y in ys])
-    return std, mean, jnp.mean(jnp.asarray(losses[0], jnp.float32))
+    floats = [o for o in outs if jnp.issubdtype(jnp.result_type(o), jnp.inexact)]
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(o)) for o in floats] or [jnp.bool_(True)]))
+    first = jnp.mean(jnp.asarray(floats[0], jnp.float32)) if floats else jnp.float32(0.0)
+    return std, mean, first, finite
 
   return stats
 
@@ -400,6 +564,53 @@ def _orthonormal(key, layer: LSUVLayer, dtype):
   return _invert_view(q, layer.view).astype(dtype)
 
 
+def _check_forward(loss_fn, forward, params, first, mesh) -> None:
+  """The input checks of `check_search_inputs` for `loss_fn.forward`: it traces on the first
+  batch (no labels needed) and returns an array with the batch axis first."""
+  b = checks.batch_size(first)
+  seen = []
+
+  def probe(p, batch):
+    out = forward(p, batch)
+    seen.append(jax.tree_util.tree_map(lambda o: (tuple(np.shape(o)), jnp.result_type(o)), out))
+    return jnp.zeros((checks.batch_size(batch),), jnp.float32)
+
+  probe.rng_seed = getattr(loss_fn, "rng_seed", None)
+  try:
+    check_search_inputs(probe, params, [first], mesh=mesh)
+  except errors.LossFnError as e:
+    text = str(e).replace("loss_fn(params, batch) failed", "loss_fn.forward(params, batch) failed")
+    raise errors.LossFnError(
+      f"LSUV runs loss_fn.forward (the model's outputs from the inputs only; no labels are "
+      f"needed). {text}"
+    ) from (e.__cause__ or e)
+  outs = jax.tree_util.tree_leaves(seen[-1], is_leaf=lambda x: isinstance(x, tuple)) if seen else []
+  shape, dtype = outs[0] if outs else ((), None)
+  if not outs or not shape or shape[0] != b or not jnp.issubdtype(dtype, jnp.inexact):
+    raise ValueError(
+      "loss_fn.forward(params, batch) must return the model's outputs: a floating-point array "
+      f"with the batch axis first ({b}, ...); got {seen[-1] if seen else None}."
+    )
+
+
+def _constant_output_message(l: int, layer: LSUVLayer, orthonormal: bool) -> str:
+  head = (
+    f"LSUV: the output of layer {l} (kernel {layer.kernel!r}) is constant on the batch (std "
+    "0), so no rescaling of its kernel can give it the target deviation. "
+  )
+  if orthonormal:
+    return head + (
+      "Its kernel is already a random orthonormal matrix (orthonormal=True), so the layer's "
+      "input carries no variation: a constant or all-zero batch, or every unit before it dead "
+      "(e.g. ReLU of all-negative values). Check the batch (use real, varied inputs) and the "
+      "layers before it."
+    )
+  return head + (
+    "The kernel is zero or the layer's input is constant. Use orthonormal=True (a random "
+    "orthonormal kernel first), re-initialise that layer, or check the batch."
+  )
+
+
 @register("lsuv", config_cls=LSUVConfig)
 def lsuv(
   loss_fn: Callable,
@@ -414,6 +625,11 @@ def lsuv(
 
   Args:
     loss_fn: `loss_fn(params, batch) -> [B]` per-example losses; its jaxpr gives the layers.
+      When it has a `forward` attribute (`loss_fn.forward(params, batch) -> model outputs`,
+      attached by `nio_jax.flax_utils.linen_loss_fn` / `nnx_loss_fn`), that is run instead,
+      so the batch needs only the inputs (a dict without labels, a bare array, `(x,)`). A
+      stochastic loss (`loss_fn.rng_seed`, dropout) has the first batch keyed once
+      (`nio_jax.stochastic`): the layers are found and measured with the same dropout masks.
     params: initial parameters θ0 (a pytree; no `nn.scan` stacks).
     data: an iterable of batches; LSUV uses the first batch only (as the package's
       `lsuv_with_dataloader`).
@@ -428,24 +644,36 @@ def lsuv(
     `orthonormal=False`, None with the orthonormal pre-initialisation (the kernels are
     replaced, not scaled). `history`, one row per layer in execution order: `layer` (kernel
     path), `std_before` (after the orthonormal step), `std_after`, `mean_after`, `iterations`
-    (corrections applied) and `converged` (`|std_after − target_std| ≤ tol`).
+    (corrections applied) and `converged` (within `tol`, see `LSUVConfig.tol_on`).
 
   Raises:
     ValueError: bad input (a batch of fewer than 2 examples, an unknown config key, a
-      scanned layout, ...); `nio_jax.NonFiniteError` when a layer's output or the loss is
-      NaN / inf (`.step` = the layer index, `.last_good` = the params before that layer).
+      scanned layout, tied weights, a layer with constant output, ...);
+      `nio_jax.NonFiniteError` when a layer's output or the loss is NaN / inf (`.step` = the
+      layer index, `.last_good` = the params before that layer).
+
+  Warns:
+    UserWarning: a layer that did not reach the tolerance after `max_iter + 1` corrections
+      (named, with its std and the corrections; `converged` is False in the history).
   """
   cfg = LSUVConfig.create(config)
   checks.check_params(params)
   first, _ = peek(data)
+  # A stochastic loss: key the first batch once, so that the layers are found and measured
+  # on the same keyed batch (attaching is idempotent in the checks below).
+  first = stochastic.keyed_batch(loss_fn, first)
   b = checks.batch_size(first)
   if b < 2:
     raise ValueError(
       f"LSUV needs a batch of at least 2 examples (the output variance is taken over the "
       f"batch); the first batch has {b}."
     )
-  check_search_inputs(loss_fn, params, [first], mesh=mesh)
-  closed, layers = _find_layers(loss_fn, params, first)
+  fn = _traced_fn(loss_fn)
+  if fn is loss_fn:
+    check_search_inputs(loss_fn, params, [first], mesh=mesh)
+  else:
+    _check_forward(loss_fn, fn, params, first, mesh)
+  closed, layers = _find_layers(fn, params, first, cfg.exclude)
   (params,), (first,) = shard_search(mesh, (params,), [first])
   flat, treedef = jax.tree_util.tree_flatten(params)
   flat = [jnp.asarray(x) for x in flat]
@@ -453,15 +681,17 @@ def lsuv(
   kernel_set = {layer.kernel_index for layer in layers}
   kinds = leaves.leaf_kinds_for(loss_fn, params)
   missed = [
-    "/".join(leaves.path_names(p))
+    name
     for i, (p, _) in enumerate(jax.tree_util.tree_leaves_with_path(params))
-    if i not in kernel_set and kinds.kind(p) == leaves.KERNEL
+    if i not in kernel_set
+    and kinds.kind(p) == leaves.KERNEL
+    and (name := "/".join(leaves.path_names(p))) not in cfg.exclude
   ]
   if missed:
     warnings.warn(
       f"LSUV: kernel leaves {missed} are not the weight of any conv / dense op in loss_fn; "
       "they are left unchanged.",
-      stacklevel=2,
+      stacklevel=errors.user_stacklevel(),
     )
 
   if cfg.orthonormal:
@@ -492,7 +722,7 @@ def lsuv(
   hist["converged"] = []
 
   def measure(l):
-    std, mean, loss = stats(flat, batch_leaves)
+    std, mean, out_mean, finite = stats(flat, batch_leaves)
     s, m = float(std[l]), float(mean[l])
     if not (math.isfinite(s) and math.isfinite(m)):
       raise errors.NonFiniteError(
@@ -502,38 +732,49 @@ def lsuv(
         step=l,
         last_good=result(good, hist),
       )
-    return s, m, float(loss)
+    return s, m, (float(out_mean), bool(finite))
 
   good = (list(flat), list(factors))
-  loss = float("nan")
+  out = (float("nan"), False)
   for l in progress_bar(range(len(layers)), len(layers), "lsuv", progress):
     layer, k = layers[l], layers[l].kernel_index
     good = (list(flat), list(factors))
-    std, mean, loss = measure(l)
+    std, mean, out = measure(l)
     std_before, attempts = std, 0
-    if std == 0.0 and abs(std - cfg.target_std) > cfg.tol:
-      raise ValueError(
-        f"LSUV: the output of layer {l} (kernel {layer.kernel!r}) is constant on the batch "
-        "(std 0: a zero kernel or a dead input), so no rescaling of the kernel can give it "
-        "unit variance. Use orthonormal=True, or re-initialise that layer."
-      )
-    while abs(std - cfg.target_std) > cfg.tol:
+    if std == 0.0 and not cfg.within(std):
+      raise ValueError(_constant_output_message(l, layer, cfg.orthonormal))
+    while not cfg.within(std):
       factors[k] *= float(np.float32(cfg.target_std / (std + STD_EPS)))
       flat[k] = (jnp.float32(factors[k]) * base_leaves[k]).astype(base_leaves[k].dtype)
-      std, mean, loss = measure(l)
+      std, mean, out = measure(l)
       attempts += 1
       if attempts > cfg.max_iter:
         break
+    converged = cfg.within(std)
     hist["layer"].append(layer.kernel)
     hist["std_before"].append(std_before)
     hist["std_after"].append(std)
     hist["mean_after"].append(mean)
     hist["iterations"].append(attempts)
-    hist["converged"].append(abs(std - cfg.target_std) <= cfg.tol)
-  if not math.isfinite(loss):
+    hist["converged"].append(converged)
+    if not converged:
+      bound = "|std² − target_std²| <" if cfg.tol_on == "variance" else "|std − target_std| ≤"
+      warnings.warn(
+        f"LSUV: layer {l} (kernel {layer.kernel!r}) did not converge: its output std is "
+        f"{std:.8g} after {attempts} corrections (std {std_before:.6g} before, kernel "
+        f"×{factors[k]:.3g}; target_std {cfg.target_std}, {bound} tol={cfg.tol}, "
+        f"max_iter={cfg.max_iter}). It is marked converged=False in the history. Likely "
+        "causes: the output hardly depends on the kernel's scale (e.g. a constant or zero "
+        "batch with a non-zero bias: check the batch, or use orthonormal=True, which zeroes "
+        "the biases first), or tol is too tight for max_iter.",
+        stacklevel=errors.user_stacklevel(),
+      )
+  out_mean, finite = out
+  if not finite:
+    what = "the loss" if fn is loss_fn else "the model's outputs (loss_fn.forward)"
     raise errors.NonFiniteError(
-      f"LSUV: the loss is NaN or inf ({loss}) with the rescaled params; check loss_fn and "
-      "the labels. error.last_good holds those params.",
+      f"LSUV: {what} is NaN or inf (mean {out_mean}) with the rescaled params; check "
+      f"loss_fn{' and the labels' if fn is loss_fn else ''}. error.last_good holds those params.",
       step=len(layers),
       last_good=result((flat, factors), hist),
     )
