@@ -186,6 +186,14 @@ def _cause_hint(e: BaseException, batch) -> str:
       "Fix: use nio_jax.flax_utils.nnx_loss_fn(model), which merges a fresh copy of the "
       "model on every call."
     )
+  if "unbound axis name" in text:
+    axis = text.split("unbound axis name:")[-1].strip().split()[0].strip("'\".,")
+    return (
+      f"Likely cause: the model uses a collective over the axis {axis!r} (e.g. "
+      f"nn.BatchNorm(axis_name={axis!r}), written for pmap) and nothing binds it. Fix: "
+      f"nio_jax.flax_utils.linen_loss_fn(model, ..., axis_name={axis!r}), which applies the "
+      "model under a one-element vmap that binds it (the mean is then over the batch)."
+    )
   if "unexpected keyword argument" in text:
     kw = text.split("unexpected keyword argument ")[-1].strip().strip("'\"")
     return (

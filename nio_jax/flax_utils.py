@@ -114,12 +114,28 @@ def _stream_keys(key, streams) -> dict:
 
 
 def _no_linen_dropout(next_fun, args, kwargs, context):
-  """`nn.intercept_methods` interceptor: every `nn.Dropout` call is the identity (what a
-  deterministic dropout returns), whatever its `deterministic` attribute or argument."""
+  """`nn.intercept_methods` interceptor that turns dropout off everywhere: every
+  `nn.Dropout` call is the identity (what a deterministic dropout returns), and a module with
+  its own dropout (`dropout_rate` and `deterministic` fields: the attention modules) runs
+  deterministically, whatever its `deterministic` attribute or argument says."""
   import flax.linen as nn
 
-  if isinstance(context.module, nn.Dropout) and context.method_name == "__call__":
+  module = context.module
+  if context.method_name != "__call__":
+    return next_fun(*args, **kwargs)
+  if isinstance(module, nn.Dropout):
     return args[0] if args else kwargs["inputs"]
+  fields = getattr(type(module), "__dataclass_fields__", {})
+  if "dropout_rate" in fields and "deterministic" in fields:
+    if module.deterministic is None:
+      return next_fun(*args, **{**kwargs, "deterministic": True})
+    # The attribute is set (flax refuses the argument then): switch it for this call only.
+    old = module.deterministic
+    object.__setattr__(module, "deterministic", True)
+    try:
+      return next_fun(*args, **kwargs)
+    finally:
+      object.__setattr__(module, "deterministic", old)
   return next_fun(*args, **kwargs)
 
 
@@ -141,6 +157,7 @@ def linen_loss_fn(
   seed: int = 0,
   rng_streams: tuple[str, ...] = ("dropout",),
   apply_kwargs: dict | None = None,
+  axis_name: str | None = None,
   inputs: Accessor = None,
   labels: Accessor = None,
   losses: Callable = classification_losses,
@@ -179,6 +196,9 @@ def linen_loss_fn(
     rng_streams: the linen RNG streams the model draws from during training.
     apply_kwargs: extra keyword arguments of `model.apply`; they are merged with the training
       flag and the RNG streams (yours win where both name the same thing).
+    axis_name: the axis name the model's collectives use (e.g. flax's ImageNet ResNet builds
+      `nn.BatchNorm(axis_name="batch")` for `pmap`): the model is applied under a
+      one-element `jax.vmap(axis_name=...)`, so those means are over the batch itself.
     inputs, labels: where the inputs and labels are in a batch (see above).
     losses: `(logits, labels) -> [B]`.
     image_key, label_key: older names of `inputs` / `labels`.
@@ -205,6 +225,12 @@ def linen_loss_fn(
   kwargs.update(extra)
   fixed_key = jax.random.PRNGKey(seed)
 
+  def apply(variables, x, **call):
+    if axis_name is None:
+      return model.apply(variables, x, **call)
+    one = jax.vmap(lambda v, xi: model.apply(v, xi, **call), in_axes=(None, 0), axis_name=axis_name)
+    return jax.tree_util.tree_map(lambda a: a[0], one(variables, x[None]))
+
   def forward(params, batch):
     data, key = stochastic.split(batch)
     x = _access(data, inputs, "inputs")
@@ -219,9 +245,9 @@ def linen_loss_fn(
       call["mutable"] = ["batch_stats"]
     if rng_seed is None:
       with nn.intercept_methods(_no_linen_dropout):
-        out = model.apply(variables, x, **call)
+        out = apply(variables, x, **call)
     else:
-      out = model.apply(variables, x, **call)
+      out = apply(variables, x, **call)
     return out[0] if batch_stats is not None else out
 
   def loss_fn(params, batch):
@@ -322,7 +348,9 @@ def nnx_loss_fn(
   `nnx.Dropout` off (deterministic) while batch norm stays in training mode.
 
   Batches: `inputs` / `labels` as in `linen_loss_fn`; `call_kwargs` are passed to the
-  model's `__call__`. `loss_fn.forward(params, batch)` returns the outputs from the inputs
+  model's `__call__`. An `nnx.Rngs` among them (a model that takes its dropout `rngs` as a
+  call argument) is replaced on every call by a fresh `nnx.Rngs` with the same streams,
+  seeded from the batch's key, so the loss never mutates the object you passed. `loss_fn.forward(params, batch)` returns the outputs from the inputs
   only, `loss_fn.module_kinds` the model's module kinds (`nnx_module_kinds`).
   """
   from flax import nnx
@@ -333,6 +361,11 @@ def nnx_loss_fn(
   labels = label_key if labels is None and label_key is not None else labels
   rng_seed = _dropout_seed(dropout, seed)
   call = dict(call_kwargs or {})
+  call_streams = {
+    k: sorted({str(n.tag) for _, n in nnx.iter_graph(v) if isinstance(n, nnx.RngStream)})
+    for k, v in call.items()
+    if isinstance(v, nnx.Rngs)
+  }
   module_kinds = nnx_module_kinds(model)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   # Snapshot the rest of the state now: later changes to the model do not leak into the loss.
@@ -359,7 +392,11 @@ def nnx_loss_fn(
       nnx.reseed(
         m, policy="match_shape", **_stream_keys(fixed_key if key is None else key, streams)
       )
-    return m(_access(data, inputs, "inputs"), **call)
+    kw = dict(call)
+    for i, (name, names) in enumerate(call_streams.items()):
+      base = jax.random.fold_in(fixed_key if key is None else key, 1_000_003 + i)
+      kw[name] = nnx.Rngs(**_stream_keys(base, names))
+    return m(_access(data, inputs, "inputs"), **kw)
 
   def loss_fn(p, batch):
     data, _ = stochastic.split(batch)

@@ -9,12 +9,14 @@ MetaInit and LSUV, then trains for 3 steps in a plain optax loop written as a us
 from the result's params. The search must leave the model's own variables (batch statistics,
 NNX state, call counters) untouched, and dropout must really be on during a search.
 
-Cases the adapters cannot run yet are `xfail(strict=True)` with the reason (see
-`test_resnet_plain_adapter` and `test_nnx_cnn_call_rngs`); the passing cases beside them
-show the user-side workaround.
+Three cases first failed here and were fixed in the adapters: the ResNet's
+`nn.BatchNorm(axis_name="batch")` (`linen_loss_fn(axis_name=...)`,
+`test_resnet_axis_name_adapter`), lm1b's attention dropout with `dropout=False`
+(`test_lm1b_dropout_off`) and the NNX CNN's call-time `rngs` (`test_nnx_cnn_call_rngs`).
+The search tests still run the ResNet through the user-side wrapper `with_batch_axis` and the
+NNX CNN through `WithRngs`, so both ways stay covered.
 """
 
-import flax.errors
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -181,20 +183,22 @@ def with_batch_axis(loss_fn, axis_name="batch"):
   return out
 
 
-@pytest.mark.xfail(
-  strict=True,
-  raises=NameError,
-  reason="flax's ImageNet ResNet builds nn.BatchNorm(axis_name='batch') for pmap; "
-  "linen_loss_fn applies it with no axis bound -> NameError 'unbound axis name: batch'. "
-  "Proposed: linen_loss_fn(axis_name=...) running the apply under a one-element "
-  "vmap(axis_name=...), and a LossFnError hint naming it.",
-)
-def test_resnet_plain_adapter():
+def test_resnet_axis_name_adapter():
+  """flax's ImageNet ResNet builds nn.BatchNorm(axis_name='batch') for pmap: without
+  `axis_name` the adapter's input check names the fix; with it, the loss equals the user-side
+  one-element vmap workaround."""
   model = _resnet()
   batches = _resnet_data()
   variables = model.init(jax.random.PRNGKey(0), batches[0]["image"])
-  loss_fn = linen_loss_fn(model, batch_stats=variables["batch_stats"])
-  loss_fn(variables["params"], batches[0])
+  plain = linen_loss_fn(model, batch_stats=variables["batch_stats"])
+  with pytest.raises(nio_jax.errors.LossFnError, match="axis_name='batch'"):
+    nio_jax.measure(plain, variables["params"], batches, num_batches=1)
+  fixed = linen_loss_fn(model, batch_stats=variables["batch_stats"], axis_name="batch")
+  np.testing.assert_allclose(
+    fixed(variables["params"], batches[0]),
+    with_batch_axis(plain)(variables["params"], batches[0]),
+    rtol=1e-6,
+  )
 
 
 @pytest.mark.parametrize("method", [_slow_unless(m, ("nio_samplewise",)) for m in METHODS])
@@ -303,14 +307,6 @@ def test_lm1b_dropout_is_on_during_a_search():
   )
 
 
-@pytest.mark.xfail(
-  strict=True,
-  raises=flax.errors.InvalidRngError,
-  reason="linen_loss_fn(dropout=False) intercepts only nn.Dropout; the lm1b attention "
-  "(nn.MultiHeadDotProductAttention, attention_dropout_rate > 0, deterministic=False from the "
-  "config) still calls make_rng('dropout') -> InvalidRngError. Proposed: the interceptor also "
-  "runs attention modules deterministically (their dropout off).",
-)
 def test_lm1b_dropout_off():
   model = _lm()
   batches = _lm_data()
@@ -379,19 +375,16 @@ class WithRngs(nnx.Module):
     return self.model(x, self.rngs)
 
 
-@pytest.mark.xfail(
-  strict=True,
-  raises=flax.errors.TraceContextError,
-  reason="flax's NNX MNIST CNN takes `rngs` in __call__; nnx_loss_fn(call_kwargs={'rngs': "
-  "nnx.Rngs(...)}) closes over that Rngs object, and the traced loss mutates its RngCount -> "
-  "TraceContextError. Proposed: nnx_loss_fn builds a fresh nnx.Rngs from the batch key "
-  "for every nnx.Rngs in call_kwargs (same streams), as it reseeds the model's own.",
-)
 def test_nnx_cnn_call_rngs():
   model = nnx_mnist_cnn.CNN(nnx.Rngs(0))
-  loss_fn, params = nnx_loss_fn(model, call_kwargs={"rngs": nnx.Rngs(dropout=1)})
-  batch = stochastic.keyed_batch(loss_fn, _nnx_cnn_data()[0])
-  jax.jit(loss_fn)(params, batch)
+  rngs = nnx.Rngs(dropout=1)
+  count = int(rngs.dropout.count[...])
+  loss_fn, params = nnx_loss_fn(model, call_kwargs={"rngs": rngs})
+  data = _nnx_cnn_data()[0]
+  a = jax.jit(loss_fn)(params, stochastic.keyed_batch(loss_fn, data, 0))
+  b = jax.jit(loss_fn)(params, stochastic.keyed_batch(loss_fn, data, 1))
+  assert not np.allclose(a, b)  # a fresh Rngs per batch: new dropout masks
+  assert int(rngs.dropout.count[...]) == count  # the user's Rngs is never mutated
 
 
 def test_nnx_cnn_dropout_is_on_during_a_search():
