@@ -223,14 +223,18 @@ def conv(x, w, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), groups=
   return _fwd(x, w, _config(stride, padding, dilation, groups))
 
 
-def conv_bwd_data(dy, w, x_shape, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1),
-                  groups=1):
+def conv_bwd_data(
+  dy, w, x_shape, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), groups=1
+):
   """The input gradient of `conv` at cotangent `dy` (x of shape `x_shape`), on oneDNN."""
-  return _bwd_data(dy, w, tuple(int(s) for s in x_shape), _config(stride, padding, dilation, groups))
+  return _bwd_data(
+    dy, w, tuple(int(s) for s in x_shape), _config(stride, padding, dilation, groups)
+  )
 
 
-def conv_bwd_weights(x, dy, w_shape, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1),
-                     groups=1):
+def conv_bwd_weights(
+  x, dy, w_shape, stride=(1, 1), padding=((0, 0), (0, 0)), dilation=(1, 1), groups=1
+):
   """The weight gradient of `conv` at cotangent `dy` (w of shape `w_shape`), on oneDNN."""
   return _bwd_weights(
     x, dy, tuple(int(s) for s in w_shape), _config(stride, padding, dilation, groups)

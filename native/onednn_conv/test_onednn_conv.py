@@ -28,7 +28,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-
 import onednn_conv as oc  # noqa: E402
 
 pytestmark = pytest.mark.skipif(
