@@ -44,8 +44,8 @@ params = spec["params"]
 jb = {"image": jnp.asarray(spec["x"][:batch]), "label": jnp.asarray(spec["y"][:batch])}
 s0, sspec = scales.init_scales(params)
 d, r = (None, 0.0) if form.split("/")[0] in ("vmap", "map", "norms") else (4, 0.2)
-step, txo = nio.make_nio_step(spec["loss_fn"], sspec, workloads.jax_nio_config(d, r, form))
-args = (params, s0, txo.init(s0), jb)
+search = nio.make_nio_step(spec["loss_fn"], sspec, workloads.jax_nio_config(d, r, form))
+step, args = search.step, (params, s0, search.init(s0), jb)
 jax.block_until_ready(args)
 rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MB (Linux: KiB)
 t0 = time.perf_counter(); low = step.lower(*args)

@@ -100,11 +100,11 @@ def nio_step_hook(model, variables, x, y, has_bn):
   # scales/spec structure from abstract params (init_scales only reads shapes and norms)
   concrete = jax.tree_util.tree_map(lambda s: jnp.ones(s.shape, s.dtype), params)
   scales, spec = nio_jax.init_scales(concrete)
-  step, tx = nio_jax.make_nio_step(loss_fn, spec, None)
-  opt_state = jax.eval_shape(tx.init, scales)
+  search = nio_jax.make_nio_step(loss_fn, spec, None)
+  opt_state = jax.eval_shape(search.init, scales)
   abstract = lambda t: jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), t)  # noqa: E731
   batch = {"image": x, "label": y}
-  return time_lower_compile(step, params, abstract(scales), opt_state, batch)
+  return time_lower_compile(search.step, params, abstract(scales), opt_state, batch)
 
 
 def render_markdown(data: dict) -> str:

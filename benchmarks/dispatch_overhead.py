@@ -104,7 +104,7 @@ def main(argv=None):
   )
   loss_fn, params, data = build(args.model, args.batch, dtype)
   sc, spec = scales.init_scales(params)
-  step, tx = nio_jax.make_nio_step(loss_fn, spec, cfg)
+  search = nio_jax.make_nio_step(loss_fn, spec, cfg)
   meta = dict(
     device=f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
     cpu_count=os.cpu_count(),
@@ -125,10 +125,10 @@ def main(argv=None):
   def run(on_device: bool) -> float:
     t0 = time.perf_counter()
     r = run_scale_search(
-      step,
+      search.step,
       params,
       sc,
-      tx.init(sc),
+      search.init(sc),
       data,
       num_steps=args.steps,
       method="nio",

@@ -64,9 +64,10 @@ def child(a) -> int:
   batch = distributed.shard_batch(local, mesh, global_batch=False)
   cfg = nio_jax.NIOConfig.create({"num_steps": 1})
   scales, spec = nio_jax.init_scales(params)
-  step, tx = nio_mod.make_nio_step(tm.conv_loss, spec, cfg, mesh=mesh)
+  search = nio_mod.make_nio_step(tm.conv_loss, spec, cfg, mesh=mesh)
+  step = search.step
   params_r, scales_r = distributed.replicate((params, scales), mesh)
-  state = tx.init(scales_r)
+  state = search.init(scales_r)
   t = time.perf_counter()
   out = step(params_r, scales_r, state, batch)
   jax.block_until_ready(out)

@@ -139,12 +139,12 @@ def main(argv=None):
     rep = (lambda t: t) if mesh is None else (lambda t: distributed.replicate(t, mesh))
     b = put_b(batch)
     for setting, chunks, r in (("nio_batch_D4", 4, 0.2), ("nio_samplewise", None, 0.0)):
-      step, ntx = nio_jax.make_nio_step(
+      search = nio_jax.make_nio_step(
         loss_fn, spec, {"num_chunks": chunks, "overlap": r, "lr": 1e-3}, mesh=mesh
       )
       p0, sc = rep((params, s0))
-      opt = rep(ntx.init(s0))
-      med, best = timeit(lambda: step(p0, sc, opt, b), args.repeats)
+      opt = rep(search.init(s0))
+      med, best = timeit(lambda: search.step(p0, sc, opt, b), args.repeats)
       rows.append({"devices": n or "none", "what": setting, "median_s": med, "min_s": best})
       print(rows[-1], flush=True)
     st, ac = rep((state, acc))

@@ -10,7 +10,8 @@ Where things are:
   * what each leaf is (kernel, bias, batch norm, layer norm, ...) in `nio_jax.leaves`;
   * the scale optimiser (clip → split-moment Adam → bound) in `nio_jax.rescale_adam`;
   * the NIO search in `nio_jax.methods.nio`; the shared host loop in `nio_jax.search`;
-  * Flax adapters (linen / NNX loss functions) in `nio_jax.flax_utils`;
+  * Flax adapters (linen / NNX loss functions) in `nio_jax.flax_utils`; the per-batch PRNG
+    keys of stochastic losses (dropout during a search) in `nio_jax.stochastic`;
   * GradInit, MetaInit, Fixup, Kaiming, LSUV and `initialize` in `nio_jax.methods`;
   * scale-out (Mesh, shard_batch, shard_map stats) in `nio_jax.distributed`;
   * the XLA:CPU flags set at import (and how to turn them off) in `nio_jax.xla_defaults`.
@@ -47,6 +48,7 @@ from nio_jax.per_example import per_example_grads, subbatch_bounds, subbatch_wei
 from nio_jax.rescale_adam import freeze, project_min_scale, rescale_adam, scale_by_split_adam
 from nio_jax.results import InitResult
 from nio_jax.scales import ScaleSpec, apply_scales, init_scales
+from nio_jax.search import SearchStep
 
 __version__ = "0.1.0"
 
@@ -57,6 +59,7 @@ __all__ = [
   "NIOConfig",
   "NonFiniteError",
   "ScaleSpec",
+  "SearchStep",
   "ZeroGradientError",
   "apply_scales",
   "default_grad_filter",

@@ -1,7 +1,8 @@
 """The host loop shared by the scale searches (NIO, GradInit, MetaInit's scale variant).
 
-A search is a jitted `step(params0, scales, opt_state, batch) -> (scales, opt_state, metrics)`
-driven over an iterable of batches. This loop adds what must happen on the host: taking the
+A search is a `SearchStep`: `init(scales) -> state` and a jitted
+`step(params0, scales, state, *batches) -> (scales, state, metrics)`, driven over an iterable of
+batches. This loop adds what must happen on the host: taking the
 batches, a progress bar, the per-step history, and the safety checks (non-finite values stop
 the search with the step number, and the params returned or attached to the error are always
 the last finite ones). `device_loop` runs the same steps inside one `lax.scan` instead.
@@ -14,7 +15,7 @@ import dataclasses
 import functools
 import itertools
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +27,26 @@ from nio_jax.results import InitResult, stack_history
 from nio_jax.scales import apply_scales
 
 PyTree = Any
+
+
+class SearchStep(NamedTuple):
+  """One shape for every scale search's step (NIO, GradInit, MetaInit), as optax gives every
+  transformation `init` / `update`.
+
+  Attributes:
+    init: `init(scales) -> state`, the optimiser state the first step takes.
+    step: `step(params0, scales, state, *batches) -> (scales, state, metrics)`, one jitted
+      function (GradInit takes `(batch, next_batch)` unless `lookahead="thirds"`).
+    tx: the scale optimiser (`rescale_adam`) when the step uses one, else None (MetaInit's
+      sign-momentum variant).
+    grad_fn: GradInit's `scale_grad(params0, scales, S, S_tilde) -> (grads, metrics)`, the
+      gradient the optimiser receives (un-jitted, for tests and debugging); None elsewhere.
+  """
+
+  init: Callable[[PyTree], PyTree]
+  step: Callable[..., tuple]
+  tx: Any = None
+  grad_fn: Callable | None = None
 
 
 def iterate_batches(batches: Iterable, num_steps: int, per_step: int = 1):

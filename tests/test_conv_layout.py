@@ -125,8 +125,8 @@ def test_nio_step_on_scanned_resnet_uses_canonical_convs():
   loss_fn = linen_loss_fn(model)
   params = variables["params"]
   sc, spec = scales.init_scales(params)
-  step, tx = nio_jax.make_nio_step(
+  search = nio_jax.make_nio_step(
     loss_fn, spec, dict(num_chunks=2, overlap=0.0, pullback="loop", conv="none")
   )
   batch = {"image": x, "label": y}
-  assert non_canonical_convs(step, params, sc, tx.init(sc), batch) == []
+  assert non_canonical_convs(search.step, params, sc, search.init(sc), batch) == []

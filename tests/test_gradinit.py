@@ -156,16 +156,17 @@ def test_step_matches_direct_jax_and_torch(setup, variant):
   by hand fed with the scale gradients of (a) a direct JAX computation, (b) PyTorch."""
   params, batch, nxt, s0, spec = setup
   eta, lr = 0.1, 0.05
-  step_c, tx, _ = make_gradinit_step(
+  constraint = make_gradinit_step(
     tm.mlp_loss, spec, dict(variant=variant, eta=eta, gamma=1e-6, lr=lr, batch_size=None)
   )
-  step_o, _, _ = make_gradinit_step(
+  step_c, init = constraint.step, constraint.init
+  step_o = make_gradinit_step(
     tm.mlp_loss, spec, dict(variant=variant, eta=eta, gamma=1e6, lr=lr, batch_size=None)
-  )
+  ).step
   lo = [0.01, 0.0, 0.01, 0.0]
   hand_t, hand_j = HandRescaleAdam(flat(s0), lr, lo), HandRescaleAdam(flat(s0), lr, lo)
 
-  s1, state, m1 = step_c(params, s0, tx.init(s0), batch, nxt)
+  s1, state, m1 = step_c(params, s0, init(s0), batch, nxt)
   g_t, gn_t, _ = torch_scale_grads(params, s0, batch, nxt, variant, eta, "constraint")
   g_j = flat(direct_grad(params, s0, batch, nxt, variant, eta, "constraint"))
   np.testing.assert_allclose(g_j, g_t, rtol=2e-4, atol=1e-6)
@@ -188,7 +189,7 @@ def test_step_matches_direct_jax_and_torch(setup, variant):
 def test_scale_grad_is_what_the_step_uses(setup):
   """`scale_grad` (exposed for tests/debugging) equals the direct JAX gradient."""
   params, batch, nxt, s0, spec = setup
-  _, _, scale_grad = make_gradinit_step(tm.mlp_loss, spec, dict(gamma=1e6, batch_size=None))
+  scale_grad = make_gradinit_step(tm.mlp_loss, spec, dict(gamma=1e6, batch_size=None)).grad_fn
   st = lookahead_batches(batch, nxt, "half")[1]
   g, m = jax.jit(scale_grad)(params, s0, batch, st)
   np.testing.assert_allclose(
@@ -325,7 +326,7 @@ def test_layernorm_cap():
   assert GradInitConfig.create(cfg).batches_per_step == 1  # thirds: one batch per step
   # The cap, on the optimiser itself: a gradient pushing every scale up by lr.
   scales, spec = init_scales(params)
-  _, tx, _ = make_gradinit_step(loss, spec, cfg)
+  tx = make_gradinit_step(loss, spec, cfg).tx
   up = jax.tree_util.tree_map(lambda s: -jnp.ones_like(s), scales)
   upd, _ = tx.update(up, tx.init(scales), scales, is_constraint=False)
   new = jax.tree_util.tree_map(lambda s, u: s + u, scales, upd)

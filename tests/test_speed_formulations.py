@@ -392,13 +392,13 @@ def test_search_steps_apply_the_im2col_memory_guard(monkeypatch, method):
     fresh = lambda p, bt: loss_fn(p, bt)  # a new loss: no step traced with another budget
     if method == "gradinit":
       cfg = GradInitConfig.create(None, batch_size=4, conv="im2col")
-      step, txo, _ = make_gradinit_step(fresh, spec, cfg)
-      args = (params, s0, txo.init(s0), batch, batch)
+      search = make_gradinit_step(fresh, spec, cfg)
+      args = (params, s0, search.init(s0), batch, batch)
     else:
       cfg = MetaInitConfig.create(conv="im2col")
-      step, init_state = make_metainit_step(fresh, spec, cfg)
-      args = (params, s0, init_state(s0), batch)
-    return str(jax.make_jaxpr(step)(*args)).count("conv_general_dilated")
+      search = make_metainit_step(fresh, spec, cfg)
+      args = (params, s0, search.init(s0), batch)
+    return str(jax.make_jaxpr(search.step)(*args)).count("conv_general_dilated")
 
   assert convs(need) == 0
   assert convs(need - 1) > 0

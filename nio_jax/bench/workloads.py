@@ -280,8 +280,8 @@ def part_fns(part: str, spec: dict, forms_sw, forms_b, tctx: dict | None):
     for f in forms_sw if d is None else forms_b:
       if spec["has_bn"] and split_form(f)["pullback"] in UNCOUPLED_ONLY:
         continue  # refused with batch norm (not exact); the row notes it
-      step, txo = nio.make_nio_step(loss_fn, sspec, jax_nio_config(d, r, f))
-      jfns[f] = (step, (params, scales0, txo.init(scales0), jbatch))
+      search = nio.make_nio_step(loss_fn, sspec, jax_nio_config(d, r, f))
+      jfns[f] = (search.step, (params, scales0, search.init(scales0), jbatch))
     if not jfns:
       raise PartSkipped(
         f"pullback={'/'.join(UNCOUPLED_ONLY)} is refused for a model with batch norm (not exact)"
@@ -296,11 +296,11 @@ def part_fns(part: str, spec: dict, forms_sw, forms_b, tctx: dict | None):
     jfns = {}
     for conv in search_convs(forms_b):
       cfg = GradInitConfig.create(None, batch_size=batch, conv=conv)
-      step, txo, _ = make_gradinit_step(loss_fn, sspec, cfg)
+      search = make_gradinit_step(loss_fn, sspec, cfg)
       # `step` closes over the scale spec and calls the cached jitted step: jit it (the inner
       # jit inlines) so the bench can lower and compile it like the other parts' steps
-      args = (params, scales0, txo.init(scales0), jbatch, jnext)
-      jfns[f"conv={conv}"] = (jax.jit(step), args)
+      args = (params, scales0, search.init(scales0), jbatch, jnext)
+      jfns[f"conv={conv}"] = (jax.jit(search.step), args)
     if tctx:
       sm = TA.ScaledModel(tctx["model"], grad_filter=lambda n: True)
       opt = TA.RescaleAdam(sm, 1e-3)
@@ -312,9 +312,10 @@ def part_fns(part: str, spec: dict, forms_sw, forms_b, tctx: dict | None):
 
     jfns = {}
     for conv in search_convs(forms_b):
-      step, init_state = make_metainit_step(loss_fn, sspec, MetaInitConfig.create(conv=conv))
+      search = make_metainit_step(loss_fn, sspec, MetaInitConfig.create(conv=conv))
       # as for GradInit: jit the wrapper so that the bench can lower and compile it
-      jfns[f"conv={conv}"] = (jax.jit(step), (params, scales0, init_state(scales0), jbatch))
+      args = (params, scales0, search.init(scales0), jbatch)
+      jfns[f"conv={conv}"] = (jax.jit(search.step), args)
     if tctx:
       sm = TA.ScaledModel(tctx["model"], grad_filter=lambda n: True)
       mom = {}

@@ -48,6 +48,7 @@ from nio_jax.methods.registry import register
 from nio_jax.rescale_adam import rescale_adam
 from nio_jax.results import InitResult
 from nio_jax.search import (
+  SearchStep,
   check_search_inputs,
   conv_step,
   init_search_scales,
@@ -326,7 +327,8 @@ def _gradinit_step(loss_fn, cfg, *args):
 
 
 def make_gradinit_step(loss_fn: Callable, spec: scmod.ScaleSpec, config=None):
-  """`(step, tx, scale_grad)` for GradInit.
+  """The GradInit `SearchStep`: `init(scales)`, `step`, `tx` (the scale optimiser) and
+  `grad_fn` (`scale_grad`).
 
   `step(params0, scales, opt_state, batch[, next_batch]) -> (scales, opt_state, metrics)`
   (`next_batch` unless `lookahead="thirds"`); metrics: `grad_norm` (gn on S), `loss` (L(S)),
@@ -345,7 +347,9 @@ def make_gradinit_step(loss_fn: Callable, spec: scmod.ScaleSpec, config=None):
   def step(params0, scales, opt_state, batch, next_batch=None):
     return jitted(spec, params0, scales, opt_state, batch, next_batch)
 
-  return step, _make_tx(cfg, spec), functools.partial(_scale_grad, loss_fn, cfg)
+  tx = _make_tx(cfg, spec)
+  grad_fn = functools.partial(_scale_grad, loss_fn, cfg)
+  return SearchStep(init=tx.init, step=step, tx=tx, grad_fn=grad_fn)
 
 
 @register(
@@ -410,13 +414,13 @@ def gradinit(
     loss_fn, params, batches, minimum=minimum, check_size=check_size, mesh=mesh
   )
   scales, spec = init_search_scales(loss_fn, params, cfg, select=cfg.select)
-  step, tx, _ = make_gradinit_step(loss_fn, spec, cfg)
+  search = make_gradinit_step(loss_fn, spec, cfg)
   (params, scales), batches = shard_search(mesh, (params, scales), batches)
   return run_scale_search(
-    step,
+    search.step,
     params,
     scales,
-    tx.init(scales),
+    search.init(scales),
     batches,
     num_steps=cfg.num_steps,
     method="gradinit",

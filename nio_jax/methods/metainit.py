@@ -45,6 +45,7 @@ from nio_jax.methods.registry import register
 from nio_jax.rescale_adam import rescale_adam
 from nio_jax.results import InitResult
 from nio_jax.search import (
+  SearchStep,
   check_search_inputs,
   conv_step,
   init_search_scales,
@@ -323,9 +324,10 @@ def _metainit_update(loss_fn, cfg, spec, params0, scales, state, batch):
 
 
 def make_metainit_step(loss_fn: Callable, spec: scmod.ScaleSpec, config=None):
-  """`(step, init_state)`: `step(params0, scales, state, batch) -> (scales, state, metrics)`,
-  one jitted function (cached on `loss_fn` and the step-relevant config); metrics: `gq`,
-  `loss`, `grad_norm` (‖g‖₂, before the update). `init_state(scales)` is the optimiser state.
+  """The MetaInit `SearchStep`: `step(params0, scales, state, batch) -> (scales, state,
+  metrics)`, one jitted function (cached on `loss_fn` and the step-relevant config); metrics:
+  `gq`, `loss`, `grad_norm` (‖g‖₂, before the update). `init(scales)` is the optimiser state
+  (`tx`, the scale optimiser, is None for the sign-momentum variant).
   """
   cfg = MetaInitConfig.create(config)
   key = dataclasses.replace(cfg, num_steps=1, seed=0)  # what the step depends on
@@ -337,8 +339,11 @@ def make_metainit_step(loss_fn: Callable, spec: scmod.ScaleSpec, config=None):
     return jitted(spec, params0, scales, state, batch)
 
   if cfg.variant == "rescale_adam":
-    return step, _make_tx(cfg, spec).init
-  return step, lambda scales: MomentumState(jax.tree_util.tree_map(jnp.zeros_like, scales))
+    tx = _make_tx(cfg, spec)
+    return SearchStep(init=tx.init, step=step, tx=tx)
+  return SearchStep(
+    init=lambda scales: MomentumState(jax.tree_util.tree_map(jnp.zeros_like, scales)), step=step
+  )
 
 
 @register(
@@ -387,11 +392,11 @@ def metainit(
   if select is None and cfg.variant == "sign_momentum":
     select = metainit_select
   scales, spec = init_search_scales(loss_fn, params, cfg, select=select)
-  step, init = make_metainit_step(loss_fn, spec, cfg)
-  state = init(scales)
+  search = make_metainit_step(loss_fn, spec, cfg)
+  state = search.init(scales)
   (params, scales, state), data = shard_search(mesh, (params, scales, state), data)
   return run_scale_search(
-    step,
+    search.step,
     params,
     scales,
     state,

@@ -31,6 +31,7 @@ from nio_jax.methods.registry import register
 from nio_jax.rescale_adam import rescale_adam
 from nio_jax.results import InitResult
 from nio_jax.search import (
+  SearchStep,
   check_search_inputs,
   init_search_scales,
   run_scale_search,
@@ -199,12 +200,12 @@ def _spec_key(spec: scmod.ScaleSpec):
 def make_nio_step(
   loss_fn: Callable, spec: scmod.ScaleSpec, config: NIOConfig | None = None, mesh=None
 ):
-  """`(step, tx)`: the jitted NIO step and the scale optimiser it uses.
+  """The NIO `SearchStep`: `init(scales)` (the scale optimiser's state), the jitted `step`
+  and `tx` (the scale optimiser).
 
   `step(params0, scales, opt_state, batch) -> (scales, opt_state, metrics)` where metrics
   has `gc`, `grad_norm` (mean), `grad_norms` [D], `objective`, `constraint` (bool: the
-  constraint branch ran), `loss` (mean per-example loss). Initialise the optimiser state
-  with `tx.init(scales)`. With a `mesh`, the sample-wise statistics are computed with
+  constraint branch ran), `loss` (mean per-example loss). With a `mesh`, the sample-wise statistics are computed with
   `shard_map` over its `data` axis (`nio_jax.distributed.samplewise_stats`); the batch setting
   is partitioned by `jit` from the batch's sharding.
 
@@ -217,7 +218,7 @@ def make_nio_step(
   tx = _make_tx(cfg, spec)
   key = (loss_fn, dataclasses.replace(cfg, num_steps=1), mesh, _spec_key(spec))
   step = _STEPS.get(key, lambda: jax.jit(functools.partial(_nio_step, loss_fn, cfg, mesh, tx)))
-  return step, tx
+  return SearchStep(init=tx.init, step=step, tx=tx)
 
 
 @register("nio", config_cls=NIOConfig, label="NIO", searches=True)
@@ -264,13 +265,13 @@ def nio(
   if mesh is not None and cfg.device_loop:
     raise ValueError("device_loop=True is not supported with a mesh; use the host loop.")
   scales, spec = init_search_scales(loss_fn, params, cfg, select=cfg.select)
-  step, tx = make_nio_step(loss_fn, spec, cfg, mesh=mesh)
+  search = make_nio_step(loss_fn, spec, cfg, mesh=mesh)
   (params, scales), batches = shard_search(mesh, (params, scales), batches)
   return run_scale_search(
-    step,
+    search.step,
     params,
     scales,
-    tx.init(scales),
+    search.init(scales),
     batches,
     num_steps=cfg.num_steps,
     method="nio",
