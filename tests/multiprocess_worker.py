@@ -53,6 +53,22 @@ def flat(prefix, tree, out):
     out[prefix + jax.tree_util.keystr(path)] = np.asarray(distributed.to_host(leaf))
 
 
+def dropout_conv_loss(params, batch):
+  """A stochastic loss (`rng_seed`): input dropout from the batch's key (nio_jax.stochastic),
+  so the searches attach per-example keys that must shard with the examples."""
+  from nio_jax import stochastic
+  from tests import tiny_models as tm
+
+  data, key = stochastic.split(batch)
+  x = data["x"]
+  if key is not None:
+    x = x * jax.random.bernoulli(key, 0.7, x.shape) / 0.7
+  return tm.conv_loss(params, {**data, "x": x})
+
+
+dropout_conv_loss.rng_seed = 0
+
+
 def run_methods(out_path, mesh):
   from nio_jax import methods
   from tests import tiny_models as tm
@@ -66,11 +82,13 @@ def run_methods(out_path, mesh):
     "gradinit": ("gradinit", {"num_steps": STEPS, "batch_size": None, "lr": 0.05}),
     "metainit": ("metainit", {"num_steps": STEPS}),
     "lsuv": ("lsuv", {"orthonormal": False}),
+    "nio_sw_dropout": ("nio", {"num_steps": STEPS, "lr": 0.05}),
   }
   res = {}
   for name, (method, cfg) in runs.items():
     t = time.perf_counter()
-    r = methods.initialize(method, tm.conv_loss, params, batches, cfg, mesh=mesh)
+    loss = dropout_conv_loss if name.endswith("_dropout") else tm.conv_loss
+    r = methods.initialize(method, loss, params, batches, cfg, mesh=mesh)
     flat(f"{name}/params", r.params, res)
     if r.scales is not None:
       flat(f"{name}/scales", r.scales, res)

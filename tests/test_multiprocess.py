@@ -84,17 +84,20 @@ def logs(tmp_path) -> str:
 def test_methods_two_processes_equal_single_process(tmp_path):
   """NIO (sample-wise and batch setting), GradInit, MetaInit and LSUV run as 2 processes x 2
   CPU devices on one 4-device mesh, each process feeding half of every batch, give the result
-  of one process with 4 devices."""
+  of one process with 4 devices. So does a stochastic loss (input dropout): the per-example
+  keys the search attaches (nio_jax.stochastic) shard with their examples."""
   ref = start(["methods", tmp_path / "ref.npz"], 4, tmp_path / "ref.log")
   procs = start_group("methods", tmp_path / "mp.npz", 2, 2, tmp_path)
   codes = wait_all([*procs, ref])
   assert codes == [0, 0, 0], logs(tmp_path)
   a, b = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "mp.npz")
   assert sorted(a.files) == sorted(b.files)
-  for name in ("nio_sw", "nio_batch", "gradinit", "metainit", "lsuv"):
+  for name in ("nio_sw", "nio_batch", "gradinit", "metainit", "lsuv", "nio_sw_dropout"):
     assert any(k.startswith(name + "/") for k in a.files), name
   for k in a.files:
     np.testing.assert_allclose(a[k], b[k], rtol=1e-4, atol=1e-6, err_msg=k)
+  # The dropout really acted (its search differs from the deterministic one).
+  assert not np.allclose(a["nio_sw_dropout/history/gc"], a["nio_sw/history/gc"])
   log = (tmp_path / "methods1.log").read_text()
   assert "[process 1/2] 2 local / 4 devices" in log, log
 
