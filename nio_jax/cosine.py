@@ -23,15 +23,17 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
+from nio_jax import batches as batchmod
 from nio_jax import (
   checks,
+  distributed,
   errors,
   formulation,
   leaves,
   per_example,
   per_example_norms,
-  search,
   stochastic,
 )
 from nio_jax.formulation import Formulation
@@ -71,7 +73,7 @@ def unit_sum(grads) -> tuple[list[jax.Array], jax.Array]:
   Every leaf of `grads` has the leading axis D (one row per gradient; any D, no check);
   `u_i = g_i / ‖g_i‖` over all leaves, and a zero gradient gives a zero unit vector (no NaN).
   Sums of unit vectors over disjoint sets of rows add up, so the sharded statistics
-  (`nio_jax.distributed.samplewise_stats`) `psum` them before `gc_from_unit_sum`.
+  (`samplewise_stats`) `psum` them before `gc_from_unit_sum`.
   """
   grad_leaves = jax.tree_util.tree_leaves(grads)
   d = grad_leaves[0].shape[0]
@@ -269,9 +271,7 @@ def check_stats(stats: GCStats, num_chunks=None, step: int | None = None, last_g
     ZeroGradientError: a gradient is exactly zero (its cosine is undefined).
   """
   where = "" if step is None else f" at step {step}"
-  from nio_jax import distributed  # noqa: PLC0415 (gathers norms sharded over processes)
-
-  norms = distributed.to_host(stats.grad_norms)
+  norms = distributed.to_host(stats.grad_norms)  # gathers norms sharded over processes
   for name, value in (("loss", stats.loss), ("GradCosine", stats.gc), ("gradient norm", norms)):
     if not bool(jnp.all(jnp.isfinite(value))):
       raise errors.NonFiniteError(
@@ -323,15 +323,15 @@ def measure(
   checks.check_params(params)
   checks.check_optional_int("chunk_size", chunk_size)
   checks.check_predicate("wrt", wrt, allow=("default",))
-  first, batches = search.peek(stochastic.keyed_batches(loss_fn, batches))
+  first, batches = batchmod.peek(stochastic.keyed_batches(loss_fn, batches))
   b = checks.check_batch(first)
   checks.check_chunks(b, num_chunks, overlap)
   checks.check_loss_fn(loss_fn, params, first)
   wrt_fn = leaves.resolve_grad_filter(wrt, loss_fn, params)
   stats_fn = stats_step(loss_fn, num_chunks, overlap, wrt_fn, pullback, conv, chunk_size)
   rows = []
-  for (batch,) in search.progress_bar(
-    search.iterate_batches(batches, num_batches), num_batches, "measure", show_progress
+  for (batch,) in batchmod.progress_bar(
+    batchmod.iterate_batches(batches, num_batches), num_batches, "measure", show_progress
   ):
     checks.check_batch(batch)
     st = stats_fn(params, batch)
@@ -346,3 +346,40 @@ def measure(
     "loss": float(arr[:, 2].mean()),
     "num_batches": int(num_batches),
   }
+
+
+def samplewise_stats(loss_fn, params, batch, mesh, form: Formulation, *, wrt=None):
+  """Sample-wise `GCStats` computed data-parallel with `shard_map` (traceable, differentiable).
+
+  Each device computes the per-example gradients of its own examples, their norms and its
+  local `Σ_i u_i` (`unit_sum`); one `psum` gives the global `Σ_i u_i`, which
+  `gc_from_unit_sum` finishes exactly as on one device.
+
+  Why not leave it to GSPMD: on jax 0.10.2 / XLA:CPU, letting the partitioner shard
+  `vmap(grad)` of a convolution over the batch gave wrong per-example kernel gradients
+  (errors of the size of the gradients themselves; reproduced in
+  tests/test_distributed.py::test_gspmd_vmap_conv_grads_are_checked). `shard_map` keeps every
+  per-example computation on one device.
+
+  Args:
+    loss_fn: `loss_fn(params, batch) -> [B]` per-example losses.
+    params: replicated parameters.
+    batch: the global batch, sharded over the mesh's `data` axis.
+    mesh: the mesh (`distributed.make_mesh`).
+    form: the resolved sample-wise formulation
+      (`nio_jax.formulation.resolve_formulation(loss_fn, params, batch, None, ...)`).
+    wrt: predicate `(path, leaf) -> bool` selecting the leaves whose gradients enter GC.
+  """
+  b, axis = checks.batch_size(batch), distributed.AXIS
+
+  def local(p, bt):
+    losses, usum, norms = sample_unit_sum(loss_fn, p, bt, form, wrt)
+    usum = [jax.lax.psum(u, axis) for u in usum]
+    loss_sum = jax.lax.psum(jnp.sum(jax.lax.stop_gradient(losses)), axis)
+    return usum, norms, loss_sum
+
+  usum, norms, loss_sum = jax.shard_map(
+    local, mesh=mesh, in_specs=(P(), P(axis)), out_specs=(P(), P(axis), P()), check_vma=False
+  )(params, batch)
+  gc = gc_from_unit_sum(usum, b)
+  return GCStats(gc=gc, grad_norms=norms, loss=loss_sum / b)

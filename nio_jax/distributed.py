@@ -23,9 +23,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from nio_jax import checks, cosine
-from nio_jax.formulation import Formulation
-
 PyTree = Any
 AXIS = "data"
 
@@ -316,40 +313,3 @@ def to_host(tree: PyTree) -> PyTree:
     return jax.device_get(x)
 
   return jax.tree_util.tree_map(get, tree)
-
-
-def samplewise_stats(loss_fn, params, batch, mesh: Mesh, form: Formulation, *, wrt=None):
-  """Sample-wise `GCStats` computed data-parallel with `shard_map` (traceable, differentiable).
-
-  Each device computes the per-example gradients of its own examples, their norms and its
-  local `Σ_i u_i` (`cosine.unit_sum`); one `psum` gives the global `Σ_i u_i`, which
-  `cosine.gc_from_unit_sum` finishes exactly as on one device.
-
-  Why not leave it to GSPMD: on jax 0.10.2 / XLA:CPU, letting the partitioner shard
-  `vmap(grad)` of a convolution over the batch gave wrong per-example kernel gradients
-  (errors of the size of the gradients themselves; reproduced in
-  tests/test_distributed.py::test_gspmd_vmap_conv_grads_are_checked). `shard_map` keeps every
-  per-example computation on one device.
-
-  Args:
-    loss_fn: `loss_fn(params, batch) -> [B]` per-example losses.
-    params: replicated parameters.
-    batch: the global batch, sharded over the mesh's `data` axis.
-    mesh: the mesh (`make_mesh`).
-    form: the resolved sample-wise formulation
-      (`nio_jax.formulation.resolve_formulation(loss_fn, params, batch, None, ...)`).
-    wrt: predicate `(path, leaf) -> bool` selecting the leaves whose gradients enter GC.
-  """
-  b = checks.batch_size(batch)
-
-  def local(p, bt):
-    losses, usum, norms = cosine.sample_unit_sum(loss_fn, p, bt, form, wrt)
-    usum = [jax.lax.psum(u, AXIS) for u in usum]
-    loss_sum = jax.lax.psum(jnp.sum(jax.lax.stop_gradient(losses)), AXIS)
-    return usum, norms, loss_sum
-
-  usum, norms, loss_sum = jax.shard_map(
-    local, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P(AXIS), P()), check_vma=False
-  )(params, batch)
-  gc = cosine.gc_from_unit_sum(usum, b)
-  return cosine.GCStats(gc=gc, grad_norms=norms, loss=loss_sum / b)

@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent("""
         p = nio_jax.apply_scales(params, s)
         if m is not None and chunks is None:
           form = formulation.resolve_formulation(tm.conv_loss, p, b, None)
-          st = distributed.samplewise_stats(tm.conv_loss, p, b, m, form)
+          st = nio_jax.cosine.samplewise_stats(tm.conv_loss, p, b, m, form)
         else:
           st = nio_jax.cosine.gradcosine_stats(tm.conv_loss, p, b, num_chunks=chunks, overlap=r)
         return nio_jax.nio_objective(st, "gc_gn_sqrt", 1.0)
@@ -116,7 +116,7 @@ def test_gspmd_vmap_conv_grads_are_checked():
   layer agrees. The library's own forms agree even under GSPMD: `per_example_grads` with
   `conv="none"` evaluates the convolutions in canonical layout on CPU
   (`jaxpr_rewrites.canonical_convs`), and `conv="im2col"` has no convolution to partition. The
-  `shard_map` in `distributed.samplewise_stats` stays: canonical_convs is CPU-only, and the
+  `shard_map` in `cosine.samplewise_stats` stays: canonical_convs is CPU-only, and the
   raw form shows the partitioner is still wrong. When a JAX upgrade fixes GSPMD, the first
   assertion fails: then the shard_map can go."""
   stdout = run_on_8_devices(GSPMD_SCRIPT)

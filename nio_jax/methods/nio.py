@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nio_jax import checks, cosine, distributed, formulation, leaves, method_config
+from nio_jax import checks, cosine, formulation, leaves, method_config
 from nio_jax import scales as scmod
 from nio_jax.formulation import Formulation
 from nio_jax.methods.registry import register
@@ -144,7 +144,7 @@ def _search_loss(loss_fn, cfg: NIOConfig, form: Formulation, mesh, scales, param
   wrt = cfg.grad_filter_for(loss_fn, params0)  # static: from the tree's paths and shapes
   params = scmod.apply_scales(params0, scales)
   if mesh is not None and cfg.num_chunks is None:
-    stats = distributed.samplewise_stats(loss_fn, params, batch, mesh, form, wrt=wrt)
+    stats = cosine.samplewise_stats(loss_fn, params, batch, mesh, form, wrt=wrt)
   else:
     stats = cosine.compute_stats(
       loss_fn, params, batch, form, num_chunks=cfg.num_chunks, overlap=cfg.overlap, wrt=wrt
@@ -206,7 +206,7 @@ def make_nio_step(
   `step(params0, scales, opt_state, batch) -> (scales, opt_state, metrics)` where metrics
   has `gc`, `grad_norm` (mean), `grad_norms` [D], `objective`, `constraint` (bool: the
   constraint branch ran), `loss` (mean per-example loss). With a `mesh`, the sample-wise statistics are computed with
-  `shard_map` over its `data` axis (`nio_jax.distributed.samplewise_stats`); the batch setting
+  `shard_map` over its `data` axis (`nio_jax.cosine.samplewise_stats`); the batch setting
   is partitioned by `jit` from the batch's sharding.
 
   The jitted step is cached on (`loss_fn`, the step-relevant config, `spec`, `mesh`), as
