@@ -41,10 +41,6 @@ from nio_jax.methods.registry import (
   unregister,
 )
 
-# LSUV's facts (its module's `@register` names the entry point): the run's seed draws its
-# orthonormal kernels, and its layer-by-layer passes are its search.
-register("lsuv", config_cls=LSUVConfig, label="LSUV", seeded=("real",), searches=True)(lsuv)
-
 __all__ = [
   "DATA_KINDS",
   "GRADINIT_RECIPES",

@@ -611,7 +611,13 @@ def _constant_output_message(l: int, layer: LSUVLayer, orthonormal: bool) -> str
   )
 
 
-@register("lsuv", config_cls=LSUVConfig)
+@register(
+  "lsuv",
+  config_cls=LSUVConfig,
+  label="LSUV",
+  seeded=("real",),  # the run's seed draws the orthonormal kernels
+  searches=True,  # its layer-by-layer passes over the first batch
+)
 def lsuv(
   loss_fn: Callable,
   params: PyTree,
