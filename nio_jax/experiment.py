@@ -14,7 +14,8 @@ place, in this order:
    read.
 
 `init_run` is `nio-jax init` (steps 1 and 3); `compare_run` is `nio-jax compare` (a
-`train_run` per method). The GC report (`init.measure_*`) is `measure_params`, the same for
+`train_run` per method); `measure_run` is `nio-jax measure`. `start_run` makes the workdir
+the run's home (`check_workdir`, `config.json`, `run.json`) for every command. The GC report (`init.measure_*`) is `measure_params`, the same for
 every caller.
 
 Compiled steps are reused across runs of one process that share a model and settings (e.g.
@@ -27,8 +28,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
+import sys
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -40,8 +44,10 @@ from nio_jax import train as trainmod
 from nio_jax.data.loader import Loader
 from nio_jax.errors import ConfigError
 from nio_jax.experiment_config import (
+  absolute_config_spec,
   apply_override,
   build_method_config,
+  load_config,
   parse_override,
   search_batches,
   validate_config,
@@ -452,6 +458,131 @@ def check_workdir(cfg, workdir, *, overwrite: bool = False) -> str | None:
   workdir.mkdir(parents=True, exist_ok=True)
   files.write_json(workdir / CONFIG_FILE, new)
   return note
+
+
+# How a run was launched (`start_run`): the config spec and overrides `measure` reloads.
+RUN_FILE = "run.json"
+
+
+def default_workdir(cfg, workdir=None) -> pathlib.Path:
+  """The run's directory: `workdir`, else the config's `workdir`, else `runs/<name>`."""
+  return pathlib.Path(workdir or cfg.get("workdir") or os.path.join("runs", cfg.name))
+
+
+def start_run(
+  cfg,
+  workdir,
+  *,
+  command: str,
+  config_spec: str,
+  overrides: Sequence[str] = (),
+  overwrite: bool = False,
+  argv: Sequence[str] | None = None,
+) -> str | None:
+  """Makes `workdir` the home of a run launched by `command` ("init", "train", "compare"):
+  `check_workdir` (refuses a run of another config unless `overwrite`; writes `config.json`),
+  then `run.json` (the command, the config spec with an absolute path, the overrides, the
+  name and `argv`), which `load_run_config` reads back.
+
+  Returns:
+    `check_workdir`'s line on how the run starts (None for a fresh start); for "init", which
+    always searches, a resume says so.
+  """
+  workdir = pathlib.Path(workdir)
+  note = check_workdir(cfg, workdir, overwrite=overwrite)
+  if note and command == "init" and note.startswith("resuming"):
+    note = "same config as the run in this workdir: the search runs again (init always searches)"
+  files.write_json(
+    workdir / RUN_FILE,
+    {
+      "command": command,
+      "config": absolute_config_spec(config_spec),
+      "overrides": list(overrides),
+      "name": cfg.name,
+      "argv": list(sys.argv if argv is None else argv),
+    },
+  )
+  return note
+
+
+def load_run_config(rundir, overrides: Sequence[str] = ()):
+  """The config of the run in `rundir`, reloaded from its `run.json` (the config spec and
+  overrides it was launched with), with `overrides` applied after them.
+
+  Raises:
+    ConfigError: `rundir` is not a directory or holds no `run.json`.
+  """
+  rundir = pathlib.Path(rundir)
+  if not rundir.is_dir():
+    raise ConfigError(f"run directory not found: {rundir}")
+  info = files.read_json(rundir / RUN_FILE)
+  if info is None:
+    raise ConfigError(
+      f"measure needs a run directory written by nio-jax init/train (with run.json), or "
+      f"--config: {rundir} has no run.json"
+    )
+  return load_config(info["config"], list(info.get("overrides", [])) + list(overrides))
+
+
+def measure_run(
+  cfg,
+  rundir=None,
+  *,
+  params: Sequence = (),
+  checkpoints: Sequence = (),
+  fresh: bool = False,
+  num_batches: int | None = None,
+  progress: bool = False,
+) -> dict:
+  """`nio-jax measure`: the GC report (`measure_params`) of saved variables.
+
+  Measures each of `params` (msgpack files), each checkpoint step of `checkpoints` (in
+  `<rundir>/checkpoints`) and, with `fresh`, the model's own init; with none of these, the
+  run's `init_params.msgpack` and `final_params.msgpack`. `num_batches` replaces
+  `init.measure_batches` (a config without a GC report measures 5 batches).
+
+  Returns:
+    `{name: GC report}` in the order measured.
+
+  Raises:
+    ConfigError: a checkpoint without `rundir`, or nothing to measure.
+  """
+  rundir = None if rundir is None else pathlib.Path(rundir)
+  if rundir is not None and not rundir.is_dir():
+    raise ConfigError(f"run directory not found: {rundir}")
+  if num_batches is not None:
+    cfg.init.measure_batches = int(num_batches)
+  if int(cfg.init.measure_batches) < 1:
+    cfg.init.measure_batches = 5
+  run = build(cfg)
+  sources: list[tuple[str, Any]] = [(str(p), p) for p in map(pathlib.Path, params)]
+  for step in checkpoints:
+    if rundir is None:
+      raise ConfigError("--checkpoint needs the run directory")
+    sources.append((f"checkpoint {step}", ("ckpt", step)))
+  if not sources and rundir is not None:
+    sources = [
+      (str(p), p)
+      for p in (rundir / "init_params.msgpack", rundir / "final_params.msgpack")
+      if p.exists()
+    ]
+  if not sources and not fresh:
+    raise ConfigError(
+      f"no saved params in {rundir} (init_params.msgpack / final_params.msgpack); "
+      "pass --params FILE or --checkpoint STEP"
+    )
+  out = {}
+  if fresh:
+    loss_fn, p0 = init_loss_fn(run)
+    out["fresh (model init)"] = measure_params(run, loss_fn, p0, progress=progress)
+  for name, src in sources:
+    if isinstance(src, tuple):
+      v = files.load_checkpoint_variables(rundir / "checkpoints", src[1], run.variables)
+    else:
+      v = files.load_variables(src, run.variables)
+    loss_fn, p = init_loss_fn(run, v)
+    out[name] = measure_params(run, loss_fn, p, progress=progress)
+  return out
 
 
 def init_run(cfg, workdir, *, progress: bool = False, overwrite: bool = False) -> Initialised:

@@ -220,6 +220,14 @@ def config_path(spec: str) -> tuple[str, str | None]:
   return path, arg
 
 
+def absolute_config_spec(spec: str) -> str:
+  """`path.py[:arg]` (or a shipped config's NAME) with an absolute path, so that a run's
+  `run.json` reloads it from any directory."""
+  path, arg = config_path(spec)
+  path = os.path.abspath(path)
+  return path if arg is None else f"{path}:{arg}"
+
+
 def load_config_file(spec: str) -> tuple[ml_collections.ConfigDict, str, str | None]:
   """`path.py`, `path.py:arg` or a shipped config's `NAME[:arg]` -> (config, path, arg)
   (`config_path`). The file is Python (like ml_collections config files); its

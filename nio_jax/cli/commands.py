@@ -2,50 +2,28 @@
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
 import sys
-from typing import Any
 
 from nio_jax import experiment, files, reports
 from nio_jax.errors import ConfigError, DivergedError
-from nio_jax.experiment_config import config_path, load_config
-
-
-def _workdir(cfg, arg: str | None) -> pathlib.Path:
-  """The run's directory (`--workdir`, else `workdir`, else `runs/<name>`)."""
-  return pathlib.Path(arg or cfg.get("workdir") or os.path.join("runs", cfg.name))
-
-
-def _absolute_spec(spec: str) -> str:
-  """`path.py[:arg]` (or a shipped config's NAME) with an absolute path (so `measure` works
-  from any directory)."""
-  path, arg = config_path(spec)
-  path = os.path.abspath(path)
-  return path if arg is None else f"{path}:{arg}"
+from nio_jax.experiment_config import load_config
 
 
 def _prepare(args, command: str):
-  """The config of `args` and its workdir, checked (`experiment.check_workdir`: a workdir
-  holding a run of another config is refused unless `--overwrite`), with `run.json` /
-  `config.json` written."""
+  """The config of `args` and its workdir, started (`experiment.start_run`: a workdir holding
+  a run of another config is refused unless `--overwrite`; `config.json` and `run.json`)."""
   cfg = load_config(args.config, args.overrides)
   if getattr(args, "no_progress", False):
     cfg.train.progress = False
-  workdir = _workdir(cfg, args.workdir)
-  note = experiment.check_workdir(cfg, workdir, overwrite=getattr(args, "overwrite", False))
-  if note and command == "init" and note.startswith("resuming"):
-    note = "same config as the run in this workdir: the search runs again (init always searches)"
-  files.write_json(
-    workdir / "run.json",
-    {
-      "command": command,
-      "config": _absolute_spec(args.config),
-      "overrides": list(args.overrides),
-      "name": cfg.name,
-      "argv": sys.argv,
-    },
+  workdir = experiment.default_workdir(cfg, args.workdir)
+  note = experiment.start_run(
+    cfg,
+    workdir,
+    command=command,
+    config_spec=args.config,
+    overrides=args.overrides,
+    overwrite=getattr(args, "overwrite", False),
   )
   print(
     f"[nio-jax] {cfg.name}: {cfg.model.name} on {cfg.data.dataset}, method "
@@ -113,48 +91,22 @@ def cmd_measure(args) -> int:
     raise ConfigError(f"run directory not found: {rundir}")
   if args.config:
     cfg = load_config(args.config, args.overrides)
-  elif rundir is not None and (rundir / "run.json").exists():
-    info = json.loads((rundir / "run.json").read_text())
-    cfg = load_config(info["config"], list(info.get("overrides", [])) + list(args.overrides))
+  elif rundir is not None:
+    cfg = experiment.load_run_config(rundir, args.overrides)
   else:
-    where = f"{rundir} has no run.json" if rundir is not None else "no run directory given"
     raise ConfigError(
-      f"measure needs a run directory written by nio-jax init/train (with run.json), or "
-      f"--config: {where}"
+      "measure needs a run directory written by nio-jax init/train (with run.json), or "
+      "--config: no run directory given"
     )
-  if args.batches is not None:
-    cfg.init.measure_batches = int(args.batches)
-  if int(cfg.init.measure_batches) < 1:
-    cfg.init.measure_batches = 5
-  run = experiment.build(cfg)
-  sources: list[tuple[str, Any]] = [(str(p), p) for p in map(pathlib.Path, args.params)]
-  for step in args.checkpoint:
-    if rundir is None:
-      raise ConfigError("--checkpoint needs the run directory")
-    sources.append((f"checkpoint {step}", ("ckpt", step)))
-  if not sources and rundir is not None:
-    sources = [
-      (str(p), p)
-      for p in (rundir / "init_params.msgpack", rundir / "final_params.msgpack")
-      if p.exists()
-    ]
-  if not sources and not args.fresh:
-    raise ConfigError(
-      f"no saved params in {rundir} (init_params.msgpack / final_params.msgpack); "
-      "pass --params FILE or --checkpoint STEP"
-    )
-  out = {}
-  progress = not args.no_progress
-  if args.fresh:
-    loss_fn, params = experiment.init_loss_fn(run)
-    out["fresh (model init)"] = experiment.measure_params(run, loss_fn, params, progress=progress)
-  for name, src in sources:
-    if isinstance(src, tuple):
-      v = files.load_checkpoint_variables(rundir / "checkpoints", src[1], run.variables)
-    else:
-      v = files.load_variables(src, run.variables)
-    loss_fn, params = experiment.init_loss_fn(run, v)
-    out[name] = experiment.measure_params(run, loss_fn, params, progress=progress)
+  out = experiment.measure_run(
+    cfg,
+    rundir,
+    params=args.params,
+    checkpoints=args.checkpoint,
+    fresh=args.fresh,
+    num_batches=args.batches,
+    progress=not args.no_progress,
+  )
   print(reports.gc_table(out, "params"))
   if args.json:
     files.write_json(args.json, out)
