@@ -33,10 +33,8 @@ Results: ``benchmarks/results/compile_time_<platform>.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import time
 
@@ -45,7 +43,6 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import flax  # noqa: E402
 
 from benchmarks import rerender  # noqa: E402
 from nio_jax import models  # noqa: E402
@@ -193,22 +190,25 @@ def main(argv=None):
   out = args.out or os.path.join(
     os.path.dirname(__file__), "results", f"compile_time_{dev.platform}.json"
   )
+  env = machine.environment(
+    " ".join(["python -m benchmarks.compile_time", *(argv if argv is not None else sys.argv[1:])])
+  )
   meta = dict(
-    device=f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
-    num_devices=jax.device_count(),
-    cpu_count=os.cpu_count(),
-    loadavg_at_start=os.getloadavg(),
-    jax=jax.__version__,
-    flax=flax.__version__,
-    python=platform.python_version(),
+    device=env["device"],
+    num_devices=env["device_count"],
+    cpu_count=env["cpu_count"],
+    loadavg_at_start=env["load_average_at_start"],
+    jax=env["versions"].get("jax"),
+    flax=env["versions"].get("flax"),
+    python=env["python"],
     batch=args.batch,
     dtype=str(dtype),
     input_shape=[32, 32, 3],
     what="jax.jit(value_and_grad(mean CE)).lower(abstract args) then .compile(); seconds",
-    date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    command=" ".join(
-      ["python -m benchmarks.compile_time", *(argv if argv is not None else sys.argv[1:])]
-    ),
+    date=env["date_utc"],
+    command=env["command"],
+    git_commit=env["git_commit"],
+    environment=env,
   )
   rows = []
   with machine.CpuWindow() as window:
@@ -256,7 +256,7 @@ def main(argv=None):
           with open(out, "w") as f:  # keep partial results
             json.dump(dict(meta=meta, results=rows), f, indent=1)
   meta["quiet"] = machine.verdict(window.record())
-  meta["loadavg_at_end"] = os.getloadavg()
+  meta["loadavg_at_end"] = machine.load_average()
   with open(out, "w") as f:
     json.dump(dict(meta=meta, results=rows), f, indent=1)
   md = out[: -len(".json")] + ".md"

@@ -19,10 +19,8 @@ model, batch, dtype and the load average before/after.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import time
 
@@ -32,7 +30,6 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import flax  # noqa: E402
 
 import nio_jax  # noqa: E402
 from nio_jax import models, scales  # noqa: E402
@@ -105,13 +102,18 @@ def main(argv=None):
   loss_fn, params, data = build(args.model, args.batch, dtype)
   sc, spec = scales.init_scales(params)
   search = nio_jax.make_nio_step(loss_fn, spec, cfg)
+  env = machine.environment(
+    " ".join(
+      ["python -m benchmarks.dispatch_overhead", *(argv if argv is not None else sys.argv[1:])]
+    )
+  )
   meta = dict(
-    device=f"{dev.platform}:{getattr(dev, 'device_kind', '')}",
-    cpu_count=os.cpu_count(),
-    loadavg_at_start=os.getloadavg(),
-    jax=jax.__version__,
-    flax=flax.__version__,
-    python=platform.python_version(),
+    device=env["device"],
+    cpu_count=env["cpu_count"],
+    loadavg_at_start=env["load_average_at_start"],
+    jax=env["versions"].get("jax"),
+    flax=env["versions"].get("flax"),
+    python=env["python"],
     model=args.model,
     model_kwargs=SMALL[args.model],
     batch=args.batch,
@@ -119,7 +121,10 @@ def main(argv=None):
     steps=args.steps,
     num_chunks=num_chunks,
     reps=args.reps,
-    date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    date=env["date_utc"],
+    command=env["command"],
+    git_commit=env["git_commit"],
+    environment=env,
   )
 
   def run(on_device: bool) -> float:
@@ -155,7 +160,7 @@ def main(argv=None):
     overhead_per_step_ms=1e3 * (med["host"] - med["device"]) / args.steps,
     host_over_device=med["host"] / med["device"],
   )
-  meta["loadavg_at_end"] = os.getloadavg()
+  meta["loadavg_at_end"] = machine.load_average()
   os.makedirs(os.path.dirname(out), exist_ok=True)
   with open(out, "w") as f:
     json.dump(dict(meta=meta, results=res), f, indent=1)

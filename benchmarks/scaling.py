@@ -18,10 +18,8 @@ batch, dtype, per-configuration times).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import sys
 import time
 
@@ -41,6 +39,7 @@ import nio_jax  # noqa: E402
 from benchmarks import rerender  # noqa: E402
 from nio_jax import distributed, models  # noqa: E402
 from nio_jax import scales as scmod
+from nio_jax.bench import machine  # noqa: E402
 from nio_jax.flax_utils import linen_loss_fn  # noqa: E402
 from nio_jax.train import TrainState, build_steps, default_config  # noqa: E402
 
@@ -109,7 +108,9 @@ def main(argv=None):
   if args.render:
     rerender(args.render, render_markdown)
     return
-  load_at_start = [round(x, 2) for x in os.getloadavg()]
+  env = machine.environment(
+    " ".join(["python -m benchmarks.scaling", *(argv if argv is not None else sys.argv[1:])])
+  )
   counts = [int(c) for c in args.devices.split(",") if int(c) <= jax.device_count()]
 
   model = models.get("resnet20", depth=args.depth, width=args.width)
@@ -152,31 +153,31 @@ def main(argv=None):
     rows.append({"devices": n or "none", "what": "train_step", "median_s": med, "min_s": best})
     print(rows[-1], flush=True)
 
-  import flax
-  import optax
-
+  vers = env["versions"]
   meta = {
-    "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    "platform": jax.default_backend(),
-    "device_kind": jax.devices()[0].device_kind,
-    "device_count": jax.device_count(),
-    "host_cpus": os.cpu_count(),
-    "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-    "processor": platform.processor() or platform.machine(),
-    "python": platform.python_version(),
-    "jax": jax.__version__,
-    "jaxlib": getattr(jax.lib, "__version__", None) or __import__("jaxlib").__version__,
-    "flax": flax.__version__,
-    "optax": optax.__version__,
+    "date": env["date_utc"],
+    "platform": env["backend"],
+    "device_kind": env["device_kind"],
+    "device_count": env["device_count"],
+    "host_cpus": env["cpu_count"],
+    "cpu_affinity": env["cores"],
+    "processor": env["processor"],
+    "python": env["python"],
+    "jax": vers.get("jax"),
+    "jaxlib": vers.get("jaxlib"),
+    "flax": vers.get("flax"),
+    "optax": vers.get("optax"),
     "model": f"resnet20(depth={args.depth}, width={args.width}, BN)",
     "param_count": int(sum(np.size(x) for x in jax.tree_util.tree_leaves(params))),
     "batch": args.batch,
     "input": list(shape[1:]),
     "dtype": "float32",
     "repeats": args.repeats,
-    "xla_flags": os.environ.get("XLA_FLAGS", ""),
-    "load_at_start": load_at_start,
-    "load_at_end": [round(x, 2) for x in os.getloadavg()],
+    "xla_flags": env["xla_flags"],
+    "load_at_start": env["load_average_at_start"],
+    "load_at_end": machine.load_average(),
+    "command": env["command"],
+    "git_commit": env["git_commit"],
     "note": (
       "simulated CPU devices share the host cores: this measures the overhead of "
       "data-parallel partitioning, not a speedup"

@@ -28,13 +28,10 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import datetime
 import importlib.metadata
 import importlib.util
 import math
-import os
 import pathlib
-import platform
 import shutil
 import subprocess
 import sys
@@ -306,27 +303,10 @@ def plot_curves(grid: dict, records: list[dict], out: pathlib.Path) -> list[path
 
 
 def environment(extra_dists: tuple[str, ...] = ()) -> dict:
-  """Devices, CPU count, platform, package versions (and of `extra_dists`), the git commit
-  and the UTC date: what every result file records."""
-  import jax  # noqa: PLC0415
-
-  vers = {"python": platform.python_version()}
-  for dist in ("jax", "jaxlib", "flax", "optax", "numpy", "orbax-checkpoint", *extra_dists):
-    try:
-      vers[dist] = importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-      pass
-  commit = subprocess.run(
-    ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False
-  ).stdout.strip()
-  return {
-    "devices": [str(d) for d in jax.devices()],
-    "cpu_count": os.cpu_count(),
-    "platform": platform.platform(),
-    "versions": vers,
-    "git_commit": commit,
-    "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-  }
+  """What every result file records (`nio_jax.bench.machine.environment`): devices, CPU
+  count, platform, package versions (and of `extra_dists`), the git commit, the UTC date and
+  the load average."""
+  return machine.environment(extra_dists=extra_dists)
 
 
 def collect(grid: dict, root, results, plots: bool = True, log=print) -> dict:

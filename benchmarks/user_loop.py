@@ -171,23 +171,12 @@ def render_markdown(res: dict) -> str:
 
 
 def environment() -> dict:
-  """`benchmarks.sweep.environment` (with torch's version), the device, the dtype and whether
-  the timed code had uncommitted changes."""
-  import subprocess  # noqa: PLC0415
-
-  from benchmarks.sweep import environment as run_environment  # noqa: PLC0415
-
-  env = run_environment(("torch",))
-  dirty = subprocess.run(
-    ["git", "status", "--porcelain", "nio_jax", "benchmarks/user_loop.py"],
-    cwd=REPO,
-    capture_output=True,
-    text=True,
-    check=False,
-  ).stdout.strip()
-  dev = jax.devices()[0]
-  env["git_commit"] += "+uncommitted" if dirty else ""
-  env.update(device=f"{dev.platform}:{getattr(dev, 'device_kind', dev.platform)}", dtype="float32")
+  """`nio_jax.bench.machine.environment` (with torch's version; the commit marked
+  "+uncommitted" when the timed code had uncommitted changes) and the dtype."""
+  env = machine.environment(
+    extra_dists=("torch",), dirty_paths=("nio_jax", "benchmarks/user_loop.py")
+  )
+  env["dtype"] = "float32"
   return env
 
 

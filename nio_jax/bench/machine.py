@@ -13,16 +13,90 @@ still counts this process' own previous part for a minute after it ended.
 
 from __future__ import annotations
 
+import datetime
+import importlib.metadata
 import os
+import pathlib
+import platform
 import resource
 import statistics
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 # Share of the machine (wall x cores) that other processes may use during a part before the
 # part is marked NOISY (same rule as shared/tools/quiet).
 NOISE_SHARE = 0.05
+
+
+# The source checkout `environment` reads the commit of (none for an installed wheel).
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+# Distributions whose versions every result file records.
+DISTS = ("jax", "jaxlib", "flax", "optax", "numpy", "orbax-checkpoint")
+
+
+def git_commit(dirty_paths: Sequence[str] = ()) -> str:
+  """`git rev-parse HEAD` of the source checkout ("" outside one), with "+uncommitted" when
+  any of `dirty_paths` (relative to the checkout) has uncommitted changes."""
+
+  def git(*args) -> str:
+    try:
+      r = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=False)
+    except OSError:
+      return ""
+    return r.stdout.strip() if r.returncode == 0 else ""
+
+  commit = git("rev-parse", "HEAD")
+  if commit and dirty_paths and git("status", "--porcelain", *dirty_paths):
+    commit += "+uncommitted"
+  return commit
+
+
+def environment(
+  command: str | None = None,
+  *,
+  extra_dists: Sequence[str] = (),
+  dirty_paths: Sequence[str] = (),
+) -> dict:
+  """What every result file records about where and how it ran: the one recorder.
+
+  Keys: `date_utc`, `devices` (every JAX device), `device` ("platform:kind" of the first),
+  `device_kind`, `device_count`, `backend`, `cpu_count`, `cores` (`cores()`), `platform`
+  (the OS), `processor`, `python`, `versions` (`DISTS` and `extra_dists`, from the installed
+  distributions: nothing is imported), `git_commit` (`git_commit(dirty_paths)`),
+  `load_average_at_start`, `xla_flags` and, when given, `command`.
+  """
+  import jax  # noqa: PLC0415
+
+  vers = {"python": platform.python_version()}
+  for dist in (*DISTS, *extra_dists):
+    try:
+      vers[dist] = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+      pass
+  dev = jax.devices()[0]
+  env = {
+    "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    "devices": [str(d) for d in jax.devices()],
+    "device": f"{dev.platform}:{getattr(dev, 'device_kind', dev.platform)}",
+    "device_kind": str(getattr(dev, "device_kind", dev.platform)),
+    "device_count": jax.device_count(),
+    "backend": jax.default_backend(),
+    "cpu_count": os.cpu_count(),
+    "cores": cores(),
+    "platform": platform.platform(),
+    "processor": platform.processor() or platform.machine(),
+    "python": vers["python"],
+    "versions": vers,
+    "git_commit": git_commit(dirty_paths),
+    "load_average_at_start": load_average(),
+    "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  }
+  if command is not None:
+    env["command"] = command
+  return env
 
 
 def cores() -> int:

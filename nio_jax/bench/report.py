@@ -3,41 +3,33 @@ JAX/PyTorch ratios."""
 
 from __future__ import annotations
 
-import datetime
-import os
-import platform
-
 from nio_jax.bench import machine, require_torch
 
 
-def environment():
-  """Device, versions, dtype and the machine's state at the start of the run."""
-  import jax
-
+def environment(command: str | None = None):
+  """Device, versions, dtype and the machine's state at the start of the run: the facts of
+  `machine.environment` (kept whole under `environment`) under this report's keys."""
+  env = machine.environment(command, extra_dists=("torch",))
+  vers = env["versions"]
   env = dict(
-    date=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    python=platform.python_version(),
-    platform=platform.platform(),
-    jax=jax.__version__,
-    jax_backend=jax.default_backend(),
-    jax_device=str(jax.devices()[0].device_kind),
-    cpu_count=os.cpu_count(),
-    cores=machine.cores(),
-    load_at_start=machine.load_average(),
-    xla_flags=os.environ.get("XLA_FLAGS", ""),
+    date=env["date_utc"],
+    python=env["python"],
+    platform=env["platform"],
+    jax=vers.get("jax"),
+    jax_backend=env["backend"],
+    jax_device=env["device_kind"],
+    cpu_count=env["cpu_count"],
+    cores=env["cores"],
+    load_at_start=env["load_average_at_start"],
+    xla_flags=env["xla_flags"],
     dtype="float32",
+    jaxlib=vers.get("jaxlib"),
+    **{m: vers.get(m, "absent") for m in ("flax", "optax", "torch")},
+    git_commit=env["git_commit"],
+    environment=env,
   )
-  try:
-    import jaxlib
-
-    env["jaxlib"] = jaxlib.__version__
-  except Exception:
-    pass
-  for mod in ("flax", "optax", "torch"):
-    try:
-      env[mod] = __import__(mod).__version__
-    except Exception:
-      env[mod] = "absent"
+  if command is not None:
+    env["command"] = command
   try:
     env["torch_threads"] = require_torch().get_num_threads()
   except ImportError:
