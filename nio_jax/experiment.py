@@ -38,7 +38,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-import nio_jax
 from nio_jax import data, files, methods, models
 from nio_jax import train as trainmod
 from nio_jax.data.loader import Loader
@@ -55,7 +54,7 @@ from nio_jax.experiment_config import (
 from nio_jax.flax_utils import linen_loss_fn
 from nio_jax.results import InitResult
 from nio_jax.scales import scales_to_dict
-from nio_jax.train.metrics import gc_records, logged_recipe, read_metrics
+from nio_jax.train.metrics import gc_fn_of, gc_records, logged_recipe, measure_gc, read_metrics
 
 
 @dataclasses.dataclass
@@ -229,23 +228,18 @@ def measure_params(
     return None
   if batches is None:
     batches = list(init_batches(run, k, stream=2))
-  try:
-    return nio_jax.measure(
-      loss_fn,
-      params,
-      batches,
-      num_batches=k,
-      num_chunks=run.cfg.init.measure_chunks,
-      overlap=float(run.cfg.init.measure_overlap),
-      show_progress=progress,
-    )
-  except (ValueError, ArithmeticError) as e:  # e.g. a zero gradient: report, do not crash
-    return {"error": str(e)}
+  return measure_gc(loss_fn, params, batches[:k], show_progress=progress, **_measure_setting(run))
+
+
+def _measure_setting(run: Run) -> dict:
+  """The GC report's sub-batch setting (D, r): `init.measure_chunks` / `measure_overlap`."""
+  return dict(num_chunks=run.cfg.init.measure_chunks, overlap=float(run.cfg.init.measure_overlap))
 
 
 def gc_tracker(run: Run):
-  """`gc_fn(variables)` for `train.gc_every`: the GC report (`measure_params`, its batches
-  of stream 2 drawn once here) at the params of a training step.
+  """`gc_fn(variables)` for `train.gc_every`: the GC report (`measure_params`'s measurement,
+  `train.metrics.gc_fn_of` as in the trainer's `default_gc_fn`, on batches of stream 2 drawn
+  once here, with the config's sub-batch setting) at the params of a training step.
 
   The loss is `init_loss_fn`'s of the run's initial variables: for batch-norm models it
   normalises each batch by its own statistics (training mode), so the running statistics
@@ -254,8 +248,8 @@ def gc_tracker(run: Run):
   for every step (and every run of the same model).
   """
   loss_fn, _ = init_loss_fn(run)
-  batches = list(init_batches(run, int(run.cfg.init.measure_batches), stream=2))
-  return lambda variables: measure_params(run, loss_fn, variables["params"], batches=batches)
+  batches = init_batches(run, int(run.cfg.init.measure_batches), stream=2)
+  return gc_fn_of(loss_fn, batches, **_measure_setting(run))
 
 
 # --------------------------------------------------------------------------------------------

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
+from nio_jax import cosine
 from nio_jax.files import to_jsonable
 
 
@@ -133,3 +134,21 @@ def plot_curves(records: Iterable[dict], path: str | os.PathLike, title: str = "
   fig.savefig(path, dpi=100)
   plt.close(fig)
   return path
+
+
+def measure_gc(loss_fn: Callable, params, batches: list, **measure_kwargs) -> dict:
+  """`nio_jax.cosine.measure` of `params` on the fixed `batches` (all of them), or
+  `{"error": ...}` when the measurement fails (e.g. a zero gradient): a GC report never
+  crashes a run. `measure_kwargs`: `num_chunks`, `overlap`, `show_progress`, ..."""
+  try:
+    return cosine.measure(loss_fn, params, batches, num_batches=len(batches), **measure_kwargs)
+  except (ValueError, ArithmeticError) as e:
+    return {"error": str(e)}
+
+
+def gc_fn_of(loss_fn: Callable, batches: Iterable, **measure_kwargs) -> Callable[[dict], dict]:
+  """`gc_fn(variables) -> measure_gc(loss_fn, variables["params"], batches)` for
+  `config.gc_every`: the batches are drawn once here, so every step is measured on the same
+  ones and one compiled measurement serves the whole run."""
+  batches = list(batches)
+  return lambda variables: measure_gc(loss_fn, variables["params"], batches, **measure_kwargs)

@@ -40,7 +40,7 @@ from nio_jax.files import to_jsonable
 from nio_jax.flax_utils import linen_loss_fn
 from nio_jax.train.checkpoint import Checkpointer
 from nio_jax.train.eval_data import EvalData, as_eval_data
-from nio_jax.train.metrics import MetricsLog, plot_curves
+from nio_jax.train.metrics import MetricsLog, gc_fn_of, plot_curves
 from nio_jax.train.optim import resolve_grad_clip, resolve_no_norm
 from nio_jax.train.progress import Progress, TrainResult
 from nio_jax.train.steps import Steps, TrainState, build_steps
@@ -683,20 +683,10 @@ def default_gc_fn(model, variables: PyTree, train_loader, config, num_batches: i
   statistics, so the running statistics do not enter and one compiled step serves the
   whole run. A failed measurement (e.g. a zero gradient) is returned as `{"error": ...}`.
   """
-  from nio_jax import measure  # noqa: PLC0415
-
   kw = {config.train_kwarg: True} if config.train_kwarg else {}
   bs = variables.get("batch_stats") or None
   loss_fn = linen_loss_fn(model, batch_stats=bs, apply_kwargs=kw)
-  batches = list(train_loader.batches(num_batches, stream=2))
-
-  def gc_fn(v):
-    try:
-      return measure(loss_fn, v["params"], batches, num_batches=len(batches))
-    except (ValueError, ArithmeticError) as e:
-      return {"error": str(e)}
-
-  return gc_fn
+  return gc_fn_of(loss_fn, train_loader.batches(num_batches, stream=2))
 
 
 def _device_prefetch(
