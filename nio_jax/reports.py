@@ -71,25 +71,31 @@ def _given(value, fallback):
 
 def run_summary(d: pathlib.Path) -> dict:
   """What a run directory says: its run record (`run_record.json`), config, metrics log and
-  init files; every field may be missing (the accuracies then come from the metrics log,
-  e.g. of a run trained with `nio_jax.train.train` alone)."""
+  the method's history (`init_history.json`); every field may be missing (the accuracies
+  then come from the metrics log, e.g. of a run trained with `nio_jax.train.train` alone).
+
+  The GC report and the method's time come from the run record; a directory of
+  `nio-jax init` alone has none, and its record is `init_report.json`."""
   cfg = read_json(d / "config.json") or {}
   recs = read_metrics(d / "metrics.jsonl")
   evals = [r for r in recs if r.get("type") == "eval"]
-  rec = read_json(d / RUN_RECORD) or {}
   hist = read_json(d / "init_history.json") or {}
-  rep = read_json(d / "init_report.json") or {}
+  rec = read_json(d / RUN_RECORD)
+  if rec is None:  # `nio-jax init` alone: its record is the init report
+    rep = read_json(d / "init_report.json") or {}
+    rec = {k: rep.get(k) for k in ("model", "method", "before", "after")}
+    rec.update(dataset=rep.get("dataset"), search_seconds=rep.get("seconds"))
   times = [r["epoch_time"] for r in evals if r.get("epoch_time") is not None]
   pub = cfg.get("published") or {}
   pct = lambda v: None if v is None else 100.0 * v  # noqa: E731
   return {
     "run": d.name,
     "dir": str(d),
-    "model": (cfg.get("model") or {}).get("name", rep.get("model")),
-    "dataset": (cfg.get("data") or {}).get("dataset", rep.get("dataset")),
-    "method": (cfg.get("init") or {}).get("method", hist.get("method")),
+    "model": (cfg.get("model") or {}).get("name", rec.get("model")),
+    "dataset": (cfg.get("data") or {}).get("dataset", rec.get("dataset")),
+    "method": (cfg.get("init") or {}).get("method", rec.get("method", hist.get("method"))),
     "baseline": (cfg.get("train") or {}).get("baseline"),
-    "init_s": hist.get("seconds", rep.get("seconds")),
+    "init_s": rec.get("search_seconds"),
     "epoch1_s": times[0] if times else None,
     "epoch_s": (
       sorted(times[1:])[len(times[1:]) // 2] if len(times) > 1 else (times[0] if times else None)
@@ -98,8 +104,8 @@ def run_summary(d: pathlib.Path) -> dict:
     "acc_1": pct(_given(rec.get("acc_1"), evals[0]["test_acc"] if evals else None)),
     "acc_best": pct(_given(rec.get("acc_best"), max((r["test_acc"] for r in evals), default=None))),
     "final": pct(_given(rec.get("final_test_acc"), evals[-1]["test_acc"] if evals else None)),
-    "before": rep.get("before"),
-    "after": rep.get("after"),
+    "before": rec.get("before"),
+    "after": rec.get("after"),
     "pub_acc_1": pub.get("acc_1"),
     "pub_acc_best": pub.get("acc_best"),
     "history": hist.get("history") or {},
