@@ -38,7 +38,11 @@ DEMO_PNG = REPO / "docs" / "images" / "demo_compare.png"
 DEMO_COMMAND = (
   "../shared/tools/quiet -- env NIO_JAX_SKIP_SETUP=1 bash scripts/demo.sh --no-progress"
 )
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCS = [
+  REPO / "README.md",
+  *sorted((REPO / "docs").glob("*.md")),
+  REPO / "native" / "onednn_conv" / "README.md",
+]
 TOOL = "python -m benchmarks.docs_figures"
 MARK = re.compile(
   r"<!-- BEGIN generated (?P<name>[\w-]+) \(" + re.escape(TOOL) + r"; from (?P<src>[^)]*)\) -->"
@@ -71,6 +75,7 @@ UNRECORDED: dict[tuple[str, str], str] = {
   },
   ("compile_time_cpu.json", "verdict"): "written before compile_time stored its verdict",
   ("compile_time_cpu.json", "commit"): _NO_COMMIT,
+  ("gc_every_cost_cpu.json", "commit"): _NO_COMMIT,
   ("dispatch_overhead_cpu.json", "verdict"): "written before dispatch_overhead stored its verdict",
   ("dispatch_overhead_cpu.json", "command"): "dispatch_overhead did not store its command then",
   ("dispatch_overhead_cpu.json", "commit"): _NO_COMMIT,
@@ -159,6 +164,12 @@ def gaps(path) -> list[str]:
   return [k for k in ("verdict", "command", "commit") if not p[k]]
 
 
+def _short_commit(commit: str) -> str:
+  """The commit's first 12 hex digits, keeping a recorded `+uncommitted` (a dirty tree)."""
+  head, _, dirty = commit.partition("+")
+  return head[:12] + (f" with {dirty} changes" if dirty else "")
+
+
 def source_line(path) -> str:
   """One line naming a result file and what it records of its run."""
   p = provenance(path)
@@ -167,7 +178,7 @@ def source_line(path) -> str:
   parts = [
     f"verdict {txt['verdict']}" if txt["verdict"] else "**verdict not recorded**",
     f"command `{txt['command']}`" if txt["command"] else "**command not recorded**",
-    f"commit {txt['commit'][:12]}" if txt["commit"] else "**commit not recorded**",
+    f"commit {_short_commit(txt['commit'])}" if txt["commit"] else "**commit not recorded**",
   ]
   if "runs" in p:
     parts[0] = (
@@ -555,9 +566,160 @@ def render_demo_picture(path=DEMO_PNG):
   return reports.plot_compare(d["compare"], path)
 
 
+def render_vs_kaiming(model):
+  """Each method against Kaiming on one model, point by point: the difference of the means
+  and the summed sample std (bold where the spread rule separates them), the seed-by-seed
+  wins–losses with the two-sided sign test, and at step 100 the median and the seeds near
+  chance (`benchmarks.sweep_stats`, from the per-run JSON)."""
+  from benchmarks import sweep  # noqa: PLC0415
+  from benchmarks import sweep_stats as ss  # noqa: PLC0415
+
+  grid = sweep.load_grid("fmnist")
+  recs = [r for r in ss.load_runs(SWEEP / "runs") if r["cell_model"] == model]
+  order = ss.grid_order(grid)
+  summ = ss.summaries(recs, order)[model]
+  signs = ss.sign_tests(recs, order)[model]
+  pts = summ["points"]
+  at = f"Acc@{ss.CHANCE_STEP}"
+  head = [
+    "method",
+    *pts,
+    f"median @{ss.CHANCE_STEP}",
+    f"seeds < {100 * ss.CHANCE:.0f} % @{ss.CHANCE_STEP}",
+  ]
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  base = summ["methods"][ss.BASELINE]
+  for method, row in summ["methods"].items():
+    cells = []
+    for p in pts:
+      if method == ss.BASELINE:
+        cells.append(ss._pct(row[p]))
+        continue
+      a, b = row[p], base[p]
+      diff, spread = 100 * (a["mean"] - b["mean"]), 100 * (a["std"] + b["std"])
+      rule = ss.spread_rule(a, b)
+      d = f"{diff:+.1f}"
+      d = f"**{d} better**" if rule > 0 else (f"**{d} worse**" if rule < 0 else d)
+      s = signs["methods"][method][p]
+      ties = f" ({s['ties']} tied)" if s["ties"] else ""
+      cells.append(f"{d} ({spread:.1f}); {s['wins']}–{s['losses']}{ties}, p {s['p']:.2g}")
+    med = row.get(at)
+    nc = row["near_chance"]
+    cells.append("–" if not med or med["median"] is None else f"{100 * med['median']:.1f}")
+    cells.append("–" if nc is None else f"{nc} of {med['n']}")
+    lines.append(f"| {method} | " + " | ".join(cells) + " |")
+  return (
+    "\n".join(lines)
+    + "\n\nKaiming's row: its mean ± std (%). Other rows: the difference of the means from "
+    "Kaiming's in points (summed sample std in parentheses; **bold** where it exceeds that "
+    "spread), then wins–losses against Kaiming's same seed and the two-sided exact sign test. "
+    + source_line(SWEEP / "runs")
+  )
+
+
+def render_gc_every():
+  d = _load("gc_every_cost_cpu.json")
+  runs = {r["gc_every"]: r for r in d["runs"]}
+  off, on = runs[0], max((r for r in d["runs"] if r["gc_every"]), key=lambda r: r["gc_every"])
+  lines = [
+    "| `gc_every` | training s (measurements excluded) | s per training step | measurements | GC s in all | s per measurement | in training steps |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  for r in d["runs"]:
+    lines.append(
+      f"| {r['gc_every']} | {r['train_seconds']:.1f} | {r['step_seconds']:.3f} | "
+      f"{r['measurements']} | {r['gc_seconds']:.2f} | {_fmt(r['seconds_per_measurement'] or None, '.3f')} | "
+      f"{_fmt(r['measurement_in_training_steps'] or None, '.2f')} |"
+    )
+  lines += [
+    "",
+    f"At `gc_every={on['gc_every']}` one measurement costs "
+    f"{on['measurement_in_training_steps']:.2f} training steps, and its {on['measurements']} "
+    "measurements together "
+    f"{100 * on['gc_seconds'] / on['train_seconds']:.0f} % of the training time; a training "
+    f"step took {on['step_seconds']:.3f} s against {off['step_seconds']:.3f} s with it off. "
+    f"Run: {d['what']}. " + source_line(RESULTS / "gc_every_cost_cpu.json"),
+  ]
+  return "\n".join(lines)
+
+
+def render_multiprocess():
+  d = _load("multiprocess_cost_cpu.json")
+  rows = {r["layout"]: r for r in d["rows"]}
+  one = rows["1x2"]
+  lines = [
+    "| layout | processes x devices | first call s | step median ms | step min ms | median vs 1 x 2 | GC |",
+    "|---|---|---|---|---|---|---|",
+  ]
+  for r in d["rows"]:
+    lines.append(
+      f"| {r['layout']} | {r['processes']} x {r['devices_per_process']} | {r['first_call_s']:.1f} | "
+      f"{r['step_ms_median']:.1f} | {r['step_ms_min']:.1f} | "
+      f"**{r['step_ms_median'] / one['step_ms_median']:.1f}x** | {r['gc']:.6f} |"
+    )
+  multi = [r for r in d["rows"] if r["processes"] > 1]
+  same = all(r["gc"] == one["gc"] for r in d["rows"])
+  lines += [
+    "",
+    f"{d['model']}, batch {d['batch']} (global). "
+    + "; ".join(
+      f"{r['processes']} processes x {r['devices_per_process']} device: the step's median is "
+      f"{r['step_ms_median'] / one['step_ms_median']:.1f}x and its minimum "
+      f"{r['step_ms_min'] / one['step_ms_min']:.1f}x that of 1 process x "
+      f"{one['devices_per_process']} devices"
+      for r in multi
+    )
+    + (", with the same GC." if same else "; **the GC differs**.")
+    + " "
+    + source_line(RESULTS / "multiprocess_cost_cpu.json"),
+  ]
+  return "\n".join(lines)
+
+
+ONEDNN = ("onednn_prototype_cpu.json", "onednn_prototype_cpu_1thread.json")
+
+
+def render_onednn():
+  lines = [
+    "| oneDNN threads | B | conv sum per step XLA ms | oneDNN ms | oneDNN / XLA | XLA step ms | PyTorch step ms | XLA / PyTorch | estimated step ms | **estimated / PyTorch** (target ≤ 1.0) |",
+    "|---|---|---|---|---|---|---|---|---|---|",
+  ]
+  for n in ONEDNN:
+    d = _load(n)
+    threads = d["environment"].get("onednn_threads")
+    for b, s in sorted(d["summary"].items(), key=lambda kv: int(kv[0])):
+      lines.append(
+        f"| {threads} | {b} | {s['xla_conv_ms']:.1f} | {s['onednn_conv_ms']:.1f} | "
+        f"{s['conv_ratio']:.2f} | {s['xla_step_ms']:.1f} | {s['torch_step_ms']:.1f} | "
+        f"{s['xla_vs_torch']:.2f} | {s['est_step_ms']:.1f} | **{s['est_vs_torch']:.2f}** "
+        f"({'met' if s['meets_target'] else 'missed'}) |"
+      )
+  lines += [""] + [source_line(RESULTS / n) for n in ONEDNN]
+  return "\n".join(lines)
+
+
+def render_sites_compile():
+  """`sites` against `segments`: lower + compile and step of the batch-setting NIO step."""
+  name = "bench_20261206T114105_cpusites.json"
+  out = []
+  for model, b, _, form, j, _, _ in bench_rows(name, parts=["nio_b"]):
+    if form.startswith("sites"):
+      seg = next(
+        r[4]
+        for r in bench_rows(name, parts=["nio_b"], models=[model])
+        if r[1] == b and r[3].startswith("segments")
+      )
+      comp = lambda x: (x.get("lower_s") or 0) + (x.get("compile_s") or 0)  # noqa: E731
+      out.append(
+        f"{model}, B={b}: `sites` lowers and compiles in {comp(j) / comp(seg):.2f}x the time of "
+        f"`segments` and steps in {j['median_s'] / seg['median_s']:.2f}x its time"
+      )
+  return "; ".join(out) + ". " + source_line(RESULTS / name)
+
+
 BLOCKS = {
   "demo": ([DEMO], render_demo),
-  "perf-defaults": _bench_block("bench_20261206T054010_cpu.json"),
+  "perf-defaults": _bench_block("bench_20261207T014536_cpu.json"),
   "bench-issue12": _bench_block("bench_20261201T063125_cpu.json"),
   "bench-b128": _bench_block(
     "bench_20261201T082006_cpu.json", "bench_20261201T083741_cpu_resnet56.json"
@@ -615,6 +777,14 @@ BLOCKS = {
   "sweep-lsuv": ([SWEEP / "table.json"], render_lsuv_best_end),
   **{f"sweep-{m}": _sweep_block(m) for m in ("mlp20", "vgg19_nobn", "vgg19_bn", "vit_mini")},
   "sweep-resnet32_nobn": _sweep_block("resnet32_nobn", _resnet32_search_note),
+  **{
+    f"sweep-vs-kaiming-{m}": ([SWEEP / "runs"], (lambda m=m: render_vs_kaiming(m)))
+    for m in ("mlp20", "resnet32_nobn", "vgg19_nobn", "vgg19_bn", "vit_mini")
+  },
+  "gc-every": ([RESULTS / "gc_every_cost_cpu.json"], render_gc_every),
+  "multiprocess-cost": ([RESULTS / "multiprocess_cost_cpu.json"], render_multiprocess),
+  "onednn-prototype": ([RESULTS / n for n in ONEDNN], render_onednn),
+  "sites-compile": ([RESULTS / "bench_20261206T114105_cpusites.json"], render_sites_compile),
 }
 
 

@@ -13,7 +13,17 @@ DOC_BLOCKS = [(p, m) for p in df.DOCS for m in df.blocks_in(p.read_text())]
 
 def test_the_docs_hold_generated_blocks():
   names = {m["name"] for _, m in DOC_BLOCKS}
-  assert {"demo", "perf-defaults", "memory", "sweep-quiet"} <= names, names
+  assert {
+    "demo",
+    "perf-defaults",
+    "memory",
+    "sweep-quiet",
+    "gc-every",
+    "multiprocess-cost",
+    "onednn-prototype",
+    *(f"sweep-vs-kaiming-{m}" for m in ("mlp20", "resnet32_nobn", "vgg19_nobn", "vgg19_bn")),
+    "sweep-vs-kaiming-vit_mini",
+  } <= names, names
   assert set(names) <= set(df.BLOCKS)
 
 
