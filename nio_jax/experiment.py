@@ -296,8 +296,15 @@ def initialise(run: Run, workdir, *, progress: bool = False) -> Initialised:
   measure_seconds = time.perf_counter() - t
   batches = init_data(run)
   t = time.perf_counter()
+  # Several processes (jax.distributed): the search is data parallel over all their devices,
+  # each process computing its rows of every batch.
+  mesh = None
+  if jax.process_count() > 1:
+    from nio_jax import distributed  # noqa: PLC0415
+
+    mesh = distributed.make_mesh()
   result = methods.initialize(
-    run.cfg.init.method, loss_fn, params, batches, run.method_config, progress=progress
+    run.cfg.init.method, loss_fn, params, batches, run.method_config, progress=progress, mesh=mesh
   )
   jax.block_until_ready(result.params)
   seconds = time.perf_counter() - t

@@ -4,7 +4,8 @@ One module for the small reads and writes that the experiment, the trainer, the 
 reports and `benchmarks/sweep.py` share:
 
 * `to_jsonable`, `write_json` (atomic), `read_json` (a default when missing), and the
-  name of a run's record, `RUN_RECORD`;
+  name of a run's record, `RUN_RECORD`; in a multi-process run only process 0 writes records
+  and variables, and every process waits until they are written (`written_by_primary`);
 * `save_variables` / `load_variables`: Flax msgpack variables (never pickle), loaded in
   either block layout (`models.match_layout`) with their shapes checked;
 * `holds_run` / `clear_run`: whether a directory holds a run's results, and deleting them
@@ -63,13 +64,37 @@ OTHER_RUN_FILES = (
 )
 
 
+def _barrier(name: str) -> None:
+  """With several processes, waits until every process reaches `name` (a collective)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415
+
+    multihost_utils.sync_global_devices(f"nio_jax {name}")
+
+
 def holds_run(workdir: str | os.PathLike) -> bool:
-  """True when `workdir` holds a run's results (any of `RESULT_FILES`)."""
+  """True when `workdir` holds a run's results (any of `RESULT_FILES`). In a multi-process run
+  every process answers before any may go on (a barrier), so all of them decide on the same
+  files even when process 0 clears them next."""
   workdir = pathlib.Path(workdir)
-  return any((workdir / name).exists() for name in RESULT_FILES)
+  found = any((workdir / name).exists() for name in RESULT_FILES)
+  _barrier(f"holds_run {workdir}")
+  return found
 
 
 def clear_run(workdir: str | os.PathLike) -> list[pathlib.Path]:
+  """`_clear_run` on process 0 only, then a barrier (multi-process runs); returns the paths
+  deleted (by process 0; the same list is computed, not deleted, by the others)."""
+  workdir = pathlib.Path(workdir)
+  if is_primary():
+    removed = _clear_run(workdir)
+  else:
+    removed = []
+  _barrier(f"clear_run {workdir}")
+  return removed
+
+
+def _clear_run(workdir: str | os.PathLike) -> list[pathlib.Path]:
   """Deletes the files a run wrote into `workdir` (`RESULT_FILES`, `OTHER_RUN_FILES`, the
   `report_scales*.png` plots) and, for a `nio-jax compare` directory, its methods' run
   folders (those named in its `compare.json`); anything else in `workdir` stays.
@@ -85,7 +110,7 @@ def clear_run(workdir: str | os.PathLike) -> list[pathlib.Path]:
   for m in methods:
     sub = workdir / str(m)
     if str(m) and "/" not in str(m) and sub.is_dir():
-      removed += clear_run(sub)
+      removed += _clear_run(sub)
       if not any(sub.iterdir()):
         sub.rmdir()
         removed.append(sub)
@@ -122,13 +147,35 @@ def to_jsonable(x: Any) -> Any:
   return repr(x)
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> pathlib.Path:
-  """Writes `obj` as indented JSON (`to_jsonable` first), atomically; returns the path."""
-  path = pathlib.Path(path)
-  tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")  # per process (multi-process runs)
-  tmp.write_text(json.dumps(to_jsonable(obj), indent=1))
-  os.replace(tmp, path)
+def is_primary() -> bool:
+  """Whether this process writes a run's records and reports: always with one process, only
+  process 0 in a multi-process run (`jax.distributed`)."""
+  return jax.process_count() == 1 or jax.process_index() == 0
+
+
+def written_by_primary(path: pathlib.Path, write) -> pathlib.Path:
+  """Runs `write()` on the primary process only; with several processes all of them then wait
+  at a barrier named after `path`, so that the file exists for every process when this
+  returns (the workdir must be shared, as Orbax's multi-host checkpoints require). Every
+  process must call it, in the same order (a collective)."""
+  if is_primary():
+    write()
+  _barrier(f"write {path}")
   return path
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> pathlib.Path:
+  """Writes `obj` as indented JSON (`to_jsonable` first), atomically; returns the path.
+  In a multi-process run only process 0 writes (`written_by_primary`)."""
+  path = pathlib.Path(path)
+  text = json.dumps(to_jsonable(obj), indent=1)
+
+  def write():
+    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+  return written_by_primary(path, write)
 
 
 def read_json(path: str | os.PathLike, default: Any = None) -> Any:
@@ -144,10 +191,14 @@ def save_variables(path: str | os.PathLike, variables: PyTree) -> pathlib.Path:
   from flax import serialization  # noqa: PLC0415
 
   path = pathlib.Path(path)
-  tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
-  tmp.write_bytes(serialization.to_bytes(jax.device_get(variables)))
-  os.replace(tmp, path)
-  return path
+  data = serialization.to_bytes(jax.device_get(variables))
+
+  def write():
+    tmp = path.with_suffix(path.suffix + f".{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+  return written_by_primary(path, write)
 
 
 def load_variables(path: str | os.PathLike, target: PyTree) -> PyTree:

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from nio_jax import methods
+from nio_jax import files, methods
 from nio_jax.files import RUN_RECORD, read_json
 from nio_jax.train.metrics import gc_records, read_metrics
 
@@ -26,11 +26,17 @@ def pyplot():
 
 
 def save_figure(fig, path, dpi: int = 100) -> pathlib.Path:
-  """Lays out, writes and closes a matplotlib figure; returns its path."""
+  """Lays out, writes (process 0 only in a multi-process run) and closes a matplotlib
+  figure; returns its path."""
   fig.tight_layout()
-  fig.savefig(path, dpi=dpi)
+  if files.is_primary():
+    fig.savefig(path, dpi=dpi)
   pyplot().close(fig)
   return pathlib.Path(path)
+
+
+def _write_text(path: pathlib.Path, text: str) -> None:
+  files.written_by_primary(path, lambda: path.write_text(text))
 
 
 def fmt(x, spec=".4f") -> str:
@@ -291,7 +297,7 @@ def report(dirs: Sequence[pathlib.Path], out: pathlib.Path) -> tuple[str, list[p
     if line:
       text += f"\n### {r['run']}: GradCosine during training\n\n{line}\n"
   text += "\n" + "\n".join(f"![{p.name}]({os.path.relpath(p, out)})" for p in plots) + "\n"
-  (out / "report.md").write_text(text)
+  _write_text(out / "report.md", text)
   return text, plots
 
 
@@ -405,5 +411,5 @@ def compare_report(out: dict, workdir, *, title: str = "") -> tuple[str, pathlib
     "each search (Kaiming has no search: before = after). Search (s) includes compilation."
     f"\n\n![{png.name}]({png.name})\n"
   )
-  (workdir / "compare.md").write_text(text)
+  _write_text(workdir / "compare.md", text)
   return text, png

@@ -294,3 +294,28 @@ def test_cli_train_two_processes_through_the_launcher(tmp_path):
   assert a["test_acc"] == b["test_acc"], (a, b)
   np.testing.assert_allclose(a["test_loss"], b["test_loss"], rtol=1e-4)
   np.testing.assert_allclose(a["train_loss"], b["train_loss"], rtol=1e-4)
+  # Records are written by process 0 alone (no per-process temporaries left behind), and a
+  # rerun with --overwrite decides, clears and writes in step in both processes.
+  assert not list((tmp_path / "mp").rglob("*.tmp")), list((tmp_path / "mp").rglob("*"))
+  for name in ("run_record.json", "config.json", "report.md"):
+    assert (tmp_path / "mp" / name).exists(), name
+  with open(tmp_path / "mp2.log", "w") as f:
+    again = subprocess.Popen(
+      [
+        str(ROOT / "scripts" / "launch_local.sh"),
+        "2",
+        "--",
+        *nio,
+        *args,
+        "--workdir",
+        tmp_path / "mp",
+        "--overwrite",
+      ],
+      cwd=ROOT,
+      env=env,
+      stdout=f,
+      stderr=subprocess.STDOUT,
+    )
+  assert wait_all([again]) == [0], logs(tmp_path)
+  rec = train.read_metrics(tmp_path / "mp" / "metrics.jsonl")
+  assert [r for r in rec if r["type"] == "eval"][0]["test_acc"] == a["test_acc"]
