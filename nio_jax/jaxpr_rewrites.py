@@ -7,7 +7,7 @@
 * `im2col_bytes`: the bytes of the patches `rewrite_convs(fn, "im2col")` would build;
 * `couples_examples`: whether a loss reduces over the batch axis (batch norm);
 * `sub_jaxprs`, `INLINE_CALLS`, `bind_equation`: the helpers of every jaxpr walker here and in
-  `nio_jax.methods.lsuv`.
+  `nio_jax.jaxpr_sites` (the walker `per_example_norms` and LSUV share).
 
 These read JAX's internal jaxpr, which changes between releases: `check_jaxpr_internals`
 admits the tested releases only.

@@ -42,6 +42,8 @@ is used twice (tied weights, a leaf broadcast over the steps of a scan), or used
 operation that is not a site; `formulation.resolve_formulation` then falls back to the
 per-example gradients where "auto" asked for this form.
 
+The sites are found by `nio_jax.jaxpr_sites.Walker` (the walk LSUV shares: views, calls,
+literals); which operations are sites, the refusals and the scans are this module's.
 Reads JAX's internal jaxpr like `nio_jax.jaxpr_rewrites` (`check_jaxpr_internals`).
 """
 
@@ -54,7 +56,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nio_jax import checks, jaxpr_rewrites
+from nio_jax import checks, jaxpr_rewrites, jaxpr_sites
 
 PyTree = Any
 
@@ -73,13 +75,8 @@ _SITES = ("dot_general", "conv_general_dilated", "mul", "add", "sub")
 _ALTERNATIVE = {"norms": "vmap", "sites": "segments"}
 
 
-@dataclasses.dataclass(frozen=True)
-class _Ref:
-  """A value derived from a selected leaf: `view(leaf[i_1, ..., i_k])` for scan steps i."""
-
-  leaf: int
-  stack: tuple[int, ...]  # the scan lengths it is sliced by (outermost first)
-  chain: tuple  # the view equations applied after slicing
+# A value derived from a selected leaf: `view(leaf[i_1, ..., i_k])` for scan steps i.
+_Ref = jaxpr_sites.LeafRef
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,8 +159,22 @@ def _over_stack(fn, depth, *args):
   return fn(*args)
 
 
-class _Walker:
+@dataclasses.dataclass
+class _Frame:
+  """The sites of one jaxpr being walked (the loss's, or a scan body's; a call's sites are its
+  caller's): `perts[k]` the k-th site's perturbation (None when planning, `plan` then
+  collects them), `acts` the site inputs, in walk order."""
+
+  perts: Any
+  plan: Any
+  acts: list = dataclasses.field(default_factory=list)
+  k: int = 0
+
+
+class _Walker(jaxpr_sites.Walker):
   """Evaluates a jaxpr with the sites' perturbations added (or, planning, finds the sites)."""
+
+  views = frozenset(_VIEWS)
 
   def __init__(self, batch_size: int, names: list[str], slice_aval: dict, pullback: str):
     self.b = batch_size
@@ -171,6 +182,7 @@ class _Walker:
     self.names = names  # the selected leaves' paths, for messages
     self.slice_aval = slice_aval  # (leaf, stack) -> the shape/dtype of one slice
     self.used = {}  # (leaf, stack) -> the site equation that uses it
+    self.frames: list[_Frame] = []
 
   def unsupported(self, ref: _Ref, what: str):
     return NormsUnsupported(
@@ -210,91 +222,60 @@ class _Walker:
     return w_pos
 
   def run(self, jaxpr, consts, args, refs_in, perts, plan):
-    """(outputs, activations) of `jaxpr`; `perts`/`plan` follow the sites in walk order.
+    """(outputs, activations, output refs) of `jaxpr`; `perts`/`plan` follow the sites in
+    walk order.
 
     `perts` is None when planning: zeros are added and each site's `_Site` (or, for a scan,
     `("scan", length, [its sites])`) is appended to `plan`. Otherwise `perts[k]` is the k-th
     entry's perturbation (a list for a scan, stacked over its steps).
     """
-    env, refs = {}, {}
-    k = 0
-    acts = []
+    frame = _Frame(perts, plan)
+    self.frames.append(frame)
+    try:
+      outs, out_refs = self.walk(jaxpr, consts, args, refs_in)
+    finally:
+      self.frames.pop()
+    return outs, frame.acts, out_refs
 
-    def read(v):
-      return v.val if type(v).__name__ == "Literal" else env[v]
-
-    def ref(v):
-      return None if type(v).__name__ == "Literal" else refs.get(v)
-
-    for v, c in zip(jaxpr.constvars, consts):
-      env[v] = c
-    for v, a, r in zip(jaxpr.invars, args, refs_in):
-      env[v] = a
-      if r is not None:
-        refs[v] = r
-    for eqn in jaxpr.eqns:
-      inv = [read(v) for v in eqn.invars]
-      in_refs = [ref(v) for v in eqn.invars]
-      name = eqn.primitive.name
-      out_refs = [None] * len(eqn.outvars)
-      if not any(r is not None for r in in_refs):
-        outs = jaxpr_rewrites.bind_equation(eqn, inv)
-      elif name in _VIEWS and len(inv) == 1:
-        outs = jaxpr_rewrites.bind_equation(eqn, inv)
-        r = in_refs[0]
-        out_refs = [dataclasses.replace(r, chain=(*r.chain, eqn))]
-      elif (w_pos := self.site_of(eqn, in_refs, [v.aval for v in eqn.invars])) is not None:
-        r = in_refs[w_pos]
-        if self.used.setdefault((r.leaf, r.stack), eqn) is not eqn:
-          raise self.unsupported(r, "it is used by more than one operation (shared weights)")
-        outs = jaxpr_rewrites.bind_equation(eqn, inv)
-        if perts is None:
-          plan.append(
-            _Site(
-              r.leaf,
-              r.stack,
-              r.chain,
-              eqn,
-              w_pos,
-              self.slice_aval[r.leaf, r.stack],
-              eqn.invars[1 - w_pos].aval,
-              eqn.outvars[0].aval,
-            )
+  def other(self, eqn, inv, in_refs, here):
+    """A site (its perturbation added), a scan (walked per step), or a refusal."""
+    f = self.frames[-1]
+    name = eqn.primitive.name
+    if (w_pos := self.site_of(eqn, in_refs, [v.aval for v in eqn.invars])) is not None:
+      r = in_refs[w_pos]
+      if self.used.setdefault((r.leaf, r.stack), eqn) is not eqn:
+        raise self.unsupported(r, "it is used by more than one operation (shared weights)")
+      outs = jaxpr_rewrites.bind_equation(eqn, inv)
+      if f.perts is None:
+        f.plan.append(
+          _Site(
+            r.leaf,
+            r.stack,
+            r.chain,
+            eqn,
+            w_pos,
+            self.slice_aval[r.leaf, r.stack],
+            eqn.invars[1 - w_pos].aval,
+            eqn.outvars[0].aval,
           )
-          outs = [outs[0] + jnp.zeros_like(outs[0])]
-        else:
-          outs = [outs[0] + perts[k].astype(outs[0].dtype)]
-        acts.append(inv[1 - w_pos])
-        k += 1
-      elif name in jaxpr_rewrites.INLINE_CALLS and jaxpr_rewrites.INLINE_CALLS[name] in eqn.params:
-        sub = eqn.params[jaxpr_rewrites.INLINE_CALLS[name]]
-        sub_consts = getattr(sub, "consts", ())
-        sub = getattr(sub, "jaxpr", sub)
-        n_in = len(sub.invars)
-        sub_perts = None if perts is None else perts[k]
-        sub_plan = [] if perts is None else None
-        outs, sub_acts, out_refs = self.run(
-          sub, sub_consts, inv[len(inv) - n_in :], in_refs[len(inv) - n_in :], sub_perts, sub_plan
         )
-        if perts is None:
-          plan.append(("call", 0, sub_plan))
-        acts.append(sub_acts)
-        k += 1
-      elif name == "scan":
-        outs, scan_acts = self.scan(eqn, inv, in_refs, None if perts is None else perts[k], plan)
-        acts.append(scan_acts)
-        k += 1
+        outs = [outs[0] + jnp.zeros_like(outs[0])]
       else:
-        r = next(r for r in in_refs if r is not None)
-        raise self.unsupported(
-          r, f"it is used by `{name}`, which is not a site (dense, conv, bias add, scale)"
-        )
-      for v, o, r in zip(eqn.outvars, outs, out_refs):
-        if type(v).__name__ != "DropVar":
-          env[v] = o
-          if r is not None:
-            refs[v] = r
-    return [read(v) for v in jaxpr.outvars], acts, [ref(v) for v in jaxpr.outvars]
+        outs = [outs[0] + f.perts[f.k].astype(outs[0].dtype)]
+      f.acts.append(inv[1 - w_pos])
+      f.k += 1
+      return outs, [None] * len(eqn.outvars)
+    if name == "scan":
+      outs, scan_acts = self.scan(
+        eqn, inv, in_refs, None if f.perts is None else f.perts[f.k], f.plan
+      )
+      f.acts.append(scan_acts)
+      f.k += 1
+      return outs, [None] * len(eqn.outvars)
+    r = next(r for r in in_refs if r is not None)
+    raise self.unsupported(
+      r, f"it is used by `{name}`, which is not a site (dense, conv, bias add, scale)"
+    )
 
   def scan(self, eqn, inv, in_refs, perts, plan):
     p = eqn.params
@@ -345,8 +326,8 @@ def _zeros_like_plan(plan, stack=()):
     if isinstance(entry, _Site):
       out.append(jnp.zeros((*stack, *entry.y_aval.shape), entry.y_aval.dtype))
     else:
-      kind, length, sub = entry
-      out.append(_zeros_like_plan(sub, (*stack, length) if kind == "scan" else stack))
+      _, length, sub = entry  # ("scan", length, its sites)
+      out.append(_zeros_like_plan(sub, (*stack, length)))
   return out
 
 
@@ -383,7 +364,7 @@ def plan(loss_fn, sel, rebuild, batch, pullback="norms"):
   n_sel = len(sel)
   paths = _leaf_names(params, sel)
   walker = _Walker(b, paths, {(i, ()): _aval(x) for i, x in enumerate(sel)}, pullback)
-  refs = [_Ref(i, (), ()) for i in range(n_sel)] + [None] * (len(closed.jaxpr.invars) - n_sel)
+  refs = [_Ref(i) for i in range(n_sel)] + [None] * (len(closed.jaxpr.invars) - n_sel)
   found = []
 
   def trace(*args):

@@ -19,6 +19,7 @@ CORE = {
   "errors",
   "formulation",
   "jaxpr_rewrites",
+  "jaxpr_sites",
   "leaves",
   "per_example",
   "per_example_norms",

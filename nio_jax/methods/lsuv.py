@@ -86,13 +86,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nio_jax import checks, errors, leaves, method_config, stochastic
-from nio_jax.jaxpr_rewrites import (
-  INLINE_CALLS,
-  bind_equation,
-  check_jaxpr_internals,
-  sub_jaxprs,
-)
+from nio_jax import checks, errors, jaxpr_sites, leaves, method_config, stochastic
+from nio_jax.jaxpr_rewrites import bind_equation, check_jaxpr_internals, sub_jaxprs
 from nio_jax.methods.registry import register
 from nio_jax.results import InitResult
 from nio_jax.search import check_search_inputs, peek, progress_bar, shard_search
@@ -222,10 +217,6 @@ class LSUVLayer:
   view: tuple = ()
 
 
-def _is_literal(v) -> bool:
-  return type(v).__name__ == "Literal"
-
-
 def _has_layer_op(jaxpr) -> bool:
   for eqn in jaxpr.eqns:
     if eqn.primitive.name in _LAYER_OPS:
@@ -298,59 +289,76 @@ def _is_bias_of(info: _LeafInfo, layer: LSUVLayer, leaf: int) -> bool:
   )
 
 
-def _walk(jaxpr, origin, taint, path, found, site_taint, info: _LeafInfo) -> None:
-  """Appends the layers of `jaxpr` to `found` in execution order.
+class _LayerWalker(jaxpr_sites.Walker):
+  """Finds the layers of a jaxpr in execution order (`found`), reading it only.
 
-  `origin` maps a variable to `(leaf index, view, broadcast)` when it is a linear view of a
-  parameter leaf (`broadcast`: a `broadcast_in_dim` is among the ops: a bias, not a kernel).
-  `taint` maps a variable to the parameter leaves that reach it through a use *other* than
-  being a layer's kernel (an embedding lookup, a bias add, a norm scale, ...);
+  Tags: a `LeafRef` marks a linear view of a parameter leaf (a `broadcast_in_dim` among its
+  views makes it a bias, not a kernel); a frozenset marks a value that parameter leaves reach
+  through a use *other* than being a layer's kernel (an embedding lookup, a norm scale, ...).
   `site_taint[i]` is that set at the output of layer `found[i]` (it finds tied weights).
   """
-  pending = {}  # layer output var -> index in `found`, until its first use is seen
-  empty = frozenset()
-  for k, eqn in enumerate(jaxpr.eqns):
-    here, name = (*path, k), eqn.primitive.name
-    src = [None if _is_literal(v) else origin.get(v) for v in eqn.invars]
-    tin = empty.union(*(taint.get(v, empty) for v in eqn.invars if not _is_literal(v)))
-    used = [v for v in eqn.invars if not _is_literal(v) and v in pending]
+
+  views = _BIAS_VIEW_OPS
+  evaluate = False
+
+  def __init__(self, info: _LeafInfo):
+    self.info = info
+    self.found: list[LSUVLayer] = []
+    self.site_taint: list[frozenset] = []
+    self.pending: list[dict] = []  # per jaxpr walked: layer output var -> index in `found`
+
+  def walk(self, jaxpr, consts, args, tags, path=()):
+    self.pending.append({})  # a layer's output waits for its first use in its own jaxpr
+    try:
+      return super().walk(jaxpr, consts, args, tags, path)
+    finally:
+      self.pending.pop()
+
+  def equation(self, eqn, inv, in_tags, here):
+    """The first use of a layer's output: when it adds the layer's own bias, that sum is the
+    layer's output; any other equation goes the walker's way."""
+    pending = self.pending[-1]
+    used = [v for v in eqn.invars if not jaxpr_sites.is_literal(v) and v in pending]
     if used:
       i = pending.pop(used[0])
       for v in used[1:]:
         pending.pop(v, None)
-      other = [s for v, s in zip(eqn.invars, src) if _is_literal(v) or v is not used[0]]
+      other = [
+        t for v, t in zip(eqn.invars, in_tags) if jaxpr_sites.is_literal(v) or v is not used[0]
+      ]
       if (
-        name == "add"
+        eqn.primitive.name == "add"
         and len(eqn.invars) == 2
         and len(other) == 1
-        and other[0] is not None
-        and _is_bias_of(info, found[i], other[0][0])
+        and isinstance(other[0], jaxpr_sites.LeafRef)
+        and _is_bias_of(self.info, self.found[i], other[0].leaf)
       ):
-        found[i] = dataclasses.replace(
-          found[i], bias=info.names[other[0][0]], bias_index=other[0][0], site=here
+        self.found[i] = dataclasses.replace(
+          self.found[i], bias=self.info.names[other[0].leaf], bias_index=other[0].leaf, site=here
         )
-        site_taint[i] = tin
-        if tin:
-          taint[eqn.outvars[0]] = tin
-        continue
-    if name in _BIAS_VIEW_OPS and len(eqn.invars) == 1 and src[0] is not None:
-      leaf, view, bcast = src[0]
-      origin[eqn.outvars[0]] = (
-        leaf,
-        (*view, _view_step(eqn)),
-        bcast or name not in _VIEW_OPS,
-      )
-      if tin:
-        taint[eqn.outvars[0]] = tin
-      continue
+        tin = _taint_in(in_tags)
+        self.site_taint[i] = tin
+        return [None], [tin or None]
+    return super().equation(eqn, inv, in_tags, here)
+
+  def other(self, eqn, inv, in_tags, here):
+    """A layer (a conv / dot with a parameter leaf as its weight), a refused scan, or a use
+    that taints its outputs with the leaves it reads."""
+    info, name = self.info, eqn.primitive.name
+    src = [t if isinstance(t, jaxpr_sites.LeafRef) else None for t in in_tags]
+    tin = _taint_in(in_tags)
     if name in _LAYER_OPS:
       sides = [s for s in (0, 1) if src[s] is not None]
       if name == "conv_general_dilated":
         sides = [1] if sides == [1] else []
-      if len(sides) == 1 and not src[sides[0]][2] and src[sides[0]][0] not in info.excluded:
+      if (
+        len(sides) == 1
+        and not _is_broadcast(src[sides[0]])
+        and src[sides[0]].leaf not in info.excluded
+      ):
         side = sides[0]
         axes = _layer_axes(eqn, side)
-        leaf, view, _ = src[side]
+        leaf = src[side].leaf
         if axes is None:
           raise ValueError(
             f"LSUV: parameter {info.names[leaf]!r} enters a dot_general with batch dimensions "
@@ -358,7 +366,7 @@ def _walk(jaxpr, origin, taint, path, found, site_taint, info: _LeafInfo) -> Non
             f"rescale. Leave it out with exclude=({info.names[leaf]!r},)."
           )
         kind, fan_in, fan_out = axes
-        found.append(
+        self.found.append(
           LSUVLayer(
             kind=kind,
             kernel=info.names[leaf],
@@ -369,42 +377,29 @@ def _walk(jaxpr, origin, taint, path, found, site_taint, info: _LeafInfo) -> Non
             fan_in_axes=fan_in,
             fan_out_axes=fan_out,
             operand_shape=tuple(eqn.invars[side].aval.shape),
-            view=view,
+            view=tuple(_view_step(e) for e in src[side].chain),
           )
         )
-        site_taint.append(tin)
-        if tin:
-          taint[eqn.outvars[0]] = tin
-        pending[eqn.outvars[0]] = len(found) - 1
-        continue
+        self.site_taint.append(tin)
+        self.pending[-1][eqn.outvars[0]] = len(self.found) - 1
+        return [None], [tin or None]
     subs = list(sub_jaxprs(eqn.params))
-    if subs and name in INLINE_CALLS and INLINE_CALLS[name] in eqn.params:
-      body = eqn.params[INLINE_CALLS[name]]
-      body = getattr(body, "jaxpr", body)
-      offset = len(eqn.invars) - len(body.invars)
-      inner = {bv: src[offset + j] for j, bv in enumerate(body.invars) if src[offset + j]}
-      inner_taint = {}
-      for j, bv in enumerate(body.invars):
-        v = eqn.invars[offset + j]
-        if not _is_literal(v) and taint.get(v):
-          inner_taint[bv] = taint[v]
-      _walk(body, inner, inner_taint, here, found, site_taint, info)
-      for ov, bv in zip(eqn.outvars, body.outvars):
-        if _is_literal(bv):
-          continue
-        if bv in inner:
-          origin[ov] = inner[bv]
-        if inner_taint.get(bv):
-          taint[ov] = inner_taint[bv]
-      continue
     if subs and any(s is not None for s in src) and any(_has_layer_op(j) for j in subs):
-      leaf = next(s for s in src if s is not None)[0]
+      leaf = next(s for s in src if s is not None).leaf
       raise ValueError(f"{_SCAN_HINT} Parameter {info.names[leaf]!r} enters a {name!r} equation.")
     # Any other use: the parameter leaves it reads reach its outputs by a non-layer path.
-    out = tin.union(s[0] for s in src if s is not None)
-    if out:
-      for ov in eqn.outvars:
-        taint[ov] = out
+    out = tin.union(s.leaf for s in src if s is not None)
+    n = len(eqn.outvars)
+    return [None] * n, [out or None] * n
+
+
+def _taint_in(tags) -> frozenset:
+  return frozenset().union(*(t for t in tags if isinstance(t, frozenset)))
+
+
+def _is_broadcast(ref) -> bool:
+  """Whether a `broadcast_in_dim` is among a leaf's views (a bias, not a kernel)."""
+  return any(e.primitive.name not in _VIEW_OPS for e in ref.chain)
 
 
 def lsuv_layers(
@@ -460,10 +455,11 @@ def _find_layers(fn, params, batch, exclude=()):
   )
   closed = jax.make_jaxpr(fn)(params, batch)
   invars = closed.jaxpr.invars[: len(names)]
-  found: list[LSUVLayer] = []
-  site_taint: list[frozenset] = []
-  origin = {v: (i, (), False) for i, v in enumerate(invars)}
-  _walk(closed.jaxpr, origin, {}, (), found, site_taint, info)
+  walker = _LayerWalker(info)
+  tags = [jaxpr_sites.LeafRef(i) for i in range(len(invars))]
+  tags += [None] * (len(closed.jaxpr.invars) - len(invars))
+  walker.walk(closed.jaxpr, closed.consts, [None] * len(tags), tags)
+  found, site_taint = walker.found, walker.site_taint
   if not found:
     raise ValueError(
       "LSUV found no conv / dense layer in loss_fn: no conv_general_dilated or dot_general "
@@ -498,34 +494,21 @@ def _find_layers(fn, params, batch, exclude=()):
 # ------------------------------------------------------------------ evaluating the layers
 
 
-def _evaluate(jaxpr, consts, args, path, sites, prefixes, out):
-  env = {}
+class _Recorder(jaxpr_sites.Walker):
+  """Evaluates a jaxpr, keeping the output of the equations at the addresses `sites` (the
+  calls on their way, `prefixes`, walked inside) in `out`."""
 
-  def read(v):
-    return v.val if _is_literal(v) else env[v]
+  def __init__(self, sites, prefixes):
+    self.sites, self.prefixes, self.out = sites, prefixes, {}
 
-  for v, c in zip(jaxpr.constvars, consts):
-    env[v] = c
-  for v, a in zip(jaxpr.invars, args):
-    env[v] = a
-  for k, eqn in enumerate(jaxpr.eqns):
-    here = (*path, k)
-    inv = [read(v) for v in eqn.invars]
-    if here in prefixes:
-      body = eqn.params[INLINE_CALLS[eqn.primitive.name]]
-      body_consts = getattr(body, "consts", ())
-      body = getattr(body, "jaxpr", body)
-      outs = _evaluate(
-        body, body_consts, inv[len(inv) - len(body.invars) :], here, sites, prefixes, out
-      )
+  def equation(self, eqn, inv, in_tags, here):
+    if here in self.prefixes:
+      outs, _ = self.call(eqn, inv, in_tags, here)
     else:
       outs = bind_equation(eqn, inv)
-    if here in sites:
-      out[here] = outs[0]
-    for v, o in zip(eqn.outvars, outs):
-      if type(v).__name__ != "DropVar":
-        env[v] = o
-  return [read(v) for v in jaxpr.outvars]
+    if here in self.sites:
+      self.out[here] = outs[0]
+    return outs, [None] * len(outs)
 
 
 def _make_stats(closed, layers):
@@ -537,10 +520,10 @@ def _make_stats(closed, layers):
 
   @jax.jit
   def stats(param_leaves, batch_leaves):
-    out = {}
-    outs = _evaluate(
-      closed.jaxpr, closed.consts, [*param_leaves, *batch_leaves], (), set(sites), prefixes, out
-    )
+    recorder = _Recorder(set(sites), prefixes)
+    args = [*param_leaves, *batch_leaves]
+    outs, _ = recorder.walk(closed.jaxpr, closed.consts, args, [None] * len(args))
+    out = recorder.out
     ys = [jnp.asarray(out[s], jnp.float32) for s in sites]
     std = jnp.stack([jnp.std(y, ddof=1) for y in ys])
     mean = jnp.stack([jnp.mean(y) for y in ys])
