@@ -49,6 +49,7 @@ from nio_jax.experiment_config import (
   load_config,
   parse_override,
   search_batches,
+  switch_method,
   validate_config,
 )
 from nio_jax.flax_utils import linen_loss_fn
@@ -771,10 +772,15 @@ def compare_methods(cfg, methods_: list[str] | None = None) -> list[str]:
 
 
 def method_run_config(cfg, method: str):
-  """A copy of `cfg` that runs `method`: `init.method`, then `compare.overrides.<method>`
-  (`key=value` strings), name `<name>_<method>`; validated."""
+  """A copy of `cfg` that runs `method`: `init.method` (a method other than the config's own
+  drops the config's `init.config` settings, `experiment_config.switch_method`), then
+  `compare.overrides.<method>` (`key=value` strings), name `<name>_<method>`; validated."""
   c = cfg.copy_and_resolve_references()
   c.init.method = method
+  if method != cfg.init.method:
+    # The base config's init.config (recipe, data kind) belong to its own method: another
+    # method starts from its defaults, then takes its compare.overrides.
+    switch_method(c)
   c.name = f"{cfg.name}_{method}"
   c.workdir = None
   overrides = c.compare.overrides.get(method, ()) if "compare" in c else ()

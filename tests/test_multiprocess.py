@@ -8,6 +8,7 @@ number of devices. Every subprocess has a timeout.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import socket
@@ -319,3 +320,55 @@ def test_cli_train_two_processes_through_the_launcher(tmp_path):
   assert wait_all([again]) == [0], logs(tmp_path)
   rec = train.read_metrics(tmp_path / "mp" / "metrics.jsonl")
   assert [r for r in rec if r["type"] == "eval"][0]["test_acc"] == a["test_acc"]
+
+
+@pytest.mark.slow  # two processes + one, each training two methods: ~60-90 s on 2 cores
+def test_cli_compare_two_processes_through_the_launcher(tmp_path):
+  """`scripts/launch_local.sh 2 -- nio-jax compare ...` runs every method's train in both
+  processes and writes one compare table (process 0), equal to the single-process one."""
+  from nio_jax.data import find_fashion_mnist_dir
+
+  try:
+    find_fashion_mnist_dir()
+  except FileNotFoundError as e:
+    pytest.skip(str(e))
+  args = [
+    "compare",
+    "--config",
+    str(ROOT / "configs" / "fmnist_nio.py"),
+    "--methods",
+    "kaiming,nio",
+    "--no-progress",
+    *[f"--set={s}" for s in CLI_SETS],
+  ]
+  nio = [sys.executable, "-c", "import sys; from nio_jax.cli import main; sys.exit(main())"]
+  env = worker_env(1, NIO_JAX_LOCAL_DEVICES="1")
+  env.pop("XLA_FLAGS")
+  launcher = [str(ROOT / "scripts" / "launch_local.sh"), "2", "--"]
+  with open(tmp_path / "cmp_mp.log", "w") as f:
+    mp = subprocess.Popen(
+      [*launcher, *nio, *args, "--workdir", tmp_path / "mp"],
+      cwd=ROOT,
+      env=env,
+      stdout=f,
+      stderr=subprocess.STDOUT,
+    )
+  with open(tmp_path / "cmp_one.log", "w") as f:
+    one = subprocess.Popen(
+      [*nio, *args, "--workdir", tmp_path / "one"],
+      cwd=ROOT,
+      env=worker_env(1),
+      stdout=f,
+      stderr=subprocess.STDOUT,
+    )
+  assert wait_all([mp, one]) == [0, 0], logs(tmp_path)
+  log = (tmp_path / "cmp_mp.log").read_text()
+  assert "[process 0/2]" in log and "[process 1/2]" in log, log
+  got, want = (json.loads((tmp_path / d / "compare.json").read_text()) for d in ("mp", "one"))
+  assert got["methods"] == want["methods"] == ["kaiming", "nio"]
+  for m in ("kaiming", "nio"):
+    a, b = got["records"][m], want["records"][m]
+    assert a["final_test_acc"] == b["final_test_acc"], (m, a["final_test_acc"], b["final_test_acc"])
+    assert a["acc_epochs"] == b["acc_epochs"], m
+  assert (tmp_path / "mp" / "compare.md").exists()
+  assert not list((tmp_path / "mp").rglob("*.tmp"))
