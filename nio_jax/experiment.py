@@ -5,8 +5,9 @@ a grid of configs). Like big_vision's `train.py` it decides the start of trainin
 place, in this order:
 
 1. build: loaders, model and its initial variables, the method config (`build`);
-2. resume: when `<workdir>/checkpoints` holds a checkpoint, the trainer continues from it
-   and nothing is searched again;
+2. resume: decided here, once: when `<workdir>/checkpoints` holds a checkpoint
+   (`files.checkpoint_steps`), the trainer continues from the latest one (passed down as
+   `train(..., resume_step=)`) and nothing is searched again;
 3. initialise, on a fresh start only: the GC report before, the method, the GC report after,
    and the init files (`initialise`);
 4. train from the initialised variables (`nio_jax.train.train`; its checkpoint 0 holds them);
@@ -620,8 +621,11 @@ def train_run(cfg, workdir, *, progress: bool | None = None, overwrite: bool = F
     cfg.train.progress = bool(progress)
   check_workdir(cfg, workdir, overwrite=overwrite)
   run = build(cfg)
-  saved_steps = files.checkpoint_steps(workdir / "checkpoints")
-  init = None if saved_steps else initialise(run, workdir, progress=bool(cfg.train.progress))
+  # Resume is decided here, once: the trainer restores this step, and nothing is searched.
+  resume_step = max(files.checkpoint_steps(workdir / "checkpoints"), default=None)
+  init = None
+  if resume_step is None:
+    init = initialise(run, workdir, progress=bool(cfg.train.progress))
   max_steps = cfg.get("max_steps")
   try:
     res = trainmod.train(
@@ -634,11 +638,12 @@ def train_run(cfg, workdir, *, progress: bool | None = None, overwrite: bool = F
       stop_after_step=None if max_steps is None else int(max_steps),
       eval_at=_eval_at(run),
       gc_fn=gc_tracker(run) if cfg.train.get("gc_every") else None,
+      resume_step=resume_step,
     )
     status = "finished"
   except trainmod.NonFiniteLossError as e:  # divergence is a result, not a crash
     res, status = None, f"diverged at step {e.step}"
-  record = run_record(run, workdir, res, status, init, start_step=max(saved_steps, default=0))
+  record = run_record(run, workdir, res, status, init, start_step=resume_step or 0)
   if res is not None:
     files.save_variables(workdir / "final_params.msgpack", res.variables)
   files.write_json(workdir / files.RUN_RECORD, record)

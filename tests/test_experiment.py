@@ -58,11 +58,19 @@ def test_train_run_initialises_once_and_a_resume_does_not_search(tmp_path, monke
     draws.append((self.batch_size, num, stream))
     return batches(self, num, stream)
 
+  resumes, train = [], experiment.trainmod.train
+
+  def recording_train(*a, **k):  # the driver decides the resume and passes it down
+    resumes.append(k["resume_step"])
+    return train(*a, **k)
+
   monkeypatch.setattr(methods, "initialize", counting_initialize)
   monkeypatch.setattr(Loader, "batches", counting_batches)
+  monkeypatch.setattr(experiment.trainmod, "train", recording_train)
   wd = tmp_path / "run"
   rec = experiment.train_run(_config(3), wd)
   assert rec["status"] == "finished" and rec["step"] == 3 and not rec["resumed"]
+  assert resumes == [None]  # a fresh start
   assert searches == [[16, 16]]  # one search, on 2 batches of init.batch_size
   assert [d for d in draws if d[2] == 1] == [(16, 2, 1)]  # the method's batches, drawn once
   assert rec["search_steps"] == 2 and rec["search_seconds"] > 0
@@ -85,6 +93,7 @@ def test_train_run_initialises_once_and_a_resume_does_not_search(tmp_path, monke
   history = (wd / "init_history.json").read_text()
   rec2 = experiment.train_run(_config(5), wd)
   assert searches == [[16, 16]] and rec2["resumed"] and rec2["step"] == 5
+  assert resumes == [None, 3]  # from the driver's one look at the checkpoints
   assert (wd / "init_history.json").read_text() == history
   for k in ("before", "after", "search_steps", "search_seconds", "scales"):
     assert rec2[k] == first[k], k

@@ -397,3 +397,5 @@ def test_eval_at_steps_and_time_split(tmp_path):
   assert [r["step"] for r in recs if r["type"] == "step_eval"] == [2, 5]
   with pytest.raises(ValueError, match="eval_at"):
     train.train(model, variables, loader, test, cfg, tmp_path / "b", eval_at={0: test})
+  with pytest.raises(ValueError, match="resume_step"):  # "latest", None or a step
+    train.train(model, variables, loader, test, cfg, tmp_path / "c", resume_step="first")

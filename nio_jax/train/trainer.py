@@ -14,7 +14,9 @@ Usage:
 The trainer trains the variables it is given: initialising them (a search, a method) is
 the caller's step, before it (`nio_jax.experiment.train_run`). Calling `train` again with
 the same `workdir` resumes from the latest checkpoint (the model, loader and config must be
-the same). The steps themselves are `nio_jax.train.steps`.
+the same); a caller that has already decided whether the run resumes (the experiment driver,
+which skips the search on resume) passes that decision as `resume_step`. The steps
+themselves are `nio_jax.train.steps`.
 """
 
 from __future__ import annotations
@@ -167,9 +169,10 @@ def train(
   eval_at: dict | None = None,
   mesh=None,
   gc_fn: Callable | None = None,
+  resume_step: int | None | str = "latest",
 ) -> TrainResult:
   """Trains a linen classifier with the recipe in `config`; resumes if `workdir` has a
-  checkpoint.
+  checkpoint (or as `resume_step` says).
 
   Args:
     model: a `flax.linen.Module` returning logits; called as
@@ -211,6 +214,12 @@ def train(
       time is `TrainResult.gc_seconds`, not training. Without one, `default_gc_fn`
       (`nio_jax.measure` with its defaults on 5 batches of loader stream 2). Unused when
       `gc_every` is 0.
+    resume_step: where the run starts, decided by the caller: a checkpoint step of
+      `workdir/checkpoints` (resume from it), or None (a fresh start from `variables`:
+      the log restarts and checkpoint 0 is written). The default, "latest", decides here:
+      the latest checkpoint (`Checkpointer.latest_step`) if there is one, else a fresh
+      start. `nio_jax.experiment.train_run` decides once (no search on resume) and passes
+      its decision. In a multi-process run every process passes the same value.
 
   Returns:
     The `TrainResult` of the run (over every call for the accuracies, of this call for the
@@ -226,9 +235,12 @@ def train(
 
     mesh = distributed.make_mesh()
   _check_inputs(model, variables, train_loader, test_data, stop_after_step, eval_at, mesh, gc_fn)
+  _check_resume_step(resume_step)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   ckpt = Checkpointer(workdir / "checkpoints", int(config.max_to_keep))
+  if isinstance(resume_step, str):  # "latest": called on its own, the trainer decides
+    resume_step = ckpt.latest_step()
   job = _Job(
     model=model,
     variables=dict(variables),
@@ -240,6 +252,7 @@ def train(
     eval_at=dict(eval_at or {}),
     mesh=mesh,
     gc_fn=gc_fn,
+    resume_step=None if resume_step is None else int(resume_step),
   )
   primary = jax.process_index() == 0
   log = (MetricsLog if primary else _NullLog)(workdir / "metrics.jsonl")
@@ -314,6 +327,21 @@ def _check_inputs(model, variables, train_loader, test_data, stop_after_step, ev
       )
 
 
+def _check_resume_step(resume_step) -> None:
+  """`resume_step` is "latest", None or a step >= 0."""
+  if resume_step is None or (isinstance(resume_step, str) and resume_step == "latest"):
+    return
+  if (
+    isinstance(resume_step, bool)
+    or not isinstance(resume_step, (int, np.integer))
+    or resume_step < 0
+  ):
+    raise ValueError(
+      f"resume_step={resume_step!r} must be 'latest', None (a fresh start) or a checkpoint "
+      "step >= 0."
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class _Job:
   """The arguments of one `train` call, as the loop reads them."""
@@ -328,6 +356,7 @@ class _Job:
   eval_at: dict
   mesh: Any
   gc_fn: Callable | None = None
+  resume_step: int | None = None  # the checkpoint to restore, None: a fresh start
 
 
 @dataclasses.dataclass
@@ -391,7 +420,7 @@ class _Loop:
   # ---- start: restore or start, step 0
 
   def start(self) -> None:
-    """Restores the latest checkpoint (and continues its log), or starts the log and saves
+    """Restores checkpoint `resume_step` (and continues its log), or starts the log and saves
     checkpoint 0; measures GC at step 0; replicates the state over the mesh."""
     config, log, ckpt, spe = self.config, self.log, self.ckpt, self.spe
     if self.job.mesh is not None:
@@ -401,7 +430,7 @@ class _Loop:
 
       self.state = distributed.replicate(self.state, self.job.mesh)
       self.put = functools.partial(distributed.shard_batch, mesh=self.job.mesh)
-    latest = ckpt.latest_step()
+    latest = self.job.resume_step
     if latest is not None:
       saved, meta = ckpt.restore(latest, self.state.as_dict())
       self.state, self.record = TrainState.from_dict(saved), Progress.from_meta(meta)
