@@ -85,9 +85,12 @@ class Run:
 _INIT_FNS: dict = {}
 
 
-def build(cfg) -> Run:
-  """Loaders, model, its initial variables and the method config of a validated config."""
-  mcfg = build_method_config(cfg)
+def build(cfg, method_config=None) -> Run:
+  """Loaders, model, its initial variables and the method config of a validated config.
+
+  `method_config`: the method config `load_config` / `validate_config` built for `cfg`;
+  None builds it here (`build_method_config`)."""
+  mcfg = build_method_config(cfg) if method_config is None else method_config
   d = cfg.data
   try:
     loader, test_set = data.make_loaders(
@@ -384,12 +387,13 @@ RESULT_NEUTRAL_KEYS = (
 )
 
 
-def resolved_config(cfg) -> dict:
+def resolved_config(cfg, method_config=None) -> dict:
   """The config as JSON values with `init.config` resolved: the method config that runs
-  (`build_method_config`: the method's defaults filled in, a GradInit `init.recipe` merged),
-  so that a key set to its default compares equal to the key left unset."""
+  (`method_config`, else `build_method_config`: the method's defaults filled in, a GradInit
+  `init.recipe` merged), so that a key set to its default compares equal to the key left
+  unset."""
   out = json.loads(cfg.to_json_best_effort())
-  mcfg = build_method_config(cfg)
+  mcfg = build_method_config(cfg) if method_config is None else method_config
   resolved = mcfg.to_dict() if hasattr(mcfg, "to_dict") else (mcfg or {})
   out["init"]["config"] = files.to_jsonable(resolved)
   return out
@@ -417,7 +421,7 @@ def config_changes(old: dict, new: dict) -> list[str]:
   ]
 
 
-def check_workdir(cfg, workdir, *, overwrite: bool = False) -> str | None:
+def check_workdir(cfg, workdir, *, overwrite: bool = False, method_config=None) -> str | None:
   """Makes `workdir` the home of `cfg`'s run, or refuses: the one rule for reruns.
 
   A workdir that holds a run (`files.holds_run`) of the same resolved config (`resolved_config`,
@@ -425,7 +429,8 @@ def check_workdir(cfg, workdir, *, overwrite: bool = False) -> str | None:
   checkpoint and does not search again. A run of another config (or one whose config is
   unknown) is refused with a `ConfigError` naming the ways on, unless `overwrite`, which
   deletes that run's files (`files.clear_run`) first. Then writes `config.json` (the
-  resolved config).
+  resolved config). `method_config`: `cfg`'s built method config (`load_config`), else built
+  here.
 
   Returns:
     A line saying how the run starts when it is not a fresh start (e.g. "resuming from step
@@ -435,7 +440,7 @@ def check_workdir(cfg, workdir, *, overwrite: bool = False) -> str | None:
     ConfigError: the workdir holds a run of another config and `overwrite` is False.
   """
   workdir = pathlib.Path(workdir)
-  new = resolved_config(cfg)
+  new = resolved_config(cfg, method_config)
   note = None
   if overwrite and files.holds_run(workdir):
     removed = files.clear_run(workdir)
@@ -481,18 +486,20 @@ def start_run(
   overrides: Sequence[str] = (),
   overwrite: bool = False,
   argv: Sequence[str] | None = None,
+  method_config=None,
 ) -> str | None:
   """Makes `workdir` the home of a run launched by `command` ("init", "train", "compare"):
   `check_workdir` (refuses a run of another config unless `overwrite`; writes `config.json`),
   then `run.json` (the command, the config spec with an absolute path, the overrides, the
-  name and `argv`), which `load_run_config` reads back.
+  name and `argv`), which `load_run_config` reads back. `method_config`: `cfg`'s built method
+  config (`load_config`), else built here.
 
   Returns:
     `check_workdir`'s line on how the run starts (None for a fresh start); for "init", which
     always searches, a resume says so.
   """
   workdir = pathlib.Path(workdir)
-  note = check_workdir(cfg, workdir, overwrite=overwrite)
+  note = check_workdir(cfg, workdir, overwrite=overwrite, method_config=method_config)
   if note and command == "init" and note.startswith("resuming"):
     note = "same config as the run in this workdir: the search runs again (init always searches)"
   files.write_json(
@@ -511,6 +518,9 @@ def start_run(
 def load_run_config(rundir, overrides: Sequence[str] = ()):
   """The config of the run in `rundir`, reloaded from its `run.json` (the config spec and
   overrides it was launched with), with `overrides` applied after them.
+
+  Returns:
+    `(cfg, method config)`, as `load_config` returns them.
 
   Raises:
     ConfigError: `rundir` is not a directory or holds no `run.json`.
@@ -536,6 +546,7 @@ def measure_run(
   fresh: bool = False,
   num_batches: int | None = None,
   progress: bool = False,
+  method_config=None,
 ) -> dict:
   """`nio-jax measure`: the GC report (`measure_params`) of saved variables.
 
@@ -543,6 +554,7 @@ def measure_run(
   `<rundir>/checkpoints`) and, with `fresh`, the model's own init; with none of these, the
   run's `init_params.msgpack` and `final_params.msgpack`. `num_batches` replaces
   `init.measure_batches` (a config without a GC report measures 5 batches).
+  `method_config`: `cfg`'s built method config (`load_config`), else built here.
 
   Returns:
     `{name: GC report}` in the order measured.
@@ -557,7 +569,7 @@ def measure_run(
     cfg.init.measure_batches = int(num_batches)
   if int(cfg.init.measure_batches) < 1:
     cfg.init.measure_batches = 5
-  run = build(cfg)
+  run = build(cfg, method_config)
   sources: list[tuple[str, Any]] = [(str(p), p) for p in map(pathlib.Path, params)]
   for step in checkpoints:
     if rundir is None:
@@ -588,12 +600,15 @@ def measure_run(
   return out
 
 
-def init_run(cfg, workdir, *, progress: bool = False, overwrite: bool = False) -> Initialised:
+def init_run(
+  cfg, workdir, *, progress: bool = False, overwrite: bool = False, method_config=None
+) -> Initialised:
   """`nio-jax init`: the configured method alone (`initialise` on a fresh build), in a workdir
-  that holds no run of another config (`check_workdir`)."""
+  that holds no run of another config (`check_workdir`). `method_config`: `cfg`'s built
+  method config (`load_config`), else built here."""
   workdir = pathlib.Path(workdir)
-  check_workdir(cfg, workdir, overwrite=overwrite)
-  return initialise(build(cfg), workdir, progress=progress)
+  check_workdir(cfg, workdir, overwrite=overwrite, method_config=method_config)
+  return initialise(build(cfg, method_config), workdir, progress=progress)
 
 
 def is_finished(workdir) -> bool:
@@ -601,7 +616,9 @@ def is_finished(workdir) -> bool:
   return bool((files.read_json(pathlib.Path(workdir) / files.RUN_RECORD) or {}).get("finished"))
 
 
-def train_run(cfg, workdir, *, progress: bool | None = None, overwrite: bool = False) -> dict:
+def train_run(
+  cfg, workdir, *, progress: bool | None = None, overwrite: bool = False, method_config=None
+) -> dict:
   """Init + training + evaluations of one config; resumes from the trainer's checkpoints.
 
   The workdir must hold no run of another config (`check_workdir`; `overwrite` deletes such
@@ -611,7 +628,8 @@ def train_run(cfg, workdir, *, progress: bool | None = None, overwrite: bool = F
   initialised variables, then record. The test accuracy is measured after each
   `eval.steps` step (first `eval.subset` test images), at each epoch end and, when
   `max_steps` ends the run inside an epoch, at that step (whole test set). A diverged run
-  is a result: its record says so in `status`.
+  is a result: its record says so in `status`. `method_config`: `cfg`'s built method config
+  (`load_config` returns it), else built here.
 
   Returns:
     The run's record, also written to `<workdir>/run_record.json` (`run_record`).
@@ -619,8 +637,8 @@ def train_run(cfg, workdir, *, progress: bool | None = None, overwrite: bool = F
   workdir = pathlib.Path(workdir)
   if progress is not None:
     cfg.train.progress = bool(progress)
-  check_workdir(cfg, workdir, overwrite=overwrite)
-  run = build(cfg)
+  check_workdir(cfg, workdir, overwrite=overwrite, method_config=method_config)
+  run = build(cfg, method_config)
   # Resume is decided here, once: the trainer restores this step, and nothing is searched.
   resume_step = max(files.checkpoint_steps(workdir / "checkpoints"), default=None)
   init = None

@@ -279,11 +279,16 @@ def config_from(name: str, relative_to: str) -> ml_collections.ConfigDict:
   return load_config_file(str(pathlib.Path(relative_to).resolve().parent / name))[0]
 
 
-def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+def load_config(spec: str, overrides: Sequence[str] = ()) -> tuple[ml_collections.ConfigDict, Any]:
   """Loads `spec`, applies `key=value` overrides and validates.
 
   An override that switches `init.method` away from the file's method drops the file's
   settings of the old method that the overrides did not set (`switch_method`).
+
+  Returns:
+    `(cfg, method config)`: the validated config and the method config validating it built
+    (`build_method_config`). The experiment takes the second as `method_config=` (`start_run`,
+    `train_run`, `init_run`, `build`), so a run's method config is built once.
   """
   cfg, _, _ = load_config_file(spec)
   file_method = cfg.init.method
@@ -294,8 +299,7 @@ def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     keys.append(key)
   if cfg.init.method != file_method:
     switch_method(cfg, keys)
-  validate_config(cfg)
-  return cfg
+  return cfg, validate_config(cfg)
 
 
 def switch_method(cfg, set_keys: Sequence[str] = ()) -> list[str]:
@@ -337,38 +341,19 @@ def switch_method(cfg, set_keys: Sequence[str] = ()) -> list[str]:
   return dropped
 
 
-_METHOD_CONFIGS: dict[str, Any] = {}  # the init group's fingerprint -> its built config
-_METHOD_CONFIGS_MAX = 64
-
-
 def build_method_config(cfg) -> Any:
   """The method config to pass to `nio_jax.methods.initialize` (validated): the method's
   config class built from `init.config` (a GradInit `init.recipe` merged under it).
 
-  Built once per distinct `init` group (method, `init.config`, recipe, data) and seed:
-  `validate_config` and `experiment.build` both ask for it on one run's path, and the second
-  call returns the first call's (frozen) object. A config changed in between is a new
-  fingerprint, so it is built (and checked) again.
+  Built anew on each call. `validate_config` (hence `load_config`) returns the one it builds,
+  and the experiment's functions take it as `method_config=`, so one run's path builds it
+  once; called without it, they build it from `cfg` themselves.
   """
   try:
     m = methods.get_method(cfg.init.method)
   except ValueError as e:
     raise ConfigError(str(e)) from None
-  key = repr(
-    (
-      m,  # the registered entry (a re-registered name is another entry)
-      cfg.init.config.to_dict(),
-      cfg.init.get("recipe"),
-      cfg.init.get("data"),
-      int(cfg.seed),
-    )
-  )
-  if key not in _METHOD_CONFIGS:
-    if len(_METHOD_CONFIGS) >= _METHOD_CONFIGS_MAX:
-      _METHOD_CONFIGS.pop(next(iter(_METHOD_CONFIGS)))
-    _METHOD_CONFIGS[key] = _build_method_config(cfg, m)
-  built = _METHOD_CONFIGS[key]
-  return dict(built) if isinstance(built, dict) else built  # a plain dict is the caller's
+  return _build_method_config(cfg, m)
 
 
 def _build_method_config(cfg, m) -> Any:
@@ -411,9 +396,13 @@ def search_batches(cfg, mcfg) -> int:
   return methods.get_method(cfg.init.method).num_batches(mcfg)
 
 
-def validate_config(cfg) -> None:
+def validate_config(cfg) -> Any:
   """Raises ConfigError (with the known names) for an unknown model, dataset or method, or a bad
-  value; the method config and the training config are validated by their own classes."""
+  value; the method config and the training config are validated by their own classes.
+
+  Returns:
+    The method config it built (`build_method_config`).
+  """
   for group in ("model", "data", "init", "train"):
     if group not in cfg:
       raise ConfigError(
@@ -453,7 +442,7 @@ def validate_config(cfg) -> None:
       raise ConfigError("eval.subset must be >= 1 (or None for the whole test set)")
   if cfg.get("max_steps") is not None and int(cfg.max_steps) < 1:
     raise ConfigError("max_steps must be >= 1 (or None for all epochs)")
-  build_method_config(cfg)
+  mcfg = build_method_config(cfg)
   try:
     validate_train_config(cfg.train, prefix="train")  # the train group's own checks
   except (ValueError, TypeError) as e:
@@ -462,6 +451,7 @@ def validate_config(cfg) -> None:
     raise ConfigError(
       "train.gc_every measures GC on the GC report's batches: set init.measure_batches >= 1"
     )
+  return mcfg
 
 
 def split_overrides(argv: Sequence[str]) -> tuple[list[str], list[str]]:

@@ -46,7 +46,7 @@ def test_every_config_loads_and_validates():
   specs = _config_specs()
   names = set()
   for spec in specs:
-    cfg = ncfg.load_config(spec)
+    cfg, _ = ncfg.load_config(spec)
     names.add(cfg.name)
     assert cfg.train.batch_size == cfg.data.batch_size
     assert _module(pathlib.Path(spec.split(":")[0])).__doc__.count("nio-jax ") >= 1
@@ -65,7 +65,7 @@ def test_nio_settings_live_only_in_nio_config():
 
   defaults = nio_jax.NIOConfig()
   for spec in _config_specs():
-    cfg = ncfg.load_config(spec)
+    cfg, _ = ncfg.load_config(spec)
     if cfg.init.method != "nio":
       continue
     for k, v in cfg.init.config.to_dict().items():
@@ -87,20 +87,21 @@ def test_cifar_table_cells_and_published_numbers():
     ncfg.load_config(str(ROOT / "configs" / "cifar10_table.py") + ":resnet9,gradinit")
 
 
-def test_method_config_is_built_once_per_run_path(monkeypatch):
-  """`load_config` checks the method config and `experiment.build` asks for it again: one
-  build (the same frozen object); a changed `init.config` is built and checked anew."""
+def test_load_config_returns_the_method_config_it_built(monkeypatch):
+  """`load_config` checks the method config by building it, and returns it (the CLI hands it
+  to the experiment as `method_config=`): one build. `build_method_config` builds anew, so a
+  changed `init.config` is built and checked anew."""
   from nio_jax import methods
 
   calls = []
   cls = methods.get_method("nio").config_cls
   real = cls.create  # bound to the class
   monkeypatch.setattr(cls, "create", lambda values=None: calls.append("nio") or real(values))
-  cfg = ncfg.load_config(str(ROOT / "configs" / "fmnist_nio.py"), ["seed=12345"])
-  first = ncfg.build_method_config(cfg)  # what experiment.build does
-  assert calls == ["nio"] and ncfg.build_method_config(cfg) is first
+  cfg, first = ncfg.load_config(str(ROOT / "configs" / "fmnist_nio.py"), ["seed=12345"])
+  assert calls == ["nio"] and isinstance(first, cls)
+  assert ncfg.build_method_config(cfg) == first and len(calls) == 2
   cfg.init.config.num_steps = int(first.num_steps) + 1
-  assert ncfg.build_method_config(cfg).num_steps == first.num_steps + 1 and len(calls) == 2
+  assert ncfg.build_method_config(cfg).num_steps == first.num_steps + 1 and len(calls) == 3
   cfg.init.config.num_steps = -1
   with pytest.raises(ncfg.ConfigError, match="num_steps"):
     ncfg.build_method_config(cfg)
@@ -185,19 +186,19 @@ def test_switching_method_drops_the_files_method_settings():
   dropped, the user's own keys stay (and an unknown one names `--set init.config={}`);
   a GradInit recipe and MetaInit's random inputs go with their method."""
   nio = str(ROOT / "configs" / "fmnist_nio.py")
-  cfg = ncfg.load_config(nio, ["init.method=lsuv"])
+  cfg, _ = ncfg.load_config(nio, ["init.method=lsuv"])
   assert cfg.init.config.to_dict() == {} and ncfg.build_method_config(cfg).tol == 0.1
-  cfg = ncfg.load_config(nio, ["init.method=gradinit", "init.config.num_steps=7"])
+  cfg, _ = ncfg.load_config(nio, ["init.method=gradinit", "init.config.num_steps=7"])
   assert cfg.init.config.to_dict() == {"num_steps": 7}
-  cfg = ncfg.load_config(nio, ["init.config={'num_steps': 4}", "init.method=metainit"])
+  cfg, _ = ncfg.load_config(nio, ["init.config={'num_steps': 4}", "init.method=metainit"])
   assert cfg.init.config.to_dict() == {"num_steps": 4}  # a whole dict is the user's
   with pytest.raises(ncfg.ConfigError, match=r"\['gamma'\].*--set init\.config=\{\}"):
     ncfg.load_config(nio, ["init.method=lsuv", "init.config.gamma=2.0"])
   table = str(ROOT / "configs" / "cifar10_table.py")
-  cfg = ncfg.load_config(table + ":vgg19,gradinit", ["init.method=nio"])
+  cfg, _ = ncfg.load_config(table + ":vgg19,gradinit", ["init.method=nio"])
   assert cfg.init.recipe is None and cfg.init.config.to_dict() == {}
-  assert ncfg.load_config(table + ":vgg19,gradinit").init.recipe == "vgg19"  # no switch
-  cfg = ncfg.load_config(str(ROOT / "configs" / "fmnist_metainit.py"), ["init.method=nio"])
+  assert ncfg.load_config(table + ":vgg19,gradinit")[0].init.recipe == "vgg19"  # no switch
+  cfg, _ = ncfg.load_config(str(ROOT / "configs" / "fmnist_metainit.py"), ["init.method=nio"])
   assert cfg.init.data == "real"
 
 
@@ -205,12 +206,12 @@ def test_config_by_shipped_name():
   """`--config NAME[:ARG]` finds the config shipped in the package (`configs/` of a checkout
   links to the same files); an unknown name lists the shipped ones."""
   assert (ROOT / "configs").resolve() == ncfg.SHIPPED_CONFIGS
-  a = ncfg.load_config("fmnist_nio")
-  b = ncfg.load_config(str(ROOT / "configs" / "fmnist_nio.py"))
+  a, _ = ncfg.load_config("fmnist_nio")
+  b, _ = ncfg.load_config(str(ROOT / "configs" / "fmnist_nio.py"))
   assert a.to_dict() == b.to_dict()
   assert (
-    ncfg.load_config("cifar10_table:vgg19,nio").name
-    == ncfg.load_config(str(ROOT / "configs" / "cifar10_table.py") + ":vgg19,nio").name
+    ncfg.load_config("cifar10_table:vgg19,nio")[0].name
+    == ncfg.load_config(str(ROOT / "configs" / "cifar10_table.py") + ":vgg19,nio")[0].name
   )
   with pytest.raises(ncfg.ConfigError, match="shipped config: .*fmnist_nio"):
     ncfg.load_config("fmnist_nop")
@@ -419,7 +420,7 @@ def test_train_end_to_end(tiny_runs):
 def test_diverged_training_is_its_own_error(tmp_path, monkeypatch, capsys):
   from nio_jax import experiment
 
-  monkeypatch.setattr(experiment, "train_run", lambda cfg, w: {"status": "diverged at step 7"})
+  monkeypatch.setattr(experiment, "train_run", lambda cfg, w, **k: {"status": "diverged at step 7"})
   argv = ["train", "--config", str(ROOT / "configs" / "fmnist_nio.py"), "--workdir", str(tmp_path)]
   assert cli.main(argv) == 1
   err = capsys.readouterr().err

@@ -103,7 +103,7 @@ def test_compare_bad_methods(tmp_path, capsys, methods, match):
 
 
 def test_method_overrides_apply_to_their_method_only():
-  cfg = load_config(CONFIG)
+  cfg, _ = load_config(CONFIG)
   nio = experiment.method_run_config(cfg, "nio")
   grad = experiment.method_run_config(cfg, "gradinit")
   kai = experiment.method_run_config(cfg, "kaiming")

@@ -200,16 +200,16 @@ def test_a_new_method_flows_through_with_its_facts_only(tmp_path):
       {"methods": ["_test_toy"], "records": {"_test_toy": rec}}
     )
 
-    r = experiment_config.load_config(
+    r, rm = experiment_config.load_config(
       "nio_jax/configs/fmnist_base.py",
       ["init.method=_test_toy", "init.data=random", "seed=7", "init.config.num_steps=1"],
     )
-    assert experiment_config.build_method_config(r).seed == 7  # seeded under random data
+    assert rm.seed == 7 and experiment_config.build_method_config(r).seed == 7  # seeded (random)
     c.init.data, c.seed = "random", 3
     init = experiment.init_run(c, tmp_path / "random")
     assert seen[-1]["image"] == (16, 28, 28, 1) and init.result.config["seed"] == 3
 
-    nio = experiment_config.load_config(  # switching away drops what nio cannot take
+    nio, _ = experiment_config.load_config(  # switching away drops what nio cannot take
       "nio_jax/configs/fmnist_base.py",
       ["init.method=_test_toy", "init.recipe=big", "init.data=random"],
     )

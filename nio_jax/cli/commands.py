@@ -11,9 +11,10 @@ from nio_jax.experiment_config import load_config
 
 
 def _prepare(args, command: str):
-  """The config of `args` and its workdir, started (`experiment.start_run`: a workdir holding
-  a run of another config is refused unless `--overwrite`; `config.json` and `run.json`)."""
-  cfg = load_config(args.config, args.overrides)
+  """The config of `args`, its method config (built once, by `load_config`) and its workdir,
+  started (`experiment.start_run`: a workdir holding a run of another config is refused
+  unless `--overwrite`; `config.json` and `run.json`)."""
+  cfg, mcfg = load_config(args.config, args.overrides)
   if getattr(args, "no_progress", False):
     cfg.train.progress = False
   workdir = experiment.default_workdir(cfg, args.workdir)
@@ -24,6 +25,7 @@ def _prepare(args, command: str):
     config_spec=args.config,
     overrides=args.overrides,
     overwrite=getattr(args, "overwrite", False),
+    method_config=mcfg,
   )
   print(
     f"[nio-jax] {cfg.name}: {cfg.model.name} on {cfg.data.dataset}, method "
@@ -32,13 +34,13 @@ def _prepare(args, command: str):
   )
   if note:
     print(f"[nio-jax] {note}", flush=True)
-  return cfg, workdir
+  return cfg, mcfg, workdir
 
 
 def cmd_init(args) -> int:
   """`nio-jax init`: the configured method alone, with the GC report before and after."""
-  cfg, workdir = _prepare(args, "init")
-  out = experiment.init_run(cfg, workdir, progress=not args.no_progress)
+  cfg, mcfg, workdir = _prepare(args, "init")
+  out = experiment.init_run(cfg, workdir, progress=not args.no_progress, method_config=mcfg)
   what = f"{out.result.num_steps} steps" if out.result.num_steps else "applied"
   print(
     f"\n{cfg.init.method}: {what} in {out.seconds:.1f} s (incl. compilation)\n"
@@ -54,8 +56,8 @@ def cmd_train(args) -> int:
   Raises:
     DivergedError: the training loss became NaN/inf (the run's record says where).
   """
-  cfg, workdir = _prepare(args, "train")
-  record = experiment.train_run(cfg, workdir)
+  cfg, mcfg, workdir = _prepare(args, "train")
+  record = experiment.train_run(cfg, workdir, method_config=mcfg)
   if record["status"] != "finished":
     raise DivergedError(
       f"training {record['status']}; the last good checkpoint is in {workdir / 'checkpoints'}"
@@ -69,7 +71,7 @@ def cmd_train(args) -> int:
 def cmd_compare(args) -> int:
   """`nio-jax compare`: `train` for every method of `compare.methods` (or `--methods`) on one
   config, then one picture and table comparing them (`compare.md`, `compare.png`)."""
-  cfg, workdir = _prepare(args, "compare")
+  cfg, _, workdir = _prepare(args, "compare")  # each method's config is built by compare_run
   names = [m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None
   out = experiment.compare_run(cfg, workdir, methods_=names, overwrite=args.overwrite)
   bad = {m: r["status"] for m, r in out["records"].items() if r["status"] != "finished"}
@@ -90,9 +92,9 @@ def cmd_measure(args) -> int:
   if rundir is not None and not rundir.is_dir():
     raise ConfigError(f"run directory not found: {rundir}")
   if args.config:
-    cfg = load_config(args.config, args.overrides)
+    cfg, mcfg = load_config(args.config, args.overrides)
   elif rundir is not None:
-    cfg = experiment.load_run_config(rundir, args.overrides)
+    cfg, mcfg = experiment.load_run_config(rundir, args.overrides)
   else:
     raise ConfigError(
       "measure needs a run directory written by nio-jax init/train (with run.json), or "
@@ -106,6 +108,7 @@ def cmd_measure(args) -> int:
     fresh=args.fresh,
     num_batches=args.batches,
     progress=not args.no_progress,
+    method_config=mcfg,
   )
   print(reports.gc_table(out, "params"))
   if args.json:
