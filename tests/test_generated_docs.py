@@ -13,7 +13,10 @@ import pytest
 from nio_jax import models
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-README, MODELS_DOC = ROOT / "docs" / "api.md", ROOT / "docs" / "models.md"  # README: the short table
+README, MODELS_DOC = (
+  ROOT / "docs" / "api.md",
+  ROOT / "docs" / "models.md",
+)  # README: the short table
 BEGIN = "<!-- BEGIN param-count table (python -m tests.test_generated_docs) -->"
 END = "<!-- END param-count table -->"
 
