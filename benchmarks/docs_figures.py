@@ -593,7 +593,7 @@ def render_vs_kaiming(model):
     cells = []
     for p in pts:
       if method == ss.BASELINE:
-        cells.append(ss._pct(row[p]))
+        cells.append(ss.pct(row[p]))
         continue
       a, b = row[p], base[p]
       diff, spread = 100 * (a["mean"] - b["mean"]), 100 * (a["std"] + b["std"])

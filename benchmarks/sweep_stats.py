@@ -202,7 +202,7 @@ def sign_tests(records: list[dict], order=None) -> dict:
   return out
 
 
-def _pct(s: dict, median: bool = False) -> str:
+def pct(s: dict, median: bool = False) -> str:
   if s["mean"] is None:
     return "–"
   txt = f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}" if s["n"] > 1 else f"{100 * s['mean']:.1f}"
@@ -217,8 +217,8 @@ def significant_table(cells: list[dict]) -> str:
   ]
   for c in cells:
     lines.append(
-      f"| {c['model']} | {c['method']} | {c['point']} | {_pct(c['method_stats'])} | "
-      f"{_pct(c['kaiming_stats'])} | {100 * c['diff']:+.2f} | {100 * c['spread']:.2f} | "
+      f"| {c['model']} | {c['method']} | {c['point']} | {pct(c['method_stats'])} | "
+      f"{pct(c['kaiming_stats'])} | {100 * c['diff']:+.2f} | {100 * c['spread']:.2f} | "
       f"**{c['verdict']}** |"
     )
   if not cells:
@@ -281,7 +281,7 @@ def markdown(records: list[dict], order=None, title: str = "fmnist") -> str:
           [
             method,
             str(len(row["seeds"])),
-            *[_pct(row[p], median=True) for p in pts],
+            *[pct(row[p], median=True) for p in pts],
             "–" if nc is None else f"{nc} of {n100}",
           ]
         )

@@ -38,6 +38,8 @@ def parse(argv):
   p.add_argument("--init-timeout", type=int, default=60)
   p.add_argument("--heartbeat-timeout", type=int, default=10)
   p.add_argument("--sigterm-at", type=int, default=0, help="train: SIGTERM itself at this step")
+  p.add_argument("--kill-at", type=int, default=0, help="train: the last process SIGKILLs itself")
+  p.add_argument("--checkpoint-every", type=int, default=0, help="train: checkpoint every N steps")
   p.add_argument("--no-mesh", dest="mesh", action="store_false", help="train: no mesh")
   return p.parse_args(argv)
 
@@ -123,29 +125,31 @@ def run_hang(mesh):
 
 
 class SigtermAt:
-  """A loader that sends SIGTERM to its own process when batch `at` (global step) is
-  drawn, mid-run, as a preemptible machine's scheduler would."""
+  """A loader that sends SIGTERM (or `sig`) to its own process when batch `at` (global step)
+  is drawn, mid-run, as a preemptible machine's scheduler would (SIGKILL: a crash)."""
 
-  def __init__(self, loader, at: int):
-    self.loader, self.at = loader, at
+  def __init__(self, loader, at: int, sig=None):
+    import signal
+
+    self.loader, self.at, self.sig = loader, at, signal.SIGTERM if sig is None else sig
 
   def __getattr__(self, name):
     return getattr(self.loader, name)
 
   def epoch(self, epoch, start_step=0):
     import os
-    import signal
 
     g = epoch * self.loader.steps_per_epoch + start_step
     for batch in self.loader.epoch(epoch, start_step):
       g += 1
       if g == self.at:
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), self.sig)
       yield batch
 
 
-def run_train(out, mesh, sigterm_at):
+def run_train(out, mesh, sigterm_at, kill_at=0, checkpoint_every=0):
   import pathlib
+  import signal
 
   from nio_jax import train
   from tests.test_train import make_setup, tiny_config
@@ -153,7 +157,11 @@ def run_train(out, mesh, sigterm_at):
   model, variables, loader, test_set = make_setup(bn=True)
   if sigterm_at and jax.process_index() == 0:
     loader = SigtermAt(loader, sigterm_at)
+  if kill_at and jax.process_index() == jax.process_count() - 1:
+    loader = SigtermAt(loader, kill_at, signal.SIGKILL)
   cfg = tiny_config(num_epochs=2, eval_batch_size=20)
+  if checkpoint_every:
+    cfg.checkpoint_every_steps = checkpoint_every
   out = pathlib.Path(out)
   r = train.train(model, variables, loader, test_set, cfg, out / "run", mesh=mesh)
   res = {}
@@ -186,7 +194,7 @@ def main(argv=None):
   elif a.mode == "hang":
     run_hang(mesh)
   elif a.mode == "train":
-    run_train(a.out, mesh if a.mesh else None, a.sigterm_at)
+    run_train(a.out, mesh if a.mesh else None, a.sigterm_at, a.kill_at, a.checkpoint_every)
   print(f"[process {jax.process_index()}] OK", flush=True)
 
 

@@ -152,8 +152,11 @@ def test_linen_mnist_cnn(method):
 
 
 def _resnet():
-  # The example's own test-only ResNet (one stage of one block), at 4 filters on 16x16x3.
-  return imagenet_models._ResNet1(num_classes=3, num_filters=4)
+  # The example's own test-only ResNet (`_ResNet1`: one stage of one block), built from the
+  # file's public names, at 4 filters on 16x16x3.
+  return imagenet_models.ResNet(
+    stage_sizes=[1], block_cls=imagenet_models.ResNetBlock, num_classes=3, num_filters=4
+  )
 
 
 def _resnet_data():
