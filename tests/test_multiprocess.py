@@ -271,17 +271,37 @@ CLI_SETS = [
 ]
 
 
-@pytest.mark.slow  # ~60 s on 2 cores
-def test_cli_train_two_processes_through_the_launcher(tmp_path):
-  """`scripts/launch_local.sh 2 -- nio-jax train ...` (the documented command) trains one
-  model with 2 processes and ends with the single-process run's accuracy and test loss;
-  every printed line names its process, and the metrics log is written once."""
+NIO_CLI = [sys.executable, "-c", "import sys; from nio_jax.cli import main; sys.exit(main())"]
+
+
+def start_cli(args, workdir, log: pathlib.Path, processes: int = 1, extra=()):
+  """`nio-jax ARGS --workdir WORKDIR` as one process, or as `processes` processes of one CPU
+  device each through the documented launcher (`scripts/launch_local.sh N -- ...`)."""
+  cmd = [*NIO_CLI, *args, "--workdir", workdir, *extra]
+  env = worker_env(1)
+  if processes > 1:
+    cmd = [str(ROOT / "scripts" / "launch_local.sh"), str(processes), "--", *cmd]
+    env = worker_env(1, NIO_JAX_LOCAL_DEVICES="1")
+    env.pop("XLA_FLAGS")
+  with open(log, "w") as f:
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+
+
+def skip_without_fashion_mnist():
   from nio_jax.data import find_fashion_mnist_dir
 
   try:
     find_fashion_mnist_dir()
   except FileNotFoundError as e:
     pytest.skip(str(e))
+
+
+@pytest.mark.slow  # ~60 s on 2 cores
+def test_cli_train_two_processes_through_the_launcher(tmp_path):
+  """`scripts/launch_local.sh 2 -- nio-jax train ...` (the documented command) trains one
+  model with 2 processes and ends with the single-process run's accuracy and test loss;
+  every printed line names its process, and the metrics log is written once."""
+  skip_without_fashion_mnist()
   args = [
     "train",
     "--config",
@@ -289,33 +309,8 @@ def test_cli_train_two_processes_through_the_launcher(tmp_path):
     "--no-progress",
     *[f"--set={s}" for s in CLI_SETS],
   ]
-  nio = [sys.executable, "-c", "import sys; from nio_jax.cli import main; sys.exit(main())"]
-  env = worker_env(1, NIO_JAX_LOCAL_DEVICES="1")
-  env.pop("XLA_FLAGS")
-  with open(tmp_path / "mp.log", "w") as f:
-    mp = subprocess.Popen(
-      [
-        str(ROOT / "scripts" / "launch_local.sh"),
-        "2",
-        "--",
-        *nio,
-        *args,
-        "--workdir",
-        tmp_path / "mp",
-      ],
-      cwd=ROOT,
-      env=env,
-      stdout=f,
-      stderr=subprocess.STDOUT,
-    )
-  with open(tmp_path / "one.log", "w") as f:
-    one = subprocess.Popen(
-      [*nio, *args, "--workdir", tmp_path / "one"],
-      cwd=ROOT,
-      env=worker_env(1),
-      stdout=f,
-      stderr=subprocess.STDOUT,
-    )
+  mp = start_cli(args, tmp_path / "mp", tmp_path / "mp.log", processes=2)
+  one = start_cli(args, tmp_path / "one", tmp_path / "one.log")
   assert wait_all([mp, one]) == [0, 0], logs(tmp_path)
   log = (tmp_path / "mp.log").read_text()
   for i in range(2):
@@ -337,23 +332,7 @@ def test_cli_train_two_processes_through_the_launcher(tmp_path):
   assert not list((tmp_path / "mp").rglob("*.tmp")), list((tmp_path / "mp").rglob("*"))
   for name in ("run_record.json", "config.json", "report.md"):
     assert (tmp_path / "mp" / name).exists(), name
-  with open(tmp_path / "mp2.log", "w") as f:
-    again = subprocess.Popen(
-      [
-        str(ROOT / "scripts" / "launch_local.sh"),
-        "2",
-        "--",
-        *nio,
-        *args,
-        "--workdir",
-        tmp_path / "mp",
-        "--overwrite",
-      ],
-      cwd=ROOT,
-      env=env,
-      stdout=f,
-      stderr=subprocess.STDOUT,
-    )
+  again = start_cli(args, tmp_path / "mp", tmp_path / "mp2.log", processes=2, extra=["--overwrite"])
   assert wait_all([again]) == [0], logs(tmp_path)
   rec = train.read_metrics(tmp_path / "mp" / "metrics.jsonl")
   assert [r for r in rec if r["type"] == "eval"][0]["test_acc"] == a["test_acc"]
@@ -363,12 +342,7 @@ def test_cli_train_two_processes_through_the_launcher(tmp_path):
 def test_cli_compare_two_processes_through_the_launcher(tmp_path):
   """`scripts/launch_local.sh 2 -- nio-jax compare ...` runs every method's train in both
   processes and writes one compare table (process 0), equal to the single-process one."""
-  from nio_jax.data import find_fashion_mnist_dir
-
-  try:
-    find_fashion_mnist_dir()
-  except FileNotFoundError as e:
-    pytest.skip(str(e))
+  skip_without_fashion_mnist()
   args = [
     "compare",
     "--config",
@@ -378,26 +352,8 @@ def test_cli_compare_two_processes_through_the_launcher(tmp_path):
     "--no-progress",
     *[f"--set={s}" for s in CLI_SETS],
   ]
-  nio = [sys.executable, "-c", "import sys; from nio_jax.cli import main; sys.exit(main())"]
-  env = worker_env(1, NIO_JAX_LOCAL_DEVICES="1")
-  env.pop("XLA_FLAGS")
-  launcher = [str(ROOT / "scripts" / "launch_local.sh"), "2", "--"]
-  with open(tmp_path / "cmp_mp.log", "w") as f:
-    mp = subprocess.Popen(
-      [*launcher, *nio, *args, "--workdir", tmp_path / "mp"],
-      cwd=ROOT,
-      env=env,
-      stdout=f,
-      stderr=subprocess.STDOUT,
-    )
-  with open(tmp_path / "cmp_one.log", "w") as f:
-    one = subprocess.Popen(
-      [*nio, *args, "--workdir", tmp_path / "one"],
-      cwd=ROOT,
-      env=worker_env(1),
-      stdout=f,
-      stderr=subprocess.STDOUT,
-    )
+  mp = start_cli(args, tmp_path / "mp", tmp_path / "cmp_mp.log", processes=2)
+  one = start_cli(args, tmp_path / "one", tmp_path / "cmp_one.log")
   assert wait_all([mp, one]) == [0, 0], logs(tmp_path)
   log = (tmp_path / "cmp_mp.log").read_text()
   assert "[process 0/2]" in log and "[process 1/2]" in log, log
