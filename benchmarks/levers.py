@@ -1,0 +1,232 @@
+"""The cheaper speed levers of issue 30, measured against the library's defaults in one run.
+
+Levers:
+
+* `relu=mask`: the ReLU derivative as a multiply by the mask `x > 0` (a `jax.custom_jvp`)
+  instead of `jax.nn.relu`'s `select`. The values are the same for finite inputs; the
+  derivative of the mask is zero, so every order of autodiff stays a multiply. Timed
+  interleaved with `relu=select` (the default) in one process, by patching `flax.linen.relu`
+  while each step is traced.
+* `--xla-flags`: extra XLA flags (e.g. the scheduler lever
+  `--xla_cpu_enable_concurrency_optimized_scheduler=false`). XLA reads its flags once per
+  process, so each flag set runs as its own child process; each child times its steps and the
+  PyTorch training step of the same weights, so every ratio is to PyTorch in the same process.
+
+For every (flags, relu) it reports the step time, the ratio to PyTorch's training step and
+XLA's temporary buffer size of the compiled step (`memory_analysis().temp_size_in_bytes`).
+The steps: the training step (`train`), and NIO sample-wise (`nio_sw`) and batch-setting
+(`nio_b`) search steps in the library's default formulation, as `benchmarks.bench` builds
+them (`nio_jax.bench.workloads.part_fns`). Each child is one `CpuWindow`; the file stores the
+verdict of each.
+
+    ../shared/tools/quiet -- python -m benchmarks.levers \
+        --xla-flags "" "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+
+Results: `benchmarks/results/levers_<platform>.json` and `.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+RELUS = ("select", "mask")
+
+
+def mask_relu():
+  """ReLU whose derivative multiplies by the mask `x > 0` instead of selecting."""
+  import jax
+  import jax.numpy as jnp
+
+  @jax.custom_jvp
+  def relu(x):
+    return jnp.maximum(x, 0)
+
+  @relu.defjvp
+  def _jvp(primals, tangents):
+    (x,), (t,) = primals, tangents
+    return relu(x), t * (x > 0).astype(t.dtype)
+
+  return relu
+
+
+def fresh(spec: dict) -> dict:
+  """`spec` with a new loss function object, so that no cached step of the other ReLU is
+  reused (the searches cache compiled steps on the loss function object)."""
+  from nio_jax.flax_utils import linen_loss_fn
+
+  return dict(spec, loss_fn=linen_loss_fn(spec["model"], batch_stats=spec["batch_stats"]))
+
+
+@contextlib.contextmanager
+def patched_relu(kind: str):
+  """`flax.linen.relu` (what the zoo's models call) replaced while the block runs."""
+  import flax.linen as nn
+
+  old = nn.relu
+  if kind == "mask":
+    nn.relu = mask_relu()
+  try:
+    yield
+  finally:
+    nn.relu = old
+
+
+def child(models_, batch: int, parts, reps: int, budget: float) -> dict:
+  import jax
+
+  from nio_jax.bench import machine, timing, workloads
+
+  out = {"rows": [], "xla_flags": os.environ.get("XLA_FLAGS")}
+  with machine.CpuWindow() as win:
+    for name in models_:
+      spec = workloads.build(name, batch)
+      tctx = workloads.build_torch(spec, "cpu")
+      fns, info = {}, {}
+      forms_sw, forms_b = workloads.default_formulations(jax.default_backend(), spec)
+      torch_fn = None
+      for part in parts:
+        for relu in RELUS:
+          with patched_relu(relu):
+            try:
+              jfns, tfn = workloads.part_fns(
+                part, fresh(spec), forms_sw, forms_b, tctx if part == "train" else None
+              )
+            except workloads.PartSkipped:
+              continue
+            torch_fn = torch_fn or tfn
+            (form, (fn, args)), *_ = jfns.items()
+            compiled, cinfo = timing.jax_compile(fn, *args)
+          mem = compiled.memory_analysis()
+          key = f"{part}/{relu}"
+          info[key] = dict(
+            part=part,
+            relu=relu,
+            form=form,
+            compile_s=cinfo.get("compile_s"),
+            temp_mb=round(mem.temp_size_in_bytes / 2**20, 2) if mem else None,
+          )
+          timing.block(compiled(*args))
+          fns[key] = lambda c=compiled, a=args: timing.block(c(*a))
+      # equal values: the two ReLUs give the same training gradient
+      fns["torch_train"] = torch_fn
+      torch_fn()
+      times = timing.interleaved(fns, reps, budget)
+      tms = times["torch_train"]["median_s"]
+      for key, ent in info.items():
+        t = times[key]
+        ent.update(step_ms=round(t["median_s"] * 1e3, 2), reps=t["reps"])
+        ent["vs_torch_train"] = round(t["median_s"] / tms, 3)
+      out["rows"].append(
+        dict(model=name, batch=batch, torch_train_ms=round(tms * 1e3, 2), steps=info)
+      )
+  out["window"] = win.record()
+  out["environment"] = machine.environment()  # after torch is imported: records its version
+  out["quiet"] = machine.verdict(out["window"])
+  return out
+
+
+def check_equal(batch: int = 4) -> float:
+  """Largest relative difference of the ResNet-20 NIO batch step's scales between the ReLUs."""
+  import jax
+  import numpy as np
+
+  from nio_jax.bench import workloads
+
+  spec = workloads.build("resnet20", batch)
+  fs, fb = workloads.default_formulations(jax.default_backend(), spec)
+  res = []
+  for relu in RELUS:
+    with patched_relu(relu):
+      jfns, _ = workloads.part_fns("nio_b", fresh(spec), fs, fb, None)
+      (fn, args), *_ = jfns.values()
+      res.append(jax.tree.leaves(fn(*args)))
+  rel = [
+    float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
+    for a, b in zip(*(map(np.asarray, r) for r in res))
+    if np.issubdtype(a.dtype, np.floating) and a.size
+  ]
+  return max(rel)
+
+
+def render(res: dict) -> str:
+  from nio_jax.bench import machine
+
+  env = res["runs"][0]["environment"]
+  lines = [
+    f"# Speed levers of issue 30 ({env['device']}, jax {env['versions'].get('jax')}, "
+    f"torch {env['versions'].get('torch')}, float32)",
+    "",
+    f"Command: `{res['command']}`; commit {env.get('git_commit')}.",
+    f"Scales after one NIO batch step, relu=mask against relu=select, ResNet-20 B=4: largest "
+    f"relative difference {res['equal_rel']:.2e}.",
+    "",
+    "| XLA flags | model | B | step | relu | ms | x PyTorch train | temp MiB | verdict |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
+  for run in res["runs"]:
+    v = machine.verdict_markdown(run["quiet"])
+    for row in run["rows"]:
+      for ent in row["steps"].values():
+        lines.append(
+          f"| `{run['extra_flags'] or 'defaults'}` | {row['model']} | {row['batch']} | "
+          f"{ent['part']} | {ent['relu']} | {ent['step_ms']} | {ent['vs_torch_train']} | "
+          f"{ent['temp_mb']} | {v} |"
+        )
+  return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--models", default="resnet20,resnet20_bn")
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--parts", default="train,nio_sw,nio_b")
+  p.add_argument("--reps", type=int, default=5)
+  p.add_argument("--budget", type=float, default=120.0)
+  p.add_argument("--xla-flags", nargs="*", default=[""], help="one child per flag set")
+  p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+  p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+  a = p.parse_args(argv)
+  models_, parts = a.models.split(","), a.parts.split(",")
+  if a.child:
+    print(json.dumps(child(models_, a.batch, parts, a.reps, a.budget)))
+    return 0
+  runs = []
+  for extra in a.xla_flags:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), extra]).strip()
+    cmd = [sys.executable, "-m", "benchmarks.levers", "--child", "--models", a.models]
+    cmd += ["--batch", str(a.batch), "--parts", a.parts, "--reps", str(a.reps)]
+    cmd += ["--budget", str(a.budget)]
+    r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, check=False)
+    if r.returncode:
+      sys.stderr.write(r.stderr)
+      return r.returncode
+    run = json.loads(r.stdout.strip().splitlines()[-1])
+    run["extra_flags"] = extra
+    runs.append(run)
+    print(f"flags {extra or 'defaults'}: {run['quiet']['verdict']}", flush=True)
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  res = dict(
+    command="python -m benchmarks.levers " + " ".join(sys.argv[1:] if argv is None else argv),
+    runs=runs,
+    equal_rel=check_equal(),
+  )
+  out = pathlib.Path(a.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "levers_cpu.json").write_text(json.dumps(res, indent=1) + "\n")
+  (out / "levers_cpu.md").write_text(render(res))
+  print(render(res))
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
