@@ -104,7 +104,8 @@ def main(argv=None) -> int:
   a = ap.parse_args(argv)
   from nio_jax.bench import machine, report
 
-  env = report.environment()
+  command = "python -m benchmarks.xla_flags " + " ".join(sys.argv[1:] if argv is None else argv)
+  env = report.environment(command)
   rows = []
   for norm in a.norms.split(","):
     with machine.CpuWindow() as win:
@@ -134,7 +135,9 @@ def main(argv=None) -> int:
   out = pathlib.Path(a.out)
   out.mkdir(parents=True, exist_ok=True)
   stem = out / "xla_flags_cpu"
-  stem.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows}, indent=1) + "\n")
+  stem.with_suffix(".json").write_text(
+    json.dumps({"command": command, "env": env, "rows": rows}, indent=1) + "\n"
+  )
   lines = [
     f"# XLA:CPU flag sets, gradient of the training loss ({a.model}, B={a.batch}, float32)",
     "",
