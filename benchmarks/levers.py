@@ -19,8 +19,8 @@ The steps: the training step (`train`), and NIO sample-wise (`nio_sw`) and batch
 them (`nio_jax.bench.workloads.part_fns`). Each child is one `CpuWindow`; the file stores the
 verdict of each.
 
-    ../shared/tools/quiet -- python -m benchmarks.levers \
-        --xla-flags "" "--xla_cpu_enable_concurrency_optimized_scheduler=false"
+    ../shared/tools/quiet -- python -m benchmarks.levers --xla-flags= \
+        --xla-flags=--xla_cpu_enable_concurrency_optimized_scheduler=false
 
 Results: `benchmarks/results/levers_<platform>.json` and `.md`.
 """
@@ -191,7 +191,12 @@ def main(argv=None) -> int:
   p.add_argument("--parts", default="train,nio_sw,nio_b")
   p.add_argument("--reps", type=int, default=5)
   p.add_argument("--budget", type=float, default=120.0)
-  p.add_argument("--xla-flags", nargs="*", default=[""], help="one child per flag set")
+  p.add_argument(
+    "--xla-flags",
+    action="append",
+    help="one child per use, e.g. --xla-flags= (the defaults) "
+    "--xla-flags=--xla_cpu_enable_concurrency_optimized_scheduler=false",
+  )
   p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   a = p.parse_args(argv)
@@ -200,7 +205,7 @@ def main(argv=None) -> int:
     print(json.dumps(child(models_, a.batch, parts, a.reps, a.budget)))
     return 0
   runs = []
-  for extra in a.xla_flags:
+  for extra in a.xla_flags or [""]:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), extra]).strip()
     cmd = [sys.executable, "-m", "benchmarks.levers", "--child", "--models", a.models]
