@@ -139,7 +139,16 @@ def provenance(path) -> dict:
       verdict = _verdict_of_windows(
         dict(noisy=q["verdict"] == "NOISY", other_share=q["other_cpu_share"]) for q in have
       )
-    return dict(verdict=verdict, command=None, commit=None, runs=len(runs), with_verdict=len(have))
+    # the command and commit each run records (runs before issue 31 record neither)
+    cmds = [r.get("command") for r in runs]
+    commits = [(r.get("environment") or {}).get("git_commit") for r in runs]
+    return dict(
+      verdict=verdict,
+      command="; ".join(sorted(set(cmds))) if runs and all(cmds) else None,
+      commit=", ".join(sorted({c[:12] for c in commits})) if runs and all(commits) else None,
+      runs=len(runs),
+      with_verdict=len(have),
+    )
   d = json.loads(path.read_text())
   meta = d.get("meta") or {}
   env = d.get("environment") or d.get("env") or {}

@@ -22,7 +22,11 @@ verdict of each.
     ../shared/tools/quiet -- python -m benchmarks.levers --xla-flags= \
         --xla-flags=--xla_cpu_enable_concurrency_optimized_scheduler=false
 
-Results: `benchmarks/results/levers_<platform>.json` and `.md`.
+    ../shared/tools/quiet -- python -m benchmarks.levers --models resnet110 --parts train \
+        --xla-flags= --xla-flags=--xla_cpu_enable_concurrency_optimized_scheduler=false \
+        --tag _resnet110
+
+Results: `benchmarks/results/levers_<platform><tag>.json` and `.md`.
 """
 
 from __future__ import annotations
@@ -116,20 +120,26 @@ def child(models_, batch: int, parts, reps: int, budget: float) -> dict:
           )
           timing.block(compiled(*args))
           fns[key] = lambda c=compiled, a=args: timing.block(c(*a))
-      # equal values: the two ReLUs give the same training gradient
-      fns["torch_train"] = torch_fn
+      # each part's steps are timed interleaved with PyTorch's training step of the same
+      # weights (its own anchor per part: a heavy step before it changes its time)
       torch_fn()
-      times = timing.interleaved(fns, reps, budget)
-      tms = times["torch_train"]["median_s"]
-      for key, ent in info.items():
-        t = times[key]
-        ent.update(step_ms=round(t["median_s"] * 1e3, 2), reps=t["reps"])
-        ent["vs_torch_train"] = round(t["median_s"] / tms, 3)
-      out["rows"].append(
-        dict(model=name, batch=batch, torch_train_ms=round(tms * 1e3, 2), steps=info)
-      )
+      anchors = {}
+      for part in parts:
+        keys = [k for k in fns if info[k]["part"] == part]
+        if not keys:
+          continue
+        group = {k: fns[k] for k in keys} | {"torch_train": torch_fn}
+        times = timing.interleaved(group, reps, budget)
+        tms = times["torch_train"]["median_s"]
+        anchors[part] = round(tms * 1e3, 2)
+        for key in keys:
+          t = times[key]
+          info[key].update(step_ms=round(t["median_s"] * 1e3, 2), reps=t["reps"])
+          info[key]["torch_train_ms"] = anchors[part]
+          info[key]["vs_torch_train"] = round(t["median_s"] / tms, 3)
+      out["rows"].append(dict(model=name, batch=batch, torch_train_ms=anchors, steps=info))
   out["window"] = win.record()
-  out["environment"] = machine.environment()  # after torch is imported: records its version
+  out["environment"] = machine.environment(extra_dists=("torch",))
   out["quiet"] = machine.verdict(out["window"])
   return out
 
@@ -169,8 +179,8 @@ def render(res: dict) -> str:
     f"Scales after one NIO batch step, relu=mask against relu=select, ResNet-20 B=4: largest "
     f"relative difference {res['equal_rel']:.2e}.",
     "",
-    "| XLA flags | model | B | step | relu | ms | x PyTorch train | temp MiB | verdict |",
-    "|---|---|---|---|---|---|---|---|---|",
+    "| XLA flags | model | B | step | relu | ms | PyTorch train ms (same group) | x PyTorch train | temp MiB | verdict |",
+    "|---|---|---|---|---|---|---|---|---|---|",
   ]
   for run in res["runs"]:
     v = machine.verdict_markdown(run["quiet"])
@@ -178,7 +188,8 @@ def render(res: dict) -> str:
       for ent in row["steps"].values():
         lines.append(
           f"| `{run['extra_flags'] or 'defaults'}` | {row['model']} | {row['batch']} | "
-          f"{ent['part']} | {ent['relu']} | {ent['step_ms']} | {ent['vs_torch_train']} | "
+          f"{ent['part']} | {ent['relu']} | {ent['step_ms']} | {ent['torch_train_ms']} | "
+          f"{ent['vs_torch_train']} | "
           f"{ent['temp_mb']} | {v} |"
         )
   return "\n".join(lines) + "\n"
@@ -198,6 +209,7 @@ def main(argv=None) -> int:
     "--xla-flags=--xla_cpu_enable_concurrency_optimized_scheduler=false",
   )
   p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
+  p.add_argument("--tag", default="", help="suffix of the result files' names")
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   a = p.parse_args(argv)
   models_, parts = a.models.split(","), a.parts.split(",")
@@ -227,8 +239,8 @@ def main(argv=None) -> int:
   )
   out = pathlib.Path(a.out)
   out.mkdir(parents=True, exist_ok=True)
-  (out / "levers_cpu.json").write_text(json.dumps(res, indent=1) + "\n")
-  (out / "levers_cpu.md").write_text(render(res))
+  (out / f"levers_cpu{a.tag}.json").write_text(json.dumps(res, indent=1) + "\n")
+  (out / f"levers_cpu{a.tag}.md").write_text(render(res))
   print(render(res))
   return 0
 

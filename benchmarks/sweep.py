@@ -32,6 +32,7 @@ import importlib.metadata
 import importlib.util
 import math
 import pathlib
+import shlex
 import shutil
 import subprocess
 import sys
@@ -110,6 +111,15 @@ def committed_record(results, grid: dict, cell: dict, seed: int) -> dict | None:
 # "threshold", ...}`, NOISY above 5 %); shared with the other benchmark scripts.
 quiet_verdict = machine.verdict
 
+# The command line of this process when it runs as `python -m benchmarks.sweep` (set by
+# `main`); each per-run JSON and `table.json` store it beside the environment and commit.
+_COMMAND: str | None = None
+
+
+def command() -> str:
+  """The sweep's command line, or a note that it ran from Python (a test, a notebook)."""
+  return _COMMAND or "benchmarks.sweep called from Python (no command line)"
+
 
 def run_one(grid: dict, cell: dict, seed: int, root, results, log=print) -> dict:
   """One run (skipped when finished, started afresh when unfinished); its record.
@@ -137,6 +147,8 @@ def run_one(grid: dict, cell: dict, seed: int, root, results, log=print) -> dict
   rec = {**rec, "cell_model": cell["model"], "cell_method": cell["method"]}
   rec["run_seconds"] = time.perf_counter() - t0
   rec["quiet"] = quiet_verdict(window.record())
+  rec["command"] = command()
+  rec["environment"] = environment()  # with the git commit the run started from
   files.write_json(wd / files.RUN_RECORD, rec)
   out = _result_path(results, grid, cell, seed)
   out.parent.mkdir(parents=True, exist_ok=True)
@@ -319,7 +331,13 @@ def collect(grid: dict, root, results, plots: bool = True, log=print) -> dict:
   (out / "table.md").write_text(markdown(grid, tab, missing))
   files.write_json(
     out / "table.json",
-    {"grid": grid["name"], "environment": environment(), "missing": missing, "table": tab},
+    {
+      "grid": grid["name"],
+      "command": command(),
+      "environment": environment(),
+      "missing": missing,
+      "table": tab,
+    },
   )
   sweep_stats.write(grid, results)  # significant.md, from the committed per-run JSON
   pngs = plot_curves(grid, records, out) if plots and records else []
@@ -408,6 +426,8 @@ def main(argv=None):
   p.add_argument("--commit", action="store_true", help="git commit the results after each cell")
   p.add_argument("--no-plots", action="store_true")
   a = p.parse_args(argv)
+  global _COMMAND
+  _COMMAND = "python -m benchmarks.sweep " + shlex.join(sys.argv[1:] if argv is None else argv)
   grid = load_grid(a.grid)
   if a.time_one:
     time_one(grid)
