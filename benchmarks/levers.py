@@ -7,6 +7,10 @@ Levers:
   derivative of the mask is zero, so every order of autodiff stays a multiply. Timed
   interleaved with `relu=select` (the default) in one process, by patching `flax.linen.relu`
   while each step is traced.
+* `--env`: environment variables of the process, e.g. glibc's malloc settings
+  (`MALLOC_MMAP_MAX_=0`: XLA's per-execution temporary buffer comes from the heap and is
+  reused, instead of a fresh `mmap` whose pages fault in, zero-filled, on every step). The
+  minor page faults per step are counted (`getrusage`) for every step.
 * `--xla-flags`: extra XLA flags (e.g. the scheduler lever
   `--xla_cpu_enable_concurrency_optimized_scheduler=false`). XLA reads its flags once per
   process, so each flag set runs as its own child process; each child times its steps and the
@@ -36,6 +40,7 @@ import contextlib
 import json
 import os
 import pathlib
+import resource
 import subprocess
 import sys
 
@@ -119,6 +124,12 @@ def child(models_, batch: int, parts, reps: int, budget: float) -> dict:
             temp_mb=round(mem.temp_size_in_bytes / 2**20, 2) if mem else None,
           )
           timing.block(compiled(*args))
+          f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+          for _ in range(2):
+            timing.block(compiled(*args))
+          info[key]["minor_faults_per_step"] = (
+            resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+          ) // 2
           fns[key] = lambda c=compiled, a=args: timing.block(c(*a))
       # each part's steps are timed interleaved with PyTorch's training step of the same
       # weights (its own anchor per part: a heavy step before it changes its time)
@@ -179,18 +190,19 @@ def render(res: dict) -> str:
     f"Scales after one NIO batch step, relu=mask against relu=select, ResNet-20 B=4: largest "
     f"relative difference {res['equal_rel']:.2e}.",
     "",
-    "| XLA flags | model | B | step | relu | ms | PyTorch train ms (same group) | x PyTorch train | temp MiB | verdict |",
-    "|---|---|---|---|---|---|---|---|---|---|",
+    "| XLA flags / environment | model | B | step | relu | ms | PyTorch train ms (same group) | x PyTorch train | temp MiB | minor page faults per step | verdict |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for run in res["runs"]:
     v = machine.verdict_markdown(run["quiet"])
     for row in run["rows"]:
       for ent in row["steps"].values():
         lines.append(
-          f"| `{run['extra_flags'] or 'defaults'}` | {row['model']} | {row['batch']} | "
+          f"| `{(run['extra_flags'] + ' ' + run.get('extra_env', '')).strip() or 'defaults'}` | "
+          f"{row['model']} | {row['batch']} | "
           f"{ent['part']} | {ent['relu']} | {ent['step_ms']} | {ent['torch_train_ms']} | "
           f"{ent['vs_torch_train']} | "
-          f"{ent['temp_mb']} | {v} |"
+          f"{ent['temp_mb']} | {ent.get('minor_faults_per_step')} | {v} |"
         )
   return "\n".join(lines) + "\n"
 
@@ -208,6 +220,13 @@ def main(argv=None) -> int:
     help="one child per use, e.g. --xla-flags= (the defaults) "
     "--xla-flags=--xla_cpu_enable_concurrency_optimized_scheduler=false",
   )
+  p.add_argument(
+    "--env",
+    action="append",
+    help="one more child per use with these environment variables (space-separated "
+    "KEY=VALUE) and the default flags, e.g. --env 'MALLOC_MMAP_MAX_=0 "
+    "MALLOC_TRIM_THRESHOLD_=68719476736' (glibc: no mmap per large buffer)",
+  )
   p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
   p.add_argument("--tag", default="", help="suffix of the result files' names")
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -217,9 +236,11 @@ def main(argv=None) -> int:
     print(json.dumps(child(models_, a.batch, parts, a.reps, a.budget)))
     return 0
   runs = []
-  for extra in a.xla_flags or [""]:
+  variants = [(f, "") for f in a.xla_flags or [""]] + [("", e) for e in a.env or []]
+  for extra, extra_env in variants:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), extra]).strip()
+    env.update(kv.split("=", 1) for kv in extra_env.split())
     cmd = [sys.executable, "-m", "benchmarks.levers", "--child", "--models", a.models]
     cmd += ["--batch", str(a.batch), "--parts", a.parts, "--reps", str(a.reps)]
     cmd += ["--budget", str(a.budget)]
@@ -228,9 +249,9 @@ def main(argv=None) -> int:
       sys.stderr.write(r.stderr)
       return r.returncode
     run = json.loads(r.stdout.strip().splitlines()[-1])
-    run["extra_flags"] = extra
+    run["extra_flags"], run["extra_env"] = extra, extra_env
     runs.append(run)
-    print(f"flags {extra or 'defaults'}: {run['quiet']['verdict']}", flush=True)
+    print(f"flags {extra or 'defaults'} env {extra_env}: {run['quiet']['verdict']}", flush=True)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   res = dict(
     command="python -m benchmarks.levers " + " ".join(sys.argv[1:] if argv is None else argv),
