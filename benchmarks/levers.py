@@ -1,12 +1,17 @@
 """The cheaper speed levers of issue 30, measured against the library's defaults in one run.
 
-Levers:
+Levers (variants of the same step, traced and compiled in one process and timed
+interleaved there):
 
-* `relu=mask`: the ReLU derivative as a multiply by the mask `x > 0` (a `jax.custom_jvp`)
+* `relu_mask`: the ReLU derivative as a multiply by the mask `x > 0` (a `jax.custom_jvp`)
   instead of `jax.nn.relu`'s `select`. The values are the same for finite inputs; the
-  derivative of the mask is zero, so every order of autodiff stays a multiply. Timed
-  interleaved with `relu=select` (the default) in one process, by patching `flax.linen.relu`
-  while each step is traced.
+  derivative of the mask is zero, so every order of autodiff stays a multiply. Applied by
+  patching `flax.linen.relu` while each step is traced.
+* `im2col_remat`: each im2col convolution under `jax.checkpoint` with nothing saveable: the
+  backward recomputes the k*k patches from the input instead of keeping them.
+
+Variants of the process (each its own child process, which also times PyTorch):
+
 * `--env`: environment variables of the process, e.g. glibc's malloc settings
   (`MALLOC_MMAP_MAX_=0`: XLA's per-execution temporary buffer comes from the heap and is
   reused, instead of a fresh `mmap` whose pages fault in, zero-filled, on every step). The
@@ -16,7 +21,7 @@ Levers:
   process, so each flag set runs as its own child process; each child times its steps and the
   PyTorch training step of the same weights, so every ratio is to PyTorch in the same process.
 
-For every (flags, relu) it reports the step time, the ratio to PyTorch's training step and
+For every (flags or environment, variant) it reports the step time, the ratio to PyTorch's training step and
 XLA's temporary buffer size of the compiled step (`memory_analysis().temp_size_in_bytes`).
 The steps: the training step (`train`), and NIO sample-wise (`nio_sw`) and batch-setting
 (`nio_b`) search steps in the library's default formulation, as `benchmarks.bench` builds
@@ -47,7 +52,7 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-RELUS = ("select", "mask")
+VARIANTS = ("default", "relu_mask", "im2col_remat")
 
 
 def mask_relu():
@@ -76,17 +81,35 @@ def fresh(spec: dict) -> dict:
 
 
 @contextlib.contextmanager
-def patched_relu(kind: str):
-  """`flax.linen.relu` (what the zoo's models call) replaced while the block runs."""
-  import flax.linen as nn
+def variant(kind: str):
+  """The lever `kind` in place while the block runs (steps are traced inside it).
 
-  old = nn.relu
-  if kind == "mask":
+  `relu_mask`: `flax.linen.relu` (what the zoo's models call) replaced by `mask_relu`.
+  `im2col_remat`: every im2col convolution of the rewritten steps under `jax.checkpoint`
+  with nothing saveable, so that its backward recomputes the patches from the input instead
+  of keeping them (memory: the patches are k*k times the input).
+  """
+  import flax.linen as nn
+  import jax
+
+  from nio_jax import jaxpr_rewrites as jr
+
+  old_relu, old_conv = nn.relu, jr.conv_as_matmul
+  if kind == "relu_mask":
     nn.relu = mask_relu()
+  elif kind == "im2col_remat":
+
+    def remat_conv(lhs, rhs, **params):
+      f = lambda a, b: old_conv(a, b, **params)  # noqa: E731
+      return jax.checkpoint(f, policy=jax.checkpoint_policies.nothing_saveable)(lhs, rhs)
+
+    jr.conv_as_matmul = remat_conv
+  elif kind != "default":
+    raise ValueError(f"unknown variant {kind!r}; known: {VARIANTS}")
   try:
     yield
   finally:
-    nn.relu = old
+    nn.relu, jr.conv_as_matmul = old_relu, old_conv
 
 
 def child(models_, batch: int, parts, reps: int, budget: float) -> dict:
@@ -103,8 +126,8 @@ def child(models_, batch: int, parts, reps: int, budget: float) -> dict:
       forms_sw, forms_b = workloads.default_formulations(jax.default_backend(), spec)
       torch_fn = None
       for part in parts:
-        for relu in RELUS:
-          with patched_relu(relu):
+        for var in VARIANTS:
+          with variant(var):
             try:
               jfns, tfn = workloads.part_fns(
                 part, fresh(spec), forms_sw, forms_b, tctx if part == "train" else None
@@ -115,10 +138,10 @@ def child(models_, batch: int, parts, reps: int, budget: float) -> dict:
             (form, (fn, args)), *_ = jfns.items()
             compiled, cinfo = timing.jax_compile(fn, *args)
           mem = compiled.memory_analysis()
-          key = f"{part}/{relu}"
+          key = f"{part}/{var}"
           info[key] = dict(
             part=part,
-            relu=relu,
+            variant=var,
             form=form,
             compile_s=cinfo.get("compile_s"),
             temp_mb=round(mem.temp_size_in_bytes / 2**20, 2) if mem else None,
@@ -155,8 +178,9 @@ def child(models_, batch: int, parts, reps: int, budget: float) -> dict:
   return out
 
 
-def check_equal(batch: int = 4) -> float:
-  """Largest relative difference of the ResNet-20 NIO batch step's scales between the ReLUs."""
+def check_equal(batch: int = 4) -> dict:
+  """`{"<part>/<variant>": largest relative difference}` of each lever's step output (new
+  scales, optimiser state, metrics) against the default's, ResNet-20 without BN at `batch`."""
   import jax
   import numpy as np
 
@@ -164,18 +188,21 @@ def check_equal(batch: int = 4) -> float:
 
   spec = workloads.build("resnet20", batch)
   fs, fb = workloads.default_formulations(jax.default_backend(), spec)
-  res = []
-  for relu in RELUS:
-    with patched_relu(relu):
-      jfns, _ = workloads.part_fns("nio_b", fresh(spec), fs, fb, None)
-      (fn, args), *_ = jfns.values()
-      res.append(jax.tree.leaves(fn(*args)))
-  rel = [
-    float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
-    for a, b in zip(*(map(np.asarray, r) for r in res))
-    if np.issubdtype(a.dtype, np.floating) and a.size
-  ]
-  return max(rel)
+  out = {}
+  for part in ("nio_sw", "nio_b"):
+    res = {}
+    for var in VARIANTS:
+      with variant(var):
+        jfns, _ = workloads.part_fns(part, fresh(spec), fs, fb, None)
+        (fn, args), *_ = jfns.values()
+        res[var] = [np.asarray(x) for x in jax.tree.leaves(fn(*args))]
+    for var in VARIANTS[1:]:
+      out[f"{part}/{var}"] = max(
+        float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
+        for a, b in zip(res[var], res["default"])
+        if np.issubdtype(b.dtype, np.floating) and b.size
+      )
+  return out
 
 
 def render(res: dict) -> str:
@@ -187,10 +214,12 @@ def render(res: dict) -> str:
     f"torch {env['versions'].get('torch')}, float32)",
     "",
     f"Command: `{res['command']}`; commit {env.get('git_commit')}.",
-    f"Scales after one NIO batch step, relu=mask against relu=select, ResNet-20 B=4: largest "
-    f"relative difference {res['equal_rel']:.2e}.",
+    "One NIO step's outputs (scales, optimiser state, metrics) of each lever against the "
+    "default's, ResNet-20 B=4, largest relative difference: "
+    + ", ".join(f"{k} {v:.1e}" for k, v in res["equal_rel"].items())
+    + ".",
     "",
-    "| XLA flags / environment | model | B | step | relu | ms | PyTorch train ms (same group) | x PyTorch train | temp MiB | minor page faults per step | verdict |",
+    "| XLA flags / environment | model | B | step | variant | ms | PyTorch train ms (same group) | x PyTorch train | temp MiB | minor page faults per step | verdict |",
     "|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for run in res["runs"]:
@@ -200,7 +229,7 @@ def render(res: dict) -> str:
         lines.append(
           f"| `{(run['extra_flags'] + ' ' + run.get('extra_env', '')).strip() or 'defaults'}` | "
           f"{row['model']} | {row['batch']} | "
-          f"{ent['part']} | {ent['relu']} | {ent['step_ms']} | {ent['torch_train_ms']} | "
+          f"{ent['part']} | {ent['variant']} | {ent['step_ms']} | {ent['torch_train_ms']} | "
           f"{ent['vs_torch_train']} | "
           f"{ent['temp_mb']} | {ent.get('minor_faults_per_step')} | {v} |"
         )
