@@ -282,8 +282,11 @@ def main(argv=None) -> int:
     runs.append(run)
     print(f"flags {extra or 'defaults'} env {extra_env}: {run['quiet']['verdict']}", flush=True)
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  from nio_jax.bench import machine
+
   res = dict(
     command="python -m benchmarks.levers " + " ".join(sys.argv[1:] if argv is None else argv),
+    environment=runs[0]["environment"] if runs else machine.environment(),
     runs=runs,
     equal_rel=check_equal(),
   )
