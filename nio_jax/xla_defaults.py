@@ -1,22 +1,25 @@
-"""XLA:CPU flags that nio_jax turns on at import, and how to turn them off.
+"""XLA:CPU flags that nio_jax sets at import, and how to turn them off.
 
 `import nio_jax` appends `CPU_FLAGS` to the `XLA_FLAGS` environment variable, which XLA reads
-once, when JAX creates its first backend. The flag routes reduce fusions on XLA:CPU through
-YNNPACK (`--xla_cpu_experimental_ynn_fusion_type=reduce`).
+once, when JAX creates its first backend. The flag turns XLA:CPU's YNNPACK fusions off
+(`--xla_cpu_experimental_ynn_fusion_type=`, an empty list), so that every fusion is XLA's own.
 
-What was measured (`benchmarks/xla_flags.py`, `benchmarks/xla_precision.py`; figures in
-docs/performance.md):
-  * YNN's `dot` and `eltwise` fusions are NOT used: under them `relu(NaN)` becomes 0, so a
-    batch of NaN images gives a finite loss and divergence would pass the non-finite checks
-    (`tests/test_xla_defaults.py` reproduces it);
-  * the `reduce` fusion keeps IEEE NaN propagation and float32 gradients as exact as XLA's
-    own fusions, and it is faster: on an idle 2-core machine the gradient of ResNet-20's
-    training loss (B=32) took 0.97x (no BN) and 0.76x (BN) of the time with XLA's own
-    reductions, in one interleaved run (`benchmarks/results/xla_flags_cpu.md`).
+Why (`benchmarks/xla_flags.py`; figures in docs/performance.md): with YNN fusions a ReLU
+fused into a YNN fusion maps NaN to 0. Under this jaxlib's own default, and under the
+`reduce` fusion that nio_jax set before issue 30, NaN images give the zoo's ResNet-20 (with
+and without BN) a finite loss of ln(10): divergence would pass the trainer's and the searches'
+non-finite checks. Only with YNN off does NaN propagate (`tests/test_xla_defaults.py`
+reproduces both on a small net with a global average pool). YNN off is also the closer to
+float64 (the BN gradient's error is about half of `reduce`'s). What it costs: the ResNet-20
+training gradient takes a few per cent (no BN) to about a tenth (BN) longer than with
+`reduce`, in one interleaved run (`benchmarks/results/xla_flags_cpu.md`).
 
 Guarantees and limits:
-  * a flag the user already set (by name, in `XLA_FLAGS`) is never overridden;
-  * `NIO_JAX_XLA_DEFAULTS=0` in the environment turns every default off;
+  * a flag the user already set (by name, in `XLA_FLAGS`) is never overridden: setting
+    `--xla_cpu_experimental_ynn_fusion_type=reduce` yourself brings the faster, NaN-unsafe
+    fusions back;
+  * `NIO_JAX_XLA_DEFAULTS=0` in the environment turns every default off (XLA's own defaults,
+    which include YNN fusions on this jaxlib, apply);
   * the flag only affects the CPU backend; GPU and TPU ignore it;
   * if JAX's backends were created before `import nio_jax` (an array was made first), the
     flags cannot take effect any more: `status()` says so, and nothing else changes.
@@ -27,7 +30,7 @@ from __future__ import annotations
 import os
 from collections.abc import MutableMapping
 
-CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=reduce",)
+CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=",)
 OPT_OUT = "NIO_JAX_XLA_DEFAULTS"
 
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from nio_jax import xla_defaults
 
@@ -89,19 +90,24 @@ print(json.dumps({"rel": err / max(float(jnp.max(jnp.abs(b))) for b in jax.tree.
 
 
 def test_default_flags_keep_float32_gradients_exact():
-  """Under nio_jax's defaults, f32 gradients of a BN conv net stay within 2e-6 of float64."""
+  """Under nio_jax's defaults, f32 gradients of a BN conv net stay within 1e-5 of float64
+  (relative to the largest entry; issue 30's bound for every default path). Measured: about
+  2.4e-6 with YNN off, the default since issue 30."""
   rel = _child(_PRECISION)["rel"]
-  assert np.isfinite(rel) and rel < 2e-6, rel
+  assert np.isfinite(rel) and rel < 1e-5, rel
 
 
 _NAN = r"""
-import json, jax, jax.numpy as jnp, flax.linen as nn, optax
+import json, os, jax, jax.numpy as jnp, flax.linen as nn, optax
 import nio_jax  # noqa: F401
+POOL = os.environ.get("POOL") == "1"
 
 class Net(nn.Module):
   @nn.compact
   def __call__(self, x):
     x = nn.relu(nn.Conv(8, (3, 3), strides=2)(x))
+    if POOL:  # a ReLU feeding a reduction: YNN's reduce fusion takes both (ResNet's pool)
+      return nn.Dense(10)(jnp.mean(x, axis=(1, 2)))
     return nn.Dense(10)(x.reshape(x.shape[0], -1))
 
 x = jnp.full((32, 12, 12, 1), jnp.nan, jnp.float32)
@@ -114,9 +120,13 @@ print(json.dumps({"loss_is_nan": bool(jnp.isnan(jax.jit(loss)(p))),
 """
 
 
-def test_default_flags_keep_nan_propagating():
-  """NaN images give a NaN loss under the defaults (YNN's dot/eltwise fusions turn relu(NaN)
-  into 0, a finite loss, which would hide divergence from the non-finite checks)."""
-  assert _child(_NAN) == {"loss_is_nan": True, "grad_loss_is_nan": True}
-  bad = f"{YNN}=dot,eltwise,reduce"
-  assert _child(_NAN, XLA_FLAGS=bad)["loss_is_nan"] is False  # the hazard this test guards
+@pytest.mark.parametrize("pool", ["0", "1"], ids=["flatten", "global_pool"])
+def test_default_flags_keep_nan_propagating(pool):
+  """NaN images give a NaN loss under the defaults. YNN fusions turn relu(NaN) into 0, a
+  finite loss that would hide divergence from the non-finite checks: `dot,eltwise` on any
+  net, `reduce` (nio_jax's default before issue 30) where a ReLU feeds a reduction, as in
+  every ResNet's global average pool."""
+  assert _child(_NAN, POOL=pool) == {"loss_is_nan": True, "grad_loss_is_nan": True}
+  bad = f"{YNN}=reduce" if pool == "1" else f"{YNN}=dot,eltwise,reduce"
+  # the hazard this test guards against, with the flag the user could set
+  assert _child(_NAN, XLA_FLAGS=bad, POOL=pool)["loss_is_nan"] is False
