@@ -58,7 +58,10 @@ MARK = re.compile(
 # `benchmarks.sweep` now records in full. Every other cited file was rerun QUIET (issue 31).
 UNRECORDED: dict[tuple[str, str], str] = {
   ("sweep_fmnist/table.json", "verdict"): "the table aggregates runs; their verdicts are per run",
-  ("sweep_fmnist/table.json", "command"): "written by a --collect before table.json stored its command",
+  (
+    "sweep_fmnist/table.json",
+    "command",
+  ): "written by a --collect before table.json stored its command",
   ("sweep_fmnist/runs", "verdict"): "the first round's 73 runs predate the per-run verdict",
   ("sweep_fmnist/runs", "command"): "per-run JSON records no command (the grid's is in docs)",
   ("sweep_fmnist/runs", "commit"): "per-run JSON records no commit (table.json: the collect's)",
@@ -125,7 +128,7 @@ def provenance(path) -> dict:
   meta = d.get("meta") or {}
   env = d.get("environment") or d.get("env") or {}
   command = d.get("command") or meta.get("command")
-  commit = d.get("commit") or env.get("git_commit") or meta.get("git_commit")
+  commit = d.get("commit") or d.get("git_commit") or env.get("git_commit") or meta.get("git_commit")
   quiet = d.get("quiet", meta.get("quiet"))
   if isinstance(quiet, dict):
     verdict = quiet.get("verdict") and (
@@ -182,7 +185,7 @@ def latest(pattern: str) -> str:
   return found[-1]
 
 
-DEFAULTS_B32 = "bench_20261207T014536_cpu.json"  # today's defaults, B=32 (issue 30's baseline)
+DEFAULTS_B32 = latest("bench_*_cpu_defaults.json")  # today's defaults, B=32
 
 
 def _load(name):
@@ -700,6 +703,24 @@ def render_sites_compile():
   return "; ".join(out) + ". " + " ".join(source_line(RESULTS / n) for n in FORMULATIONS)
 
 
+LEVERS = ("levers_cpu.json", "levers_cpu_resnet110.json")
+
+
+def render_levers():
+  """The levers of issue 30 (`benchmarks.levers`): each file's table and exactness line."""
+  from benchmarks import levers  # noqa: PLC0415
+
+  out = []
+  for n in LEVERS:
+    md = levers.render(_load(n)).splitlines()
+    out += [ln for ln in md if ln.startswith(("|", "One NIO step"))] + [
+      "",
+      source_line(RESULTS / n),
+      "",
+    ]
+  return "\n".join(out).strip()
+
+
 FORMULATIONS = (
   latest("bench_*_cpu_formulations_b32.json"),
   latest("bench_*_cpu_formulations_b128.json"),
@@ -750,6 +771,7 @@ BLOCKS = {
   "multiprocess-cost": ([RESULTS / "multiprocess_cost_cpu.json"], render_multiprocess),
   "onednn-prototype": ([RESULTS / n for n in ONEDNN], render_onednn),
   "sites-compile": ([RESULTS / n for n in FORMULATIONS], render_sites_compile),
+  "levers": ([RESULTS / n for n in LEVERS], render_levers),
 }
 
 

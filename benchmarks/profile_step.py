@@ -275,6 +275,7 @@ def main(argv=None) -> dict:
       for k, v in report.environment().items()
       if k in ("python", "jax", "jaxlib", "flax", "torch", "torch_threads", "xla_flags")
     },
+    git_commit=machine.git_commit(),
     cores=machine.cores(),
     load_before=machine.load_average(),
     parts={},
