@@ -78,8 +78,11 @@ def test_same_logits_as_torch(name, kwargs, shape):
 
   assert y_train.shape == (4, kwargs.get("num_classes", 10))
   assert np.all(np.isfinite(y_train))
-  np.testing.assert_allclose(y_train, t_train, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(y_eval, t_eval, rtol=1e-4, atol=1e-4)
+  # float32 through up to 50 layers: differences are relative to the logits' scale
+  # (ResNet-50 with batch statistics differs by ~3e-5 of its largest logit; issue 30's
+  # YNN-off XLA:CPU default changed XLA's summation order)
+  for y, t in ((y_train, t_train), (y_eval, t_eval)):
+    np.testing.assert_allclose(y, t, rtol=1e-4, atol=1e-4 * max(1.0, float(np.abs(t).max())))
   if "batch_stats" not in variables:
     np.testing.assert_allclose(y_train, y_eval, rtol=1e-6, atol=1e-6)
 
