@@ -713,11 +713,8 @@ def render_levers():
   out = []
   for n in LEVERS:
     md = levers.render(_load(n)).splitlines()
-    out += [ln for ln in md if ln.startswith(("|", "One NIO step"))] + [
-      "",
-      source_line(RESULTS / n),
-      "",
-    ]
+    out += [ln for ln in md if ln.startswith("One NIO step")] + [""]
+    out += [ln for ln in md if ln.startswith("|")] + ["", source_line(RESULTS / n), ""]
   return "\n".join(out).strip()
 
 
