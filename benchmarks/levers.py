@@ -124,17 +124,16 @@ def child(models_, batch: int, parts, reps: int, budget: float) -> dict:
       tctx = workloads.build_torch(spec, "cpu")
       fns, info = {}, {}
       forms_sw, forms_b = workloads.default_formulations(jax.default_backend(), spec)
-      torch_fn = None
+      # the anchor: PyTorch's training step of the same weights, built once (the JAX side of
+      # this call is a jit that is never traced), also when `train` is not among `parts`
+      _, torch_fn = workloads.part_fns("train", spec, forms_sw, forms_b, tctx)
       for part in parts:
         for var in VARIANTS:
           with variant(var):
             try:
-              jfns, tfn = workloads.part_fns(
-                part, fresh(spec), forms_sw, forms_b, tctx if part == "train" else None
-              )
+              jfns, _ = workloads.part_fns(part, fresh(spec), forms_sw, forms_b, None)
             except workloads.PartSkipped:
               continue
-            torch_fn = torch_fn or tfn
             (form, (fn, args)), *_ = jfns.items()
             compiled, cinfo = timing.jax_compile(fn, *args)
           mem = compiled.memory_analysis()
