@@ -9,6 +9,9 @@ interleaved there):
   patching `flax.linen.relu` while each step is traced.
 * `im2col_remat`: each im2col convolution under `jax.checkpoint` with nothing saveable: the
   backward recomputes the k*k patches from the input instead of keeping them.
+* `hvp_linearize`, `hvp_vjp` (MetaInit's step only): the gradient and the Hessian-vector
+  product from one `jax.linearize` / `jax.vjp` of `value_and_grad` instead of a
+  `value_and_grad` beside a `jax.jvp` of `jax.grad` (`MetaInitConfig.hvp`).
 
 Variants of the process (each its own child process, which also times PyTorch):
 
@@ -52,7 +55,14 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-VARIANTS = ("default", "relu_mask", "im2col_remat")
+VARIANTS = ("default", "relu_mask", "im2col_remat", "hvp_linearize", "hvp_vjp")
+# variants that change only some steps (the others run as the default for every part)
+ONLY_PARTS = {"hvp_linearize": ("metainit",), "hvp_vjp": ("metainit",)}
+
+
+def applies(var: str, part: str) -> bool:
+  """Whether the lever `var` changes the step `part` (else it is not run for that part)."""
+  return part in ONLY_PARTS.get(var, (part,))
 
 
 def mask_relu():
@@ -93,9 +103,13 @@ def variant(kind: str):
   import jax
 
   from nio_jax import jaxpr_rewrites as jr
+  from nio_jax.methods import metainit as mi
 
-  old_relu, old_conv = nn.relu, jr.conv_as_matmul
-  if kind == "relu_mask":
+  old_relu, old_conv, old_hvp = nn.relu, jr.conv_as_matmul, mi.grad_and_hvp
+  if kind.startswith("hvp_"):
+    form = kind.removeprefix("hvp_")
+    mi.grad_and_hvp = lambda f, p, m, hvp="jvp": old_hvp(f, p, m, form)  # noqa: E731
+  elif kind == "relu_mask":
     nn.relu = mask_relu()
   elif kind == "im2col_remat":
 
@@ -109,10 +123,10 @@ def variant(kind: str):
   try:
     yield
   finally:
-    nn.relu, jr.conv_as_matmul = old_relu, old_conv
+    nn.relu, jr.conv_as_matmul, mi.grad_and_hvp = old_relu, old_conv, old_hvp
 
 
-def child(models_, batch: int, parts, reps: int, budget: float) -> dict:
+def child(models_, batch: int, parts, reps: int, budget: float, variants=VARIANTS) -> dict:
   import jax
 
   from nio_jax.bench import machine, timing, workloads
@@ -128,7 +142,9 @@ def child(models_, batch: int, parts, reps: int, budget: float) -> dict:
       # this call is a jit that is never traced), also when `train` is not among `parts`
       _, torch_fn = workloads.part_fns("train", spec, forms_sw, forms_b, tctx)
       for part in parts:
-        for var in VARIANTS:
+        for var in variants:
+          if not applies(var, part):
+            continue
           with variant(var):
             try:
               jfns, _ = workloads.part_fns(part, fresh(spec), forms_sw, forms_b, None)
@@ -177,9 +193,10 @@ def child(models_, batch: int, parts, reps: int, budget: float) -> dict:
   return out
 
 
-def check_equal(batch: int = 4) -> dict:
+def check_equal(batch: int = 4, variants=VARIANTS) -> dict:
   """`{"<part>/<variant>": largest relative difference}` of each lever's step output (new
-  scales, optimiser state, metrics) against the default's, ResNet-20 without BN at `batch`."""
+  scales, optimiser state, metrics) against the default's, ResNet-20 without BN at `batch`,
+  for the NIO steps and MetaInit's."""
   import jax
   import numpy as np
 
@@ -188,14 +205,17 @@ def check_equal(batch: int = 4) -> dict:
   spec = workloads.build("resnet20", batch)
   fs, fb = workloads.default_formulations(jax.default_backend(), spec)
   out = {}
-  for part in ("nio_sw", "nio_b"):
+  variants = ["default", *[v for v in variants if v != "default"]]
+  for part in ("nio_sw", "nio_b", "metainit"):
     res = {}
-    for var in VARIANTS:
+    for var in variants:
+      if not applies(var, part):
+        continue
       with variant(var):
         jfns, _ = workloads.part_fns(part, fresh(spec), fs, fb, None)
         (fn, args), *_ = jfns.values()
         res[var] = [np.asarray(x) for x in jax.tree.leaves(fn(*args))]
-    for var in VARIANTS[1:]:
+    for var in [v for v in res if v != "default"]:
       out[f"{part}/{var}"] = max(
         float(np.max(np.abs(a - b)) / (np.max(np.abs(b)) + 1e-30))
         for a, b in zip(res[var], res["default"])
@@ -213,7 +233,7 @@ def render(res: dict) -> str:
     f"torch {env['versions'].get('torch')}, float32)",
     "",
     f"Command: `{res['command']}`; commit {env.get('git_commit')}.",
-    "One NIO step's outputs (scales, optimiser state, metrics) of each lever against the "
+    "One step's outputs (scales, optimiser state, metrics) of each lever against the "
     "default's, ResNet-20 B=4, largest relative difference: "
     + ", ".join(f"{k} {v:.1e}" for k, v in res["equal_rel"].items())
     + ".",
@@ -255,13 +275,22 @@ def main(argv=None) -> int:
     "KEY=VALUE) and the default flags, e.g. --env 'MALLOC_MMAP_MAX_=0 "
     "MALLOC_TRIM_THRESHOLD_=68719476736' (glibc: no mmap per large buffer)",
   )
+  p.add_argument(
+    "--variants",
+    default=",".join(VARIANTS),
+    help=f"comma-separated levers to compile and time (of {VARIANTS}); default all",
+  )
   p.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
   p.add_argument("--tag", default="", help="suffix of the result files' names")
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   a = p.parse_args(argv)
   models_, parts = a.models.split(","), a.parts.split(",")
+  variants = a.variants.split(",")
+  unknown = sorted(set(variants) - set(VARIANTS))
+  if unknown:
+    p.error(f"unknown --variants {unknown}; known: {', '.join(VARIANTS)}")
   if a.child:
-    print(json.dumps(child(models_, a.batch, parts, a.reps, a.budget)))
+    print(json.dumps(child(models_, a.batch, parts, a.reps, a.budget, variants)))
     return 0
   runs = []
   variants = [(f, "") for f in a.xla_flags or [""]] + [("", e) for e in a.env or []]
@@ -271,7 +300,7 @@ def main(argv=None) -> int:
     env.update(kv.split("=", 1) for kv in extra_env.split())
     cmd = [sys.executable, "-m", "benchmarks.levers", "--child", "--models", a.models]
     cmd += ["--batch", str(a.batch), "--parts", a.parts, "--reps", str(a.reps)]
-    cmd += ["--budget", str(a.budget)]
+    cmd += ["--budget", str(a.budget), "--variants", a.variants]
     r = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, check=False)
     if r.returncode:
       sys.stderr.write(r.stderr)
@@ -287,7 +316,7 @@ def main(argv=None) -> int:
     command="python -m benchmarks.levers " + " ".join(sys.argv[1:] if argv is None else argv),
     environment=runs[0]["environment"] if runs else machine.environment(),
     runs=runs,
-    equal_rel=check_equal(),
+    equal_rel=check_equal(variants=variants),
   )
   out = pathlib.Path(a.out)
   out.mkdir(parents=True, exist_ok=True)

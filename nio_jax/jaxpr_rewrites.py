@@ -215,6 +215,12 @@ def _eval_rewritten(jaxpr, consts, args, mode):
         body, list(carry0), list(xs), length=p["length"], reverse=p["reverse"], unroll=p["unroll"]
       )
       outs = [*carry, *ys]
+    elif name == "cond":  # GradInit's constraint / objective branches
+      branches = [
+        lambda *ops, b=b: _eval_rewritten(b.jaxpr, b.consts, list(ops), mode)
+        for b in eqn.params["branches"]
+      ]
+      outs = jax.lax.switch(inv[0], branches, *inv[1:])
     else:  # a control-flow primitive we do not rewrite: keep its convolutions
       outs = bind_equation(eqn, inv)
     for v, o in zip(eqn.outvars, outs):
@@ -326,8 +332,8 @@ def canonical_convs(fn: Callable, backends: tuple[str, ...] | None = ("cpu",)) -
   `jax.jvp` and just inside `jax.jit` (e.g. `jax.jit(canonical_convs(train_step))`): the
   convolutions that need it are the ones autodiff creates. The values are the same
   convolutions (same sums, same order of XLA's library kernel); only operand layouts change.
-  Recurses into jit, `scan` (flax `nn.scan`) and custom_jvp/vjp bodies; convolutions inside
-  `while_loop` / `cond` bodies are kept as they are.
+  Recurses into jit, `scan` (flax `nn.scan`), `cond` (`lax.cond` / `lax.switch`) and
+  custom_jvp/vjp bodies; convolutions inside `while_loop` bodies are kept as they are.
 
   Args:
     fn: any function of pytrees of arrays.

@@ -106,6 +106,29 @@ def test_canonical_convs_second_order_and_static_args():
   assert non_canonical_convs(fixed2, 1.3, ws, x) == []
 
 
+def test_canonical_convs_inside_cond_branches():
+  """Convolutions inside `lax.cond` branches (GradInit's constraint / objective step) are
+  rewritten too, with the same values on both branches."""
+  ws, x = chain_args()
+
+  def f(pred, ws, x):
+    def a(ws, x):
+      return jax.grad(scan_chain)(ws, x)
+
+    def b(ws, x):
+      return jax.grad(scan_chain)(2.0 * ws, x)
+
+    return jax.lax.cond(pred, a, b, ws, x)
+
+  assert dim_labels(f, True, ws, x) - {CANONICAL}
+  fixed = canonical_convs(f, backends=None)
+  assert dim_labels(fixed, True, ws, x) == {CANONICAL}
+  for pred in (True, False):
+    np.testing.assert_allclose(
+      jax.jit(fixed)(pred, ws, x), jax.jit(f)(pred, ws, x), rtol=2e-5, atol=1e-6
+    )
+
+
 def test_canonical_convs_only_on_listed_backends():
   ws, x = chain_args()
   g = jax.grad(scan_chain)

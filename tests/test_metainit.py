@@ -85,6 +85,37 @@ def test_gq_gradient_matches_explicit_hessian(setup):
   )
 
 
+@pytest.mark.parametrize("hvp", ["linearize", "vjp"])
+def test_hvp_forms_agree_with_jvp_and_explicit_hessian(setup, hvp):
+  """Every `hvp` form gives the jvp form's GQ, aux and d GQ / dθ, and the explicit Hessian's
+  GQ; a leaf outside `grad_filter` stays out of g and Hg in every form."""
+  params, (batch, _) = setup
+  gq_bf = brute_force(params, batch)[0]
+
+  def gq(p, form, filt=None):
+    return gradient_quotient(tm.mlp_loss, p, batch, eps=EPS, hvp=form, grad_filter=filt)
+
+  (v1, a1), g1 = jax.jit(jax.value_and_grad(lambda p: gq(p, "jvp"), has_aux=True))(params)
+  (v2, a2), g2 = jax.jit(jax.value_and_grad(lambda p: gq(p, hvp), has_aux=True))(params)
+  np.testing.assert_allclose(float(v2), float(v1), rtol=1e-6)
+  np.testing.assert_allclose(float(v2), float(gq_bf), rtol=1e-5)
+  for k in a1:
+    np.testing.assert_allclose(float(a2[k]), float(a1[k]), rtol=1e-6)
+  np.testing.assert_allclose(
+    np.asarray(ravel_pytree(g2)[0]), np.asarray(ravel_pytree(g1)[0]), rtol=1e-4, atol=1e-7
+  )
+  kernels_only = lambda path, leaf: leaf.ndim >= 2  # noqa: E731
+  f1 = jax.jit(lambda p: gq(p, "jvp", kernels_only)[0])(params)
+  f2 = jax.jit(lambda p: gq(p, hvp, kernels_only)[0])(params)
+  np.testing.assert_allclose(float(f2), float(f1), rtol=1e-6)
+  assert abs(float(f1) - float(v1)) > 1e-6  # the filter changes GQ, so the check can fail
+
+
+def test_hvp_config_is_validated():
+  with pytest.raises(ValueError, match="hvp"):
+    MetaInitConfig.create(hvp="finite_differences")
+
+
 def plain_metainit(params, batches, steps, lr=0.1, momentum=0.9):
   """The paper's listing on the params themselves (no scales)."""
   memory = jax.tree_util.tree_map(lambda _: 0.0, params)

@@ -87,6 +87,12 @@ class MetaInitConfig:
       (no host round-trip per step; see `nio_jax.search.run_scale_search(on_device=...)`).
     conv: how the step evaluates convolutions (`nio_jax.formulation.CONVS`): "auto" = the
       backend's default (`formulation.resolve_conv`: im2col on CPU), "none" as written.
+    hvp: how `gradient_quotient` forms g and Hg (`HVPS`): "jvp" = `jax.jvp` of `jax.grad`
+      beside a separate `value_and_grad` (two forward-backward passes), "linearize" = one
+      `jax.linearize` of `value_and_grad` (the forward-backward once, its tangent map
+      applied to g), "vjp" = one `jax.vjp` of `value_and_grad`, Hg as its pullback of g
+      (reverse over reverse, as the PyTorch reference). The same Hg (H is symmetric) to
+      float rounding; they differ in speed only.
   """
 
   variant: str = "sign_momentum"
@@ -105,6 +111,7 @@ class MetaInitConfig:
   select: Callable | None = None
   device_loop: bool = False
   conv: str = "auto"
+  hvp: str = "jvp"
 
   def __post_init__(self):
     if self.num_steps is None and self.variant in _DEFAULT_STEPS:
@@ -121,6 +128,7 @@ class MetaInitConfig:
     """Raises `TypeError` / `ValueError` naming a bad field."""
     checks.check_choice("variant", self.variant, VARIANTS)
     formulation.resolve_conv(self.conv)
+    checks.check_choice("hvp", self.hvp, HVPS)
     method_config.check_int("num_steps", self.num_steps, 1, " (MetaInit iterations)")
     if self.lr is not None:
       checks.check_positive("lr", self.lr)
@@ -160,6 +168,32 @@ def hessian_vector_product(loss_fn: Callable, params: PyTree, batch: PyTree, v: 
   return jax.jvp(grad_fn, (params,), (v,))[1]
 
 
+HVPS = ("jvp", "linearize", "vjp")
+
+
+def grad_and_hvp(mean_loss: Callable, params: PyTree, mask: PyTree, hvp: str = "jvp"):
+  """`(loss, g, Hg)`: the mean loss, its gradient with the leaves outside `mask` zeroed, and
+  the Hessian times that masked g, formed as `hvp` says (`HVPS`; `MetaInitConfig.hvp`).
+  Differentiable in `params` in every form."""
+
+  def masked(g):
+    return jax.tree_util.tree_map(lambda x, m: x if m else jnp.zeros_like(x), g, mask)
+
+  if hvp == "jvp":
+    loss, g = jax.value_and_grad(mean_loss)(params)
+    g = masked(g)
+    return loss, g, jax.jvp(jax.grad(mean_loss), (params,), (g,))[1]
+  if hvp == "linearize":
+    (loss, g), lin = jax.linearize(jax.value_and_grad(mean_loss), params)
+    g = masked(g)
+    return loss, g, lin(g)[1]
+  if hvp == "vjp":
+    (loss, g), pullback = jax.vjp(jax.value_and_grad(mean_loss), params)
+    g = masked(g)
+    return loss, g, pullback((jnp.zeros_like(loss), g))[0]
+  raise ValueError(f"hvp={hvp!r}; choose one of {HVPS}.")
+
+
 def gradient_quotient(
   loss_fn: Callable,
   params: PyTree,
@@ -167,8 +201,12 @@ def gradient_quotient(
   *,
   eps: float = 1e-5,
   grad_filter: Callable | None = None,
+  hvp: str = "jvp",
 ):
-  """`(GQ, aux)` at `params` on `batch`; aux = dict(loss, grad_norm=‖g‖₂). Differentiable."""
+  """`(GQ, aux)` at `params` on `batch`; aux = dict(loss, grad_norm=‖g‖₂). Differentiable.
+
+  `hvp` picks how g and Hg are formed (`grad_and_hvp`); every choice gives the same GQ to
+  float rounding."""
   grad_filter = leaves.resolve_grad_filter(grad_filter, loss_fn, params)
   mask = method_config.static_mask(params, grad_filter)
   n = sum(
@@ -182,9 +220,7 @@ def gradient_quotient(
   def mean_loss(p):
     return jnp.mean(loss_fn(p, batch))
 
-  loss, g = jax.value_and_grad(mean_loss)(params)
-  g = jax.tree_util.tree_map(lambda x, m: x if m else jnp.zeros_like(x), g, mask)
-  hg = jax.jvp(jax.grad(mean_loss), (params,), (g,))[1]
+  loss, g, hg = grad_and_hvp(mean_loss, params, mask, hvp)
   total = 0.0
   for gl, hl, m in zip(
     jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(hg), jax.tree_util.tree_leaves(mask)
@@ -279,7 +315,12 @@ def metainit_select(path, leaf) -> bool:
 
 def _gq_of_scales(loss_fn, cfg, scales, params0, batch):
   return gradient_quotient(
-    loss_fn, scmod.apply_scales(params0, scales), batch, eps=cfg.eps, grad_filter=cfg.grad_filter
+    loss_fn,
+    scmod.apply_scales(params0, scales),
+    batch,
+    eps=cfg.eps,
+    grad_filter=cfg.grad_filter,
+    hvp=cfg.hvp,
   )
 
 
