@@ -704,16 +704,18 @@ def render_sites_compile():
 
 
 LEVERS = ("levers_cpu.json", "levers_cpu_resnet110.json")
+LEVERS_MALLOC = ("levers_cpu_malloc.json", "levers_cpu_malloc_resnet110.json")
+LEVERS_HVP = ("levers_cpu_hvp.json",)
 
 
-def render_levers():
+def render_levers(names=LEVERS):
   """The levers of issue 30 (`benchmarks.levers`): each file's table and exactness line."""
   from benchmarks import levers  # noqa: PLC0415
 
   out = []
-  for n in LEVERS:
+  for n in names:
     md = levers.render(_load(n)).splitlines()
-    out += [ln for ln in md if ln.startswith("One NIO step")] + [""]
+    out += [ln for ln in md if ln.startswith("One step")] + [""]
     out += [ln for ln in md if ln.startswith("|")] + ["", source_line(RESULTS / n), ""]
   return "\n".join(out).strip()
 
