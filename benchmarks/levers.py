@@ -300,8 +300,8 @@ def main(argv=None) -> int:
     print(json.dumps(child(models_, a.batch, parts, a.reps, a.budget, variants)))
     return 0
   runs = []
-  variants = [(f, "") for f in a.xla_flags or [""]] + [("", e) for e in a.env or []]
-  for extra, extra_env in variants:
+  procs = [(f, "") for f in a.xla_flags or [""]] + [("", e) for e in a.env or []]
+  for extra, extra_env in procs:
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), extra]).strip()
     env.update(kv.split("=", 1) for kv in extra_env.split())
