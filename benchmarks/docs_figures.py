@@ -771,6 +771,11 @@ BLOCKS = {
   "onednn-prototype": ([RESULTS / n for n in ONEDNN], render_onednn),
   "sites-compile": ([RESULTS / n for n in FORMULATIONS], render_sites_compile),
   "levers": ([RESULTS / n for n in LEVERS], render_levers),
+  "levers-malloc": (
+    [RESULTS / n for n in LEVERS_MALLOC],
+    lambda: render_levers(LEVERS_MALLOC),
+  ),
+  "levers-hvp": ([RESULTS / n for n in LEVERS_HVP], lambda: render_levers(LEVERS_HVP)),
 }
 
 

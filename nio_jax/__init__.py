@@ -14,8 +14,7 @@ Where things are:
     keys of stochastic losses (dropout during a search) in `nio_jax.stochastic`;
   * GradInit, MetaInit, Fixup, Kaiming, LSUV and `initialize` in `nio_jax.methods`;
   * scale-out (Mesh, shard_batch, shard_map stats) in `nio_jax.distributed`;
-  * the XLA:CPU flags set at import (and how to turn them off) in `nio_jax.xla_defaults`;
-    glibc's malloc settings for XLA:CPU's per-step buffers in `nio_jax.cpu_malloc`.
+  * the XLA:CPU flags set at import (and how to turn them off) in `nio_jax.xla_defaults`.
 """
 
 # Before anything can create a JAX backend: XLA reads XLA_FLAGS once, at backend creation.
@@ -23,12 +22,6 @@ from nio_jax import xla_defaults
 
 xla_defaults.BACKENDS_BEFORE_IMPORT = xla_defaults.backends_initialized()
 xla_defaults.apply()
-
-# Before XLA's worker threads first allocate (they keep the arena they start on).
-from nio_jax import cpu_malloc  # noqa: E402
-
-if cpu_malloc.wanted():
-  cpu_malloc.apply()
 
 
 from nio_jax.cosine import GCStats, gc_brute_force, gc_from_grads, gradcosine, measure
