@@ -210,3 +210,19 @@ def test_saturated_logits_get_scaled_inputs(monkeypatch):
   np.testing.assert_allclose(spec["x"], (plain["x"] * f).astype(np.float32))
   std0 = jnp.std(plain["model"].apply(plain["variables"], jnp.asarray(plain["x"][:8]), train=False))
   np.testing.assert_allclose(f, 1.0 / float(std0), rtol=1e-6)
+
+
+def test_allocator_env_records_what_changes_step_times():
+  env = {
+    "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
+    "MALLOC_ARENA_MAX": "1",
+    "LD_PRELOAD": "libjemalloc.so.2",
+    "PATH": "/usr/bin",
+    "XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=",
+  }
+  assert machine.allocator_env(env) == {
+    "GLIBC_TUNABLES": "glibc.malloc.hugetlb=1",
+    "LD_PRELOAD": "libjemalloc.so.2",
+    "MALLOC_ARENA_MAX": "1",
+  }
+  assert machine.allocator_env({"PATH": "/usr/bin"}) == {}

@@ -54,6 +54,17 @@ def git_commit(dirty_paths: Sequence[str] = ()) -> str:
   return commit
 
 
+def allocator_env(environ=None) -> dict:
+  """The environment variables that change the C allocator: `GLIBC_TUNABLES`, `MALLOC_*`
+  (glibc's malloc settings) and `LD_PRELOAD` (a replacement allocator)."""
+  environ = os.environ if environ is None else environ
+  return {
+    k: v
+    for k, v in sorted(environ.items())
+    if k in ("GLIBC_TUNABLES", "LD_PRELOAD") or k.startswith("MALLOC_")
+  }
+
+
 def environment(
   command: str | None = None,
   *,
@@ -66,7 +77,9 @@ def environment(
   `device_kind`, `device_count`, `backend`, `cpu_count`, `cores` (`cores()`), `platform`
   (the OS), `processor`, `python`, `versions` (`DISTS` and `extra_dists`, from the installed
   distributions: nothing is imported), `git_commit` (`git_commit(dirty_paths)`),
-  `load_average_at_start`, `xla_flags` and, when given, `command`.
+  `load_average_at_start`, `xla_flags`, `allocator_env` (the environment variables that
+  change where memory comes from: `GLIBC_TUNABLES`, glibc's `MALLOC_*`, `LD_PRELOAD`; they
+  change step times, docs/performance.md) and, when given, `command`.
   """
   import jax  # noqa: PLC0415
 
@@ -93,6 +106,7 @@ def environment(
     "git_commit": git_commit(dirty_paths),
     "load_average_at_start": load_average(),
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    "allocator_env": allocator_env(),
   }
   if command is not None:
     env["command"] = command
