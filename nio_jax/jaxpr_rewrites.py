@@ -215,7 +215,8 @@ def _eval_rewritten(jaxpr, consts, args, mode):
         body, list(carry0), list(xs), length=p["length"], reverse=p["reverse"], unroll=p["unroll"]
       )
       outs = [*carry, *ys]
-    elif name == "cond":  # GradInit's constraint / objective branches
+    elif name == "cond" and set(eqn.params) == {"branches"}:  # GradInit's two branches
+      # (a platform-dependent `cond`, with `branches_platforms`, is kept as it is)
       branches = [
         lambda *ops, b=b: _eval_rewritten(b.jaxpr, b.consts, list(ops), mode)
         for b in eqn.params["branches"]

@@ -226,3 +226,4 @@ def test_allocator_env_records_what_changes_step_times():
     "MALLOC_ARENA_MAX": "1",
   }
   assert machine.allocator_env({"PATH": "/usr/bin"}) == {}
+  assert machine.transparent_hugepage() in ("always", "madvise", "never", None)

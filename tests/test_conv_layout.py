@@ -129,6 +129,41 @@ def test_canonical_convs_inside_cond_branches():
     )
 
 
+@pytest.mark.parametrize("mode", ["im2col", "slices"])
+def test_rewrite_convs_inside_cond_with_branch_constants(mode):
+  """`rewrite_convs` also rewrites a convolution inside a `lax.cond` branch that closes over
+  an array (non-empty branch constants): values and gradients on both branches."""
+  from nio_jax.jaxpr_rewrites import rewrite_convs
+
+  ws, x = chain_args()
+  bias = jnp.arange(4.0) / 10  # closed over by one branch
+
+  def conv(h, w):
+    return jax.lax.conv_general_dilated(
+      h, w, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+  def f(w, x, pred):
+    return jax.lax.cond(
+      pred,
+      lambda w, x: jnp.sum(jnp.tanh(conv(x, w) + bias) ** 2),
+      lambda w, x: jnp.sum(conv(x, 2.0 * w) ** 2),
+      w,
+      x,
+    )
+
+  fixed = rewrite_convs(f, mode)
+  jaxpr = jax.make_jaxpr(fixed)(ws[0], x, True)
+  assert "conv_general_dilated" not in str(jaxpr)
+  for pred in (True, False):
+    np.testing.assert_allclose(
+      jax.jit(fixed)(ws[0], x, pred), jax.jit(f)(ws[0], x, pred), rtol=1e-5
+    )
+    g1 = jax.jit(jax.grad(fixed))(ws[0], x, pred)
+    g2 = jax.jit(jax.grad(f))(ws[0], x, pred)
+    np.testing.assert_allclose(g1, g2, rtol=1e-4, atol=1e-6)
+
+
 def test_canonical_convs_only_on_listed_backends():
   ws, x = chain_args()
   g = jax.grad(scan_chain)

@@ -155,6 +155,30 @@ def test_sign_momentum_matches_paper_listing(setup):
   assert res.config["lr"] == 0.1 and res.config["variant"] == "sign_momentum"
 
 
+@pytest.mark.parametrize("hvp", ["linearize", "vjp"])
+def test_hvp_config_reaches_the_step(setup, hvp, monkeypatch):
+  """`MetaInitConfig.hvp` is what the search runs: the step is traced with that form, and
+  the paper's listing with it gives the jvp form's params and GQ history."""
+  import importlib
+
+  params, batches = setup
+  want = metainit(tm.mlp_loss, params, batches, dict(num_steps=3))
+  mi = importlib.import_module("nio_jax.methods.metainit")
+  seen, real = [], mi.grad_and_hvp
+
+  def spy(f, p, m, form="jvp"):
+    seen.append(form)
+    return real(f, p, m, form)
+
+  monkeypatch.setattr(mi, "grad_and_hvp", spy)
+  got = metainit(tm.mlp_loss, params, batches, dict(num_steps=3, hvp=hvp))
+  assert seen and set(seen) == {hvp}
+  for a, b in zip(jax.tree_util.tree_leaves(got.params), jax.tree_util.tree_leaves(want.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(got.history["gq"], want.history["gq"], rtol=1e-5)
+  assert got.config["hvp"] == hvp
+
+
 def test_random_inputs_spec(setup):
   params, _ = setup
   spec = {"x": (6, SIZES[0]), "num_classes": SIZES[-1], "label_key": "y"}

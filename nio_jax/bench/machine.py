@@ -18,6 +18,7 @@ import importlib.metadata
 import os
 import pathlib
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -65,6 +66,18 @@ def allocator_env(environ=None) -> dict:
   }
 
 
+def transparent_hugepage() -> str | None:
+  """The kernel's transparent-huge-page mode (`always`, `madvise` or `never`; None where
+  the kernel does not say): glibc's `hugetlb=1` tunable acts only under `madvise` or
+  `always`."""
+  try:
+    text = pathlib.Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+  except OSError:
+    return None
+  m = re.search(r"\[(\w+)\]", text)
+  return m.group(1) if m else None
+
+
 def environment(
   command: str | None = None,
   *,
@@ -79,7 +92,8 @@ def environment(
   distributions: nothing is imported), `git_commit` (`git_commit(dirty_paths)`),
   `load_average_at_start`, `xla_flags`, `allocator_env` (the environment variables that
   change where memory comes from: `GLIBC_TUNABLES`, glibc's `MALLOC_*`, `LD_PRELOAD`; they
-  change step times, docs/performance.md) and, when given, `command`.
+  change step times, docs/performance.md), `transparent_hugepage` (the kernel's mode) and,
+  when given, `command`.
   """
   import jax  # noqa: PLC0415
 
@@ -107,6 +121,7 @@ def environment(
     "load_average_at_start": load_average(),
     "xla_flags": os.environ.get("XLA_FLAGS", ""),
     "allocator_env": allocator_env(),
+    "transparent_hugepage": transparent_hugepage(),
   }
   if command is not None:
     env["command"] = command

@@ -88,7 +88,7 @@ class MetaInitConfig:
     conv: how the step evaluates convolutions (`nio_jax.formulation.CONVS`): "auto" = the
       backend's default (`formulation.resolve_conv`: im2col on CPU), "none" as written.
     hvp: how `gradient_quotient` forms g and Hg (`HVPS`): "jvp" = `jax.jvp` of `jax.grad`
-      beside a separate `value_and_grad` (two forward-backward passes), "linearize" = one
+      beside a separate `value_and_grad` (the forward-backward written twice), "linearize" = one
       `jax.linearize` of `value_and_grad` (the forward-backward once, its tangent map
       applied to g), "vjp" = one `jax.vjp` of `value_and_grad`, Hg as its pullback of g
       (reverse over reverse, as the PyTorch reference). The same Hg (H is symmetric) to
