@@ -2,6 +2,7 @@
 `scan_unroll` resolves per backend, changes only the compiled loop (never the layout or the
 numbers), and `benchmarks/user_loop.py` times the forms on a tiny ResNet."""
 
+import json
 import re
 
 import jax
@@ -82,3 +83,21 @@ def test_user_loop_benchmark_times_every_form_on_a_tiny_resnet(tmp_path, monkeyp
   )
   out = (tmp_path / f"user_loop_{jax.default_backend()}.md").read_text()
   assert "| resnet8 | default |" in out and "other processes' CPU share" in out
+
+
+def test_user_loop_depth_table_for_one_form(tmp_path, monkeypatch):
+  """`--forms default --tag`: only that form, the faults per step, and the depth table (each
+  step as a multiple of the first depth's, beside the multiple of blocks)."""
+  pytest.importorskip("torch")
+  from benchmarks import user_loop
+
+  monkeypatch.setattr("sys.argv", ["user_loop"])
+  argv = ["--depths", "8,14", "--batch", "2", "--reps", "1", "--forms", "default"]
+  assert user_loop.main([*argv, "--tag", "_d", "--out", str(tmp_path)]) == 0
+  res = json.loads((tmp_path / f"user_loop_{jax.default_backend()}_d.json").read_text())
+  assert [set(r["forms"]) for r in res["rows"]] == [{"default", "torch"}] * 2
+  assert all(r["forms"]["default"]["faults_per_step"] >= 0 for r in res["rows"])
+  md = (tmp_path / f"user_loop_{jax.default_backend()}_d.md").read_text()
+  assert "| resnet14 | 6 | 2.00 |" in md  # 6 blocks against ResNet-8's 3
+  with pytest.raises(SystemExit):
+    user_loop.main(["--forms", "fast"])
