@@ -340,12 +340,21 @@ def render_memory():
   return "\n".join(lines)
 
 
-def render_user_loop():
+def render_user_loop(names=("user_loop_cpu.json",)):
+  """The user-loop tables of each file (with its depth table, where it has one)."""
   from benchmarks import user_loop  # noqa: PLC0415
 
-  md = user_loop.render_markdown(_load("user_loop_cpu.json"))
-  table = [ln for ln in md.splitlines() if ln.startswith("|")]
-  return "\n".join(table) + "\n\n" + source_line(RESULTS / "user_loop_cpu.json")
+  out = []
+  for name in names:
+    md = user_loop.render_markdown(_load(name)).splitlines()
+    first = next(i for i, ln in enumerate(md) if ln.startswith("|"))
+    last = max(i for i, ln in enumerate(md) if ln.startswith("|"))
+    out += [ln for ln in md[first : last + 1] if not ln.startswith("`default` is")]
+    out += ["", source_line(RESULTS / name), ""]
+  return "\n".join(out).strip()
+
+
+DEPTH = ("user_loop_cpu_depth.json", "user_loop_cpu_depth_hugetlb.json")
 
 
 def _md_tables(module, name):
