@@ -101,3 +101,19 @@ def test_user_loop_depth_table_for_one_form(tmp_path, monkeypatch):
   assert "| resnet14 | 6 | 2.00 |" in md  # 6 blocks against ResNet-8's 3
   with pytest.raises(SystemExit):
     user_loop.main(["--forms", "fast"])
+
+
+@pytest.mark.parametrize("conv", ["im2col", "slices"])
+def test_user_step_with_convs_as_matmuls_equals_the_plain_step(conv):
+  """The opt-in `im2col` / `slices` forms of the benchmark are the same training step."""
+  from benchmarks import user_loop
+
+  spec = user_loop.build_spec(8, 2)
+  params = spec["variables"]["params"]
+  x, y = jnp.asarray(spec["x"][:2]), jnp.asarray(spec["y"][:2])
+  tx = optax.sgd(0.1, momentum=0.9)
+  args = (params, tx.init(params), x, y)
+  want = jax.jit(user_loop.user_step(spec["model"], tx))(*args)
+  got = jax.jit(user_loop.user_step(spec["model"], tx, conv))(*args)
+  close = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)  # noqa: E731
+  jax.tree.map(close, got, want)
