@@ -42,7 +42,7 @@ import time
 import numpy as np
 
 from benchmarks import sweep_stats
-from nio_jax import experiment, files, methods
+from nio_jax import errors, experiment, files, methods
 from nio_jax.bench import machine
 from nio_jax.experiment_config import validate_config
 from nio_jax.reports import pyplot, save_figure
@@ -121,6 +121,34 @@ def command() -> str:
   return _COMMAND or "benchmarks.sweep called from Python (no command line)"
 
 
+def init_diverged_record(cfg, error, seconds: float) -> dict:
+  """The record of a run whose initialisation search raised `NonFiniteError` (the library
+  stops a search at its first non-finite value): finished, with status "init diverged at
+  step N", the error's message, and no training (no accuracies; the table counts it among
+  the cell's diverged runs, and every mean is over the other seeds)."""
+  return {
+    "name": cfg.name,
+    "model": cfg.model.name,
+    "method": cfg.init.method,
+    "seed": int(cfg.seed),
+    "status": f"init diverged at step {error.step}",
+    "finished": True,
+    "error": str(error),
+    "step": None,
+    "acc_steps": {},
+    "acc_epochs": [],
+    "final_test_acc": None,
+    "before": None,
+    "after": None,
+    "search_steps": int(error.step),
+    "search_seconds": None,
+    "init_seconds_until_error": seconds,
+    "train_seconds": None,
+    "eval_seconds": None,
+    "resumed": False,
+  }
+
+
 def run_one(grid: dict, cell: dict, seed: int, root, results, log=print) -> dict:
   """One run (skipped when finished, started afresh when unfinished); its record.
 
@@ -142,13 +170,18 @@ def run_one(grid: dict, cell: dict, seed: int, root, results, log=print) -> dict
     shutil.rmtree(wd)  # an interrupted run: start again, so its wall times are whole
   log(f"[sweep] start {tag}")
   t0 = time.perf_counter()
+  cfg = run_config(cell, seed)
   with machine.CpuWindow() as window:
-    rec = experiment.train_run(run_config(cell, seed), wd, progress=False)
+    try:
+      rec = experiment.train_run(cfg, wd, progress=False)
+    except errors.NonFiniteError as e:  # a diverged search is a result, as a diverged training
+      rec = init_diverged_record(cfg, e, time.perf_counter() - t0)
   rec = {**rec, "cell_model": cell["model"], "cell_method": cell["method"]}
   rec["run_seconds"] = time.perf_counter() - t0
   rec["quiet"] = quiet_verdict(window.record())
   rec["command"] = command()
   rec["environment"] = environment()  # with the git commit the run started from
+  wd.mkdir(parents=True, exist_ok=True)
   files.write_json(wd / files.RUN_RECORD, rec)
   out = _result_path(results, grid, cell, seed)
   out.parent.mkdir(parents=True, exist_ok=True)

@@ -71,7 +71,9 @@ def _ordered(records: list[dict], order=None) -> dict[str, dict[str, list[dict]]
 def points(records: list[dict]) -> list[str]:
   """The evaluation points of one model's records: `Acc@k` for every step evaluated on the
   subset (the last step excluded), `Acc_e` for the epoch ends before the last, and `end`."""
-  last = max(int(r["step"]) for r in records)
+  # a run that diverged (in its search or its training) has no last step
+  done = [int(r["step"]) for r in records if r.get("step") is not None]
+  last = max(done) if done else 0
   steps = sorted({int(k) for r in records for k in r["acc_steps"] if int(k) < last})
   n_ep = max(len(r["acc_epochs"]) for r in records)
   return [f"Acc@{k}" for k in steps] + [f"Acc_{e}" for e in range(1, n_ep)] + ["end"]

@@ -222,3 +222,42 @@ def test_later_seeds_of_a_cell_compile_nothing(tmp_path):
   rec = experiment.train_run(sweep.run_config(cell, 1), tmp_path / "s1")
   assert rec["search_steps"] == 2 and rec["step"] == 6
   assert len(_COMPILES) == 0, f"{len(_COMPILES)} XLA compilations for the second seed"
+
+
+def test_a_diverged_init_search_is_a_result(tmp_path, monkeypatch):
+  """A search that raises `NonFiniteError` (the library stops at the first non-finite
+  value) is recorded as "init diverged at step N" with no accuracies, counted among the
+  cell's diverged runs, and skipped on a re-run, instead of stopping the sweep."""
+  from nio_jax import errors, experiment
+
+  grid = _mini_grid()
+  grid["cells"] = [grid["cells"][0]]  # kaiming, seeds 0 and 1
+
+  def train_run(cfg, workdir, progress=None):
+    if cfg.seed == 1:
+      raise errors.NonFiniteError("metainit: non-finite scales at step 3", step=3)
+    return {
+      "name": cfg.name,
+      "model": cfg.model.name,
+      "method": cfg.init.method,
+      "seed": int(cfg.seed),
+      "status": "finished",
+      "finished": True,
+      "step": 6,
+      "acc_steps": {"2": 0.5, "4": 0.6},
+      "acc_epochs": [],
+      "final_test_acc": 0.6,
+    }
+
+  monkeypatch.setattr(experiment, "train_run", train_run)
+  root, res = tmp_path / "runs", tmp_path / "results"
+  out = sweep.run_grid(grid, root, res, plots=False, log=lambda *_: None)
+  assert out["statuses"] == ["finished", "init diverged at step 3"]
+  rec = json.loads((res / "sweep_test_mini/runs/mlp__kaiming__seed1.json").read_text())
+  assert rec["finished"] is True and rec["final_test_acc"] is None and rec["acc_steps"] == {}
+  assert "non-finite scales" in rec["error"] and rec["quiet"]["verdict"] in ("QUIET", "NOISY")
+  row = out["table"]["mlp"]["kaiming"]
+  assert row["diverged"] == 1 and row["acc_end"] == (0.6, 0.0, 1)
+  assert "| kaiming | 2 (1 diverged) |" in (res / "sweep_test_mini/table.md").read_text()
+  again = sweep.run_grid(grid, root, res, plots=False, log=lambda *_: None)
+  assert again["statuses"] == ["skipped", "skipped"]
