@@ -355,6 +355,7 @@ def render_user_loop(names=("user_loop_cpu.json",)):
 
 
 DEPTH = ("user_loop_cpu_depth.json", "user_loop_cpu_depth_hugetlb.json")
+TRAIN_CONVS = ("user_loop_cpu_convforms.json",)
 
 
 def _md_tables(module, name):
@@ -763,6 +764,8 @@ BLOCKS = {
     render_memory,
   ),
   "user-loop": ([RESULTS / "user_loop_cpu.json"], render_user_loop),
+  "depth": ([RESULTS / n for n in DEPTH], lambda: render_user_loop(DEPTH)),
+  "train-convs": ([RESULTS / n for n in TRAIN_CONVS], lambda: render_user_loop(TRAIN_CONVS)),
   "compile-time": ([RESULTS / "compile_time_cpu.json"], render_compile_time),
   "dispatch": ([RESULTS / "dispatch_overhead_cpu.json"], render_dispatch),
   "xla-flags": ([RESULTS / "xla_flags_cpu.json"], render_xla_flags),
