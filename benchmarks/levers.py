@@ -304,13 +304,16 @@ def main(argv=None) -> int:
     return 0
   runs = []
   procs = [(f, "") for f in a.xla_flags or [""]] + [("", e) for e in a.env or []]
-  for extra, extra_env in procs:
-    # the allocator settings of this process do not leak into a child: each child runs with
-    # the ones its `--env` names, so a `defaults` row is glibc's defaults
-    from nio_jax.bench.machine import allocator_env  # noqa: PLC0415
+  # The children's environment: this process's as it started (before `import nio_jax` here
+  # appends the library's XLA defaults to XLA_FLAGS, which would then precede a child's own
+  # flags), without its allocator settings (a child runs with the ones its `--env` names, so
+  # a `defaults` row is glibc's defaults).
+  base_env = dict(os.environ)
+  from nio_jax.bench.machine import allocator_env  # noqa: PLC0415
 
-    env = {k: v for k, v in os.environ.items() if k not in allocator_env()}
-    env["JAX_PLATFORMS"] = "cpu"
+  base_env = {k: v for k, v in base_env.items() if k not in allocator_env(base_env)}
+  for extra, extra_env in procs:
+    env = dict(base_env, JAX_PLATFORMS="cpu")
     env["XLA_FLAGS"] = " ".join([env.get("XLA_FLAGS", ""), extra]).strip()
     env.update(kv.split("=", 1) for kv in extra_env.split())
     cmd = [sys.executable, "-m", "benchmarks.levers", "--child", "--models", a.models]
