@@ -159,7 +159,9 @@ def run_train(out, mesh, sigterm_at, kill_at=0, checkpoint_every=0):
     loader = SigtermAt(loader, sigterm_at)
   if kill_at and jax.process_index() == jax.process_count() - 1:
     loader = SigtermAt(loader, kill_at, signal.SIGKILL)
-  cfg = tiny_config(num_epochs=2, eval_batch_size=20)
+  # 3 epochs (18 steps): JAX's preemption sync point can come several steps after the SIGTERM
+  # (8 in one loaded CI run), and it must fall before the last step for the run to stop early
+  cfg = tiny_config(num_epochs=3, eval_batch_size=20)
   if checkpoint_every:
     cfg.checkpoint_every_steps = checkpoint_every
   out = pathlib.Path(out)
