@@ -48,7 +48,6 @@ import contextlib
 import json
 import os
 import pathlib
-import resource
 import subprocess
 import sys
 
@@ -164,14 +163,9 @@ def child(models_, batch: int, parts, reps: int, budget: float, variants=VARIANT
             compile_s=cinfo.get("compile_s"),
             temp_mb=round(mem.temp_size_in_bytes / 2**20, 2) if mem else None,
           )
-          timing.block(compiled(*args))
-          f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-          for _ in range(2):
-            timing.block(compiled(*args))
-          info[key]["minor_faults_per_step"] = (
-            resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-          ) // 2
           fns[key] = lambda c=compiled, a=args: timing.block(c(*a))
+          fns[key]()  # the first call (allocations) is not counted
+          info[key]["minor_faults_per_step"] = machine.minor_faults_per_call(fns[key])
       # each part's steps are timed interleaved with PyTorch's training step of the same
       # weights (its own anchor per part: a heavy step before it changes its time)
       torch_fn()

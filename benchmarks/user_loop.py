@@ -33,7 +33,6 @@ import json
 import os
 import pathlib
 import re
-import resource
 import sys
 
 import jax
@@ -97,15 +96,6 @@ def build_spec(depth: int, batch: int, seed: int = 0) -> dict:
   return dict(name=name, reg=reg, kw=kw, model=model, variables=variables, x=x, y=y, batch=batch)
 
 
-def faults_per_call(fn, calls: int = 2) -> int:
-  """Minor page faults of this process per call of `fn` (`getrusage`): XLA:CPU's temporary
-  buffer, when glibc maps it afresh for every step, faults in on every call."""
-  f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  for _ in range(calls):
-    fn()
-  return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) // calls
-
-
 def row(depth: int, batch: int, reps: int, budget_s: float, torch_on: bool, forms=FORMS) -> dict:
   """Compile and step times of the `forms` (and PyTorch) at one depth, with XLA's temporary
   buffer and the page faults per step."""
@@ -134,14 +124,14 @@ def row(depth: int, batch: int, reps: int, budget_s: float, torch_on: bool, form
     info["while_loop"] = has_while(compiled)
     timing.block(compiled(*args))  # the first call (allocations) is not timed
     fns[form] = lambda c=compiled, a=args: timing.block(c(*a))
-    info["faults_per_step"] = faults_per_call(fns[form])
+    info["faults_per_step"] = machine.minor_faults_per_call(fns[form])
     out["forms"][form] = info
   if torch_on:
     tctx = workloads.build_torch(spec, "cpu")
     tstep = tctx["TA"].make_train_step(tctx["model"], 0.1)
     tstep(tctx["x"], tctx["y"])
     fns["torch"] = lambda: tstep(tctx["x"], tctx["y"])
-    out["forms"]["torch"] = {"faults_per_step": faults_per_call(fns["torch"])}
+    out["forms"]["torch"] = {"faults_per_step": machine.minor_faults_per_call(fns["torch"])}
   times = timing.interleaved(fns, reps, budget_s)
   for k, t in times.items():
     ent = out["forms"].setdefault(k, {})

@@ -66,6 +66,16 @@ def allocator_env(environ=None) -> dict:
   }
 
 
+def minor_faults_per_call(fn: Callable[[], object], calls: int = 2) -> int:
+  """Minor page faults of this process per call of `fn` (`getrusage`, over `calls` calls):
+  XLA:CPU's temporary buffer, when glibc maps it afresh for every step, faults in on every
+  call (docs/performance.md)."""
+  f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  for _ in range(calls):
+    fn()
+  return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0) // calls
+
+
 def transparent_hugepage() -> str | None:
   """The kernel's transparent-huge-page mode (`always`, `madvise` or `never`; None where
   the kernel does not say): glibc's `hugetlb=1` tunable acts only under `madvise` or
