@@ -716,6 +716,7 @@ def render_sites_compile():
 LEVERS = ("levers_cpu.json", "levers_cpu_resnet110.json")
 LEVERS_MALLOC = ("levers_cpu_malloc.json", "levers_cpu_malloc_resnet110.json")
 LEVERS_HVP = ("levers_cpu_hvp.json",)
+LEVERS_YNN_DOT = ("levers_cpu_ynn_dot.json", "levers_cpu_ynn_dot_rev.json")
 
 
 def render_levers(names=LEVERS):
@@ -788,6 +789,10 @@ BLOCKS = {
     lambda: render_levers(LEVERS_MALLOC),
   ),
   "levers-hvp": ([RESULTS / n for n in LEVERS_HVP], lambda: render_levers(LEVERS_HVP)),
+  "levers-ynn-dot": (
+    [RESULTS / n for n in LEVERS_YNN_DOT],
+    lambda: render_levers(LEVERS_YNN_DOT),
+  ),
 }
 
 
