@@ -98,19 +98,15 @@ def variant(kind: str):
   with nothing saveable, so that its backward recomputes the patches from the input instead
   of keeping them (memory: the patches are k*k times the input).
   """
-  import importlib
 
   import flax.linen as nn
   import jax
 
   from nio_jax import jaxpr_rewrites as jr
 
-  mi = importlib.import_module("nio_jax.methods.metainit")  # the package's `metainit` is a function
-
-  old_relu, old_conv, old_hvp = nn.relu, jr.conv_as_matmul, mi.grad_and_hvp
+  old_relu, old_conv = nn.relu, jr.conv_as_matmul
   if kind.startswith("hvp_"):
-    form = kind.removeprefix("hvp_")
-    mi.grad_and_hvp = lambda f, p, m, hvp="jvp": old_hvp(f, p, m, form)  # noqa: E731
+    pass  # a config, not a patch: `part_kwargs` passes `MetaInitConfig.hvp` to the step
   elif kind == "relu_mask":
     nn.relu = mask_relu()
   elif kind == "im2col_remat":
@@ -125,7 +121,13 @@ def variant(kind: str):
   try:
     yield
   finally:
-    nn.relu, jr.conv_as_matmul, mi.grad_and_hvp = old_relu, old_conv, old_hvp
+    nn.relu, jr.conv_as_matmul = old_relu, old_conv
+
+
+def part_kwargs(kind: str) -> dict:
+  """The keyword arguments of `workloads.part_fns` that a step variant sets (the
+  Hessian-vector product form of `hvp_*`; the other variants patch, see `variant`)."""
+  return {"hvp": kind.removeprefix("hvp_")} if kind.startswith("hvp_") else {}
 
 
 def child(models_, batch: int, parts, reps: int, budget: float, variants=VARIANTS) -> dict:
@@ -149,7 +151,9 @@ def child(models_, batch: int, parts, reps: int, budget: float, variants=VARIANT
             continue
           with variant(var):
             try:
-              jfns, _ = workloads.part_fns(part, fresh(spec), forms_sw, forms_b, None)
+              jfns, _ = workloads.part_fns(
+                part, fresh(spec), forms_sw, forms_b, None, **part_kwargs(var)
+              )
             except workloads.PartSkipped:
               continue
             (form, (fn, args)), *_ = jfns.items()
@@ -211,7 +215,7 @@ def check_equal(batch: int = 4, variants=VARIANTS) -> dict:
       if not applies(var, part):
         continue
       with variant(var):
-        jfns, _ = workloads.part_fns(part, fresh(spec), fs, fb, None)
+        jfns, _ = workloads.part_fns(part, fresh(spec), fs, fb, None, **part_kwargs(var))
         (fn, args), *_ = jfns.values()
         res[var] = [np.asarray(x) for x in jax.tree.leaves(fn(*args))]
     for var in [v for v in res if v != "default"]:

@@ -227,3 +227,29 @@ def test_allocator_env_records_what_changes_step_times():
   }
   assert machine.allocator_env({"PATH": "/usr/bin"}) == {}
   assert machine.transparent_hugepage() in ("always", "madvise", "never", None)
+
+
+def test_levers_hvp_variant_reaches_metainit_config(monkeypatch):
+  """`benchmarks.levers`' `hvp_*` variants reach MetaInit's step as `MetaInitConfig.hvp`
+  (through `part_fns`' `hvp`), and the other variants pass nothing."""
+  import importlib
+
+  from benchmarks import levers
+  from nio_jax.bench import workloads
+
+  mi_module = importlib.import_module("nio_jax.methods.metainit")  # the package's is a function
+
+  seen = []
+  real = mi_module.make_metainit_step
+
+  def spy(loss_fn, spec, config):
+    seen.append(config.hvp)
+    return real(loss_fn, spec, config)
+
+  monkeypatch.setattr(mi_module, "make_metainit_step", spy)
+  spec = workloads.build("mlp", 2)
+  for var in ("default", "hvp_linearize", "hvp_vjp"):
+    with levers.variant(var):
+      workloads.part_fns("metainit", spec, [], [], None, **levers.part_kwargs(var))
+  assert seen == ["jvp", "linearize", "vjp"]
+  assert levers.part_kwargs("relu_mask") == {}

@@ -219,7 +219,7 @@ def build_torch(spec, device) -> dict:
   )
 
 
-def part_fns(part: str, spec: dict, forms_sw, forms_b, tctx: dict | None):
+def part_fns(part: str, spec: dict, forms_sw, forms_b, tctx: dict | None, hvp: str = "jvp"):
   """The functions one part times.
 
   Args:
@@ -228,6 +228,7 @@ def part_fns(part: str, spec: dict, forms_sw, forms_b, tctx: dict | None):
     forms_sw: formulations of the sample-wise setting to time.
     forms_b: formulations of the batch setting to time.
     tctx: the PyTorch twin and inputs (`build_torch`), or None.
+    hvp: MetaInit's Hessian-vector product form (`MetaInitConfig.hvp`) for `metainit`.
 
   Returns:
     `(jax_fns, torch_fn)`: `{label: (jitted fn, args)}` and a zero-argument callable (None
@@ -312,7 +313,7 @@ def part_fns(part: str, spec: dict, forms_sw, forms_b, tctx: dict | None):
 
     jfns = {}
     for conv in search_convs(forms_b):
-      search = make_metainit_step(loss_fn, sspec, MetaInitConfig.create(conv=conv))
+      search = make_metainit_step(loss_fn, sspec, MetaInitConfig.create(conv=conv, hvp=hvp))
       # as for GradInit: jit the wrapper so that the bench can lower and compile it
       args = (params, scales0, search.init(scales0), jbatch)
       jfns[f"conv={conv}"] = (jax.jit(search.step), args)
