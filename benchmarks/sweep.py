@@ -134,17 +134,12 @@ def init_diverged_record(cfg, error, seconds: float) -> dict:
     "status": f"init diverged at step {error.step}",
     "finished": True,
     "error": str(error),
-    "step": None,
-    "acc_steps": {},
-    "acc_epochs": [],
-    "final_test_acc": None,
+    **experiment.untrained_fields(),  # the same training fields as a run record's
     "before": None,
     "after": None,
     "search_steps": int(error.step),
     "search_seconds": None,
     "init_seconds_until_error": seconds,
-    "train_seconds": None,
-    "eval_seconds": None,
     "resumed": False,
   }
 

@@ -684,6 +684,23 @@ def _eval_at(run: Run) -> dict:
   return eval_at
 
 
+def untrained_fields() -> dict:
+  """The training fields of a run record that did not train (diverged before any
+  accuracy): no step, no accuracies, no wall times."""
+  return {
+    "step": None,
+    "acc_1": None,
+    "acc_1_main": None,
+    "acc_best": None,
+    "final_test_acc": None,
+    "acc_steps": {},
+    "acc_epochs": [],
+    "train_seconds": None,
+    "eval_seconds": None,
+    "gc_seconds": None,
+  }
+
+
 def run_record(run: Run, workdir, res, status: str, init: Initialised | None, *, start_step=0):
   """The record of one `train_run` call: `run_record.json`.
 
@@ -721,18 +738,7 @@ def run_record(run: Run, workdir, res, status: str, init: Initialised | None, *,
   else:
     keys = ("before", "after", "search_steps", "search_seconds", "scales")
     searched = {**{k: prev.get(k) for k in keys}, "measure_seconds": 0.0}
-  trained = {
-    "step": None,
-    "acc_1": None,
-    "acc_1_main": None,
-    "acc_best": None,
-    "final_test_acc": None,
-    "acc_steps": {},
-    "acc_epochs": [],
-    "train_seconds": None,
-    "eval_seconds": None,
-    "gc_seconds": None,
-  }
+  trained = untrained_fields()
   if res is not None:
     final = res.final_test_acc
     if max_steps is not None and max_steps in res.step_evals and max_steps % spe:
