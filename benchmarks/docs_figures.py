@@ -16,9 +16,8 @@ them (:func:`provenance`). A file that lacks one of the three is listed in
 `tests/test_doc_figures.py` fails when a block differs from its rendering, or when a cited
 file lacks a verdict, command or commit that :data:`UNRECORDED` does not excuse.
 
-The sweep's significance table (`benchmarks.sweep_stats`) and the registry's parameter-count
-table (`tests.test_generated_docs`) keep their own markers and generators; `main` rewrites
-those too, so this is the one command.
+The registry's parameter-count table (`tests.test_generated_docs`) keeps its own markers and
+generator; `main` rewrites it too, so this is the one command.
 """
 
 from __future__ import annotations
@@ -33,6 +32,7 @@ import sys
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 SWEEP = RESULTS / "sweep_fmnist"
+ROUND1 = RESULTS / "sweep_fmnist_round1"  # the grid's first round, kept for the comparison
 DEMO = RESULTS / "demo_cpu.json"
 DEMO_PNG = REPO / "docs" / "images" / "demo_compare.png"
 DEMO_COMMAND = (
@@ -52,19 +52,15 @@ MARK = re.compile(
 
 # Result files cited by a block that lack a quiet verdict, the command or the commit they
 # ran on: (file relative to benchmarks/results, item) -> why. Nothing here is invented; the
-# block says "not recorded" for these. Only the Fashion-MNIST sweep is left: its first 73 runs
-# (5.4 h of the grid's compute in all) predate the per-run verdict, and no run before issue 31
-# recorded its command or commit; the fix is a rerun of the grid (docs/results.md), which
-# `benchmarks.sweep` now records in full. Every other cited file was rerun QUIET (issue 31).
+# block says "not recorded" for these. Only the Fashion-MNIST sweep's first round is left: its
+# first 73 runs predate the per-run verdict, and no run before issue 31 recorded its command or
+# commit. Issue 31 reran the whole grid, which `benchmarks.sweep` records in full; the first
+# round is kept (`sweep_fmnist_round1/`) only for the comparison of the two rounds.
 UNRECORDED: dict[tuple[str, str], str] = {
   ("sweep_fmnist/table.json", "verdict"): "the table aggregates runs; their verdicts are per run",
-  (
-    "sweep_fmnist/table.json",
-    "command",
-  ): "written by a --collect before table.json stored its command",
-  ("sweep_fmnist/runs", "verdict"): "the first round's 73 runs predate the per-run verdict",
-  ("sweep_fmnist/runs", "command"): "per-run JSON records no command (the grid's is in docs)",
-  ("sweep_fmnist/runs", "commit"): "per-run JSON records no commit (table.json: the collect's)",
+  ("sweep_fmnist_round1/runs", "verdict"): "the first round's 73 runs predate the verdict",
+  ("sweep_fmnist_round1/runs", "command"): "the first round's per-run JSON records no command",
+  ("sweep_fmnist_round1/runs", "commit"): "the first round's per-run JSON records no commit",
 }
 
 
@@ -443,12 +439,16 @@ def quiet_summary(runs) -> str:
 
 
 # Runs whose search time includes a compilation besides the cell's first seed: the first run
-# of a later sweep session (a new process compiles again). (model, method) -> seeds.
-RECOMPILED = {("resnet32_nobn", "nio"): [3]}
+# of a later sweep process in a cell it had begun (a new process compiles again).
+# (model, method) -> seeds. The rerun of issue 31 restarted its process only between cells or
+# in cells without a search (kaiming, warmup), so none of its searches compiled twice.
+RECOMPILED: dict[tuple[str, str], list[int]] = {}
 
 
 def _steady_search(model, method):
   rs = sweep_runs(model, method)
+  if not rs:
+    raise ValueError(f"no sweep runs of {model}/{method} in {SWEEP / 'runs'}")
   first = min(r["seed"] for r in rs)
   skip = {first, *RECOMPILED.get((model, method), [])}
   warm = [r for r in rs if r["seed"] not in skip]
@@ -475,11 +475,82 @@ def render_quiet_cells():
     hi = f"{100 * max(q['other_cpu_share'] for q in qs):.2f} %" if qs else "–"
     n = sum(q["verdict"] == "NOISY" for q in qs)
     lines.append(f"| {model} | {len(rs)} | {len(qs)} | {len(qs) - n} | {n} | {hi} |")
-  new = sweep_runs("resnet32_nobn", seeds=range(3, 8))
+  commits: dict[str, int] = {}
+  for r in sweep_runs():
+    c = (r.get("environment") or {}).get("git_commit") or "not recorded"
+    commits[c[:12]] = commits.get(c[:12], 0) + 1
   lines += [
     "",
-    f"ResNet-32 seeds 3-7 (issue 23): {quiet_summary(new)}.",
+    "Commits the runs started from: "
+    + ", ".join(f"{c} ({n} runs)" for c, n in sorted(commits.items()))
+    + ".",
     "",
+    source_line(SWEEP / "runs"),
+  ]
+  return "\n".join(lines)
+
+
+def render_significant():
+  """Every (model, method, point) the spread rule separates from Kaiming, better or worse
+  (`benchmarks.sweep_stats`, from the per-run JSON)."""
+  from benchmarks import sweep  # noqa: PLC0415
+  from benchmarks import sweep_stats as ss  # noqa: PLC0415
+
+  order = ss.grid_order(sweep.load_grid("fmnist"))
+  table = ss.significance_table(ss.load_runs(SWEEP / "runs"), order)
+  return table + "\n\n" + source_line(SWEEP / "runs")
+
+
+def render_rounds():
+  """Each cell's mean at step 100 and at the end in the first round and in the rerun (issue
+  31), from both rounds' per-run JSON: how far float-level changes of the code between the
+  rounds move the same seeds."""
+  from benchmarks import sweep  # noqa: PLC0415
+
+  def load(folder):
+    out: dict = {}
+    for p in sorted(folder.glob("*__*__seed*.json")):
+      r = json.loads(p.read_text())
+      out.setdefault((r["cell_model"], r["cell_method"]), []).append(r)
+    return out
+
+  def mean_std(vals):
+    vals = [100 * v for v in vals if v is not None]
+    if not vals:
+      return None
+    return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+  def acc(r, point):
+    return r.get("final_test_acc") if point == "end" else (r.get("acc_steps") or {}).get(point)
+
+  old, new = load(ROUND1 / "runs"), load(SWEEP / "runs")
+  grid = sweep.load_grid("fmnist")
+  lines = [
+    "| model | method | seeds | Acc@100 first round | Acc@100 rerun | end first round "
+    "| end rerun | end: largest change of one seed |",
+    "|---|---|---|---|---|---|---|---|",
+  ]
+  for cell in grid["cells"]:
+    key = (cell["model"], cell["method"])
+    a, b = old.get(key, []), new.get(key, [])
+    cells = []
+    for point in ("100", "end"):
+      for rs in (a, b):
+        m = mean_std(acc(r, point) for r in rs)
+        cells.append("–" if m is None else f"{m[0]:.1f} ± {m[1]:.1f}")
+    by_seed = {r["seed"]: acc(r, "end") for r in a}
+    deltas = [
+      abs(acc(r, "end") - by_seed[r["seed"]])
+      for r in b
+      if acc(r, "end") is not None and by_seed.get(r["seed"]) is not None
+    ]
+    big = f"{100 * max(deltas):.1f}" if deltas else "–"
+    seeds = f"{len(a)} / {len(b)}"
+    lines.append(f"| {key[0]} | {key[1]} | {seeds} | " + " | ".join(cells) + f" | {big} |")
+  lines += [
+    "",
+    "Seeds: first round / rerun (a diverged run has no accuracy and is left out of its mean). "
+    + source_line(ROUND1 / "runs"),
     source_line(SWEEP / "runs"),
   ]
   return "\n".join(lines)
@@ -497,13 +568,11 @@ def _sweep_block(model, extra=None):
 
 def _resnet32_search_note():
   s, rel_, skip = _steady_search("resnet32_nobn", "nio")
+  seeds = ("seed " if len(skip) == 1 else "seeds ") + ", ".join(map(str, skip))
   return (
-    f"NIO's search on ResNet-32 without the runs that compiled (seeds {', '.join(map(str, skip))}: "
-    f"the cell's first seed and the first run of issue 23's session): {s:.1f} s "
-    f"({rel_:.0f}× one training step). The table's search times drop only the first seed. "
-    "GradInit's and MetaInit's search times of the whole grid were measured before their "
-    "steps ran on the im2col path (commit 019515c); today's step times are in "
-    "docs/performance.md (GradInit and MetaInit on the im2col path)."
+    f"NIO's search on ResNet-32 without the runs that compiled ({seeds}): {s:.1f} s "
+    f"({rel_:.0f}× one training step). The search columns of every cell drop its first seed, "
+    "which compiles the search step."
   )
 
 
@@ -772,6 +841,8 @@ BLOCKS = {
   "xla-flags": ([RESULTS / "xla_flags_cpu.json"], render_xla_flags),
   "profiles": ([RESULTS / n for n in PROFILES], render_profiles),
   "sweep-quiet": ([SWEEP / "runs"], render_quiet_cells),
+  "sweep-rounds": ([ROUND1 / "runs", SWEEP / "runs"], render_rounds),
+  "sweep-significant": ([SWEEP / "runs"], render_significant),
   "sweep-lsuv": ([SWEEP / "table.json"], render_lsuv_best_end),
   **{f"sweep-{m}": _sweep_block(m) for m in ("mlp20", "vgg19_nobn", "vgg19_bn", "vit_mini")},
   "sweep-resnet32_nobn": _sweep_block("resnet32_nobn", _resnet32_search_note),
@@ -820,25 +891,6 @@ def render(text: str) -> str:
   return MARK.sub(sub, text)
 
 
-def other_generators(check: bool) -> list[str]:
-  """The sweep significance table and the parameter-count tables (their own markers)."""
-  from benchmarks import sweep, sweep_stats  # noqa: PLC0415
-
-  stale = []
-  grid = sweep.load_grid("fmnist")
-  recs = sweep_stats.load_runs(SWEEP / "runs")
-  block = sweep_stats.readme_block(recs, sweep_stats.grid_order(grid))
-  for path in DOCS:
-    text = path.read_text()
-    if sweep_stats.BEGIN in text:
-      new = sweep_stats.replace_block(text, block)
-      if new != text:
-        stale.append(f"{path.name}: sweep significance table")
-        if not check:
-          path.write_text(new)
-  return stale
-
-
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--check", action="store_true", help="only report stale blocks (exit 1)")
@@ -851,7 +903,6 @@ def main(argv=None) -> int:
       stale.append(str(path.relative_to(REPO)))
       if not a.check:
         path.write_text(new)
-  stale += other_generators(a.check)
   if not a.check:
     png = render_demo_picture()
     print(f"[docs_figures] rewrote {len(stale)} file(s)" + (f"; picture {png}" if png else ""))

@@ -333,7 +333,9 @@ def plot_curves(grid: dict, records: list[dict], out: pathlib.Path) -> list[path
       xs = sorted(pts)
       mu = np.array([np.mean(pts[x]) for x in xs]) * 100
       sd = np.array([np.std(pts[x], ddof=1) if len(pts[x]) > 1 else 0.0 for x in xs]) * 100
-      ax.plot(xs, mu, "o-", ms=3, color=colors[method], label=f"{method} ({len(mr)} seeds)")
+      div = sum(not r["status"].startswith("finished") for r in mr)
+      label = f"{method} ({len(mr)} seeds" + (f", {div} diverged)" if div else ")")
+      ax.plot(xs, mu, "o-", ms=3, color=colors[method], label=label)
       ax.fill_between(xs, mu - sd, mu + sd, color=colors[method], alpha=0.15)
     ax.set(xlabel="training step", ylabel="test accuracy (%)", title=f"{grid['name']}: {model}")
     ax.grid(alpha=0.3)

@@ -1,8 +1,6 @@
 """Verdict tables of a sweep, generated from its per-run JSON only (no run is started).
 
     python -m benchmarks.sweep_stats                  # writes sweep_fmnist/significant.md
-    python -m benchmarks.sweep_stats --readme         # ... and the README's table between
-                                                      # the markers below
 
 For each model (the grid's order), method and evaluation point (Acc@k on the fixed test
 subset, the epoch ends Acc_e before the last, and the end of the run on the whole test set):
@@ -10,14 +8,15 @@ subset, the epoch ends Acc_e before the last, and the end of the run on the whol
 1. :func:`summaries`: mean ± sample std, median and count over seeds, and how many seeds are
    still near chance (test accuracy < :data:`CHANCE`) at step :data:`CHANCE_STEP`;
 2. :func:`significant_cells`: every (model, method, point) whose mean differs from Kaiming's
-   by more than the sum of the two sample stds (:func:`spread_rule`, the README's rule),
+   by more than the sum of the two sample stds (:func:`spread_rule`, docs/results.md's rule),
    better or worse, so that the prose cannot miss one;
 3. :func:`sign_tests`: the paired comparison with Kaiming seed by seed (seed k of every
    method has the same data order): wins, losses and ties, and the two-sided exact sign test
    (:func:`sign_test_p`, ties dropped).
 
-`tests/test_sweep_stats.py` checks that the committed `significant.md` and the README block
-equal what the generator renders from the committed JSON.
+`tests/test_sweep_stats.py` checks that the committed `significant.md` equals what the
+generator renders from the committed JSON; the same table of significant cells is a generated
+block of docs/results.md (`benchmarks.docs_figures`, :func:`significance_table`).
 """
 
 from __future__ import annotations
@@ -32,12 +31,9 @@ import numpy as np
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
-README = REPO / "README.md"
 BASELINE = "kaiming"
 CHANCE = 0.20  # near chance: 10 classes, so 10 % is chance; < 20 % has not started to learn
 CHANCE_STEP = 100
-BEGIN = "<!-- BEGIN sweep significance table (python -m benchmarks.sweep_stats --readme) -->"
-END = "<!-- END sweep significance table -->"
 
 
 def load_runs(runs_dir) -> list[dict]:
@@ -106,9 +102,9 @@ def summary(vals) -> dict:
 
 
 def spread_rule(a: dict, base: dict) -> int:
-  """The README's rule: +1 when `a`'s mean exceeds `base`'s by more than the sum of the two
-  sample stds, -1 when it falls short by more than that, 0 otherwise (also when either side
-  has fewer than two values, whose std says nothing)."""
+  """The spread rule (docs/results.md): +1 when `a`'s mean exceeds `base`'s by more than the
+  sum of the two sample stds, -1 when it falls short by more than that, 0 otherwise (also
+  when either side has fewer than two values, whose std says nothing)."""
   if a["n"] < 2 or base["n"] < 2:
     return 0
   diff, spread = a["mean"] - base["mean"], a["std"] + base["std"]
@@ -212,7 +208,7 @@ def pct(s: dict, median: bool = False) -> str:
 
 
 def significant_table(cells: list[dict]) -> str:
-  """The Markdown table of :func:`significant_cells` (the README block)."""
+  """The Markdown table of :func:`significant_cells` (a generated block of docs/results.md)."""
   lines = [
     "| model | method | point | method (%) | kaiming (%) | difference | summed std | verdict |",
     "|---|---|---|---|---|---:|---:|---|",
@@ -318,33 +314,17 @@ def markdown(records: list[dict], order=None, title: str = "fmnist") -> str:
   return "\n".join(lines)
 
 
-def readme_block(records: list[dict], order=None) -> str:
-  """The README's generated table (between :data:`BEGIN` and :data:`END`)."""
+def significance_table(records: list[dict], order=None) -> str:
+  """The table of every (model, method, point) the spread rule separates from Kaiming."""
   return significant_table(significant_cells(summaries(records, order)))
 
 
-def replace_block(text: str, block: str) -> str:
-  """`text` with the part between :data:`BEGIN` and :data:`END` replaced by `block`."""
-  i, j = text.index(BEGIN) + len(BEGIN), text.index(END)
-  return text[:i] + "\n" + block + "\n" + text[j:]
-
-
-def between_markers(text: str) -> str:
-  """The part of `text` between :data:`BEGIN` and :data:`END`, stripped."""
-  return text[text.index(BEGIN) + len(BEGIN) : text.index(END)].strip()
-
-
-def write(grid: dict, results=RESULTS, readme=None) -> pathlib.Path:
-  """Writes `<results>/sweep_<grid>/significant.md` from its `runs/` (and the README block
-  when `readme` is a path)."""
+def write(grid: dict, results=RESULTS) -> pathlib.Path:
+  """Writes `<results>/sweep_<grid>/significant.md` from its `runs/`."""
   out = pathlib.Path(results) / f"sweep_{grid['name']}"
   records = load_runs(out / "runs")
-  order = grid_order(grid)
   path = out / "significant.md"
-  path.write_text(markdown(records, order, grid["name"]))
-  if readme is not None:
-    readme = pathlib.Path(readme)
-    readme.write_text(replace_block(readme.read_text(), readme_block(records, order)))
+  path.write_text(markdown(records, grid_order(grid), grid["name"]))
   return path
 
 
@@ -354,10 +334,9 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--grid", default="fmnist")
   p.add_argument("--results", default=str(RESULTS))
-  p.add_argument("--readme", action="store_true", help="also rewrite the README's block")
   a = p.parse_args(argv)
-  path = write(sweep.load_grid(a.grid), a.results, README if a.readme else None)
-  print(f"[sweep_stats] wrote {path}" + (f" and {README}" if a.readme else ""))
+  path = write(sweep.load_grid(a.grid), a.results)
+  print(f"[sweep_stats] wrote {path}")
   return 0
 
 
