@@ -506,47 +506,37 @@ def render_rounds():
   31), from both rounds' per-run JSON: how far float-level changes of the code between the
   rounds move the same seeds."""
   from benchmarks import sweep  # noqa: PLC0415
+  from benchmarks import sweep_stats as ss  # noqa: PLC0415
 
-  def load(folder):
+  def by_cell(folder):
     out: dict = {}
-    for p in sorted(folder.glob("*__*__seed*.json")):
-      r = json.loads(p.read_text())
+    for r in ss.load_runs(folder):
       out.setdefault((r["cell_model"], r["cell_method"]), []).append(r)
     return out
 
-  def mean_std(vals):
-    vals = [100 * v for v in vals if v is not None]
-    if not vals:
-      return None
-    return statistics.mean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
-
-  def acc(r, point):
-    return r.get("final_test_acc") if point == "end" else (r.get("acc_steps") or {}).get(point)
-
-  old, new = load(ROUND1 / "runs"), load(SWEEP / "runs")
-  grid = sweep.load_grid("fmnist")
+  old, new = by_cell(ROUND1 / "runs"), by_cell(SWEEP / "runs")
   lines = [
     "| model | method | seeds | Acc@100 first round | Acc@100 rerun | end first round "
     "| end rerun | end: largest change of one seed |",
     "|---|---|---|---|---|---|---|---|",
   ]
-  for cell in grid["cells"]:
-    key = (cell["model"], cell["method"])
+  for key in ss.grid_order(sweep.load_grid("fmnist")):
     a, b = old.get(key, []), new.get(key, [])
-    cells = []
-    for point in ("100", "end"):
-      for rs in (a, b):
-        m = mean_std(acc(r, point) for r in rs)
-        cells.append("–" if m is None else f"{m[0]:.1f} ± {m[1]:.1f}")
-    by_seed = {r["seed"]: acc(r, "end") for r in a}
+    cells = [
+      ss.pct(ss.summary(ss.value(r, point) for r in rs))
+      for point in ("Acc@100", "end")
+      for rs in (a, b)
+    ]
+    by_seed = {r["seed"]: ss.value(r, "end") for r in a}
     deltas = [
-      abs(acc(r, "end") - by_seed[r["seed"]])
+      abs(ss.value(r, "end") - by_seed[r["seed"]])
       for r in b
-      if acc(r, "end") is not None and by_seed.get(r["seed"]) is not None
+      if ss.value(r, "end") is not None and by_seed.get(r["seed"]) is not None
     ]
     big = f"{100 * max(deltas):.1f}" if deltas else "–"
-    seeds = f"{len(a)} / {len(b)}"
-    lines.append(f"| {key[0]} | {key[1]} | {seeds} | " + " | ".join(cells) + f" | {big} |")
+    lines.append(
+      f"| {key[0]} | {key[1]} | {len(a)} / {len(b)} | " + " | ".join(cells) + f" | {big} |"
+    )
   lines += [
     "",
     "Seeds: first round / rerun (a diverged run has no accuracy and is left out of its mean). "

@@ -97,17 +97,15 @@ def variant(kind: str):
   `im2col_remat`: every im2col convolution of the rewritten steps under `jax.checkpoint`
   with nothing saveable, so that its backward recomputes the patches from the input instead
   of keeping them (memory: the patches are k*k times the input).
+  `hvp_*` patch nothing: they are a config, which `part_kwargs` passes to the step.
   """
-
   import flax.linen as nn
   import jax
 
   from nio_jax import jaxpr_rewrites as jr
 
   old_relu, old_conv = nn.relu, jr.conv_as_matmul
-  if kind.startswith("hvp_"):
-    pass  # a config, not a patch: `part_kwargs` passes `MetaInitConfig.hvp` to the step
-  elif kind == "relu_mask":
+  if kind == "relu_mask":
     nn.relu = mask_relu()
   elif kind == "im2col_remat":
 
@@ -116,7 +114,7 @@ def variant(kind: str):
       return jax.checkpoint(f, policy=jax.checkpoint_policies.nothing_saveable)(lhs, rhs)
 
     jr.conv_as_matmul = remat_conv
-  elif kind != "default":
+  elif kind != "default" and not kind.startswith("hvp_"):
     raise ValueError(f"unknown variant {kind!r}; known: {VARIANTS}")
   try:
     yield
