@@ -62,8 +62,13 @@ def test_bench_mlp_batch8(tmp_path):
     for k in jax_keys:  # throughput = XLA's FLOP count / median time, share of the peak
       v = ent[k]
       assert v["gflop"] > 0
-      assert v["gflops"] == pytest.approx(v["gflop"] / v["median_s"], rel=0.01)
-      assert v["share_of_peak"] == pytest.approx(v["gflops"] / peak["peak_gflops"], rel=0.01)
+      # Both are stored rounded (GFLOP/s to 2 decimals, the share to 4), so allow one unit
+      # of that rounding on top of 1 %: a tiny model's share of the peak is ~0.004, where the
+      # 4th decimal alone is more than 1 % of the value.
+      expect = v["gflop"] / v["median_s"]
+      assert v["gflops"] == pytest.approx(expect, rel=0.01, abs=0.01)
+      expect = v["gflops"] / peak["peak_gflops"]
+      assert v["share_of_peak"] == pytest.approx(expect, rel=0.01, abs=0.0001)
     m = ent["machine"]  # machine state around the part
     assert len(m["load_before"]) == 3 and len(m["load_after"]) == 3 and m["cores"] >= 1
     assert m["noisy"] == (m["other_share"] > machine.NOISE_SHARE)
