@@ -23,6 +23,7 @@ generator; `main` rewrites it too, so this is the one command.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import pathlib
 import re
@@ -475,10 +476,9 @@ def render_quiet_cells():
     hi = f"{100 * max(q['other_cpu_share'] for q in qs):.2f} %" if qs else "–"
     n = sum(q["verdict"] == "NOISY" for q in qs)
     lines.append(f"| {model} | {len(rs)} | {len(qs)} | {len(qs) - n} | {n} | {hi} |")
-  commits: dict[str, int] = {}
-  for r in sweep_runs():
-    c = (r.get("environment") or {}).get("git_commit") or "not recorded"
-    commits[c[:12]] = commits.get(c[:12], 0) + 1
+  commits = collections.Counter(
+    ((r.get("environment") or {}).get("git_commit") or "not recorded")[:12] for r in sweep_runs()
+  )
   lines += [
     "",
     "Commits the runs started from: "
@@ -508,20 +508,14 @@ def render_rounds():
   from benchmarks import sweep  # noqa: PLC0415
   from benchmarks import sweep_stats as ss  # noqa: PLC0415
 
-  def by_cell(folder):
-    out: dict = {}
-    for r in ss.load_runs(folder):
-      out.setdefault((r["cell_model"], r["cell_method"]), []).append(r)
-    return out
-
-  old, new = by_cell(ROUND1 / "runs"), by_cell(SWEEP / "runs")
+  old, new = (ss.by_cell(ss.load_runs(folder / "runs")) for folder in (ROUND1, SWEEP))
   lines = [
     "| model | method | seeds | Acc@100 first round | Acc@100 rerun | end first round "
     "| end rerun | end: largest change of one seed |",
     "|---|---|---|---|---|---|---|---|",
   ]
   for key in ss.grid_order(sweep.load_grid("fmnist")):
-    a, b = old.get(key, []), new.get(key, [])
+    a, b = (rounds.get(key[0], {}).get(key[1], []) for rounds in (old, new))
     cells = [
       ss.pct(ss.summary(ss.value(r, point) for r in rs))
       for point in ("Acc@100", "end")

@@ -121,6 +121,11 @@ def command() -> str:
   return _COMMAND or "benchmarks.sweep called from Python (no command line)"
 
 
+def n_diverged(records: list[dict]) -> int:
+  """How many of `records` did not finish (their training or their search diverged)."""
+  return sum(not r["status"].startswith("finished") for r in records)
+
+
 def init_diverged_record(cfg, error, seconds: float) -> dict:
   """The record of a run whose initialisation search raised `NonFiniteError` (the library
   stops a search at its first non-finite value): finished, with status "init diverged at
@@ -236,7 +241,7 @@ def table(grid: dict, records: list[dict]) -> dict:
     if not rs:
       continue
     row = {"seeds": sorted(r["seed"] for r in rs)}
-    row["diverged"] = sum(not r["status"].startswith("finished") for r in rs)
+    row["diverged"] = n_diverged(rs)
     for k in grid["eval_steps"]:
       row[f"acc@{k}"] = mean_std([r["acc_steps"].get(str(k)) for r in rs])
     row["acc_end"] = mean_std([r["final_test_acc"] for r in rs])
@@ -333,7 +338,7 @@ def plot_curves(grid: dict, records: list[dict], out: pathlib.Path) -> list[path
       xs = sorted(pts)
       mu = np.array([np.mean(pts[x]) for x in xs]) * 100
       sd = np.array([np.std(pts[x], ddof=1) if len(pts[x]) > 1 else 0.0 for x in xs]) * 100
-      div = sum(not r["status"].startswith("finished") for r in mr)
+      div = n_diverged(mr)
       label = f"{method} ({len(mr)} seeds" + (f", {div} diverged)" if div else ")")
       ax.plot(xs, mu, "o-", ms=3, color=colors[method], label=label)
       ax.fill_between(xs, mu - sd, mu + sd, color=colors[method], alpha=0.15)

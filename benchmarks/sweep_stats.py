@@ -51,7 +51,7 @@ def grid_order(grid: dict) -> list[tuple[str, str]]:
   return [(c["model"], c["method"]) for c in grid["cells"]]
 
 
-def _ordered(records: list[dict], order=None) -> dict[str, dict[str, list[dict]]]:
+def by_cell(records: list[dict], order=None) -> dict[str, dict[str, list[dict]]]:
   """`{model: {method: [records by seed]}}` in `order` (the grid's), unknown cells after it."""
   cells: dict[tuple[str, str], list[dict]] = {}
   for r in records:
@@ -126,7 +126,7 @@ def summaries(records: list[dict], order=None) -> dict:
   `near_chance` = seeds below :data:`CHANCE` at step :data:`CHANCE_STEP` (None: not
   evaluated there)."""
   out = {}
-  for model, methods in _ordered(records, order).items():
+  for model, methods in by_cell(records, order).items():
     pts = points([r for rs in methods.values() for r in rs])
     rows = {}
     for method, rs in methods.items():
@@ -175,7 +175,7 @@ def sign_tests(records: list[dict], order=None) -> dict:
   """`{model: {"points", "methods": {method: {point: {"wins", "losses", "ties", "p"}}}}}`: each
   method against Kaiming on the seeds both ran (same seed = same data order)."""
   out = {}
-  for model, methods in _ordered(records, order).items():
+  for model, methods in by_cell(records, order).items():
     base = {r["seed"]: r for r in methods.get(BASELINE, [])}
     if not base:
       continue
